@@ -1,0 +1,172 @@
+//! The migration planner: which VMs leave hot nodes, and where they go.
+//!
+//! A node is hot when what its VMs want (reservations plus demand that was
+//! denied) passes its watermark in either dimension. For each hot node the
+//! planner looks for the fewest moves that bring it back under: first a single
+//! VM that covers the whole excess (the smallest such, so the least memory is
+//! copied), otherwise the largest VMs first. A VM goes to the connected node
+//! with the most headroom that stays under its own watermark with the VM on it.
+//! Moves already under way count as done for their source and as present on
+//! their target, so a node is not planned twice for the same excess.
+
+use super::units::Resources;
+use super::vm::VmState;
+use super::Cluster;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub vm: String,
+    pub source: String,
+    pub target: String,
+    /// Held on the target: the VM's reservation plus its unmet demand.
+    pub reserved: Resources,
+    pub reason: String,
+}
+
+struct Target<'a> {
+    name: &'a str,
+    usable: Resources,
+    level: Resources,
+    load: Resources,
+}
+
+impl Target<'_> {
+    fn headroom(&self) -> Resources {
+        self.level.saturating_sub(self.load)
+    }
+}
+
+pub fn plan(c: &Cluster) -> Vec<Move> {
+    let budget = c.config.max_moves_per_round;
+    if budget == 0 {
+        return Vec::new();
+    }
+    // What open orders are taking away from their sources.
+    let mut leaving: HashMap<&str, Resources> = HashMap::new();
+    for o in c.orders.values() {
+        let size = c
+            .nodes
+            .get(&o.source)
+            .and_then(|n| n.vms.get(&o.vm))
+            .map(|e| e.reserved.saturating_add(e.unmet))
+            .unwrap_or_default();
+        let l = leaving.entry(o.source.as_str()).or_default();
+        *l = l.saturating_add(size);
+    }
+
+    let mut hot: Vec<(f64, &str, Resources)> = Vec::new();
+    let mut targets: Vec<Target> = Vec::new();
+    for (name, n) in &c.nodes {
+        if n.session.is_none() {
+            continue;
+        }
+        let wanted = n.wanted().saturating_sub(leaving.get(name.as_str()).copied().unwrap_or_default());
+        let level = n.watermark_level();
+        if wanted.fits_in(level) {
+            targets.push(Target { name, usable: n.usable(), level, load: n.wanted() });
+        } else {
+            hot.push((wanted.max_fraction_of(n.usable()), name, wanted.saturating_sub(level)));
+        }
+    }
+    if hot.is_empty() || targets.is_empty() {
+        return Vec::new();
+    }
+    // Worst first; names break ties so that plans are reproducible.
+    hot.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    targets.sort_by(|a, b| a.name.cmp(b.name));
+    let mut best_room = max_headroom(&targets);
+
+    let mut moves = Vec::new();
+    for (_, source, mut excess) in hot {
+        let node = &c.nodes[source];
+        let mut candidates: Vec<(&str, Resources)> = node
+            .vms
+            .iter()
+            .filter(|(_, e)| e.state == VmState::Active)
+            .map(|(id, e)| (id.as_str(), e.reserved.saturating_add(e.unmet)))
+            .filter(|(_, size)| !size.is_zero())
+            .collect();
+        // Largest share of the excess first; ids break ties.
+        candidates.sort_by(|a, b| {
+            coverage(b.1, excess).total_cmp(&coverage(a.1, excess)).then_with(|| a.0.cmp(b.0))
+        });
+
+        // One move is best: the smallest VM that covers the excess alone.
+        let single = candidates
+            .iter()
+            .filter(|(_, size)| excess.fits_in(*size))
+            .min_by(|a, b| {
+                a.1.max_fraction_of(node.usable())
+                    .total_cmp(&b.1.max_fraction_of(node.usable()))
+                    .then_with(|| a.0.cmp(b.0))
+            })
+            .and_then(|(vm, size)| {
+                pick_target(&targets, best_room, source, vm, *size, c).map(|t| (*vm, *size, t))
+            });
+        let picks: Vec<(&str, Resources)> = match single {
+            Some((vm, size, _)) => vec![(vm, size)],
+            None => candidates,
+        };
+        for (vm, size) in picks {
+            if excess.is_zero() || moves.len() >= budget {
+                break;
+            }
+            let Some(t) = pick_target(&targets, best_room, source, vm, size, c) else { continue };
+            targets[t].load = targets[t].load.saturating_add(size);
+            best_room = max_headroom(&targets);
+            excess = excess.saturating_sub(size);
+            moves.push(Move {
+                vm: vm.to_owned(),
+                source: source.to_owned(),
+                target: targets[t].name.to_owned(),
+                reserved: size,
+                reason: format!("node {source} above its watermark"),
+            });
+        }
+        if moves.len() >= budget {
+            break;
+        }
+    }
+    moves
+}
+
+/// How much of the excess a VM of this size removes, summed over the
+/// dimensions that are over (each at most 1).
+#[allow(clippy::cast_precision_loss)]
+fn coverage(size: Resources, excess: Resources) -> f64 {
+    let part = |s: u64, e: u64| if e == 0 { 0.0 } else { s.min(e) as f64 / e as f64 };
+    part(size.milli_cpu, excess.milli_cpu) + part(size.memory_bytes, excess.memory_bytes)
+}
+
+fn max_headroom(targets: &[Target]) -> Resources {
+    targets.iter().fold(Resources::ZERO, |m, t| m.max(t.headroom()))
+}
+
+/// The target with the most headroom left after taking the VM, if any fits.
+fn pick_target(
+    targets: &[Target],
+    best_room: Resources,
+    source: &str,
+    vm: &str,
+    size: Resources,
+    c: &Cluster,
+) -> Option<usize> {
+    if !size.fits_in(best_room) {
+        return None; // no node has room in some dimension: skip the scan
+    }
+    let mut best: Option<(usize, f64)> = None;
+    for (i, t) in targets.iter().enumerate() {
+        if t.name == source || !size.fits_in(t.headroom()) {
+            continue;
+        }
+        if c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm)) {
+            continue; // the id is already held there
+        }
+        let after = t.load.saturating_add(size).max_fraction_of(t.usable);
+        if best.is_none_or(|(_, b)| after < b) {
+            best = Some((i, after));
+        }
+    }
+    best.map(|(i, _)| i)
+}
