@@ -2,7 +2,14 @@
 //! node and never over-commits it.
 //!
 //! - [`core`] decides, purely: ledgers, permits, migration plans.
-//! - [`service`] is the gRPC edge: sessions, conversions, pushes.
-//! - [`server`] binds it all to listeners with a shutdown signal.
+//! - [`convert`] turns wire types into domain types, rejecting bad values.
+//! - [`service`] and [`session`] are the gRPC edge; [`server`] binds listeners.
 
+pub mod client;
+pub mod config;
+pub mod convert;
 pub mod core;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod session;

@@ -1,0 +1,158 @@
+//! A small session client: opens a session, pipelines requests (matched to
+//! answers by request id), and hands pushed migration orders to the caller.
+//! The agent's reconnecting client builds on it; tests and benchmarks use it
+//! as is.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use vmscale_proto::allocator as pb;
+use vmscale_proto::allocator::agent_message::Body;
+use vmscale_proto::allocator::allocator_client::AllocatorClient;
+use vmscale_proto::allocator::allocator_message::Body as Reply;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the allocator at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the allocator refused the session: {0}")]
+    Refused(tonic::Status),
+    #[error("the session ended: {0}")]
+    Ended(String),
+    #[error("the allocator refused the request ({code:?}): {message}")]
+    Request { code: tonic::Code, message: String },
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ClientError>>>>>;
+
+#[derive(Debug)]
+pub struct SessionClient {
+    tx: mpsc::Sender<pb::AgentMessage>,
+    pending: Pending,
+    next_id: AtomicU64,
+    pub welcome: pb::Welcome,
+    /// Messages the allocator pushes (migration orders).
+    pub pushed: mpsc::UnboundedReceiver<pb::AllocatorMessage>,
+    /// Set when the stream ended, with the allocator's status.
+    pub ended: Arc<Mutex<Option<tonic::Status>>>,
+}
+
+/// Opens a gRPC channel with the settings sessions want (no Nagle delay).
+pub async fn channel(addr: &str) -> Result<tonic::transport::Channel, ClientError> {
+    let err = |source| ClientError::Connect { addr: addr.to_owned(), source };
+    Endpoint::from_shared(addr.to_owned())
+        .map_err(err)?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(err)
+}
+
+impl SessionClient {
+    pub async fn open(channel: tonic::transport::Channel, hello: pb::Hello) -> Result<Self, ClientError> {
+        let (tx, rx) = mpsc::channel(1024);
+        let _ = tx
+            .send(pb::AgentMessage { request_id: 0, node: String::new(), body: Some(Body::Hello(hello)) })
+            .await;
+        let mut client = AllocatorClient::new(channel);
+        let mut inbound =
+            client.session(ReceiverStream::new(rx)).await.map_err(ClientError::Refused)?.into_inner();
+        let welcome = match inbound.message().await {
+            Ok(Some(pb::AllocatorMessage { body: Some(Reply::Welcome(w)), .. })) => w,
+            Ok(other) => return Err(ClientError::Unexpected(format!("{other:?} instead of welcome"))),
+            Err(status) => return Err(ClientError::Refused(status)),
+        };
+        let pending: Pending = Arc::default();
+        let ended: Arc<Mutex<Option<tonic::Status>>> = Arc::default();
+        let (push_tx, pushed) = mpsc::unbounded_channel();
+        let (p, e) = (pending.clone(), ended.clone());
+        tokio::spawn(async move {
+            let status = loop {
+                match inbound.message().await {
+                    Ok(Some(m)) if m.request_id == 0 => {
+                        let _ = push_tx.send(m);
+                    }
+                    Ok(Some(m)) => {
+                        let waiter = p.lock().unwrap_or_else(|x| x.into_inner()).remove(&m.request_id);
+                        if let (Some(w), Some(body)) = (waiter, m.body) {
+                            let _ = w.send(Ok(body));
+                        }
+                    }
+                    Ok(None) => break tonic::Status::ok("stream ended"),
+                    Err(s) => break s,
+                }
+            };
+            let msg = format!("{:?}: {}", status.code(), status.message());
+            *e.lock().unwrap_or_else(|x| x.into_inner()) = Some(status);
+            for (_, w) in p.lock().unwrap_or_else(|x| x.into_inner()).drain() {
+                let _ = w.send(Err(ClientError::Ended(msg.clone())));
+            }
+        });
+        Ok(SessionClient { tx, pending, next_id: AtomicU64::new(1), welcome, pushed, ended })
+    }
+
+    /// Sends one request and waits for its answer; a `RequestError` answer
+    /// becomes [`ClientError::Request`].
+    pub async fn call(&self, body: Body) -> Result<Reply, ClientError> {
+        self.call_as(String::new(), body).await
+    }
+
+    /// Like [`call`](Self::call) with the optional `node` field set.
+    pub async fn call_as(&self, node: String, body: Body) -> Result<Reply, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (w, r) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|x| x.into_inner()).insert(id, w);
+        if self.tx.send(pb::AgentMessage { request_id: id, node, body: Some(body) }).await.is_err() {
+            self.pending.lock().unwrap_or_else(|x| x.into_inner()).remove(&id);
+            return Err(ClientError::Ended("request stream closed".into()));
+        }
+        match r.await {
+            Ok(Ok(Reply::Error(e))) => {
+                Err(ClientError::Request { code: tonic::Code::from(e.code), message: e.message })
+            }
+            Ok(other) => other,
+            Err(_) => Err(ClientError::Ended("the session ended before answering".into())),
+        }
+    }
+
+    pub async fn reserve(
+        &self,
+        vm: &str,
+        milli_cpu: u64,
+        memory_bytes: u64,
+    ) -> Result<pb::Permit, ClientError> {
+        let body = Body::Reserve(pb::Reserve {
+            vm_id: vm.to_owned(),
+            target: Some(pb::Resources { milli_cpu, memory_bytes }),
+        });
+        match self.call(body).await? {
+            Reply::Permit(p) => Ok(p),
+            other => Err(ClientError::Unexpected(format!("{other:?} instead of a permit"))),
+        }
+    }
+
+    pub async fn release(&self, vm: &str, milli_cpu: u64, memory_bytes: u64) -> Result<(), ClientError> {
+        let body = Body::Release(pb::Release {
+            vm_id: vm.to_owned(),
+            new_size: Some(pb::Resources { milli_cpu, memory_bytes }),
+        });
+        self.call(body).await.map(|_| ())
+    }
+
+    /// Ends the session from the agent's side.
+    pub fn close(self) {
+        drop(self.tx);
+    }
+}

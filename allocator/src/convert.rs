@@ -1,0 +1,198 @@
+//! The edge between wire types and the core's domain types. Everything that
+//! comes off the wire is validated here, with errors that name the field.
+
+use crate::core::error::{CoreError, ErrorKind};
+use crate::core::ledger::{Grant, Outcome};
+use crate::core::migration::{Order, OrderState};
+use crate::core::units::{ComputeUnit, Resources};
+use crate::core::vm::{Bounds, VmRegistration};
+use crate::core::{NodeRegistration, Reservation};
+use vmscale_proto::allocator as pb;
+
+/// A message that could not be turned into a domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EdgeError {
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl EdgeError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            EdgeError::Missing(_) => tonic::Code::InvalidArgument,
+            EdgeError::Core(e) => code_of(e),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            EdgeError::Missing(_) => "missing_field",
+            EdgeError::Core(e) => e.label(),
+        }
+    }
+}
+
+pub fn code_of(e: &CoreError) -> tonic::Code {
+    match e.kind() {
+        ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+    }
+}
+
+pub fn status_of(e: &EdgeError) -> tonic::Status {
+    tonic::Status::new(e.code(), e.to_string())
+}
+
+pub fn resources(r: Option<pb::Resources>, field: &'static str) -> Result<Resources, EdgeError> {
+    let r = r.ok_or(EdgeError::Missing(field))?;
+    Ok(Resources::new(r.milli_cpu, r.memory_bytes).checked(field).map_err(CoreError::from)?)
+}
+
+/// Like [`resources`], but an absent value means zero (e.g. no permit yet).
+fn resources_or_zero(r: Option<pb::Resources>, field: &'static str) -> Result<Resources, EdgeError> {
+    match r {
+        None => Ok(Resources::ZERO),
+        some => resources(some, field),
+    }
+}
+
+pub fn to_pb(r: Resources) -> pb::Resources {
+    pb::Resources { milli_cpu: r.milli_cpu, memory_bytes: r.memory_bytes }
+}
+
+impl TryFrom<pb::VmRegistration> for VmRegistration {
+    type Error = EdgeError;
+
+    fn try_from(v: pb::VmRegistration) -> Result<Self, EdgeError> {
+        let b = v.bounds.ok_or(EdgeError::Missing("vm.bounds"))?;
+        let bounds = Bounds::new(resources(b.min, "vm.bounds.min")?, resources(b.max, "vm.bounds.max")?)?;
+        let cu = ComputeUnit::new(resources(v.compute_unit, "vm.compute_unit")?)
+            .map_err(|reason| CoreError::invalid(format!("compute unit of vm {:?}", v.vm_id), reason))?;
+        let mut reg = VmRegistration::new(
+            v.vm_id,
+            resources(v.current, "vm.current")?,
+            resources_or_zero(v.last_permit, "vm.last_permit")?,
+            bounds,
+            cu,
+        )?;
+        reg.migration = v.migration.map(|m| (m.order_id, m.target_node));
+        Ok(reg)
+    }
+}
+
+impl TryFrom<pb::Hello> for NodeRegistration {
+    type Error = EdgeError;
+
+    fn try_from(h: pb::Hello) -> Result<Self, EdgeError> {
+        let vms = h.vms.into_iter().map(VmRegistration::try_from).collect::<Result<Vec<_>, _>>()?;
+        Ok(NodeRegistration { node: h.node, capacity: resources(h.capacity, "hello.capacity")?, vms })
+    }
+}
+
+/// Only the phases an agent may report.
+pub fn phase(p: i32) -> Result<OrderState, EdgeError> {
+    use pb::migration_status::Phase;
+    match Phase::try_from(p) {
+        Ok(Phase::Started) => Ok(OrderState::Started),
+        Ok(Phase::Completed) => Ok(OrderState::Completed),
+        Ok(Phase::Failed) => Ok(OrderState::Failed),
+        _ => Err(CoreError::invalid(
+            "migration_status.phase",
+            format!("{p} is not one of STARTED, COMPLETED, FAILED"),
+        )
+        .into()),
+    }
+}
+
+pub fn permit(vm: String, g: &Grant) -> pb::Permit {
+    use pb::permit::Outcome as P;
+    let (outcome, reason) = match g.outcome {
+        Outcome::Granted => (P::Granted, String::new()),
+        Outcome::Partial => {
+            (P::Partial, format!("node has room for {} of {} compute units", g.granted_cus, g.requested_cus))
+        }
+        Outcome::Denied => {
+            (P::Denied, format!("node has no room for any of {} compute units", g.requested_cus))
+        }
+    };
+    pb::Permit {
+        vm_id: vm,
+        permitted: Some(to_pb(g.permitted)),
+        requested: Some(to_pb(g.requested)),
+        outcome: outcome as i32,
+        reason,
+    }
+}
+
+pub fn reservation(r: &Reservation) -> pb::VmReservation {
+    pb::VmReservation { vm_id: r.vm.clone(), reserved: Some(to_pb(r.reserved)), migrating: r.migrating }
+}
+
+pub fn order(o: &Order) -> pb::MigrationOrder {
+    pb::MigrationOrder {
+        order_id: o.id,
+        vm_id: o.vm.clone(),
+        source_node: o.source.clone(),
+        target_node: o.target.clone(),
+        reserved: Some(to_pb(o.reserved)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(c: u64, m: u64) -> Option<pb::Resources> {
+        Some(pb::Resources { milli_cpu: c, memory_bytes: m })
+    }
+
+    fn vm() -> pb::VmRegistration {
+        pb::VmRegistration {
+            vm_id: "vm-1".into(),
+            current: res(250, 1 << 30),
+            last_permit: None,
+            bounds: Some(pb::Bounds { min: res(250, 1 << 30), max: res(4000, 16 << 30) }),
+            compute_unit: res(250, 1 << 30),
+            migration: None,
+        }
+    }
+
+    #[test]
+    fn valid_registration_converts() {
+        let r = VmRegistration::try_from(vm()).unwrap();
+        assert_eq!(r.last_permit, Resources::ZERO);
+        assert_eq!(r.reservation(), Resources::new(250, 1 << 30));
+    }
+
+    #[test]
+    fn bad_registrations_name_the_problem() {
+        let cases: Vec<(fn(&mut pb::VmRegistration), &str)> = vec![
+            (|v| v.bounds = None, "missing field vm.bounds"),
+            (|v| v.current = None, "missing field vm.current"),
+            (|v| v.compute_unit = res(0, 1 << 30), "zero dimension"),
+            (|v| v.compute_unit = res(250, 0), "zero dimension"),
+            (|v| v.current = res(u64::MAX, 0), "milli-vCPU"),
+            (|v| v.vm_id = String::new(), "vm id"),
+            (|v| v.bounds = Some(pb::Bounds { min: res(500, 1), max: res(250, 1) }), "min"),
+        ];
+        for (mutate, want) in cases {
+            let mut v = vm();
+            mutate(&mut v);
+            let e = VmRegistration::try_from(v).unwrap_err();
+            assert!(e.to_string().contains(want), "{e} should mention {want}");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn phases() {
+        assert!(phase(0).is_err());
+        assert!(phase(99).is_err());
+        assert_eq!(phase(2).unwrap(), OrderState::Completed);
+    }
+}
