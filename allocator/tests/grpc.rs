@@ -1,5 +1,7 @@
 //! The real server on 127.0.0.1:0 with real tonic clients over TCP.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
