@@ -171,7 +171,8 @@ mod tests {
 
     #[test]
     fn bad_registrations_name_the_problem() {
-        let cases: Vec<(fn(&mut pb::VmRegistration), &str)> = vec![
+        type Mutation = fn(&mut pb::VmRegistration);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|v| v.bounds = None, "missing field vm.bounds"),
             (|v| v.current = None, "missing field vm.current"),
             (|v| v.compute_unit = res(0, 1 << 30), "zero dimension"),
