@@ -1,1 +1,35 @@
-fn main() {}
+//! `cargo xtask <command>`: what cargo alone can't do. Each command lives in its
+//! own module; this file only parses the command line.
+
+mod bench;
+mod ebpf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Project tasks: eBPF build, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the eBPF objects in agent-ebpf/ (installs the toolchain if missing).
+    BuildEbpf(ebpf::Args),
+    /// Run a benchmark, print its figures and write target/bench/<name>.json.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf(a) => ebpf::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// The workspace root, from xtask's own manifest directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
