@@ -1,8 +1,9 @@
 //! The in-VM informant: memory pressure from eBPF, PSI and cgroup events,
-//! streamed to the node agent.
-//!
-//! Not built yet: issue 3 (informant) delivers it. Until then this crate only
-//! pins the protocol it will speak.
+//! streamed to the node agent; downscale approval; onlining of new CPUs and
+//! memory.
+
+pub mod event;
+pub mod source;
 
 /// The informant protocol versions this build serves.
 pub fn informant_versions() -> std::ops::RangeInclusive<u32> {
