@@ -2,12 +2,15 @@
 //! own module; this file only parses the command line.
 
 mod bench;
+mod demo;
 mod ebpf;
+mod steps;
+mod test;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(about = "Project tasks: eBPF build, benchmarks")]
+#[command(about = "Project tasks: tests, demo, eBPF build, benchmarks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +20,10 @@ struct Cli {
 enum Command {
     /// Build the eBPF objects in agent-ebpf/ (installs the toolchain if missing).
     BuildEbpf(ebpf::Args),
+    /// Run the tests (the README's test command): sets up, lints, tests every tier.
+    Test(test::Args),
+    /// Run the local demo (the README's run command).
+    Demo(demo::Args),
     /// Run a benchmark, print its figures and write target/bench/<name>.json.
     Bench(bench::Args),
 }
@@ -25,6 +32,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(a) => ebpf::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Test(a) => test::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

@@ -1,0 +1,31 @@
+//! `cargo xtask test`: the project's one test command (the README's, and CI's).
+//! It sets up what the tests need on a fresh machine, then runs every tier.
+
+use crate::steps::{cargo, Steps};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Skip `cargo fmt --check` and clippy (for a quick local run).
+    #[arg(long)]
+    pub no_lint: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut steps = Steps::new(if a.no_lint { 2 } else { 4 });
+    steps.call("build the eBPF objects (installs the toolchain if missing)", || {
+        crate::ebpf::run(crate::ebpf::Args::default())
+    })?;
+    if !a.no_lint {
+        steps.run("check formatting", cargo().args(["fmt", "--all", "--check"]))?;
+        steps.run(
+            "clippy, warnings are errors",
+            cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        )?;
+    }
+    steps.run(
+        "unit, integration and kernel tests",
+        cargo().args(["test", "--workspace", "--no-fail-fast"]).env("RUST_BACKTRACE", "1"),
+    )?;
+    eprintln!("\nall tests passed");
+    Ok(())
+}
