@@ -1,8 +1,9 @@
 //! The node agent: one scaling loop per VM, a reservation from the allocator
 //! before any growth, then vCPU and memory hotplug over QMP.
 //!
-//! Not built yet: issue 4 (agent) delivers it. Until then this crate only pins
-//! the protocol it will speak.
+//! - [`core`]: the pure per-VM state machine (policy, protocol order, timers).
+
+pub mod core;
 
 /// The allocator protocol versions this agent will offer.
 pub fn allocator_versions() -> std::ops::RangeInclusive<u32> {

@@ -1,0 +1,8 @@
+//! The agent's pure core: what one VM should be, and the next step to get
+//! there. No I/O, no clock of its own; executors around it act.
+
+pub mod policy;
+pub mod vm;
+
+#[cfg(test)]
+mod tests;

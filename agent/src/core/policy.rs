@@ -1,0 +1,203 @@
+//! How many compute units a VM should have, from what the guest reports.
+//! Pure arithmetic; the state machine in `vm.rs` decides when to act on it.
+
+use serde::{Deserialize, Serialize};
+
+/// A compute unit: the step in which a VM grows and shrinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cu {
+    pub milli_cpu: u64,
+    pub memory_bytes: u64,
+}
+
+/// A VM size in CPU and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Size {
+    pub milli_cpu: u64,
+    pub memory_bytes: u64,
+}
+
+impl Size {
+    pub const fn new(milli_cpu: u64, memory_bytes: u64) -> Self {
+        Size { milli_cpu, memory_bytes }
+    }
+
+    /// `n` compute units.
+    pub fn of_cus(n: u32, cu: Cu) -> Size {
+        Size::new(u64::from(n) * cu.milli_cpu, u64::from(n) * cu.memory_bytes)
+    }
+
+    /// Whole compute units this size holds in both dimensions (rounded down).
+    pub fn whole_cus(self, cu: Cu) -> u32 {
+        let n = (self.milli_cpu / cu.milli_cpu).min(self.memory_bytes / cu.memory_bytes);
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    pub fn fits_in(self, o: Size) -> bool {
+        self.milli_cpu <= o.milli_cpu && self.memory_bytes <= o.memory_bytes
+    }
+
+    pub fn max(self, o: Size) -> Size {
+        Size::new(self.milli_cpu.max(o.milli_cpu), self.memory_bytes.max(o.memory_bytes))
+    }
+
+    pub fn min(self, o: Size) -> Size {
+        Size::new(self.milli_cpu.min(o.milli_cpu), self.memory_bytes.min(o.memory_bytes))
+    }
+}
+
+/// Scaling policy for one VM. Every threshold is configurable; defaults are in
+/// `Default` and documented on each field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// CPU use (1-minute load per vCPU of the goal) the goal aims at. Default 0.7.
+    pub cpu_target: f64,
+    /// Memory use (workload memory / VM memory) the goal aims at. Default 0.75.
+    pub memory_target: f64,
+    /// On a memory pressure event (reclaim, PSI, memory.high), grow by this
+    /// fraction of the current size, at least one CU. Default 0.5.
+    pub pressure_growth: f64,
+    /// On an OOM event (victim chosen, memory.max hit), grow by this fraction,
+    /// at least two CUs. Default 1.0 (double).
+    pub oom_growth: f64,
+    /// How long a pressure-raised goal holds before samples may lower it, ms. Default 30000.
+    pub pressure_hold_ms: u64,
+    /// Use must stay below the current size this long before a downscale, ms. Default 60000.
+    pub downscale_after_ms: u64,
+    /// Between two downscale steps while use stays low, ms. Default 10000.
+    pub downscale_step_ms: u64,
+    /// After the allocator denies an increase, wait this long before asking again, ms. Default 2000.
+    pub denied_cooldown_ms: u64,
+    /// After the informant denies a downscale, wait this long, ms. Default 30000.
+    pub downscale_denied_cooldown_ms: u64,
+    /// First retry delay after a failed call, doubled per failure, ms. Default 200.
+    pub retry_base_ms: u64,
+    /// Longest retry delay, ms. Default 30000.
+    pub retry_max_ms: u64,
+    /// An operation not answered in this long counts as failed, ms. Default 15000.
+    pub op_timeout_ms: u64,
+    /// Samples older than this are not used for the goal, ms. Default 10000.
+    pub sample_max_age_ms: u64,
+    /// Failures in a row after which the VM is reported stuck. Default 5.
+    pub stuck_after_failures: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            cpu_target: 0.7,
+            memory_target: 0.75,
+            pressure_growth: 0.5,
+            oom_growth: 1.0,
+            pressure_hold_ms: 30_000,
+            downscale_after_ms: 60_000,
+            downscale_step_ms: 10_000,
+            denied_cooldown_ms: 2_000,
+            downscale_denied_cooldown_ms: 30_000,
+            retry_base_ms: 200,
+            retry_max_ms: 30_000,
+            op_timeout_ms: 15_000,
+            sample_max_age_ms: 10_000,
+            stuck_after_failures: 5,
+        }
+    }
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<(), String> {
+        let frac = |name: &str, v: f64| {
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v} must be in (0, 1]"))
+            }
+        };
+        frac("cpu_target", self.cpu_target)?;
+        frac("memory_target", self.memory_target)?;
+        if !(self.pressure_growth >= 0.0 && self.oom_growth >= 0.0) {
+            return Err("pressure_growth and oom_growth must be >= 0".into());
+        }
+        if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
+            return Err("retry_base_ms must be > 0 and <= retry_max_ms".into());
+        }
+        if self.op_timeout_ms == 0 {
+            return Err("op_timeout_ms must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the guest reported last.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Usage {
+    /// 1-minute load average (runnable tasks).
+    pub load_avg_1: f64,
+    /// Memory the workload holds, bytes.
+    pub memory_used_bytes: u64,
+}
+
+/// CUs the usage calls for: enough that load per CPU and memory use sit at
+/// their targets.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+pub fn cus_for_usage(u: Usage, cu: Cu, p: &Policy) -> u32 {
+    let cpu_milli = (u.load_avg_1.max(0.0) / p.cpu_target * 1000.0).ceil();
+    let cpu_cus = (cpu_milli / cu.milli_cpu as f64).ceil();
+    let mem_bytes = (u.memory_used_bytes as f64 / p.memory_target).ceil();
+    let mem_cus = (mem_bytes / cu.memory_bytes as f64).ceil();
+    // f64 -> u32 saturates; NaN becomes 0.
+    cpu_cus.max(mem_cus).min(f64::from(u32::MAX)) as u32
+}
+
+/// CUs to add at once for a pressure event of this severity.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn cus_for_pressure(current_cus: u32, oom: bool, p: &Policy) -> u32 {
+    let (growth, least) = if oom { (p.oom_growth, 2) } else { (p.pressure_growth, 1) };
+    let more = (f64::from(current_cus) * growth).ceil().min(f64::from(u32::MAX)) as u32;
+    current_cus.saturating_add(more.max(least))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const CU: Cu = Cu { milli_cpu: 250, memory_bytes: GIB };
+
+    #[test]
+    fn usage_table() {
+        let p = Policy::default();
+        let cases = [
+            // (load, used) -> cus
+            (0.0, 0, 0),
+            (0.7, 0, 4),           // 1 vCPU at 70% target = 4 x 250 mCPU
+            (0.0, 3 * GIB, 4),     // 3 GiB / 0.75 = 4 GiB
+            (0.0, 3 * GIB + 1, 5), // just over -> round up
+            (1.4, 6 * GIB, 8),     // both call for 8
+            (0.1, 10 * GIB, 14),   // memory dominates
+            (f64::NAN, 0, 0),      // garbage in, no growth out
+        ];
+        for (load, used, want) in cases {
+            let got = cus_for_usage(Usage { load_avg_1: load, memory_used_bytes: used }, CU, &p);
+            assert_eq!(got, want, "load {load}, used {used}");
+        }
+    }
+
+    #[test]
+    fn pressure_growth() {
+        let p = Policy::default();
+        assert_eq!(cus_for_pressure(4, false, &p), 6);
+        assert_eq!(cus_for_pressure(1, false, &p), 2);
+        assert_eq!(cus_for_pressure(4, true, &p), 8);
+        assert_eq!(cus_for_pressure(0, true, &p), 2);
+        assert_eq!(cus_for_pressure(u32::MAX, true, &p), u32::MAX);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::of_cus(3, CU), Size::new(750, 3 * GIB));
+        assert_eq!(Size::new(800, 2 * GIB).whole_cus(CU), 2);
+        assert!(Policy::default().validate().is_ok());
+        assert!(Policy { memory_target: 0.0, ..Policy::default() }.validate().is_err());
+    }
+}

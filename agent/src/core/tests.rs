@@ -1,0 +1,294 @@
+//! Scenario tests of one VM's loop on a fake clock.
+
+use super::policy::{Cu, Policy, Size, Usage};
+use super::vm::{Action, Input, VmCore};
+
+const GIB: u64 = 1 << 30;
+const CU: Cu = Cu { milli_cpu: 250, memory_bytes: GIB };
+
+fn cus(n: u32) -> Size {
+    Size::of_cus(n, CU)
+}
+
+struct Sim {
+    vm: VmCore,
+    now: u64,
+}
+
+impl Sim {
+    /// A VM of `n` CUs, bounds 1..=16, both peers connected.
+    fn new(n: u32) -> Sim {
+        let mut vm = VmCore::new(CU, 1, 16, Policy::default(), cus(n), cus(n), 42);
+        vm.input(0, Input::InformantConnected(true));
+        vm.input(0, Input::AllocatorConnected(true));
+        Sim { vm, now: 0 }
+    }
+
+    fn at(&mut self, ms: u64) -> &mut Self {
+        assert!(ms >= self.now, "time runs forward");
+        self.now = ms;
+        self
+    }
+
+    fn feed(&mut self, i: Input) -> &mut Self {
+        self.vm.input(self.now, i);
+        self
+    }
+
+    fn step(&mut self) -> Option<Action> {
+        self.vm.step(self.now).action
+    }
+
+    fn using(&mut self, mem_gib: f64) -> &mut Self {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bytes = (mem_gib * GIB as f64) as u64;
+        self.feed(Input::Sample(Usage { load_avg_1: 0.1, memory_used_bytes: bytes }))
+    }
+
+    /// Runs a whole upscale: permit (granted up to `grant`), plug, confirm.
+    fn upscale_to(&mut self, want: u32, grant: u32) {
+        assert_eq!(self.step(), Some(Action::RequestPermit { target: cus(want) }));
+        self.feed(Input::Permit { permitted: cus(grant) });
+        assert_eq!(self.step(), Some(Action::Plug { target: cus(grant) }));
+        self.feed(Input::Plugged { size: cus(grant) });
+        assert_eq!(self.step(), Some(Action::NotifyUpscale { size: cus(grant) }));
+        self.feed(Input::UpscaleConfirmed);
+    }
+}
+
+#[test]
+fn pressure_upscales_at_once_in_protocol_order() {
+    let mut s = Sim::new(4);
+    s.at(1000).using(2.0);
+    assert_eq!(s.step(), None, "2 GiB of 4 is fine");
+    // A reclaim event: grow by half (2 CUs) without waiting for a sample.
+    s.at(1010).feed(Input::Pressure { oom: false });
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }));
+    assert_eq!(s.step(), None, "one operation at a time");
+    s.at(1011).feed(Input::Permit { permitted: cus(6) });
+    assert_eq!(s.step(), Some(Action::Plug { target: cus(6) }));
+    s.at(1050).feed(Input::Plugged { size: cus(6) });
+    assert_eq!(s.step(), Some(Action::NotifyUpscale { size: cus(6) }));
+    s.at(1090).feed(Input::UpscaleConfirmed);
+    let d = s.vm.step(s.now);
+    let t = d.upscale_done.expect("upscale reported");
+    assert_eq!((t.to_permit_ms, t.to_plug_ms, t.to_confirm_ms), (Some(1), Some(40), Some(80)));
+    assert_eq!(d.action, None);
+    assert_eq!(s.vm.current, cus(6));
+}
+
+#[test]
+fn oom_doubles_and_respects_max() {
+    let mut s = Sim::new(10);
+    s.at(5).feed(Input::Pressure { oom: true });
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(16) }), "20 CUs capped at max 16");
+}
+
+#[test]
+fn samples_drive_the_goal() {
+    let mut s = Sim::new(2);
+    s.at(100).using(3.0); // 3 GiB / 0.75 = 4 CUs
+    s.upscale_to(4, 4);
+    assert_eq!(s.vm.current, cus(4));
+}
+
+#[test]
+fn partial_permit_plugs_what_was_granted_then_cools_down() {
+    let mut s = Sim::new(2);
+    s.at(100).using(5.9); // wants 8
+    s.upscale_to(8, 5);
+    assert_eq!(s.vm.current, cus(5));
+    // Still wants 8; the next request goes out at once (the permit was partial, not denied)...
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(8) }));
+    // ...and this one is denied: wait the cooldown before asking again.
+    s.at(200).feed(Input::Permit { permitted: cus(5) });
+    let d = s.vm.step(s.now);
+    assert_eq!(d.action, None);
+    let wake = d.wake_at_ms.expect("timer set");
+    assert!((200 + 1500..=200 + 2000).contains(&wake), "jittered cooldown, got {wake}");
+    s.at(wake).using(5.9);
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(8) }));
+}
+
+#[test]
+fn pressure_cuts_a_denial_cooldown_short() {
+    let mut s = Sim::new(4);
+    s.at(10).using(3.5); // wants 5
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(5) }));
+    s.feed(Input::Permit { permitted: cus(4) });
+    assert_eq!(s.step(), None, "denied, cooling down");
+    s.at(20).feed(Input::Pressure { oom: false });
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }), "new pressure: ask at once");
+}
+
+#[test]
+fn downscale_waits_for_sustained_low_use_then_one_cu_per_step() {
+    let mut s = Sim::new(6);
+    let p = Policy::default();
+    s.at(0).using(1.0); // wants 2
+    assert_eq!(s.step(), None);
+    s.at(p.downscale_after_ms - 1).using(1.0);
+    assert_eq!(s.step(), None, "not yet");
+    s.at(p.downscale_after_ms).using(1.0);
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5) }), "one CU, not four");
+    s.feed(Input::DownscaleAnswer { approved: true });
+    assert_eq!(s.step(), Some(Action::Unplug { target: cus(5) }));
+    s.feed(Input::Unplugged { size: cus(5) });
+    assert_eq!(s.step(), Some(Action::Release { size: cus(5) }), "allocator told after the unplug");
+    s.feed(Input::Released);
+    assert_eq!(s.vm.permitted, cus(5));
+    assert_eq!(s.step(), None, "next step waits downscale_step_ms");
+    s.at(p.downscale_after_ms + p.downscale_step_ms).using(1.0);
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(4) }));
+}
+
+#[test]
+fn denied_downscale_keeps_the_vm_and_retries_after_cooldown() {
+    let mut s = Sim::new(4);
+    let p = Policy::default();
+    s.at(0).using(0.5);
+    s.step();
+    s.at(p.downscale_after_ms).using(0.5);
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(3) }));
+    s.feed(Input::DownscaleAnswer { approved: false });
+    let d = s.vm.step(s.now);
+    assert_eq!(d.action, None);
+    assert_eq!(s.vm.current, cus(4), "kept");
+    let wake = d.wake_at_ms.unwrap();
+    assert!(wake > s.now + p.downscale_denied_cooldown_ms / 2);
+    s.at(wake).using(0.5);
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(3) }), "retried after the cooldown");
+}
+
+#[test]
+fn pressure_stops_a_pending_downscale() {
+    let mut s = Sim::new(4);
+    let p = Policy::default();
+    s.at(0).using(0.5);
+    s.step();
+    s.at(p.downscale_after_ms - 10).feed(Input::Pressure { oom: false });
+    s.at(p.downscale_after_ms).using(0.5);
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }), "pressure floor wins over samples");
+}
+
+#[test]
+fn no_informant_no_downscale_but_upscale_still_works() {
+    let mut s = Sim::new(4);
+    s.feed(Input::InformantConnected(false));
+    s.at(0).using(0.5);
+    s.step();
+    s.at(10 * 60_000).using(0.5);
+    assert_eq!(s.step(), None, "memory is never shrunk without the informant");
+    s.using(4.0);
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }));
+    s.feed(Input::Permit { permitted: cus(6) });
+    assert_eq!(s.step(), Some(Action::Plug { target: cus(6) }));
+    s.feed(Input::Plugged { size: cus(6) });
+    assert_eq!(s.step(), None, "nobody to notify; done");
+}
+
+#[test]
+fn informant_leaving_mid_question_drops_the_question() {
+    let mut s = Sim::new(4);
+    let p = Policy::default();
+    s.at(0).using(0.5);
+    s.step();
+    s.at(p.downscale_after_ms).using(0.5);
+    assert!(matches!(s.step(), Some(Action::AskDownscale { .. })));
+    s.feed(Input::InformantConnected(false));
+    s.feed(Input::DownscaleAnswer { approved: true }); // late answer from a dead connection
+    assert_eq!(s.step(), None, "no unplug on a stale approval");
+}
+
+#[test]
+fn allocator_gone_means_no_growth_until_it_returns() {
+    let mut s = Sim::new(2);
+    s.feed(Input::AllocatorConnected(false));
+    s.at(10).using(3.0);
+    assert_eq!(s.step(), None);
+    s.feed(Input::AllocatorConnected(true));
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(4) }));
+}
+
+#[test]
+fn failed_plug_gives_the_reservation_back_and_backs_off() {
+    let mut s = Sim::new(2);
+    s.at(10).using(3.0);
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(4) }));
+    s.feed(Input::Permit { permitted: cus(4) });
+    assert_eq!(s.step(), Some(Action::Plug { target: cus(4) }));
+    s.at(20).feed(Input::Failed { size: Some(cus(2)) });
+    let d = s.vm.step(s.now);
+    assert_eq!(d.action, None, "backing off");
+    let retry = d.wake_at_ms.unwrap();
+    assert!(retry > 20 && retry <= 20 + Policy::default().retry_base_ms);
+    s.at(retry);
+    assert_eq!(s.step(), Some(Action::Release { size: cus(2) }), "unused permit returned first");
+    s.feed(Input::Released);
+    assert_eq!(s.vm.permitted, cus(2));
+}
+
+#[test]
+fn timeouts_count_as_failures_and_the_vm_is_reported_stuck() {
+    let mut s = Sim::new(2);
+    s.at(0).using(3.0);
+    let p = Policy::default();
+    for _ in 0..p.stuck_after_failures {
+        assert!(matches!(s.step(), Some(Action::RequestPermit { .. })));
+        let d = s.vm.step(s.now);
+        let deadline = d.wake_at_ms.unwrap();
+        s.at(deadline).using(3.0);
+        let d = s.vm.step(s.now); // times out, backs off
+        if let Some(w) = d.wake_at_ms {
+            s.at(w).using(3.0);
+        }
+    }
+    assert!(s.vm.is_stuck());
+    s.feed(Input::Permit { permitted: cus(4) });
+    assert!(s.vm.is_stuck(), "a stale answer does not clear it");
+}
+
+#[test]
+fn late_and_duplicate_answers_are_ignored() {
+    let mut s = Sim::new(2);
+    s.feed(Input::Plugged { size: cus(9) });
+    s.feed(Input::Released);
+    s.feed(Input::Permit { permitted: cus(9) });
+    assert_eq!((s.vm.current, s.vm.permitted), (cus(2), cus(2)));
+}
+
+#[test]
+fn nothing_changes_while_migrating() {
+    let mut s = Sim::new(2);
+    s.feed(Input::Migrating(true));
+    s.at(10).feed(Input::Pressure { oom: true });
+    assert_eq!(s.step(), None);
+    s.feed(Input::Migrating(false));
+    assert!(matches!(s.step(), Some(Action::RequestPermit { .. })));
+}
+
+#[test]
+fn bounds_changed_clamp_the_goal() {
+    let mut s = Sim::new(4);
+    s.at(10).using(10.0); // wants 14
+    s.feed(Input::Bounds { min_cus: 1, max_cus: 6 });
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }));
+}
+
+#[test]
+fn agent_restart_resumes_from_qemu_and_leftover_permit() {
+    // QEMU has 4 CUs, the last permit was 6: plug straight to the permit, no new request.
+    let mut vm = VmCore::new(CU, 1, 16, Policy::default(), cus(4), cus(6), 7);
+    vm.input(0, Input::AllocatorConnected(true));
+    vm.input(0, Input::Sample(Usage { load_avg_1: 0.0, memory_used_bytes: 5 * GIB }));
+    assert_eq!(vm.step(0).action, Some(Action::Plug { target: cus(6) }));
+}
+
+#[test]
+fn stale_samples_never_shrink() {
+    let mut s = Sim::new(4);
+    s.at(0).using(0.5);
+    s.at(10 * 60_000);
+    assert_eq!(s.vm.goal_cus(s.now), 4, "old numbers: hold the size");
+    assert_eq!(s.step(), None);
+}
