@@ -1,0 +1,197 @@
+//! The agent's one session with the allocator, kept alive: it reconnects with
+//! backoff and jitter and, on every new session, registers the node with each
+//! VM's current size and last permit (rule 4: the allocator rebuilds from us).
+//! VM loops see the live session (or its absence) on a `watch` channel and
+//! send their requests straight on it, so many VMs' requests are pipelined.
+
+use crate::core::policy::{Cu, Size};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vmscale_allocator::client::{channel, ClientError, SessionClient};
+use vmscale_proto::allocator as pb;
+
+/// What the allocator must hear about one VM when the node registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    pub current: Size,
+    pub permitted: Size,
+    pub cu: Cu,
+    pub min_cus: u32,
+    pub max_cus: u32,
+}
+
+/// Every VM of the node as its loop last saw it; the source of each hello.
+#[derive(Debug, Default)]
+pub struct Registry {
+    vms: Mutex<BTreeMap<String, Registered>>,
+}
+
+impl Registry {
+    pub fn set(&self, vm: &str, r: Registered) {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.to_owned(), r);
+    }
+
+    pub fn remove(&self, vm: &str) {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, Registered)> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+pub fn res(s: Size) -> Option<pb::Resources> {
+    Some(pb::Resources { milli_cpu: s.milli_cpu, memory_bytes: s.memory_bytes })
+}
+
+pub fn registration(id: &str, r: &Registered) -> pb::VmRegistration {
+    let cu = Size::new(r.cu.milli_cpu, r.cu.memory_bytes);
+    pb::VmRegistration {
+        vm_id: id.to_owned(),
+        current: res(r.current),
+        last_permit: res(r.permitted),
+        bounds: Some(pb::Bounds {
+            min: res(Size::of_cus(r.min_cus, r.cu).min(r.current)),
+            max: res(Size::of_cus(r.max_cus, r.cu).max(r.permitted).max(cu)),
+        }),
+        compute_unit: res(cu),
+        migration: None,
+    }
+}
+
+/// Settings of the link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// `http://HOST:PORT` of the allocator.
+    pub addr: String,
+    pub node: String,
+    pub capacity: Size,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
+
+/// The live session, if any.
+pub type Session = Option<Arc<SessionClient>>;
+
+/// Keeps a session open until `cancel`; publishes it on `session_tx` and
+/// forwards pushed messages (migration orders) to `pushed_tx`.
+pub async fn run(
+    cfg: LinkConfig,
+    registry: Arc<Registry>,
+    session_tx: watch::Sender<Session>,
+    pushed_tx: mpsc::UnboundedSender<pb::AllocatorMessage>,
+    cancel: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let opened = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = open(&cfg, &registry) => r,
+        };
+        match opened {
+            Ok(mut client) => {
+                failures = 0;
+                info!(allocator = %cfg.addr, session = client.welcome.session_id, "registered with the allocator");
+                let mut pushed = std::mem::replace(&mut client.pushed, mpsc::unbounded_channel().1);
+                session_tx.send_replace(Some(Arc::new(client)));
+                // Until the session ends: forward what the allocator pushes.
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            session_tx.send_replace(None);
+                            return;
+                        }
+                        m = pushed.recv() => match m {
+                            Some(m) => { let _ = pushed_tx.send(m); }
+                            None => break,
+                        }
+                    }
+                }
+                let why = session_tx
+                    .borrow()
+                    .as_ref()
+                    .and_then(|c| c.ended.lock().ok().and_then(|e| e.clone()))
+                    .map(|s| format!("{:?}: {}", s.code(), s.message()))
+                    .unwrap_or_default();
+                session_tx.send_replace(None);
+                warn!(reason = %why, "allocator session ended; reconnecting");
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                warn!(allocator = %cfg.addr, failures, "cannot register with the allocator: {e:#}");
+            }
+        }
+        let wait = backoff(&cfg, failures);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn open(cfg: &LinkConfig, registry: &Registry) -> Result<SessionClient, ClientError> {
+    let ch = channel(&cfg.addr).await?;
+    let hello = pb::Hello {
+        versions: Some(pb::VersionRange {
+            min: *vmscale_proto::ALLOCATOR_PROTOCOL.start(),
+            max: *vmscale_proto::ALLOCATOR_PROTOCOL.end(),
+        }),
+        node: cfg.node.clone(),
+        capacity: res(cfg.capacity),
+        vms: registry.snapshot().iter().map(|(id, r)| registration(id, r)).collect(),
+        agent: format!("vmscale-agent {}", env!("CARGO_PKG_VERSION")),
+    };
+    SessionClient::open(ch, hello).await
+}
+
+/// Exponential backoff with up to a quarter of jitter, so that agents of a
+/// restarted allocator don't all come back in the same millisecond.
+fn backoff(cfg: &LinkConfig, failures: u32) -> Duration {
+    let exp = failures.min(16);
+    let base = cfg.retry_base.saturating_mul(1 << exp).min(cfg.retry_max);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let quarter = base / 4;
+    base.saturating_sub(quarter.mul_f64(f64::from(nanos % 1000) / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CU: Cu = Cu { milli_cpu: 250, memory_bytes: 1 << 30 };
+
+    #[test]
+    fn registration_carries_size_permit_and_bounds() {
+        let r = Registered {
+            current: Size::of_cus(2, CU),
+            permitted: Size::of_cus(3, CU),
+            cu: CU,
+            min_cus: 1,
+            max_cus: 8,
+        };
+        let p = registration("vm", &r);
+        assert_eq!(p.current, res(Size::of_cus(2, CU)));
+        assert_eq!(p.last_permit, res(Size::of_cus(3, CU)));
+        assert_eq!(p.bounds.unwrap().max, res(Size::of_cus(8, CU)));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let cfg = LinkConfig {
+            addr: String::new(),
+            node: String::new(),
+            capacity: Size::default(),
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+        };
+        assert!(backoff(&cfg, 0) <= Duration::from_millis(100));
+        assert!(backoff(&cfg, 0) >= Duration::from_millis(75));
+        assert!(backoff(&cfg, 3) >= Duration::from_millis(600));
+        assert!(backoff(&cfg, 30) <= Duration::from_secs(5));
+    }
+}
