@@ -4,6 +4,7 @@
 //! - [`core`]: the pure per-VM state machine (policy, protocol order, timers).
 
 pub mod core;
+pub mod qmp;
 
 /// The allocator protocol versions this agent will offer.
 pub fn allocator_versions() -> std::ops::RangeInclusive<u32> {

@@ -1,0 +1,99 @@
+//! A QEMU per test, in its own temp dir, killed when the test ends.
+//!
+//! Without `qemu-system-x86_64` the tests skip with a printed reason, except
+//! under `CI=true`, where they fail and name the Debian package to install.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use vmscale_agent::qmp::process::{find_qemu, QemuOptions, QemuProcess, QEMU_PACKAGE};
+use vmscale_agent::qmp::{ClientConfig, HotplugConfig, QmpClient, QmpVm};
+
+/// A directory removed on drop (after the QEMU in it is gone).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmscale-qmp-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The QEMU binary, or `None` (after saying why) when the test should skip.
+pub fn qemu_or_skip(test: &str) -> Option<PathBuf> {
+    if let Some(qemu) = find_qemu() {
+        return Some(qemu);
+    }
+    let message = format!(
+        "qemu-system-x86_64 not found: install the Debian package {QEMU_PACKAGE} \
+         (apt-get install -y --no-install-recommends {QEMU_PACKAGE}) or set VMSCALE_QEMU"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping {test}: {message}");
+    None
+}
+
+/// A running QEMU; field order makes it die before its directory goes.
+pub struct TestQemu {
+    pub qemu: QemuProcess,
+    pub dir: TempDir,
+}
+
+impl TestQemu {
+    /// Starts QEMU with the default hotplug shape, changed by `shape`.
+    pub async fn start(test: &str, shape: impl FnOnce(&mut QemuOptions)) -> Option<Self> {
+        let binary = qemu_or_skip(test)?;
+        let dir = TempDir::new();
+        let mut options = QemuOptions::new(binary);
+        shape(&mut options);
+        let qemu = QemuProcess::spawn(&options, dir.path()).await.expect("qemu starts");
+        Some(Self { qemu, dir })
+    }
+
+    pub async fn client(&self) -> QmpClient {
+        QmpClient::connect(self.qemu.endpoint(), client_config())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e:#}\nqemu log:\n{}", self.qemu.log()))
+    }
+
+    /// A `QmpVm` with a short unplug timeout: no guest ever acks here.
+    pub async fn vm(&self) -> QmpVm {
+        QmpVm::new(self.client().await, hotplug_config())
+    }
+}
+
+pub fn client_config() -> ClientConfig {
+    ClientConfig {
+        handshake_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+        event_capacity: 256,
+    }
+}
+
+pub fn hotplug_config() -> HotplugConfig {
+    HotplugConfig { unplug_timeout: Duration::from_millis(300), ..HotplugConfig::default() }
+}
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
