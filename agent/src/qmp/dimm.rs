@@ -129,8 +129,7 @@ impl QmpVm {
 
     pub(super) async fn plug_dimm_inner(&self, bytes: u64) -> Result<DimmDevice> {
         let _op = self.op_lock.lock().await;
-        let devices = self.memory_devices().await?;
-        let memdevs = self.memdevs().await?;
+        let (devices, memdevs) = tokio::try_join!(self.memory_devices(), self.memdevs())?;
         let plan = plan_plug(&devices, &memdevs, bytes);
         self.delete_orphans(&plan.delete_backends).await?;
         let id = dimm_device_id(plan.index);
@@ -168,8 +167,7 @@ impl QmpVm {
 
     pub(super) async fn unplug_dimm_inner(&self) -> Result<DimmDevice> {
         let _op = self.op_lock.lock().await;
-        let devices = self.memory_devices().await?;
-        let memdevs = self.memdevs().await?;
+        let (devices, memdevs) = tokio::try_join!(self.memory_devices(), self.memdevs())?;
         let orphans: Vec<String> =
             orphan_backends(&devices, &memdevs).iter().filter_map(|m| m.id.clone()).collect();
         self.delete_orphans(&orphans).await?;

@@ -15,6 +15,7 @@
 //! schema at build time and bring more than we use, and the young `qmp` crate
 //! adds an allow-list/retry layer we do not want under our own executors.
 
+pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod dimm;

@@ -138,11 +138,14 @@ impl QmpVm {
 #[async_trait]
 impl Hypervisor for QmpVm {
     async fn read_size(&self) -> Result<VmSize> {
-        // Sequential on purpose: QMP runs commands one at a time anyway.
-        let cpus = self.hotpluggable_cpus().await?;
-        let devices = self.memory_devices().await?;
-        let summary = self.memory_size_summary().await?;
-        let machine = self.machine_memory().await?;
+        // Sent together: QEMU still runs them one by one, but reads them in
+        // one wake-up and answers back to back, saving round trips.
+        let (cpus, devices, summary, machine) = tokio::try_join!(
+            self.hotpluggable_cpus(),
+            self.memory_devices(),
+            self.memory_size_summary(),
+            self.machine_memory(),
+        )?;
         Ok(read_size(&cpus, &devices, &summary, machine.as_ref()))
     }
 
