@@ -45,6 +45,29 @@ pub enum PressureKind {
     CgroupOomKill,
 }
 
+impl PressureKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PressureKind::DirectReclaim => "direct_reclaim",
+            PressureKind::MemcgReclaim => "memcg_reclaim",
+            PressureKind::KswapdWake => "kswapd_wake",
+            PressureKind::OomVictim => "oom_victim",
+            PressureKind::PsiMemory => "psi_memory",
+            PressureKind::PsiCpu => "psi_cpu",
+            PressureKind::PsiCgroupMemory => "psi_cgroup_memory",
+            PressureKind::CgroupHigh => "cgroup_high",
+            PressureKind::CgroupMax => "cgroup_max",
+            PressureKind::CgroupOom => "cgroup_oom",
+            PressureKind::CgroupOomKill => "cgroup_oom_kill",
+        }
+    }
+
+    /// Pressure on CPU rather than memory (every other kind is memory).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, PressureKind::PsiCpu)
+    }
+}
+
 /// Something that hurts or is about to hurt the workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Pressure {

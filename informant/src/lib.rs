@@ -1,11 +1,54 @@
 //! The in-VM informant: memory pressure from eBPF, PSI and cgroup events,
 //! streamed to the node agent; downscale approval; onlining of new CPUs and
 //! memory.
+//!
+//! - Sources, each behind [`source::Source`]: [`psi`], [`cgroup_events`],
+//!   [`sampler`] (and eBPF, wired in [`sources`]), reading [`procfs`] texts.
+//! - [`hub`] merges them and fans out to the one subscribed agent.
+//! - [`downscale`] decides purely; [`guest`] reads and writes sysfs.
+//! - [`convert`], [`service`] and [`server`] are the gRPC edge.
 
+pub mod cgroup_events;
+pub mod config;
+pub mod convert;
+pub mod downscale;
 pub mod event;
+pub mod fake;
+pub mod guest;
+pub mod hub;
+pub mod procfs;
+pub mod psi;
+pub mod sampler;
+pub mod server;
+pub mod service;
 pub mod source;
+pub mod sources;
+
+pub use server::{run, serve, Listener, RunError};
 
 /// The informant protocol versions this build serves.
 pub fn informant_versions() -> std::ops::RangeInclusive<u32> {
     vmscale_proto::INFORMANT_PROTOCOL
+}
+
+/// An error and its sources as one line: `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// For tests that need something this machine may lack: under `CI=true` the
+/// test fails, elsewhere it prints why it skips. Returns whether to skip.
+pub fn skip_unless_ci(reason: &str) -> bool {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("cannot run under CI=true: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    true
 }

@@ -14,7 +14,11 @@ pub trait Source: Send + 'static {
     /// Runs the source on the current tokio runtime until `cancel` fires or
     /// `tx` is closed. Errors after start are logged by the source and end it;
     /// they never end the informant.
-    fn spawn(self: Box<Self>, tx: mpsc::Sender<Event>, cancel: CancellationToken) -> tokio::task::JoinHandle<()>;
+    fn spawn(
+        self: Box<Self>,
+        tx: mpsc::Sender<Event>,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()>;
 }
 
 /// What the informant tells the agent (and its log) about one source.
@@ -22,7 +26,9 @@ pub trait Source: Send + 'static {
 pub struct SourceStatus {
     pub name: String,
     pub available: bool,
-    /// Why not, when unavailable; empty otherwise.
+    /// Why not, when unavailable. When available, empty, or what part is
+    /// missing or changed (a widened PSI window, a field the sampler cannot
+    /// read).
     pub reason: String,
 }
 

@@ -1,0 +1,351 @@
+//! The informant's configuration: a TOML file (unknown keys are an error),
+//! every threshold documented here with its unit and default, and
+//! command-line flags in `main.rs` that override it.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the agent connects: `tcp:HOST:PORT` (or just `HOST:PORT`),
+    /// `vsock:PORT` (any CID) or `vsock:CID:PORT`. Default `tcp:0.0.0.0:7072`.
+    pub listen: ListenAddr,
+    /// procfs mount point. Default `/proc`.
+    pub proc_root: PathBuf,
+    /// sysfs mount point (CPUs under `devices/system/cpu`, memory blocks under
+    /// `devices/system/memory`). Default `/sys`.
+    pub sys_root: PathBuf,
+    /// The workload's cgroup v2 directory (e.g. `/sys/fs/cgroup/workload`),
+    /// for `memory.events`, `memory.stat` and `memory.pressure`. Default none:
+    /// the cgroup sources are off and memory in use is guest-wide.
+    pub workload_cgroup: Option<PathBuf>,
+    /// Who scales CPUs down. Default `hotplug`.
+    pub cpu_mode: CpuMode,
+    /// Period of the sampler, milliseconds. Default 1000.
+    pub sample_interval_ms: u64,
+    /// How often `memory.events` is re-read when inotify is unavailable,
+    /// milliseconds. Default 1000.
+    pub events_poll_ms: u64,
+    /// Whether to load the eBPF programs (reclaim, kswapd, OOM victim). Without
+    /// BTF, CAP_BPF or tracefs the informant runs without them. Default true.
+    pub ebpf: bool,
+    /// Events buffered between the sources and the fan-out. Default 4096.
+    pub event_queue: usize,
+    /// Events buffered towards the subscribed agent; past that, events are
+    /// dropped and counted, never blocking the sources. Default 1024.
+    pub subscriber_queue: usize,
+    /// How long NotifyUpscale waits for new CPUs and memory blocks to appear
+    /// and come online before it answers, milliseconds. Default 3000.
+    pub upscale_wait_ms: u64,
+    pub psi: PsiConfig,
+    pub downscale: DownscaleConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 7072))),
+            proc_root: PathBuf::from("/proc"),
+            sys_root: PathBuf::from("/sys"),
+            workload_cgroup: None,
+            cpu_mode: CpuMode::Hotplug,
+            sample_interval_ms: 1000,
+            events_poll_ms: 1000,
+            ebpf: true,
+            event_queue: 4096,
+            subscriber_queue: 1024,
+            upscale_wait_ms: 3000,
+            psi: PsiConfig::default(),
+            downscale: DownscaleConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuMode {
+    /// The agent hot-unplugs vCPUs over QMP; the informant only onlines new ones.
+    Hotplug,
+    /// All vCPUs are present from boot; the informant takes CPUs offline on an
+    /// approved downscale and online on an upscale (needed under TCG, where
+    /// vCPU unplug corrupts QEMU).
+    Sysfs,
+}
+
+/// PSI triggers. Each fires at most once per window when the stall time
+/// inside the window passes its threshold.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PsiConfig {
+    /// `/proc/pressure/memory`.
+    pub memory: TriggerConfig,
+    /// `/proc/pressure/cpu`.
+    pub cpu: TriggerConfig,
+    /// The workload cgroup's `memory.pressure` (needs `workload_cgroup`).
+    pub cgroup_memory: TriggerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TriggerConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Count `full` stalls (every task stalled) rather than `some` (at least
+    /// one task stalled). Default false.
+    pub full: bool,
+    /// Stall time inside the window that fires the trigger, microseconds.
+    /// Default 50000 (50 ms).
+    pub stall_us: u64,
+    /// Window, microseconds, 500000 to 10000000. Without CAP_SYS_RESOURCE the
+    /// kernel only accepts multiples of 2 s; the informant then widens the
+    /// window to the next multiple of 2 s and scales `stall_us` with it, and
+    /// says so in its log and handshake. Default 500000 (500 ms).
+    pub window_us: u64,
+}
+
+impl Default for TriggerConfig {
+    fn default() -> Self {
+        TriggerConfig { enabled: true, full: false, stall_us: 50_000, window_us: 500_000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownscaleConfig {
+    /// Memory kept free on top of what is in use when judging whether a
+    /// memory target fits, bytes. Default 268435456 (256 MiB).
+    pub memory_buffer_bytes: u64,
+    /// A downscale is denied when the newest sample is older than this,
+    /// milliseconds. Must exceed `sample_interval_ms`. Default 5000.
+    pub max_stats_age_ms: u64,
+    /// A downscale is denied for this long after pressure on the resource it
+    /// shrinks, milliseconds. Default 60000.
+    pub pressure_cooldown_ms: u64,
+}
+
+impl Default for DownscaleConfig {
+    fn default() -> Self {
+        DownscaleConfig {
+            memory_buffer_bytes: 256 * MIB,
+            max_stats_age_ms: 5000,
+            pressure_cooldown_ms: 60_000,
+        }
+    }
+}
+
+/// Where the gRPC server listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `cid` is `u32::MAX` (VMADDR_CID_ANY) unless given.
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
+}
+
+pub const VSOCK_CID_ANY: u32 = u32::MAX;
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let tcp = |a: &str| {
+            a.parse().map(ListenAddr::Tcp).map_err(|_| {
+                format!("`{s}` is not a listen address; use tcp:HOST:PORT, vsock:PORT or vsock:CID:PORT")
+            })
+        };
+        if let Some(rest) = s.strip_prefix("vsock:") {
+            let num = |v: &str, what: &str| {
+                v.parse::<u32>().map_err(|_| format!("`{s}`: vsock {what} `{v}` is not a number"))
+            };
+            return match rest.split_once(':') {
+                Some((cid, port)) => {
+                    Ok(ListenAddr::Vsock { cid: num(cid, "CID")?, port: num(port, "port")? })
+                }
+                None => Ok(ListenAddr::Vsock { cid: VSOCK_CID_ANY, port: num(rest, "port")? }),
+            };
+        }
+        tcp(s.strip_prefix("tcp:").unwrap_or(s))
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp:{a}"),
+            ListenAddr::Vsock { cid: VSOCK_CID_ANY, port } => write!(f, "vsock:{port}"),
+            ListenAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config value {field} = {value} is invalid: {reason}")]
+    Invalid { field: &'static str, value: String, reason: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), source: Box::new(e) })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: &dyn fmt::Display, reason: &str| {
+            Err(ConfigError::Invalid { field, value: value.to_string(), reason: reason.to_owned() })
+        };
+        if self.sample_interval_ms < 10 {
+            return bad("sample_interval_ms", &self.sample_interval_ms, "must be at least 10");
+        }
+        if self.events_poll_ms < 10 {
+            return bad("events_poll_ms", &self.events_poll_ms, "must be at least 10");
+        }
+        if self.event_queue == 0 {
+            return bad("event_queue", &0, "must be at least 1");
+        }
+        if self.subscriber_queue == 0 {
+            return bad("subscriber_queue", &0, "must be at least 1");
+        }
+        for (field, p) in [("proc_root", &self.proc_root), ("sys_root", &self.sys_root)] {
+            if p.as_os_str().is_empty() {
+                return bad(field, &"\"\"", "must name a directory");
+            }
+        }
+        for (field, t) in [
+            ("psi.memory", &self.psi.memory),
+            ("psi.cpu", &self.psi.cpu),
+            ("psi.cgroup_memory", &self.psi.cgroup_memory),
+        ] {
+            if !(500_000..=10_000_000).contains(&t.window_us) {
+                return bad(
+                    field,
+                    &t.window_us,
+                    "window_us must be within 500000..=10000000 (0.5 s to 10 s)",
+                );
+            }
+            if t.stall_us == 0 || t.stall_us > t.window_us {
+                return bad(field, &t.stall_us, "stall_us must be above 0 and at most window_us");
+            }
+        }
+        let d = &self.downscale;
+        if d.max_stats_age_ms <= self.sample_interval_ms {
+            return bad(
+                "downscale.max_stats_age_ms",
+                &d.max_stats_age_ms,
+                "must exceed sample_interval_ms, or every other request finds stale stats",
+            );
+        }
+        if d.memory_buffer_bytes > 1 << 40 {
+            return bad(
+                "downscale.memory_buffer_bytes",
+                &d.memory_buffer_bytes,
+                "above 1 TiB; the unit is bytes",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            "listen = \"vsock:7072\"\nworkload_cgroup = \"/sys/fs/cgroup/pg\"\ncpu_mode = \"sysfs\"\n\
+             [psi.memory]\nwindow_us = 2000000\nstall_us = 150000\n\
+             [downscale]\nmemory_buffer_bytes = 1024\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.listen, ListenAddr::Vsock { cid: VSOCK_CID_ANY, port: 7072 });
+        assert_eq!(c.workload_cgroup.as_deref(), Some(Path::new("/sys/fs/cgroup/pg")));
+        assert_eq!(c.cpu_mode, CpuMode::Sysfs);
+        assert_eq!(c.psi.memory.window_us, 2_000_000);
+        assert!(c.psi.cpu.enabled);
+        assert_eq!(c.downscale.memory_buffer_bytes, 1024);
+        assert_eq!(c.downscale.max_stats_age_ms, 5000);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let chain = |e: ConfigError| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(x) = src {
+                s += &format!(": {x}");
+                src = x.source();
+            }
+            s
+        };
+        let e = Config::parse("sample_intervl_ms = 5", "t").unwrap_err();
+        assert!(chain(e).contains("unknown field"));
+        let e = Config::parse("[psi.cpu]\nwindow = 5", "t").unwrap_err();
+        assert!(chain(e).contains("unknown field"));
+        let e = Config::parse("[psi.memory]\nwindow_us = 100", "t").unwrap_err();
+        assert!(e.to_string().contains("0.5 s to 10 s"), "{e}");
+        let e = Config::parse("[psi.memory]\nstall_us = 600000", "t").unwrap_err();
+        assert!(e.to_string().contains("at most window_us"), "{e}");
+        let e = Config::parse("sample_interval_ms = 6000", "t").unwrap_err();
+        assert!(e.to_string().contains("stale"), "{e}");
+        let e = Config::parse("listen = \"vsock:x\"", "t").unwrap_err();
+        assert!(chain(e).contains("not a number"));
+    }
+
+    #[test]
+    fn listen_addresses_round_trip() {
+        for s in ["tcp:127.0.0.1:7072", "vsock:7072", "vsock:3:7072", "tcp:[::1]:1"] {
+            assert_eq!(s.parse::<ListenAddr>().unwrap().to_string(), s);
+        }
+        assert_eq!("127.0.0.1:9".parse::<ListenAddr>().unwrap().to_string(), "tcp:127.0.0.1:9");
+        assert!("localhost".parse::<ListenAddr>().unwrap_err().contains("vsock:PORT"));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = Config::load(Path::new("/nonexistent/informant.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/informant.toml"));
+    }
+}

@@ -1,0 +1,104 @@
+//! Binds the listener (TCP or vsock), starts the sources and the fan-out, and
+//! serves gRPC until the shutdown token fires. Takes a bound listener so
+//! tests run on port 0.
+
+use crate::config::{Config, ConfigError, ListenAddr};
+use crate::hub::Hub;
+use crate::service::InformantService;
+use crate::sources::start_sources;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_vsock::{VsockAddr, VsockListener};
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+use vmscale_proto::informant::informant_server::InformantServer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed")]
+    Grpc(#[source] tonic::transport::Error),
+}
+
+/// A bound listener of either kind.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Vsock(VsockListener),
+}
+
+impl Listener {
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener, RunError> {
+        let bind_err = |source| RunError::Bind { addr: addr.to_string(), source };
+        match *addr {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Listener::Tcp).map_err(bind_err),
+            ListenAddr::Vsock { cid, port } => {
+                VsockListener::bind(VsockAddr::new(cid, port)).map(Listener::Vsock).map_err(bind_err)
+            }
+        }
+    }
+
+    /// Where it is bound, as `tcp:...` or `vsock:CID:PORT`.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => {
+                l.local_addr().map_or_else(|e| format!("tcp:? ({e})"), |a| format!("tcp:{a}"))
+            }
+            Listener::Vsock(l) => l
+                .local_addr()
+                .map_or_else(|e| format!("vsock:? ({e})"), |a| format!("vsock:{}:{}", a.cid(), a.port())),
+        }
+    }
+}
+
+/// Validates the config, binds its listener and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let listener = Listener::bind(&config.listen).await?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves on `listener` until `shutdown`; sources that cannot start are
+/// reported, never fatal. Returns once every task has stopped.
+pub async fn serve(config: Config, listener: Listener, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let inner = shutdown.child_token();
+    let (sources, statuses) = start_sources(&config);
+    let hub = Hub::new(config.subscriber_queue);
+    let (tx, rx) = mpsc::channel(config.event_queue);
+    let mut tasks = vec![tokio::spawn(hub.clone().run(rx, inner.clone()))];
+    tasks.extend(sources.into_iter().map(|s| s.spawn(tx.clone(), inner.clone())));
+    drop(tx);
+
+    let up: Vec<&str> = statuses.iter().filter(|s| s.available).map(|s| s.name.as_str()).collect();
+    info!(listen = %listener.local_addr(), sources = ?up, "informant serving");
+    let service =
+        InformantServer::new(InformantService::new(&config, hub.clone(), statuses, shutdown.clone()));
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service);
+    let stop = shutdown.clone().cancelled_owned();
+    let result = match listener {
+        Listener::Tcp(l) => {
+            router.serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), stop).await
+        }
+        Listener::Vsock(l) => router.serve_with_incoming_shutdown(l.incoming(), stop).await,
+    };
+    inner.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    info!(delivered = hub.delivered_total(), dropped = hub.dropped_total(), "informant stopped");
+    result.map_err(RunError::Grpc)
+}
