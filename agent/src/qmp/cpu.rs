@@ -66,9 +66,18 @@ pub fn device_add_args(slot: &HotpluggableCpu, id: &str) -> Value {
 }
 
 impl QmpVm {
+    /// Drops notes of pending vCPU unplugs (kept by QOM path) whose vCPU is
+    /// gone: the guest let go after we stopped waiting.
+    fn forget_finished_cpu_unplugs(&self, cpus: &[HotpluggableCpu]) {
+        self.pending().retain(|path| {
+            !path.starts_with("/machine/") || cpus.iter().any(|c| c.qom_path.as_ref() == Some(path))
+        });
+    }
+
     pub(super) async fn plug_vcpu_inner(&self) -> Result<CpuDevice> {
         let _op = self.op_lock.lock().await;
         let cpus = self.hotpluggable_cpus().await?;
+        self.forget_finished_cpu_unplugs(&cpus);
         let (index, slot) = plan_plug(&cpus)?;
         let id = cpu_device_id(index);
         self.client.execute::<Value>("device_add", Some(device_add_args(slot, &id))).await?;
@@ -79,6 +88,7 @@ impl QmpVm {
     pub(super) async fn unplug_vcpu_inner(&self) -> Result<CpuDevice> {
         let _op = self.op_lock.lock().await;
         let cpus = self.hotpluggable_cpus().await?;
+        self.forget_finished_cpu_unplugs(&cpus);
         let pending = self.pending().clone();
         let slot = plan_unplug(&cpus, &pending)?;
         let path = slot.qom_path.clone().unwrap_or_default();

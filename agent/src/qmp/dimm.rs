@@ -127,9 +127,17 @@ impl QmpVm {
         Ok(())
     }
 
+    /// Drops notes of pending DIMM unplugs whose DIMM is gone: the guest
+    /// let go after we stopped waiting.
+    fn forget_finished_unplugs(&self, devices: &[MemoryDevice]) {
+        let present: BTreeSet<&str> = dimms(devices).filter_map(|d| d.id.as_deref()).collect();
+        self.pending().retain(|id| parse_device_id(id).is_none() || present.contains(id.as_str()));
+    }
+
     pub(super) async fn plug_dimm_inner(&self, bytes: u64) -> Result<DimmDevice> {
         let _op = self.op_lock.lock().await;
         let (devices, memdevs) = tokio::try_join!(self.memory_devices(), self.memdevs())?;
+        self.forget_finished_unplugs(&devices);
         let plan = plan_plug(&devices, &memdevs, bytes);
         self.delete_orphans(&plan.delete_backends).await?;
         let id = dimm_device_id(plan.index);
@@ -168,6 +176,7 @@ impl QmpVm {
     pub(super) async fn unplug_dimm_inner(&self) -> Result<DimmDevice> {
         let _op = self.op_lock.lock().await;
         let (devices, memdevs) = tokio::try_join!(self.memory_devices(), self.memdevs())?;
+        self.forget_finished_unplugs(&devices);
         let orphans: Vec<String> =
             orphan_backends(&devices, &memdevs).iter().filter_map(|m| m.id.clone()).collect();
         self.delete_orphans(&orphans).await?;

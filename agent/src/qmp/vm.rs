@@ -177,3 +177,7 @@ impl Hypervisor for QmpVm {
         self.client.execute("query-cpus-fast", None).await
     }
 }
+
+#[cfg(test)]
+#[path = "vm_tests.rs"]
+mod tests;
