@@ -212,10 +212,12 @@ mod tests {
     fn memdev_and_cpus_fast_from_qemu_7_2() {
         let memdevs: Vec<Memdev> = serde_json::from_str(MEMDEV).expect("parses");
         let ids: Vec<_> = memdevs.iter().filter_map(|m| m.id.as_deref()).collect();
-        assert_eq!(ids, ["vmem0", "pc.ram"]);
+        assert_eq!(ids, ["vmscale-dimm0-mem", "vmem0", "pc.ram"]);
         let threads: Vec<VcpuThread> = serde_json::from_str(CPUS_FAST).expect("parses");
-        assert_eq!(threads[0].cpu_index, 0);
-        assert!(threads[0].thread_id > 0);
+        assert_eq!(threads.len(), 2);
+        assert_eq!(threads[1].cpu_index, 1);
+        assert_eq!(threads[1].qom_path, "/machine/peripheral/vmscale-cpu1");
+        assert!(threads.iter().all(|t| t.thread_id > 0));
     }
 
     #[test]
