@@ -47,12 +47,8 @@ impl CoreError {
         use CoreError::*;
         match self {
             UnknownNode(_) | UnknownVm { .. } | UnknownOrder(_) => ErrorKind::NotFound,
-            VmOnOtherNode { .. } | NotOwnNode { .. } | OrderNotOwned { .. } => {
-                ErrorKind::PermissionDenied
-            }
-            StaleSession { .. } | Migrating { .. } | BadTransition { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            VmOnOtherNode { .. } | NotOwnNode { .. } | OrderNotOwned { .. } => ErrorKind::PermissionDenied,
+            StaleSession { .. } | Migrating { .. } | BadTransition { .. } => ErrorKind::FailedPrecondition,
             VmExists(_) => ErrorKind::AlreadyExists,
             DuplicateVm(_) | Invalid { .. } | Absurd(_) => ErrorKind::InvalidArgument,
         }

@@ -228,8 +228,7 @@ mod tests {
         let mut n = NodeLedger::new(Resources::new(8000, 32 * GIB), Resources::ZERO, 0.9);
         let e = |r: Resources| VmEntry {
             reserved: r,
-            bounds: crate::core::vm::Bounds::new(Resources::ZERO, Resources::new(8000, 32 * GIB))
-                .unwrap(),
+            bounds: crate::core::vm::Bounds::new(Resources::ZERO, Resources::new(8000, 32 * GIB)).unwrap(),
             cu: cu(),
             unmet: Resources::ZERO,
             state: VmState::Active,

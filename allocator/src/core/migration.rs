@@ -36,9 +36,7 @@ impl OrderState {
     pub fn transition(self, to: OrderState, order: u64) -> Result<OrderState> {
         use OrderState::*;
         match (self, to) {
-            (Ordered, Started) | (Ordered | Started, Completed) | (Ordered | Started, Failed) => {
-                Ok(to)
-            }
+            (Ordered, Started) | (Ordered | Started, Completed) | (Ordered | Started, Failed) => Ok(to),
             _ => Err(CoreError::BadTransition { order, from: self.name(), to: to.name() }),
         }
     }

@@ -10,6 +10,11 @@ pub mod planner;
 pub mod units;
 pub mod vm;
 
+#[cfg(test)]
+mod planner_tests;
+#[cfg(test)]
+mod tests;
+
 use error::{CoreError, Result};
 use ledger::{Grant, NodeLedger};
 use migration::{Order, OrderState};
@@ -98,6 +103,9 @@ impl Cluster {
     /// Starts a session for a node: checks the whole registration first, then
     /// replaces the node's ledger with what the agent reports. A session that
     /// owned the node before is replaced (never two live sessions per node).
+    /// Moves the agent reports are adopted (after an allocator restart) and
+    /// hold room on their targets; moves it no longer reports for a VM it
+    /// runs are failed.
     pub fn open_session(&mut self, reg: NodeRegistration, now_ms: u64) -> Result<Opened> {
         check_id("node name", &reg.node)?;
         let capacity = reg.capacity.checked("node capacity")?;
@@ -124,6 +132,25 @@ impl Cluster {
         }
 
         // Checked; from here on nothing fails.
+
+        // Moves this node runs as their source that its agent no longer
+        // reports although it reports the VM: the agent trusts QEMU, and QEMU
+        // runs the VM here, not moving. Fail them first, so that their targets'
+        // holds go and the VM can never become active on two nodes.
+        let abandoned: Vec<u64> = self
+            .orders
+            .values()
+            .filter(|o| {
+                o.source == reg.node
+                    && reg.vms.iter().any(|v| v.id == o.vm && v.migration.as_ref().map(|m| m.0) != Some(o.id))
+            })
+            .map(|o| o.id)
+            .collect();
+        for id in abandoned {
+            let why = "the source agent re-registered the vm as not moving";
+            self.finish_or_advance(id, OrderState::Failed, why, now_ms);
+        }
+
         let session = self.next_session;
         self.next_session += 1;
         let mut ledger = NodeLedger::new(capacity, self.config.system_reserve, self.config.watermark);
@@ -133,25 +160,40 @@ impl Cluster {
 
         for v in reg.vms {
             let reserved = v.reservation();
-            let state = match &v.migration {
-                None => VmState::Active,
-                Some((order, target)) => {
-                    self.adopt_order(*order, &v.id, &reg.node, target, reserved, now_ms);
-                    VmState::MigratingOut { order: *order }
-                }
+            let mut entry = VmEntry {
+                reserved,
+                bounds: v.bounds,
+                cu: v.cu,
+                unmet: Resources::ZERO,
+                state: VmState::Active,
             };
-            let entry = VmEntry { reserved, bounds: v.bounds, cu: v.cu, unmet: Resources::ZERO, state };
+            if let Some((order, target)) = &v.migration {
+                self.adopt_order(*order, &v.id, &reg.node, target, reserved, now_ms);
+                entry.state = VmState::MigratingOut { order: *order };
+                self.hold_on_target(*order, &entry);
+            }
             ledger.insert(v.id, entry);
         }
-        // Holds for VMs moving in under open orders stay, unless the agent
-        // already runs them (then its registration counts them).
-        if let Some(old) = old {
-            for (id, e) in old.vms {
-                if let VmState::Incoming { order } = e.state {
-                    if self.orders.contains_key(&order) && !ledger.vms.contains_key(&id) {
-                        ledger.insert(id, e);
-                    }
-                }
+        // Holds for VMs moving in under open orders, unless the agent already
+        // runs them (then its registration counts them). They come from the
+        // orders, not from the old ledger: after an allocator restart there is
+        // none, and an adopted order must still hold room here.
+        for o in self.orders.values() {
+            if o.target != reg.node || ledger.vms.contains_key(&o.vm) {
+                continue;
+            }
+            let like = old
+                .as_ref()
+                .and_then(|n| n.vms.get(&o.vm))
+                .or_else(|| self.nodes.get(&o.source).and_then(|n| n.vms.get(&o.vm)));
+            if let Some(like) = like {
+                let hold = VmEntry {
+                    reserved: o.reserved,
+                    unmet: Resources::ZERO,
+                    state: VmState::Incoming { order: o.id },
+                    ..like.clone()
+                };
+                ledger.insert(o.vm.clone(), hold);
             }
         }
         let mut reservations: Vec<Reservation> = ledger
@@ -196,6 +238,24 @@ impl Cluster {
                 reason: "adopted from the source agent's registration".into(),
             },
         );
+    }
+
+    /// Holds room on an order's target for the VM moving in, unless the target
+    /// already holds or runs it. A target that has not registered yet takes
+    /// the hold from the order when it does.
+    fn hold_on_target(&mut self, order_id: u64, like: &VmEntry) {
+        let Some(o) = self.orders.get(&order_id) else { return };
+        let Some(dst) = self.nodes.get_mut(&o.target) else { return };
+        if dst.vms.contains_key(&o.vm) {
+            return;
+        }
+        let hold = VmEntry {
+            reserved: o.reserved,
+            unmet: Resources::ZERO,
+            state: VmState::Incoming { order: order_id },
+            ..like.clone()
+        };
+        dst.insert(o.vm.clone(), hold);
     }
 
     /// The session ended. Its node keeps its reservations (the VMs still run),
@@ -437,7 +497,12 @@ impl Cluster {
             if let Some(dst) = self.nodes.get_mut(&m.target) {
                 dst.insert(
                     m.vm.clone(),
-                    VmEntry { reserved: m.reserved, unmet: Resources::ZERO, state: VmState::Incoming { order: id }, ..e },
+                    VmEntry {
+                        reserved: m.reserved,
+                        unmet: Resources::ZERO,
+                        state: VmState::Incoming { order: id },
+                        ..e
+                    },
                 );
             }
             self.orders.insert(id, order.clone());

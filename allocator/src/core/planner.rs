@@ -92,17 +92,18 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
             coverage(b.1, excess).total_cmp(&coverage(a.1, excess)).then_with(|| a.0.cmp(b.0))
         });
 
-        // One move is best: the smallest VM that covers the excess alone.
+        // One move is best: the smallest VM that covers the excess alone and
+        // has somewhere to go.
         let single = candidates
             .iter()
             .filter(|(_, size)| excess.fits_in(*size))
+            .filter_map(|(vm, size)| {
+                pick_target(&targets, best_room, source, vm, *size, c).map(|t| (*vm, *size, t))
+            })
             .min_by(|a, b| {
                 a.1.max_fraction_of(node.usable())
                     .total_cmp(&b.1.max_fraction_of(node.usable()))
                     .then_with(|| a.0.cmp(b.0))
-            })
-            .and_then(|(vm, size)| {
-                pick_target(&targets, best_room, source, vm, *size, c).map(|t| (*vm, *size, t))
             });
         let picks: Vec<(&str, Resources)> = match single {
             Some((vm, size, _)) => vec![(vm, size)],

@@ -80,27 +80,18 @@ impl Resources {
     }
 
     pub fn max(self, o: Resources) -> Resources {
-        Resources::new(
-            self.milli_cpu.max(o.milli_cpu),
-            self.memory_bytes.max(o.memory_bytes),
-        )
+        Resources::new(self.milli_cpu.max(o.milli_cpu), self.memory_bytes.max(o.memory_bytes))
     }
 
     pub fn min(self, o: Resources) -> Resources {
-        Resources::new(
-            self.milli_cpu.min(o.milli_cpu),
-            self.memory_bytes.min(o.memory_bytes),
-        )
+        Resources::new(self.milli_cpu.min(o.milli_cpu), self.memory_bytes.min(o.memory_bytes))
     }
 
     /// Each dimension scaled by `f` (a watermark fraction), rounded down.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     pub fn scaled(self, f: f64) -> Resources {
         // Amounts are at most 2^50, exactly representable in f64.
-        Resources::new(
-            (self.milli_cpu as f64 * f) as u64,
-            (self.memory_bytes as f64 * f) as u64,
-        )
+        Resources::new((self.milli_cpu as f64 * f) as u64, (self.memory_bytes as f64 * f) as u64)
     }
 
     /// The larger of the two fractions `self / of`, dimension by dimension; a
@@ -142,9 +133,7 @@ impl ComputeUnit {
         }
         // A CU above 1024 vCPU or 4 TiB is a unit mix-up rather than a policy.
         if r.milli_cpu > 1024 * 1000 || r.memory_bytes > 4 << 40 {
-            return Err(format!(
-                "compute unit {r} is absurdly large; check the units (milli-vCPU, bytes)"
-            ));
+            return Err(format!("compute unit {r} is absurdly large; check the units (milli-vCPU, bytes)"));
         }
         Ok(ComputeUnit(r))
     }
@@ -155,10 +144,7 @@ impl ComputeUnit {
 
     /// How many whole steps it takes to cover `delta` in every dimension.
     pub fn steps_to_cover(self, delta: Resources) -> u64 {
-        delta
-            .milli_cpu
-            .div_ceil(self.0.milli_cpu)
-            .max(delta.memory_bytes.div_ceil(self.0.memory_bytes))
+        delta.milli_cpu.div_ceil(self.0.milli_cpu).max(delta.memory_bytes.div_ceil(self.0.memory_bytes))
     }
 
     /// `k` steps, each dimension capped at `cap`.
@@ -199,10 +185,7 @@ mod tests {
         assert_eq!(cu.steps_to_cover(Resources::ZERO), 0);
         assert_eq!(cu.steps_to_cover(Resources::new(1, 0)), 1);
         assert_eq!(cu.steps_to_cover(Resources::new(500, 3 * GIB + 1)), 4);
-        assert_eq!(
-            cu.steps_capped(3, Resources::new(600, 10 * GIB)),
-            Resources::new(600, 3 * GIB)
-        );
+        assert_eq!(cu.steps_capped(3, Resources::new(600, 10 * GIB)), Resources::new(600, 3 * GIB));
     }
 
     #[test]

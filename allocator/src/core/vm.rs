@@ -82,9 +82,13 @@ impl VmRegistration {
 pub enum VmState {
     Active,
     /// Running here, moving away under this order.
-    MigratingOut { order: u64 },
+    MigratingOut {
+        order: u64,
+    },
     /// Capacity held here for a VM that is moving in under this order.
-    Incoming { order: u64 },
+    Incoming {
+        order: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
