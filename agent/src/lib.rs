@@ -3,7 +3,16 @@
 //!
 //! - [`core`]: the pure per-VM state machine (policy, protocol order, timers).
 
+pub mod allocator_link;
+pub mod config;
 pub mod core;
+pub mod executor;
+pub mod http;
+pub mod informant_link;
+pub mod metrics;
+pub mod node;
+pub mod vm_loop;
+pub mod vms;
 pub mod qmp;
 
 /// The allocator protocol versions this agent will offer.

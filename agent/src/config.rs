@@ -1,0 +1,150 @@
+//! The agent's configuration: a TOML file (unknown keys are errors) plus flags.
+
+use crate::core::policy::Policy;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name, as the allocator knows it. Default: the host name.
+    pub node: String,
+    /// The allocator's gRPC address. Default `http://127.0.0.1:7070`.
+    pub allocator: String,
+    /// Where VMs come from: a TOML file of `[[vm]]` entries. Default
+    /// `/etc/vmscale/vms.toml`.
+    pub vms_file: PathBuf,
+    /// How often the VM file is checked for changes, ms. Default 1000.
+    pub vms_file_interval_ms: u64,
+    /// HTTP address for `/metrics`, `/state` and `/healthz`. Default `0.0.0.0:7072`.
+    pub http_listen: SocketAddr,
+    /// The node's schedulable CPU in milli-vCPU; 0 reads the host's CPU count.
+    pub capacity_milli_cpu: u64,
+    /// The node's schedulable memory in bytes; 0 reads MemTotal.
+    pub capacity_memory_bytes: u64,
+    /// Where `/proc` is (for the host's capacity). Default `/proc`.
+    pub proc_root: PathBuf,
+    /// First reconnect delay to the allocator, ms. Default 200.
+    pub allocator_retry_base_ms: u64,
+    /// Longest reconnect delay to the allocator, ms. Default 10000.
+    pub allocator_retry_max_ms: u64,
+    /// How long to wait for a guest to release an unplugged device, ms. Default 5000.
+    pub unplug_timeout_ms: u64,
+    /// Per-command QMP timeout, ms. Default 10000.
+    pub qmp_timeout_ms: u64,
+    /// The scaling policy for VMs that don't bring their own.
+    pub policy: Policy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            allocator: "http://127.0.0.1:7070".into(),
+            vms_file: PathBuf::from("/etc/vmscale/vms.toml"),
+            vms_file_interval_ms: 1000,
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 7072)),
+            capacity_milli_cpu: 0,
+            capacity_memory_bytes: 0,
+            proc_root: PathBuf::from("/proc"),
+            allocator_retry_base_ms: 200,
+            allocator_retry_max_ms: 10_000,
+            unplug_timeout_ms: 5000,
+            qmp_timeout_ms: 10_000,
+            policy: Policy::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid agent config")]
+    Parse {
+        path: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let c: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: p, source: Box::new(e) })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError::Invalid(s));
+        if self.node.is_empty() {
+            return bad("node is empty and the host name could not be read; set node = \"...\"".into());
+        }
+        if !(self.allocator.starts_with("http://") || self.allocator.starts_with("https://")) {
+            return bad(format!("allocator = {:?} must be an http:// or https:// URL", self.allocator));
+        }
+        if self.allocator_retry_base_ms == 0 || self.allocator_retry_max_ms < self.allocator_retry_base_ms {
+            return bad("allocator_retry_base_ms must be > 0 and <= allocator_retry_max_ms".into());
+        }
+        if self.vms_file_interval_ms == 0 || self.unplug_timeout_ms == 0 || self.qmp_timeout_ms == 0 {
+            return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
+        }
+        self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))
+    }
+}
+
+/// The host's CPU (milli-vCPU) and memory (bytes) from `proc_root`.
+pub fn host_capacity(proc_root: &Path) -> Result<(u64, u64), String> {
+    let stat = std::fs::read_to_string(proc_root.join("stat"))
+        .map_err(|e| format!("cannot read {}/stat: {e}", proc_root.display()))?;
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    let meminfo = std::fs::read_to_string(proc_root.join("meminfo"))
+        .map_err(|e| format!("cannot read {}/meminfo: {e}", proc_root.display()))?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| format!("no MemTotal in {}/meminfo", proc_root.display()))?;
+    Ok((cpus as u64 * 1000, kib * 1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_validates_and_names_errors() {
+        let dir = std::env::temp_dir().join(format!("vmscale-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(&p, "node = \"n1\"\n[policy]\nmemory_target = 0.6\n").unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!((c.node.as_str(), c.policy.memory_target), ("n1", 0.6));
+        std::fs::write(&p, "node = \"n1\"\nallocator = \"127.0.0.1:7070\"\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("http://"));
+        std::fs::write(&p, "nod = \"n1\"\n").unwrap();
+        assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
+        std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();
+        std::fs::write(dir.join("meminfo"), "MemTotal:       2048 kB\nMemFree: 1 kB\n").unwrap();
+        assert_eq!(host_capacity(&dir).unwrap(), (2000, 2048 * 1024));
+        assert!(host_capacity(Path::new("/nonexistent")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,38 @@
+//! The agent's operator endpoints: `/metrics`, `/state` (JSON), `/healthz`.
+
+use crate::node::NodeHandles;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub async fn serve(
+    listener: TcpListener,
+    handles: NodeHandles,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/state", get(state))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(handles);
+    axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+}
+
+async fn metrics(State(h): State<NodeHandles>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        h.metrics.render(),
+    )
+}
+
+async fn state(State(h): State<NodeHandles>) -> impl IntoResponse {
+    let vms = h.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let body = serde_json::json!({
+        "allocator_connected": h.session.borrow().is_some(),
+        "vms": vms,
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string())
+}

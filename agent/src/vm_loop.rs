@@ -1,0 +1,365 @@
+//! One VM's loop: feeds the core with what the guest, the allocator and QEMU
+//! say, and runs the action it decides (one at a time, in a task, so events
+//! keep flowing while QEMU works).
+
+use crate::allocator_link::{registration, Registered, Registry, Session};
+use crate::core::policy::{Policy, Size};
+use crate::core::vm::{Action, Input, VmCore};
+use crate::executor::{self, size_of, vcpus_for};
+use crate::informant_link::{self, GuestEvent};
+use crate::metrics::{Metrics, OpLabels, SizeLabels, StageLabel, VmLabel};
+use crate::qmp::Hypervisor;
+use crate::vms::{CpuMode, VmSpec};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use vmscale_proto::allocator as apb;
+use vmscale_proto::allocator::agent_message::Body;
+use vmscale_proto::informant as ipb;
+
+/// What the state dump shows of one VM.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VmStatus {
+    pub current: Size,
+    pub permitted: Size,
+    pub desired_cus: u32,
+    pub last_action: Option<String>,
+    pub last_action_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub pressure_events: u64,
+    pub informant_connected: bool,
+    pub allocator_connected: bool,
+    pub stuck: bool,
+}
+
+pub type StatusMap = Arc<Mutex<BTreeMap<String, VmStatus>>>;
+
+/// Everything one loop needs from the node.
+#[derive(Clone)]
+pub struct Node {
+    pub session: watch::Receiver<Session>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub status: StatusMap,
+    pub default_policy: Policy,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
+}
+
+fn ms_since(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs until `cancel`. Reads the VM's size from QEMU first (retrying while
+/// QEMU is not there yet).
+pub async fn run(
+    spec: VmSpec,
+    hv: Arc<dyn Hypervisor>,
+    node: Node,
+    last_permit: Option<Size>,
+    cancel: CancellationToken,
+) {
+    let vm = spec.id.clone();
+    let policy = spec.policy.clone().unwrap_or_else(|| node.default_policy.clone());
+    let op_timeout = Duration::from_millis(policy.op_timeout_ms);
+    let t0 = Instant::now();
+
+    let mut wait = Duration::from_millis(100);
+    let qemu = loop {
+        match hv.read_size().await {
+            Ok(s) => break s,
+            Err(e) => {
+                warn!(%vm, "cannot read the VM's size from QEMU yet: {e}");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(5)),
+                }
+            }
+        }
+    };
+    let mut sysfs_milli = u64::from(qemu.vcpus_present) * 1000;
+    let current = size_of(&qemu, spec.cpu_mode, Some(sysfs_milli));
+    let permitted = last_permit.unwrap_or(current).max(current);
+    let seed =
+        vm.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let mut core = VmCore::new(spec.cu, spec.min_cus, spec.max_cus, policy.clone(), current, permitted, seed);
+    info!(%vm, ?current, ?permitted, "VM loop started from QEMU's state");
+
+    let publish = |core: &VmCore| {
+        node.registry.set(
+            &vm,
+            Registered {
+                current: core.current,
+                permitted: core.permitted,
+                cu: core.cu,
+                min_cus: core.min_cus,
+                max_cus: core.max_cus,
+            },
+        );
+    };
+    publish(&core);
+
+    // The guest's side.
+    let (ev_tx, mut ev_rx) = mpsc::channel::<GuestEvent>(1024);
+    let (inf_tx, mut inf_rx) = watch::channel::<informant_link::Client>(None);
+    if let Some(addr) = spec.informant.clone() {
+        tokio::spawn(informant_link::run(addr, ev_tx, inf_tx, cancel.child_token()));
+    } else {
+        drop(ev_tx);
+    }
+    let mut session_rx = node.session.clone();
+    let mut session = session_rx.borrow_and_update().clone();
+    if let Some(s) = &session {
+        add_vm(s, &vm, &core).await;
+    }
+    core.input(ms_since(t0), Input::AllocatorConnected(session.is_some()));
+
+    let (done_tx, mut done_rx) = mpsc::channel::<(Action, Input, Duration, Option<String>)>(1);
+    let mut wake: Option<u64> = None;
+    loop {
+        let now = ms_since(t0);
+        let d = core.step(now);
+        wake = d.wake_at_ms.or(wake.filter(|w| *w > now));
+        if let Some(t) = d.upscale_done {
+            for (stage, v) in
+                [("to_permit", t.to_permit_ms), ("to_plug", t.to_plug_ms), ("to_confirm", t.to_confirm_ms)]
+            {
+                if let Some(ms) = v {
+                    #[allow(clippy::cast_precision_loss)]
+                    node.metrics
+                        .upscale_seconds
+                        .get_or_create(&StageLabel { stage })
+                        .observe(ms as f64 / 1000.0);
+                }
+            }
+            info!(%vm, size = ?core.current, times = ?t, "upscale done");
+        }
+        if let Some(action) = d.action {
+            let ctx = Exec {
+                vm: vm.clone(),
+                spec: spec.clone(),
+                hv: hv.clone(),
+                session: session.clone(),
+                informant: inf_rx.borrow().clone(),
+                sysfs_milli,
+                op_timeout,
+            };
+            let tx = done_tx.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let (input, err) = ctx.run(action).await;
+                let _ = tx.send((action, input, started.elapsed(), err)).await;
+            });
+        }
+        update_status(&node, &vm, &core, now);
+        publish(&core);
+
+        let sleep = wake.map(|w| Duration::from_millis(w.saturating_sub(ms_since(t0))));
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(ev) = ev_rx.recv() => match ev {
+                GuestEvent::Sample { usage, .. } => core.input(ms_since(t0), Input::Sample(usage)),
+                GuestEvent::Pressure { oom, .. } => {
+                    node.metrics.pressure_events.get_or_create(&VmLabel { vm: vm.clone() }).inc();
+                    node.status.lock().unwrap_or_else(|p| p.into_inner()).entry(vm.clone()).or_default().pressure_events += 1;
+                    core.input(ms_since(t0), Input::Pressure { oom });
+                }
+            },
+            Ok(()) = inf_rx.changed() => {
+                let up = inf_rx.borrow_and_update().is_some();
+                core.input(ms_since(t0), Input::InformantConnected(up));
+            }
+            Ok(()) = session_rx.changed() => {
+                session = session_rx.borrow_and_update().clone();
+                if let Some(s) = &session {
+                    add_vm(s, &vm, &core).await;
+                }
+                core.input(ms_since(t0), Input::AllocatorConnected(session.is_some()));
+            }
+            Some((action, input, took, err)) = done_rx.recv() => {
+                let outcome = if err.is_some() { "error" } else { "ok" };
+                let l = OpLabels { action: action.name(), outcome };
+                node.metrics.ops.get_or_create(&l).inc();
+                node.metrics.op_seconds.get_or_create(&l).observe(took.as_secs_f64());
+                if let Input::Plugged { size } | Input::Unplugged { size } = input {
+                    if spec.cpu_mode == CpuMode::Sysfs {
+                        sysfs_milli = size.milli_cpu;
+                    }
+                }
+                {
+                    let mut st = node.status.lock().unwrap_or_else(|p| p.into_inner());
+                    let e = st.entry(vm.clone()).or_default();
+                    e.last_action = Some(action.name().to_owned());
+                    e.last_action_ms = Some(u64::try_from(took.as_millis()).unwrap_or(u64::MAX));
+                    if let Some(err) = &err {
+                        e.last_error = Some(err.clone());
+                    }
+                }
+                if let Some(err) = err {
+                    warn!(%vm, action = action.name(), "action failed: {err}");
+                } else {
+                    info!(%vm, action = action.name(), ms = took.as_millis() as u64, "action done");
+                }
+                core.input(ms_since(t0), input);
+            }
+            () = sleep_opt(sleep) => {}
+        }
+    }
+    // The VM left this node (or the agent stops): the allocator hears of it
+    // only when the VM is gone for good, which the node supervisor decides.
+    node.metrics.forget(&vm);
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn add_vm(s: &vmscale_allocator::client::SessionClient, vm: &str, core: &VmCore) {
+    let r = Registered {
+        current: core.current,
+        permitted: core.permitted,
+        cu: core.cu,
+        min_cus: core.min_cus,
+        max_cus: core.max_cus,
+    };
+    let body = Body::AddVm(apb::AddVm { vm: Some(registration(vm, &r)) });
+    match s.call(body).await {
+        Ok(_) => {}
+        // Registered by the hello already: nothing to do.
+        Err(vmscale_allocator::client::ClientError::Request { code: tonic::Code::AlreadyExists, .. }) => {}
+        Err(e) => warn!(%vm, "cannot add the VM to the allocator's ledger: {e}"),
+    }
+}
+
+fn update_status(node: &Node, vm: &str, core: &VmCore, now: u64) {
+    let goal = core.goal_cus(now);
+    let desired = Size::of_cus(goal, core.cu);
+    let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for (size, s) in [("current", core.current), ("desired", desired), ("permitted", core.permitted)] {
+        let l = SizeLabels { vm: vm.to_owned(), size };
+        node.metrics.milli_cpu.get_or_create(&l).set(g(s.milli_cpu));
+        node.metrics.memory_bytes.get_or_create(&l).set(g(s.memory_bytes));
+    }
+    node.metrics.stuck.get_or_create(&VmLabel { vm: vm.to_owned() }).set(i64::from(core.is_stuck()));
+    let mut st = node.status.lock().unwrap_or_else(|p| p.into_inner());
+    let e = st.entry(vm.to_owned()).or_default();
+    e.current = core.current;
+    e.permitted = core.permitted;
+    e.desired_cus = goal;
+    e.stuck = core.is_stuck();
+    e.informant_connected = core.informant_up;
+    e.allocator_connected = core.allocator_up;
+}
+
+/// One action's execution context: a snapshot taken when it started.
+struct Exec {
+    vm: String,
+    spec: VmSpec,
+    hv: Arc<dyn Hypervisor>,
+    session: Session,
+    informant: informant_link::Client,
+    sysfs_milli: u64,
+    op_timeout: Duration,
+}
+
+impl Exec {
+    async fn run(self, action: Action) -> (Input, Option<String>) {
+        let r = tokio::time::timeout(self.op_timeout, self.act(action)).await;
+        match r {
+            Ok(Ok(input)) => (input, None),
+            Ok(Err((size, reason))) => (Input::Failed { size }, Some(reason)),
+            Err(_) => (Input::Failed { size: None }, Some(format!("timed out after {:?}", self.op_timeout))),
+        }
+    }
+
+    async fn act(&self, action: Action) -> Result<Input, (Option<Size>, String)> {
+        let no_session = || (None, "no allocator session".to_owned());
+        let no_informant = || (None, "no informant connection".to_owned());
+        match action {
+            Action::RequestPermit { target } => {
+                let s = self.session.as_ref().ok_or_else(no_session)?;
+                let p = s
+                    .reserve(&self.vm, target.milli_cpu, target.memory_bytes)
+                    .await
+                    .map_err(|e| (None, e.to_string()))?;
+                let got = p.permitted.unwrap_or_default();
+                Ok(Input::Permit { permitted: Size::new(got.milli_cpu, got.memory_bytes) })
+            }
+            Action::Release { size } => {
+                let s = self.session.as_ref().ok_or_else(no_session)?;
+                s.release(&self.vm, size.milli_cpu, size.memory_bytes)
+                    .await
+                    .map_err(|e| (None, e.to_string()))?;
+                Ok(Input::Released)
+            }
+            Action::Plug { target } => {
+                let v = executor::plug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
+                    .await
+                    .map_err(|e| (e.size, e.reason))?;
+                let cpu = self.cpu_after(target.milli_cpu, v.vcpus_present, true);
+                Ok(Input::Plugged { size: size_of(&v, self.spec.cpu_mode, Some(cpu)) })
+            }
+            Action::Unplug { target } => {
+                let v = executor::unplug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
+                    .await
+                    .map_err(|e| (e.size, e.reason))?;
+                let cpu = self.cpu_after(target.milli_cpu, v.vcpus_present, false);
+                Ok(Input::Unplugged { size: size_of(&v, self.spec.cpu_mode, Some(cpu)) })
+            }
+            Action::NotifyUpscale { size } => {
+                let mut c = self.informant.clone().ok_or_else(no_informant)?;
+                c.notify_upscale(ipb::UpscaleNotice {
+                    cpus: vcpus_for(size.milli_cpu),
+                    memory_bytes: size.memory_bytes,
+                })
+                .await
+                .map_err(|s| (None, format!("informant: {}", s.message())))?;
+                Ok(Input::UpscaleConfirmed)
+            }
+            Action::AskDownscale { target } => {
+                let mut c = self.informant.clone().ok_or_else(no_informant)?;
+                let cpus = if self.spec.cpu_mode == CpuMode::Sysfs { vcpus_for(target.milli_cpu) } else { 0 };
+                let r = c
+                    .try_downscale(ipb::DownscaleRequest {
+                        target_cpus: cpus,
+                        target_memory_bytes: target.memory_bytes,
+                    })
+                    .await
+                    .map_err(|s| (None, format!("informant: {}", s.message())))?
+                    .into_inner();
+                if !r.approved {
+                    info!(vm = %self.vm, reason = %r.reason, "informant denied a downscale");
+                }
+                Ok(Input::DownscaleAnswer { approved: r.approved })
+            }
+        }
+    }
+
+    /// The VM's CPU after an operation: in sysfs mode, the target clamped to
+    /// the vCPUs QEMU has (the informant onlines/offlines them); otherwise
+    /// what QEMU has.
+    fn cpu_after(&self, target: u64, present: u32, growing: bool) -> u64 {
+        match self.spec.cpu_mode {
+            CpuMode::Sysfs => {
+                let cap = u64::from(present) * 1000;
+                if growing {
+                    target.max(self.sysfs_milli).min(cap)
+                } else {
+                    target.min(cap)
+                }
+            }
+            CpuMode::Hotplug => u64::from(present) * 1000,
+        }
+    }
+}
