@@ -12,6 +12,7 @@ pub mod cgroup_events;
 pub mod config;
 pub mod convert;
 pub mod downscale;
+pub mod ebpf;
 pub mod event;
 pub mod fake;
 pub mod guest;

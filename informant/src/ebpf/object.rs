@@ -1,0 +1,91 @@
+//! Where the eBPF object file is found.
+//!
+//! `cargo xtask build-ebpf` writes it to `<workspace>/target/ebpf/vmscale.bpf.o`.
+//! The loader takes the path as a parameter (config); without one it looks,
+//! in order:
+//!
+//! 1. at `$VMSCALE_EBPF_OBJECT`, when set (tests, ad-hoc runs);
+//! 2. next to the running binary (`vmscale.bpf.o`): how images and packages
+//!    ship it, beside `vmscale-informant`;
+//! 3. at `<workspace>/target/ebpf/vmscale.bpf.o` of the checkout this crate
+//!    was compiled from: `cargo run` and `cargo test` find the object xtask
+//!    built without anyone copying it.
+//!
+//! Why not embed the object with `include_bytes!`: the eBPF build needs a
+//! toolchain (Debian's rustc, LLVM 22, bpf-linker) that a plain `cargo build`
+//! of the workspace must not require, and a build script that embeds the
+//! object only when it happens to exist would make two kinds of binaries
+//! from one command. A file next to the binary is explicit and the loader
+//! says exactly where it looked.
+
+use std::path::{Path, PathBuf};
+
+use super::{Error, Result};
+
+/// The object's file name, as xtask writes it.
+pub const FILE_NAME: &str = "vmscale.bpf.o";
+/// Environment variable naming the object file.
+pub const ENV_VAR: &str = "VMSCALE_EBPF_OBJECT";
+
+/// Where `cargo xtask build-ebpf` puts the object in the checkout this crate
+/// was built from.
+pub fn workspace_object() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("ebpf").join(FILE_NAME)
+}
+
+/// The default places, in the order they are tried.
+pub fn candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(p) = std::env::var_os(ENV_VAR).filter(|p| !p.is_empty()) {
+        v.push(PathBuf::from(p));
+    }
+    if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(Path::parent) {
+        v.push(dir.join(FILE_NAME));
+    }
+    v.push(workspace_object());
+    v
+}
+
+/// The object to load: `explicit` if given (it must exist), else the first
+/// default candidate that exists.
+pub fn find(explicit: Option<&Path>) -> Result<PathBuf> {
+    let searched = match explicit {
+        Some(p) => vec![p.to_path_buf()],
+        None => candidates(),
+    };
+    first_file(&searched).ok_or(Error::ObjectMissing { searched })
+}
+
+fn first_file(paths: &[PathBuf]) -> Option<PathBuf> {
+    paths.iter().find(|p| p.is_file()).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_path_must_exist_and_is_named_in_the_error() {
+        let e =
+            find(Some(Path::new("/nonexistent/x.bpf.o"))).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("/nonexistent/x.bpf.o"), "{e}");
+        assert!(e.contains("cargo xtask build-ebpf"), "{e}");
+    }
+
+    #[test]
+    fn first_existing_candidate_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.o");
+        let b = dir.path().join("b.o");
+        std::fs::write(&b, b"x").unwrap();
+        assert_eq!(first_file(&[a.clone(), b.clone()]), Some(b.clone()));
+        std::fs::write(&a, b"x").unwrap();
+        assert_eq!(first_file(&[a.clone(), b]), Some(a));
+    }
+
+    #[test]
+    fn workspace_object_is_under_target_ebpf() {
+        let p = workspace_object();
+        assert!(p.ends_with("target/ebpf/vmscale.bpf.o"), "{}", p.display());
+    }
+}
