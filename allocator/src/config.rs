@@ -138,7 +138,7 @@ mod tests {
         assert!(format!("{:#}", anyhow::Error::from(e)).contains("unknown field"));
         let e = Config::parse("watermark = 1.5", "t").unwrap_err();
         assert!(e.to_string().contains("(0, 1]"), "{e}");
-        let e = Config::parse("system_reserve_memory_bytes = 18446744073709551615", "t").unwrap_err();
+        let e = Config::parse("system_reserve_memory_bytes = 9223372036854775807", "t").unwrap_err();
         assert!(e.to_string().contains("units"), "{e}");
     }
 

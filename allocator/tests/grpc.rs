@@ -100,7 +100,9 @@ fn node_reserved(state: &serde_json::Value, node: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_agents_never_overcommit() {
-    let srv = start(Config::default()).await;
+    // Every node is short of room here; migrations would freeze VMs mid-test
+    // (they have their own test), so the planner is off.
+    let srv = start(Config { max_moves_per_round: 0, ..Config::default() }).await;
     let nodes = 24;
     let mut tasks = Vec::new();
     for n in 0..nodes {
