@@ -59,18 +59,19 @@ pub fn start_sources(config: &Config) -> (Vec<Box<dyn Source>>, Vec<SourceStatus
     (sources, statuses)
 }
 
-/// THE eBPF CALL SITE. `crate::ebpf::EbpfSource` (reclaim, kswapd and
-/// OOM-victim tracepoints) is written alongside; once `informant/src/ebpf/`
-/// exists, declare `pub mod ebpf;` in lib.rs and replace the body with:
-///
-/// ```ignore
-/// crate::ebpf::EbpfSource::new(config).map(|s| Box::new(s) as Box<dyn Source>).map_err(|e| crate::error_chain(&e))
-/// ```
-///
-/// (adapting the constructor's arguments). Its error says what is missing
-/// (BTF, CAP_BPF, tracefs, the object file) and becomes the handshake reason.
-fn ebpf_source(_config: &Config) -> Result<Box<dyn Source>, String> {
-    Err("this informant build has no eBPF source yet".to_owned())
+/// The eBPF source (reclaim, kswapd and OOM-victim tracepoints). Its error
+/// says what is missing (the object file, CAP_BPF, tracefs, BTF) and becomes
+/// the handshake reason. The object is looked up in the default places (see
+/// `crate::ebpf::object`) and the window is the programs' default (10 ms).
+fn ebpf_source(config: &Config) -> Result<Box<dyn Source>, String> {
+    let ebpf = crate::ebpf::EbpfConfig {
+        proc_root: config.proc_root.clone(),
+        sys_root: config.sys_root.clone(),
+        ..crate::ebpf::EbpfConfig::default()
+    };
+    crate::ebpf::EbpfSource::new(&ebpf)
+        .map(|s| Box::new(s) as Box<dyn Source>)
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// The PSI triggers the config asks for, and a sentence for each left out.

@@ -175,3 +175,64 @@ async fn memcg_hog_reports_reclaim_and_its_oom_victim() {
     let windows = (memcg.last_ns - memcg.first_ns) / u64::try_from(config.window.as_nanos()).unwrap();
     assert!(u64::from(memcg.events) <= windows + 3, "{} events over {windows} windows", memcg.events);
 }
+
+/// The whole path: kernel tracepoint, ring buffer, eBPF source, hub, gRPC
+/// stream, a tonic client on loopback. Every other source runs too, on this
+/// machine's real /proc and /sys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hog_events_reach_a_grpc_client() {
+    use vmscale_informant::config::Config;
+    use vmscale_informant::{serve, Listener};
+    use vmscale_proto::informant as pb;
+    use vmscale_proto::informant::informant_client::InformantClient;
+
+    let Some(_) = prerequisites(true) else { return };
+    let _kernel = KERNEL.lock().await;
+    let config = Config { ebpf: true, ..Config::default() };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", l.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let server = tokio::spawn(async move { serve(config, Listener::Tcp(l), s).await.unwrap() });
+    let mut client = InformantClient::connect(addr).await.unwrap();
+
+    let versions = Some(pb::VersionRange { min: 1, max: u32::MAX });
+    let h = client.handshake(pb::HandshakeRequest { versions, agent: "ebpf-test".into() }).await.unwrap();
+    let ebpf_status = h.into_inner().sources.into_iter().find(|s| s.name == "ebpf").unwrap();
+    assert!(ebpf_status.available, "the informant reports its eBPF source down: {}", ebpf_status.reason);
+    let mut stream = client.subscribe(pb::SubscribeRequest {}).await.unwrap().into_inner();
+
+    let name = format!("vmscale-ebpf-grpc-test-{}", std::process::id());
+    let mut hog = MemoryHog::start(Path::new(MEMORY_V1), &name, HOG_LIMIT_BYTES).unwrap();
+    let hog_pid = hog.pid();
+    let mut reclaim_events = 0;
+    let mut latencies_us = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let victim = loop {
+        let msg = tokio::time::timeout_at(deadline, stream.message()).await;
+        let Ok(Ok(Some(ev))) = msg else { break None };
+        let received = monotonic_ns();
+        if ev.source != "ebpf" {
+            continue;
+        }
+        let Some(pb::event::Body::Pressure(p)) = ev.body else { continue };
+        latencies_us.push(received.saturating_sub(ev.monotonic_ns) as f64 / 1000.0);
+        match p.kind() {
+            pb::pressure::Kind::MemcgReclaim => reclaim_events += 1,
+            pb::pressure::Kind::OomVictim if p.pid == hog_pid => break Some(p),
+            _ => {}
+        }
+    };
+    let _ = hog.wait_timeout(Duration::from_secs(5));
+    drop(hog);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("server stops").unwrap();
+
+    println!(
+        "over gRPC: {reclaim_events} memcg reclaim events, OOM victim {:?}; kernel-to-client latencies {:?} µs",
+        victim.map(|p| p.pid),
+        latencies_us.iter().map(|l| l.round()).collect::<Vec<_>>()
+    );
+    assert!(victim.is_some(), "no OOM-victim event for the hog (pid {hog_pid}) reached the gRPC client");
+    assert!(reclaim_events >= 1, "no memcg reclaim event reached the gRPC client before the OOM kill");
+}
