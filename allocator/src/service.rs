@@ -47,10 +47,20 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// Order ids of this run start above any earlier run's: wall-clock ms << 16
+/// leaves room for 65536 orders per millisecond of uptime.
+fn order_id_base() -> u64 {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    u64::try_from(ms).unwrap_or(0) << 16
+}
+
 impl Shared {
     pub fn new(config: Config, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Shared {
-            state: Mutex::new(State { cluster: Cluster::new(config.core()), outboxes: HashMap::new() }),
+            state: Mutex::new(State {
+                cluster: Cluster::new(config.core()).with_order_ids_from(order_id_base()),
+                outboxes: HashMap::new(),
+            }),
             metrics: Metrics::new(),
             config,
             started: Instant::now(),

@@ -100,6 +100,14 @@ impl Cluster {
         }
     }
 
+    /// Starts this run's order ids at `base`. The server passes a value from
+    /// the wall clock (ms << 16) so that an allocator that restarted never
+    /// reuses an id an agent may still hold from the previous run.
+    pub fn with_order_ids_from(mut self, base: u64) -> Self {
+        self.next_order = self.next_order.max(base);
+        self
+    }
+
     /// Starts a session for a node: checks the whole registration first, then
     /// replaces the node's ledger with what the agent reports. A session that
     /// owned the node before is replaced (never two live sessions per node).
