@@ -4,6 +4,7 @@
 //! the agent starts a loop for each new VM and stops loops for VMs that left.
 
 pub mod file;
+pub mod kube;
 
 use crate::core::policy::{Cu, Policy};
 use serde::{Deserialize, Serialize};
