@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: what cargo alone can't do. Each command lives in its
 //! own module; this file only parses the command line.
 
+mod apt;
 mod bench;
 mod demo;
 mod ebpf;

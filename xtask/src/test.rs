@@ -11,7 +11,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut steps = Steps::new(if a.no_lint { 2 } else { 4 });
+    let mut steps = Steps::new(if a.no_lint { 3 } else { 5 });
+    steps.call("install the packages the tests run (QEMU for the agent's real-QEMU tests)", || {
+        crate::apt::ensure(&["qemu-system-x86"], "agent QMP tests")
+    })?;
     steps.call("build the eBPF objects (installs the toolchain if missing)", || {
         crate::ebpf::run(crate::ebpf::Args::default())
     })?;
