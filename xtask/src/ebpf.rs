@@ -63,12 +63,33 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let root = crate::workspace_root();
-    let can_install = !a.no_install && is_root() && which("apt-get").is_some();
+    // Why this run may not install, if it may not.
+    let cannot_install = if a.no_install {
+        Some("--no-install was given")
+    } else if !is_root() {
+        Some("not running as root")
+    } else if which("apt-get").is_none() {
+        Some("no apt-get here")
+    } else {
+        None
+    };
 
     step("checking Debian packages");
-    ensure_apt_packages(can_install)?;
+    let missing = missing_apt_packages()?;
+    report_packages(&missing);
     step("checking bpf-linker");
-    ensure_bpf_linker(can_install)?;
+    let linker = bpf_linker_version();
+    report_linker(linker.as_deref());
+    let linker_ok = linker.as_deref() == Some(BPF_LINKER_VERSION);
+    if let Some(why) = cannot_install.filter(|_| !missing.is_empty() || !linker_ok) {
+        bail!("{}", what_to_run(why, &missing, linker_ok));
+    }
+    if !missing.is_empty() {
+        install_apt_packages(&missing)?;
+    }
+    if !linker_ok {
+        install_bpf_linker()?;
+    }
     if a.check {
         println!("toolchain complete ({:.1} s)", started.elapsed().as_secs_f64());
         return Ok(());
@@ -92,20 +113,39 @@ fn step(what: &str) {
     println!("==> {what}");
 }
 
-fn ensure_apt_packages(can_install: bool) -> anyhow::Result<()> {
-    let missing = missing_apt_packages()?;
+fn report_packages(missing: &[String]) {
     if missing.is_empty() {
         println!("    all {} present", APT_PACKAGES.len());
-        return Ok(());
+    } else {
+        println!("    missing: {}", missing.join(" "));
     }
-    let list = missing.join(" ");
-    println!("    missing: {list}");
-    if !can_install {
-        bail!(
-            "missing Debian packages; as root run:\n  apt-get update && apt-get install -y \
-             --no-install-recommends {list}\nthen run `cargo xtask build-ebpf` again"
-        );
+}
+
+fn report_linker(found: Option<&str>) {
+    match found {
+        Some(v) if v == BPF_LINKER_VERSION => println!("    bpf-linker {v} present"),
+        Some(v) => println!("    bpf-linker {v} found, want {BPF_LINKER_VERSION}"),
+        None => println!("    bpf-linker not found"),
     }
+}
+
+/// The commands that install what is missing, for when xtask can't.
+fn what_to_run(why: &str, missing: &[String], linker_ok: bool) -> String {
+    let mut s = format!("the eBPF toolchain is incomplete and this run does not install it ({why}); run:\n");
+    if !missing.is_empty() {
+        s.push_str(&format!(
+            "  apt-get update && apt-get install -y --no-install-recommends {}\n",
+            missing.join(" ")
+        ));
+    }
+    if !linker_ok {
+        s.push_str(&format!("  {}\n", bpf_linker_install_hint()));
+    }
+    s.push_str("then run `cargo xtask build-ebpf` again");
+    s
+}
+
+fn install_apt_packages(missing: &[String]) -> anyhow::Result<()> {
     // Another apt run (a colleague's, unattended-upgrades) holds the lock
     // for a while at most: wait for it rather than fail.
     let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
@@ -114,7 +154,7 @@ fn ensure_apt_packages(can_install: bool) -> anyhow::Result<()> {
     install
         .args(lock_wait)
         .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run_streaming(&mut install, "apt-get install")?;
     let still = missing_apt_packages()?;
@@ -138,6 +178,7 @@ fn missing_apt_packages() -> anyhow::Result<Vec<String>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${Status}\\n"])
         .args(APT_PACKAGES)
+        .stderr(std::process::Stdio::null())
         .output()
         .context("running dpkg-query")?;
     let listing = String::from_utf8_lossy(&out.stdout);
@@ -148,18 +189,7 @@ fn missing_apt_packages() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-fn ensure_bpf_linker(can_install: bool) -> anyhow::Result<()> {
-    match bpf_linker_version() {
-        Some(v) if v == BPF_LINKER_VERSION => {
-            println!("    bpf-linker {v} present");
-            return Ok(());
-        }
-        Some(v) => println!("    bpf-linker {v} found, want {BPF_LINKER_VERSION}"),
-        None => println!("    bpf-linker not found"),
-    }
-    if !can_install {
-        bail!("bpf-linker {BPF_LINKER_VERSION} is missing; run:\n  {}", bpf_linker_install_hint());
-    }
+fn install_bpf_linker() -> anyhow::Result<()> {
     println!("    building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2-5 minutes)");
     let mut install = Command::new(host_cargo());
     install
