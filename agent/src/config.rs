@@ -35,6 +35,35 @@ pub struct Config {
     pub qmp_timeout_ms: u64,
     /// The scaling policy for VMs that don't bring their own.
     pub policy: Policy,
+    /// When set, VMs come from pods on this node (Kubernetes API) instead of
+    /// `vms_file`, and each pod gets its VM's sizes written back as annotations.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// The Kubernetes VM source (see `vms::kube` for the annotation contract).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Label key that marks a VM pod. Default `vmscale.io/autoscale`.
+    #[serde(default = "default_label_key")]
+    pub label_key: String,
+    /// The value that key must have. Default `true`.
+    #[serde(default = "default_label_value")]
+    pub label_value: String,
+    /// Only pods in this namespace; default all namespaces.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Rate limit and retries of the annotation write-back.
+    #[serde(default)]
+    pub status: crate::vms::kube::status::StatusConfig,
+}
+
+fn default_label_key() -> String {
+    "vmscale.io/autoscale".into()
+}
+
+fn default_label_value() -> String {
+    "true".into()
 }
 
 impl Default for Config {
@@ -55,6 +84,7 @@ impl Default for Config {
             unplug_timeout_ms: 5000,
             qmp_timeout_ms: 10_000,
             policy: Policy::default(),
+            kubernetes: None,
         }
     }
 }

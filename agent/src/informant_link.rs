@@ -143,7 +143,7 @@ pub async fn run(
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(%addr, failures, "cannot reach the informant: {e}");
                 }
             }

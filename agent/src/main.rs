@@ -11,6 +11,8 @@ use vmscale_agent::config::{host_capacity, Config};
 use vmscale_agent::core::policy::Size;
 use vmscale_agent::node::{NodeConfig, NodeHandles};
 use vmscale_agent::vms::file::FileSource;
+use vmscale_agent::vms::kube::status::{KubeStatusWriter, StatusReporter};
+use vmscale_agent::vms::kube::{KubeSource, KubeSourceConfig};
 
 /// The node agent: one scaling loop per VM, a permit from the allocator before
 /// any growth, vCPU and memory hotplug over QMP.
@@ -65,16 +67,39 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let cancel = CancellationToken::new();
-    let vms =
-        FileSource { path: c.vms_file.clone(), interval: Duration::from_millis(c.vms_file_interval_ms) }
-            .start(cancel.clone())
-            .context("cannot start the VM source")?;
+    let (vms, reporter) = match &c.kubernetes {
+        None => {
+            let interval = Duration::from_millis(c.vms_file_interval_ms);
+            let vms = FileSource { path: c.vms_file.clone(), interval }
+                .start(cancel.clone())
+                .context("cannot start the VM source")?;
+            (vms, None)
+        }
+        Some(k) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let source = KubeSource {
+                config: KubeSourceConfig {
+                    node_name: c.node.clone(),
+                    label_key: k.label_key.clone(),
+                    label_value: k.label_value.clone(),
+                    namespace: k.namespace.clone(),
+                },
+            };
+            let out = source.start(client.clone(), cancel.clone())?;
+            let writer = KubeStatusWriter::new(client);
+            let reporter = StatusReporter::start(writer, out.pods.clone(), k.status.clone(), cancel.clone());
+            (out.vms, Some(reporter))
+        }
+    };
     let (session_tx, session_rx) = tokio::sync::watch::channel(None);
     let handles = NodeHandles {
         metrics: Arc::default(),
         status: Arc::default(),
         registry: Arc::default(),
         session: session_rx,
+        reporter,
     };
     let http = tokio::net::TcpListener::bind(c.http_listen)
         .await

@@ -34,6 +34,7 @@ pub struct NodeHandles {
     pub status: StatusMap,
     pub registry: Arc<Registry>,
     pub session: watch::Receiver<Session>,
+    pub reporter: Option<crate::vms::kube::status::StatusReporter>,
 }
 
 /// Runs until `cancel`, following `vms`.
@@ -90,6 +91,7 @@ pub async fn run(
                 metrics: handles.metrics.clone(),
                 status: handles.status.clone(),
                 default_policy: cfg.policy.clone(),
+                reporter: handles.reporter.clone(),
             };
             let span = tracing::info_span!("vm", vm = %id);
             tokio::spawn(supervise_vm(spec.clone(), node, cfg.clone(), token.clone()).instrument(span));

@@ -46,6 +46,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub status: StatusMap,
     pub default_policy: Policy,
+    /// Where pods get their VM's sizes written back (Kubernetes source only).
+    pub reporter: Option<crate::vms::kube::status::StatusReporter>,
 }
 
 impl std::fmt::Debug for Node {
@@ -124,6 +126,7 @@ pub async fn run(
 
     let (done_tx, mut done_rx) = mpsc::channel::<(Action, Input, Duration, Option<String>)>(1);
     let mut wake: Option<u64> = None;
+    let mut reported: Option<(Size, Size)> = None;
     loop {
         let now = ms_since(t0);
         let d = core.step(now);
@@ -161,6 +164,20 @@ pub async fn run(
         }
         update_status(&node, &vm, &core, now);
         publish(&core);
+        if let Some(r) = &node.reporter {
+            if reported != Some((core.current, core.permitted)) {
+                reported = Some((core.current, core.permitted));
+                let at = std::time::SystemTime::now();
+                r.report(
+                    &vm,
+                    crate::vms::kube::status::VmStatus {
+                        current: core.current,
+                        approved: core.permitted,
+                        at,
+                    },
+                );
+            }
+        }
 
         let sleep = wake.map(|w| Duration::from_millis(w.saturating_sub(ms_since(t0))));
         tokio::select! {

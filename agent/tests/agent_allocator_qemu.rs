@@ -187,6 +187,7 @@ fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) ->
         status: Arc::default(),
         registry: Arc::default(),
         session: session_rx,
+        reporter: None,
     };
     let cfg = NodeConfig {
         link: LinkConfig {

@@ -87,7 +87,7 @@ impl VmSpec {
         }
         match &self.memory {
             MemoryMode::Dimm { dimm_bytes } => {
-                if *dimm_bytes == 0 || cu.memory_bytes % dimm_bytes != 0 {
+                if *dimm_bytes == 0 || !cu.memory_bytes.is_multiple_of(*dimm_bytes) {
                     return Err(format!(
                         "vm {id}: dimm_bytes ({dimm_bytes}) must divide the compute unit's memory ({})",
                         cu.memory_bytes
@@ -99,7 +99,7 @@ impl VmSpec {
                     return Err(format!("vm {id}: virtio_mem device id is empty"));
                 }
                 // virtio-mem moves in blocks of at least 2 MiB; 128 MiB on x86 Linux guests.
-                if cu.memory_bytes % (128 << 20) != 0 {
+                if !cu.memory_bytes.is_multiple_of(128 << 20) {
                     return Err(format!(
                         "vm {id}: with virtio-mem the compute unit's memory must be a multiple of 128 MiB"
                     ));
