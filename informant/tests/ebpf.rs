@@ -176,6 +176,51 @@ async fn memcg_hog_reports_reclaim_and_its_oom_victim() {
     assert!(u64::from(memcg.events) <= windows + 3, "{} events over {windows} windows", memcg.events);
 }
 
+/// The window is a load-time global: with a 2 s window the kernel sends the
+/// first memcg reclaim of the hog at once and nothing more while the hog
+/// lives (under a second); the rest arrives as one tail when the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_window_folds_the_whole_burst() {
+    let Some(mut config) = prerequisites(true) else { return };
+    config.window = Duration::from_secs(2);
+    let _kernel = KERNEL.lock().await;
+    let source =
+        EbpfSource::new(&config).unwrap_or_else(|e| panic!("{}", vmscale_informant::error_chain(&e)));
+    let (tx, mut rx) = mpsc::channel::<Event>(1024);
+    let cancel = CancellationToken::new();
+    let task = Box::new(source).spawn(tx, cancel.clone());
+
+    let name = format!("vmscale-ebpf-window-test-{}", std::process::id());
+    let mut hog = MemoryHog::start(Path::new(MEMORY_V1), &name, HOG_LIMIT_BYTES).unwrap();
+    let hog_pid = hog.pid();
+    let mut reclaims: Vec<Pressure> = Vec::new();
+    let mut victim_seen = false;
+    let mut until = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
+        let EventBody::Pressure(p) = ev.body else { continue };
+        match p.kind {
+            PressureKind::MemcgReclaim => reclaims.push(p),
+            PressureKind::OomVictim if p.pid == hog_pid => {
+                victim_seen = true;
+                // The tail comes one window after the first record.
+                until = Instant::now() + config.window + Duration::from_millis(500);
+            }
+            _ => {}
+        }
+    }
+    let _ = hog.wait_timeout(Duration::from_secs(5));
+    drop(hog);
+    cancel.cancel();
+    task.await.unwrap();
+
+    println!("2 s window: memcg reclaim events {reclaims:?}");
+    assert!(victim_seen, "no OOM-victim event for the hog (pid {hog_pid})");
+    let from_hog = reclaims.iter().filter(|p| p.pid == hog_pid).count();
+    assert!(from_hog <= 1, "more than one kernel record inside one 2 s window: {reclaims:?}");
+    let total: u64 = reclaims.iter().map(|p| u64::from(p.count)).sum();
+    assert!(total >= 10, "the tail did not bring the burst's reclaims: {reclaims:?}");
+}
+
 /// The whole path: kernel tracepoint, ring buffer, eBPF source, hub, gRPC
 /// stream, a tonic client on loopback. Every other source runs too, on this
 /// machine's real /proc and /sys.

@@ -26,6 +26,8 @@ impl MemoryHog {
     /// children otherwise.
     pub fn start(root: &Path, name: &str, limit_bytes: u64) -> io::Result<MemoryHog> {
         let cgroup = root.join(name);
+        // A leftover of a run that was killed: empty, so it can go.
+        let _ = std::fs::remove_dir(&cgroup);
         std::fs::create_dir(&cgroup)?;
         match limit(&cgroup, limit_bytes) {
             Ok(()) => {}
