@@ -194,7 +194,8 @@ mod tests {
     #[test]
     fn deltas_table() {
         use PressureKind::*;
-        let cases: [(MemoryEvents, MemoryEvents, Option<Vec<(PressureKind, u32)>>); 4] = [
+        type Case = (MemoryEvents, MemoryEvents, Option<Vec<(PressureKind, u32)>>);
+        let cases: [Case; 4] = [
             (ev(0, 0, 0, 0), ev(0, 0, 0, 0), Some(vec![])),
             (ev(1, 2, 3, 4), ev(4, 2, 4, 6), Some(vec![(CgroupHigh, 3), (CgroupOom, 1), (CgroupOomKill, 2)])),
             (ev(0, 0, 0, 0), ev(0, u64::MAX, 0, 0), Some(vec![(CgroupMax, u32::MAX)])),

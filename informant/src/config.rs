@@ -344,6 +344,14 @@ mod tests {
     }
 
     #[test]
+    fn the_deployed_example_parses() {
+        let c = Config::parse(include_str!("../../deploy/informant.toml"), "deploy/informant.toml").unwrap();
+        assert_eq!(c.listen, ListenAddr::Vsock { cid: VSOCK_CID_ANY, port: 7072 });
+        assert_eq!(c.downscale, DownscaleConfig::default());
+        assert_eq!(c.psi.memory, TriggerConfig::default());
+    }
+
+    #[test]
     fn missing_file_names_the_path() {
         let e = Config::load(Path::new("/nonexistent/informant.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/informant.toml"));

@@ -59,6 +59,7 @@ impl FakeGuest {
     }
 
     #[cfg(test)]
+    #[allow(clippy::new_without_default)] // a fresh temp dir each time, not a default value
     pub fn new() -> FakeGuest {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("no temp dir: {e}"));
         let mut g = FakeGuest::create(dir.path());

@@ -47,7 +47,7 @@ impl Trigger {
     /// The same stall ratio over the next window the kernel accepts without
     /// CAP_SYS_RESOURCE, or `None` when this window already is one.
     pub fn widened_to_2s(&self) -> Option<Trigger> {
-        if self.window_us % TWO_S_US == 0 {
+        if self.window_us.is_multiple_of(TWO_S_US) {
             return None;
         }
         let window_us =
@@ -156,13 +156,14 @@ impl PsiSource {
     pub fn start(specs: Vec<TriggerSpec>, skipped: Vec<String>) -> (Option<PsiSource>, SourceStatus) {
         let mut watches = Vec::new();
         let mut notes = skipped;
+        let mut widened = Vec::new();
         for spec in specs {
             match arm(&spec) {
                 Ok((w, note)) => {
                     info!(path = %w.path.display(), trigger = %w.trigger.describe(), "psi trigger armed");
                     if let Some(n) = note {
                         warn!(path = %w.path.display(), "psi trigger: {n}");
-                        notes.push(format!("{}: {n}", w.path.display()));
+                        widened.push(format!("{} {}", w.path.display(), w.trigger.describe()));
                     }
                     watches.push(w);
                 }
@@ -172,6 +173,13 @@ impl PsiSource {
                     notes.push(e);
                 }
             }
+        }
+        if !widened.is_empty() {
+            // One sentence for the handshake; the log has each trigger's details.
+            notes.push(format!(
+                "windows under 2 s need CAP_SYS_RESOURCE, so these were widened: {}",
+                widened.join(", ")
+            ));
         }
         let reason = notes.join("; ");
         if watches.is_empty() {
@@ -283,7 +291,7 @@ mod tests {
             let s = String::from_utf8_lossy(b).into_owned();
             log.push(s.clone());
             let window: u64 = s.trim_end_matches('\0').rsplit(' ').next().unwrap().parse().unwrap();
-            if window % 2_000_000 == 0 {
+            if window.is_multiple_of(2_000_000) {
                 Ok(())
             } else {
                 Err(io::Error::from_raw_os_error(errno))

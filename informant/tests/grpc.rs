@@ -223,10 +223,10 @@ async fn sysfs_mode_offlines_on_downscale_and_onlines_on_upscale() {
     assert_eq!((now.online_cpus, now.present_cpus), (2, 4));
     assert!(!r.guest.cpu_online(3) && !r.guest.cpu_online(2) && r.guest.cpu_online(1));
 
-    let up = r.client.notify_upscale(pb::UpscaleNotice { cpus: 3, memory_bytes: 9 * 128 << 20 }).await;
+    let up = r.client.notify_upscale(pb::UpscaleNotice { cpus: 3, memory_bytes: (9 * 128) << 20 }).await;
     let up = up.unwrap().into_inner();
     assert_eq!(up.online_cpus, 3, "{up:?}");
-    assert_eq!(up.memory_online_bytes, 9 * 128 << 20);
+    assert_eq!(up.memory_online_bytes, (9 * 128) << 20);
     assert!(up.warnings.is_empty(), "{:?}", up.warnings);
     assert!(r.guest.cpu_online(2) && !r.guest.cpu_online(3));
     assert_eq!(r.guest.block_state(8), "online_movable");
