@@ -1,13 +1,14 @@
 //! Where the eBPF object file is found.
 //!
 //! `cargo xtask build-ebpf` writes it to `<workspace>/target/ebpf/vmscale.bpf.o`.
-//! The loader takes the path as a parameter (config); without one it looks,
+//! The loader takes the path as a parameter (config). Without one,
+//! `$VMSCALE_EBPF_OBJECT` names it when set (tests, ad-hoc runs); a path
+//! given either way must exist, nothing else is tried. Otherwise it looks,
 //! in order:
 //!
-//! 1. at `$VMSCALE_EBPF_OBJECT`, when set (tests, ad-hoc runs);
-//! 2. next to the running binary (`vmscale.bpf.o`): how images and packages
+//! 1. next to the running binary (`vmscale.bpf.o`): how images and packages
 //!    ship it, beside `vmscale-informant`;
-//! 3. at `<workspace>/target/ebpf/vmscale.bpf.o` of the checkout this crate
+//! 2. at `<workspace>/target/ebpf/vmscale.bpf.o` of the checkout this crate
 //!    was compiled from: `cargo run` and `cargo test` find the object xtask
 //!    built without anyone copying it.
 //!
@@ -33,12 +34,13 @@ pub fn workspace_object() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("ebpf").join(FILE_NAME)
 }
 
-/// The default places, in the order they are tried.
+/// The places tried when no path is given, in order: `$VMSCALE_EBPF_OBJECT`
+/// alone when set, else next to the binary and in the workspace.
 pub fn candidates() -> Vec<PathBuf> {
-    let mut v = Vec::new();
     if let Some(p) = std::env::var_os(ENV_VAR).filter(|p| !p.is_empty()) {
-        v.push(PathBuf::from(p));
+        return vec![PathBuf::from(p)];
     }
+    let mut v = Vec::new();
     if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(Path::parent) {
         v.push(dir.join(FILE_NAME));
     }
