@@ -328,6 +328,26 @@ mod tests {
         assert_eq!(r.memory_online_bytes, 9 * 128 * MIB);
     }
 
+    /// Reads only: the real kernel's view agrees with /proc and with the
+    /// kernel's own CPU list.
+    #[test]
+    fn real_sysfs_reads_sensibly() {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online");
+        let Some(list) = online.ok().and_then(|t| crate::procfs::parse_cpu_list(&t)) else {
+            crate::skip_unless_ci("no readable /sys/devices/system/cpu/online");
+            return;
+        };
+        let r = Guest::new(Path::new("/proc"), Path::new("/sys")).resources();
+        assert_eq!(r.online_cpus as usize, list.len(), "{r:?}");
+        assert!(r.present_cpus >= r.online_cpus);
+        assert!(r.memory_total_bytes > 0);
+        if Path::new("/sys/devices/system/memory/block_size_bytes").exists() {
+            assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+            // Online blocks cover all RAM the kernel manages, and more (holes, reserved).
+            assert!(r.memory_online_bytes >= r.memory_total_bytes, "{r:?}");
+        }
+    }
+
     #[test]
     fn missing_sysfs_gives_warnings_not_errors() {
         let dir = tempfile::tempdir().unwrap();

@@ -202,6 +202,18 @@ mod tests {
     }
 
     #[test]
+    fn the_real_kernel_gives_a_complete_sample() {
+        if !Path::new("/proc/pressure/cpu").exists() {
+            crate::skip_unless_ci("no PSI on this kernel");
+            return;
+        }
+        let (s, problems) = take_sample(&SamplerPaths::new(Path::new("/proc"), Path::new("/sys"), None));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(s.mem_total_bytes >= s.mem_available_bytes && s.mem_available_bytes > 0, "{s:?}");
+        assert!(s.online_cpus >= 1);
+    }
+
+    #[test]
     fn missing_parts_are_named_and_left_zero() {
         let g = FakeGuest::new();
         std::fs::remove_file(g.proc().join("pressure/memory")).unwrap();
