@@ -42,7 +42,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    tracing_subscriber::fmt().with_env_filter(a.log.as_str()).init();
+    tracing_subscriber::fmt().with_env_filter(a.log.as_str()).with_writer(std::io::stderr).init();
     let mut c = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

@@ -32,7 +32,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter(args.log.as_str()).init();
+    tracing_subscriber::fmt().with_env_filter(args.log.as_str()).with_writer(std::io::stderr).init();
     let mut config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
