@@ -140,7 +140,8 @@ impl AgentVm {
         let max = steps(4 + u64::from(seed % 21));
         let odd = Resources::new(u64::from(seed % 5) * 30, u64::from(seed % 3) * 100 * MIB);
         let current = steps(1 + u64::from(seed / 32 % 4)).saturating_add(odd).min(max);
-        let last_permit = if seed.is_multiple_of(3) { current.saturating_add(step).min(max) } else { Resources::ZERO };
+        let last_permit =
+            if seed.is_multiple_of(3) { current.saturating_add(step).min(max) } else { Resources::ZERO };
         AgentVm { current, last_permit, bounds: Bounds::new(step, max).unwrap(), cu, migration: None }
     }
 
@@ -544,7 +545,9 @@ impl World {
             None => (1_000_000 + u64::from(sel), None),
         };
         let reporter = match &order {
-            Some(o) if !wrong.is_multiple_of(4) => self.agents.iter().position(|a| a.name == o.source).unwrap(),
+            Some(o) if !wrong.is_multiple_of(4) => {
+                self.agents.iter().position(|a| a.name == o.source).unwrap()
+            }
             _ => i,
         };
         let Some(s) = self.agents[reporter].session.clone() else { return };
