@@ -5,6 +5,7 @@ mod apt;
 mod bench;
 mod demo;
 mod ebpf;
+mod guest;
 mod steps;
 mod test;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Build the eBPF objects in agent-ebpf/ (installs the toolchain if missing).
     BuildEbpf(ebpf::Args),
+    /// Build the guest image in target/guest/ (kernel, initramfs with the informant).
+    BuildGuest(guest::Args),
     /// Run the tests (the README's test command): sets up, lints, tests every tier.
     Test(test::Args),
     /// Run the local demo (the README's run command).
@@ -32,6 +35,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(a) => ebpf::run(a),
+        Command::BuildGuest(a) => guest::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Test(a) => test::run(a),
         Command::Demo(a) => demo::run(a),
