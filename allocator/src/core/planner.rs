@@ -76,6 +76,7 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
     hot.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     targets.sort_by(|a, b| a.name.cmp(b.name));
     let mut best_room = max_headroom(&targets);
+    let mut no_room: Vec<Resources> = Vec::new();
 
     let mut moves = Vec::new();
     for (_, source, mut excess) in hot {
@@ -98,7 +99,7 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
             .iter()
             .filter(|(_, size)| excess.fits_in(*size))
             .filter_map(|(vm, size)| {
-                pick_target(&targets, best_room, source, vm, *size, c).map(|t| (*vm, *size, t))
+                pick_target(&targets, best_room, &mut no_room, source, vm, *size, c).map(|t| (*vm, *size, t))
             })
             .min_by(|a, b| {
                 a.1.max_fraction_of(node.usable())
@@ -113,7 +114,9 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
             if excess.is_zero() || moves.len() >= budget {
                 break;
             }
-            let Some(t) = pick_target(&targets, best_room, source, vm, size, c) else { continue };
+            let Some(t) = pick_target(&targets, best_room, &mut no_room, source, vm, size, c) else {
+                continue;
+            };
             targets[t].load = targets[t].load.saturating_add(size);
             best_room = max_headroom(&targets);
             excess = excess.saturating_sub(size);
@@ -148,6 +151,7 @@ fn max_headroom(targets: &[Target]) -> Resources {
 fn pick_target(
     targets: &[Target],
     best_room: Resources,
+    no_room: &mut Vec<Resources>,
     source: &str,
     vm: &str,
     size: Resources,
@@ -156,18 +160,29 @@ fn pick_target(
     if !size.fits_in(best_room) {
         return None; // no node has room in some dimension: skip the scan
     }
+    // Targets only fill up during a round: once no node had room for a size,
+    // none has room for anything at least as large. On a full cluster this
+    // turns a scan per candidate into one per distinct small size.
+    if no_room.iter().any(|small| small.fits_in(size)) {
+        return None;
+    }
     let mut best: Option<(usize, f64)> = None;
+    let mut any_room = false;
     for (i, t) in targets.iter().enumerate() {
-        if t.name == source || !size.fits_in(t.headroom()) {
+        if !size.fits_in(t.headroom()) {
             continue;
         }
-        if c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm)) {
-            continue; // the id is already held there
+        any_room = true;
+        if t.name == source || c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm)) {
+            continue; // its own node, or the id is already held there
         }
         let after = t.load.saturating_add(size).max_fraction_of(t.usable);
         if best.is_none_or(|(_, b)| after < b) {
             best = Some((i, after));
         }
+    }
+    if !any_room && no_room.len() < 64 {
+        no_room.push(size);
     }
     best.map(|(i, _)| i)
 }
