@@ -11,9 +11,9 @@ pub mod http;
 pub mod informant_link;
 pub mod metrics;
 pub mod node;
+pub mod qmp;
 pub mod vm_loop;
 pub mod vms;
-pub mod qmp;
 
 /// The allocator protocol versions this agent will offer.
 pub fn allocator_versions() -> std::ops::RangeInclusive<u32> {
