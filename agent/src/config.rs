@@ -38,6 +38,8 @@ pub struct Config {
     /// When set, VMs come from pods on this node (Kubernetes API) instead of
     /// `vms_file`, and each pod gets its VM's sizes written back as annotations.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Run-queue delay of vCPU threads (host eBPF), reported to the allocator.
+    pub contention: crate::contention::ContentionConfig,
 }
 
 /// The Kubernetes VM source (see `vms::kube` for the annotation contract).
@@ -85,6 +87,7 @@ impl Default for Config {
             qmp_timeout_ms: 10_000,
             policy: Policy::default(),
             kubernetes: None,
+            contention: crate::contention::ContentionConfig::default(),
         }
     }
 }
@@ -132,6 +135,7 @@ impl Config {
         if self.vms_file_interval_ms == 0 || self.unplug_timeout_ms == 0 || self.qmp_timeout_ms == 0 {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
+        self.contention.validate().map_err(ConfigError::Invalid)?;
         self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))
     }
 }

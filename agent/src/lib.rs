@@ -5,7 +5,10 @@
 
 pub mod allocator_link;
 pub mod config;
+pub mod contention;
 pub mod core;
+pub mod cpu_max;
+pub mod ebpf;
 pub mod executor;
 pub mod http;
 pub mod informant_link;

@@ -119,6 +119,8 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         unplug_timeout: Duration::from_millis(c.unplug_timeout_ms),
+        contention: c.contention.clone(),
+        proc_root: c.proc_root.clone(),
     };
     tracing::info!(node = %c.node, allocator = %c.allocator, ?capacity, "agent starting");
     let stop = cancel.clone();

@@ -32,6 +32,15 @@ pub struct StageLabel {
     pub stage: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DelayLabels {
+    pub vm: String,
+    /// p50, p99, mean or max
+    pub stat: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 fn latency() -> Histogram {
     // 100 µs .. ~100 s
     Histogram::new(exponential_buckets(1e-4, 2.0, 21))
@@ -47,6 +56,8 @@ pub struct Metrics {
     pub op_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     pub upscale_seconds: Family<StageLabel, Histogram, fn() -> Histogram>,
     pub pressure_events: Family<VmLabel, Counter>,
+    pub run_queue_delay: Family<DelayLabels, FloatGauge>,
+    pub run_queue_waits: Family<VmLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +78,8 @@ impl Metrics {
             op_seconds: Family::new_with_constructor(latency),
             upscale_seconds: Family::new_with_constructor(latency),
             pressure_events: Family::default(),
+            run_queue_delay: Family::default(),
+            run_queue_waits: Family::default(),
         };
         r.register("vm_milli_cpu", "VM CPU: current, desired or permitted", m.milli_cpu.clone());
         r.register("vm_memory_bytes", "VM memory: current, desired or permitted", m.memory_bytes.clone());
@@ -79,6 +92,16 @@ impl Metrics {
             m.upscale_seconds.clone(),
         );
         r.register("pressure_events", "Pressure events received from the guest", m.pressure_events.clone());
+        r.register(
+            "vm_run_queue_delay_seconds",
+            "Run-queue delay of the VM's vCPU threads on the host over the last interval (p50, p99, mean, max)",
+            m.run_queue_delay.clone(),
+        );
+        r.register(
+            "vm_run_queue_waits",
+            "Waits of the VM's vCPU threads for a host CPU, measured",
+            m.run_queue_waits.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -97,5 +120,17 @@ impl Metrics {
             self.memory_bytes.remove(&l);
         }
         self.stuck.remove(&VmLabel { vm: vm.to_owned() });
+        self.forget_run_queue(vm);
+    }
+
+    /// Drops a VM's run-queue delay series (its threads are no longer watched).
+    pub fn forget_run_queue(&self, vm: &str) {
+        for stat in RUN_QUEUE_STATS {
+            self.run_queue_delay.remove(&DelayLabels { vm: vm.to_owned(), stat });
+        }
+        self.run_queue_waits.remove(&VmLabel { vm: vm.to_owned() });
     }
 }
+
+/// The `stat` label values of `vm_run_queue_delay_seconds`.
+pub const RUN_QUEUE_STATS: [&str; 4] = ["p50", "p99", "mean", "max"];

@@ -3,12 +3,14 @@
 //! gets its loop stopped and its reservation released.
 
 use crate::allocator_link::{self, LinkConfig, Registry, Session};
+use crate::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use crate::core::policy::{Policy, Size};
 use crate::metrics::Metrics;
-use crate::qmp::{ClientConfig, Endpoint, HotplugConfig, QmpClient, QmpVm};
+use crate::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
 use crate::vm_loop::{self, StatusMap};
 use crate::vms::{MemoryMode, VmSpec};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -25,6 +27,10 @@ pub struct NodeConfig {
     pub policy: Policy,
     pub qmp: ClientConfig,
     pub unplug_timeout: Duration,
+    /// Run-queue delay reports (host eBPF).
+    pub contention: ContentionConfig,
+    /// Where `/proc` is: vCPU threads' process and cgroup for `cpu.max`.
+    pub proc_root: PathBuf,
 }
 
 /// Shared with the HTTP endpoints.
@@ -51,6 +57,19 @@ pub async fn run(
         handles.registry.clone(),
         session_tx,
         pushed_tx,
+        cancel.child_token(),
+    ));
+    let hypervisors: Hypervisors = Arc::default();
+    let contention_node = ContentionNode {
+        hypervisors: hypervisors.clone(),
+        registry: handles.registry.clone(),
+        session: handles.session.clone(),
+        metrics: handles.metrics.clone(),
+    };
+    tokio::spawn(contention::run(
+        cfg.contention.clone(),
+        cfg.proc_root.clone(),
+        contention_node,
         cancel.child_token(),
     ));
 
@@ -92,9 +111,11 @@ pub async fn run(
                 status: handles.status.clone(),
                 default_policy: cfg.policy.clone(),
                 reporter: handles.reporter.clone(),
+                proc_root: cfg.proc_root.clone(),
             };
             let span = tracing::info_span!("vm", vm = %id);
-            tokio::spawn(supervise_vm(spec.clone(), node, cfg.clone(), token.clone()).instrument(span));
+            let hvs = hypervisors.clone();
+            tokio::spawn(supervise_vm(spec.clone(), node, cfg.clone(), hvs, token.clone()).instrument(span));
             running.insert(id, (spec, token));
         }
 
@@ -126,7 +147,13 @@ async fn refuse_order(handles: &NodeHandles, m: pb::AllocatorMessage) {
 }
 
 /// Keeps a VM's loop running across QMP reconnects until `cancel`.
-async fn supervise_vm(spec: VmSpec, node: vm_loop::Node, cfg: NodeConfig, cancel: CancellationToken) {
+async fn supervise_vm(
+    spec: VmSpec,
+    node: vm_loop::Node,
+    cfg: NodeConfig,
+    hypervisors: Hypervisors,
+    cancel: CancellationToken,
+) {
     let endpoint: Endpoint = match spec.qmp.parse() {
         Ok(e) => e,
         Err(e) => {
@@ -153,6 +180,9 @@ async fn supervise_vm(spec: VmSpec, node: vm_loop::Node, cfg: NodeConfig, cancel
             Ok(client) => {
                 wait = Duration::from_millis(100);
                 let vm = Arc::new(QmpVm::new(client, hotplug.clone()));
+                // The contention task asks this connection for vCPU threads.
+                let hv: Arc<dyn Hypervisor> = vm.clone();
+                hypervisors.lock().unwrap_or_else(|p| p.into_inner()).insert(spec.id.clone(), hv.clone());
                 let lost = cancel.child_token();
                 let watch_vm = vm.clone();
                 let stop = lost.clone();
@@ -168,6 +198,13 @@ async fn supervise_vm(spec: VmSpec, node: vm_loop::Node, cfg: NodeConfig, cancel
                 });
                 vm_loop::run(spec.clone(), vm, node.clone(), last_permit, lost.clone()).await;
                 lost.cancel();
+                {
+                    // Only our own entry: a restarted supervisor may have put its own.
+                    let mut hvs = hypervisors.lock().unwrap_or_else(|p| p.into_inner());
+                    if hvs.get(&spec.id).is_some_and(|h| Arc::ptr_eq(h, &hv)) {
+                        hvs.remove(&spec.id);
+                    }
+                }
                 last_permit = node
                     .registry
                     .snapshot()

@@ -48,6 +48,8 @@ pub struct Node {
     pub default_policy: Policy,
     /// Where pods get their VM's sizes written back (Kubernetes source only).
     pub reporter: Option<crate::vms::kube::status::StatusReporter>,
+    /// Where `/proc` is, for the QEMU process's cgroup (`policy.cpu_max_cgroup`).
+    pub proc_root: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for Node {
@@ -94,6 +96,12 @@ pub async fn run(
         vm.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let mut core = VmCore::new(spec.cu, spec.min_cus, spec.max_cus, policy.clone(), current, permitted, seed);
     info!(%vm, ?current, ?permitted, "VM loop started from QEMU's state");
+    // The CPU size QEMU's cgroup quota was last set for, when the policy asks.
+    let cpu_max = policy.cpu_max_cgroup.then(|| node.proc_root.clone());
+    let mut cpu_max_for: Option<u64> = None;
+    if let Some(proc_root) = &cpu_max {
+        cpu_max_for = apply_cpu_max(hv.as_ref(), proc_root, &vm, current.milli_cpu).await;
+    }
 
     let publish = |core: &VmCore| {
         node.registry.set(
@@ -206,10 +214,12 @@ pub async fn run(
                 let l = OpLabels { action: action.name(), outcome };
                 node.metrics.ops.get_or_create(&l).inc();
                 node.metrics.op_seconds.get_or_create(&l).observe(took.as_secs_f64());
+                let mut new_cpu = None;
                 if let Input::Plugged { size } | Input::Unplugged { size } = input {
                     if spec.cpu_mode == CpuMode::Sysfs {
                         sysfs_milli = size.milli_cpu;
                     }
+                    new_cpu = Some(size.milli_cpu);
                 }
                 {
                     let mut st = node.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,6 +236,12 @@ pub async fn run(
                     info!(%vm, action = action.name(), ms = took.as_millis() as u64, "action done");
                 }
                 core.input(ms_since(t0), input);
+                if let (Some(proc_root), Some(cpu)) = (&cpu_max, new_cpu) {
+                    // Also retries a quota that failed before.
+                    if cpu_max_for != Some(cpu) {
+                        cpu_max_for = apply_cpu_max(hv.as_ref(), proc_root, &vm, cpu).await;
+                    }
+                }
             }
             () = sleep_opt(sleep) => {}
         }
@@ -377,6 +393,34 @@ impl Exec {
                 }
             }
             CpuMode::Hotplug => u64::from(present) * 1000,
+        }
+    }
+}
+
+/// Sets the QEMU process's CPU quota for `milli_cpu`; the size it is set for,
+/// or `None` when it failed. A failure leaves the VM as it is (the plug or
+/// unplug itself worked) and is logged: the quota refines the VM's size, it
+/// is no condition of scaling.
+async fn apply_cpu_max(
+    hv: &dyn Hypervisor,
+    proc_root: &std::path::Path,
+    vm: &str,
+    milli_cpu: u64,
+) -> Option<u64> {
+    match crate::cpu_max::apply(hv, proc_root, milli_cpu).await {
+        Ok(a) => {
+            info!(%vm, milli_cpu, pid = a.pid, cgroup = %a.cgroup.dir.display(), limit = ?a.limit, "QEMU CPU quota set");
+            Some(milli_cpu)
+        }
+        Err(e) => {
+            let mut chain = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                chain.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            warn!(%vm, milli_cpu, "cannot set QEMU's CPU quota: {chain}");
+            None
         }
     }
 }

@@ -200,6 +200,8 @@ fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) ->
         policy,
         qmp: qmp_support::client_config(),
         unplug_timeout: Duration::from_millis(300),
+        contention: Default::default(),
+        proc_root: "/proc".into(),
     };
     let (_vms_tx, vms_rx) = watch::channel(vec![spec]);
     let stop = CancellationToken::new();

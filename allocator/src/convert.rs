@@ -1,6 +1,7 @@
 //! The edge between wire types and the core's domain types. Everything that
 //! comes off the wire is validated here, with errors that name the field.
 
+use crate::core::contention::{ContentionReport, VmContention};
 use crate::core::error::{CoreError, ErrorKind};
 use crate::core::ledger::{Grant, Outcome};
 use crate::core::migration::{Order, OrderState};
@@ -91,6 +92,28 @@ impl TryFrom<pb::Hello> for NodeRegistration {
     fn try_from(h: pb::Hello) -> Result<Self, EdgeError> {
         let vms = h.vms.into_iter().map(VmRegistration::try_from).collect::<Result<Vec<_>, _>>()?;
         Ok(NodeRegistration { node: h.node, capacity: resources(h.capacity, "hello.capacity")?, vms })
+    }
+}
+
+impl TryFrom<pb::NodeContention> for ContentionReport {
+    type Error = EdgeError;
+
+    fn try_from(c: pb::NodeContention) -> Result<Self, EdgeError> {
+        let vms = c
+            .vms
+            .into_iter()
+            .map(|v| {
+                let figures = VmContention {
+                    p50_us: v.p50_us,
+                    p99_us: v.p99_us,
+                    mean_us: v.mean_us,
+                    max_us: v.max_us,
+                    samples: v.samples,
+                };
+                (v.vm_id, figures)
+            })
+            .collect();
+        Ok(ContentionReport::new(c.interval_ms, vms)?)
     }
 }
 

@@ -27,6 +27,12 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeVmLabels {
+    pub node: String,
+    pub vm: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Debug)]
@@ -48,6 +54,8 @@ pub struct Metrics {
     unmet_cpu: Family<NodeLabel, Gauge>,
     unmet_mem: Family<NodeLabel, Gauge>,
     watermark: Family<NodeLabel, FloatGauge>,
+    run_queue_p99: Family<NodeLabel, FloatGauge>,
+    vm_run_queue_p99: Family<NodeVmLabels, FloatGauge>,
     connected: Family<NodeLabel, Gauge>,
     vms: Family<NodeLabel, Gauge>,
 }
@@ -79,6 +87,8 @@ impl Metrics {
             unmet_cpu: Family::default(),
             unmet_mem: Family::default(),
             watermark: Family::default(),
+            run_queue_p99: Family::default(),
+            vm_run_queue_p99: Family::default(),
             connected: Family::default(),
             vms: Family::default(),
             registry: Registry::default(),
@@ -119,6 +129,16 @@ impl Metrics {
             "Node watermark as a fraction of usable capacity",
             m.watermark.clone(),
         );
+        r.register(
+            "node_run_queue_delay_p99_seconds",
+            "Run-queue delay of vCPU threads, p99 of the worst VM over the agent's last interval",
+            m.run_queue_p99.clone(),
+        );
+        r.register(
+            "vm_run_queue_delay_p99_seconds",
+            "Run-queue delay of a VM's vCPU threads, p99 over the agent's last interval",
+            m.vm_run_queue_p99.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -140,6 +160,8 @@ impl Metrics {
             f.clear();
         }
         self.watermark.clear();
+        self.run_queue_p99.clear();
+        self.vm_run_queue_p99.clear();
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for (name, n) in &cluster.nodes {
             let l = NodeLabel { node: name.clone() };
@@ -159,10 +181,62 @@ impl Metrics {
                 f.get_or_create(&l).set(v);
             }
             self.watermark.get_or_create(&l).set(n.watermark);
+            if let Some(c) = &n.contention {
+                #[allow(clippy::cast_precision_loss)] // µs figures far below 2^52
+                let secs = |us: u64| us as f64 / 1e6;
+                if let Some(p99) = c.worst_p99_us() {
+                    self.run_queue_p99.get_or_create(&l).set(secs(p99));
+                }
+                for (vm, v) in &c.vms {
+                    let vl = NodeVmLabels { node: name.clone(), vm: vm.clone() };
+                    self.vm_run_queue_p99.get_or_create(&vl).set(secs(v.p99_us));
+                }
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::contention::{NodeContention, VmContention};
+    use crate::core::ledger::NodeLedger;
+    use crate::core::units::Resources;
+    use crate::core::CoreConfig;
+
+    #[test]
+    fn run_queue_delay_is_exported_per_node_and_vm() {
+        let mut c = Cluster::new(CoreConfig {
+            system_reserve: Resources::ZERO,
+            watermark: 0.9,
+            order_timeout_ms: 1000,
+            max_moves_per_round: 1,
+        });
+        let mut n = NodeLedger::new(Resources::new(4000, 1 << 34), Resources::ZERO, 0.9);
+        let v = |p99_us| VmContention { p50_us: 10, p99_us, mean_us: 20, max_us: 5000, samples: 9 };
+        n.contention = Some(NodeContention {
+            at_ms: 1,
+            interval_ms: 5000,
+            vms: [("a".to_owned(), v(1500)), ("b".to_owned(), v(250))].into_iter().collect(),
+        });
+        c.nodes.insert("n1".into(), n);
+        c.nodes.insert("n2".into(), NodeLedger::new(Resources::new(4000, 1 << 34), Resources::ZERO, 0.9));
+        let m = Metrics::new();
+        let text = m.render(&c);
+        assert!(
+            text.contains("vmscale_allocator_node_run_queue_delay_p99_seconds{node=\"n1\"} 0.0015"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmscale_allocator_vm_run_queue_delay_p99_seconds{node=\"n1\",vm=\"b\"} 0.00025")
+        );
+        // A node without a report has no series rather than a misleading zero.
+        assert!(!text.contains("delay_p99_seconds{node=\"n2\"}"), "{text}");
+        c.nodes.remove("n1");
+        assert!(!m.render(&c).contains("run_queue_delay_p99_seconds{"));
     }
 }

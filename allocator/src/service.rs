@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::convert::{self, EdgeError};
+use crate::core::contention::ContentionReport;
 use crate::core::error::CoreError;
 use crate::core::ledger::Outcome;
 use crate::core::vm::VmRegistration;
@@ -170,7 +171,8 @@ impl Shared {
                 "empty",
                 Err(CoreError::invalid(
                     "message",
-                    "empty: set one of add_vm, remove_vm, reserve, release, migration_status, ping",
+                    "empty: set one of add_vm, remove_vm, reserve, release, migration_status, \
+                     node_contention, ping",
                 )
                 .into()),
             );
@@ -216,6 +218,15 @@ impl Shared {
                 (|| {
                     let size = convert::resources(r.new_size, "release.new_size")?;
                     self.lock().cluster.release(s, &r.vm_id, size)?;
+                    ack()
+                })(),
+            ),
+            Body::NodeContention(c) => (
+                "node_contention",
+                (|| {
+                    let report = ContentionReport::try_from(c)?;
+                    let now = self.now_ms();
+                    self.lock().cluster.record_contention(s, report, now)?;
                     ack()
                 })(),
             ),

@@ -275,6 +275,49 @@ async fn bad_requests_get_errors_and_leave_the_ledger_alone() {
 }
 
 #[tokio::test]
+async fn an_agent_that_goes_away_hands_its_node_back() {
+    let srv = start(Config::default()).await;
+    let s = open(&srv.addr, hello("n1", 4000, 16 * GIB, vec![vm("a", 250, GIB, None)])).await.unwrap();
+    assert!(s.reserve("a", 500, 2 * GIB).await.is_ok());
+    assert!(srv.state()["nodes"]["n1"]["session"].is_u64());
+    drop(s); // the agent closes its side of the stream
+    let mut waited = 0;
+    while srv.state()["nodes"]["n1"]["session"].is_u64() {
+        assert!(waited < 100, "the session is still open 5 s after its agent left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    // The node keeps its reservations while its agent is away.
+    assert_eq!(node_reserved(&srv.state(), "n1"), (500, 2 * GIB));
+
+    // An agent whose connection breaks: through a proxy that is then cut.
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = format!("http://{}", proxy.local_addr().unwrap());
+    let upstream = srv.addr.trim_start_matches("http://").to_owned();
+    let cut = CancellationToken::new();
+    let cut2 = cut.clone();
+    tokio::spawn(async move {
+        let (mut down, _) = proxy.accept().await.unwrap();
+        let mut up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+            () = cut2.cancelled() => {} // both sockets are dropped: the connection is gone
+        }
+    });
+    let s2 = open(&proxy_addr, hello("n2", 4000, 16 * GIB, vec![])).await.unwrap();
+    assert!(srv.state()["nodes"]["n2"]["session"].is_u64());
+    cut.cancel();
+    let mut waited = 0;
+    while srv.state()["nodes"]["n2"]["session"].is_u64() {
+        assert!(waited < 100, "the session is still open 5 s after its connection broke");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    drop(s2);
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn a_second_session_replaces_the_first() {
     let srv = start(Config::default()).await;
     let first = open(&srv.addr, hello("n1", 4000, 16 * GIB, vec![vm("a", 250, GIB, None)])).await.unwrap();

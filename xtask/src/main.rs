@@ -3,7 +3,10 @@
 
 mod apt;
 mod bench;
+mod bench_nodes;
+mod cluster;
 mod demo;
+mod e2e;
 mod ebpf;
 mod guest;
 mod steps;
@@ -30,6 +33,8 @@ enum Command {
     Demo(demo::Args),
     /// Run a benchmark, print its figures and write target/bench/<name>.json.
     Bench(bench::Args),
+    /// Run one end-to-end scenario (real allocator, agent, QEMU guest, informant).
+    E2e(e2e::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Test(a) => test::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::E2e(a) => e2e::run(a),
     }
 }
 

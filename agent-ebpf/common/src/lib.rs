@@ -1,6 +1,7 @@
 //! What the eBPF programs and user space share: the record the programs put in
 //! the ring buffer, the per-kind state they keep in a map, and the names of
-//! the maps, globals and programs.
+//! the maps, globals and programs. The host agent's run-queue programs have
+//! their own module, [`sched`].
 //!
 //! Every type here is `#[repr(C)]` and free of padding (checked at compile
 //! time below), so the bytes the kernel writes are the bytes user space reads.
@@ -10,6 +11,8 @@
 //! twice or overtaken by a later one never makes a count wrong, only late.
 
 #![no_std]
+
+pub mod sched;
 
 /// Which tracepoint family a record or state entry belongs to.
 ///

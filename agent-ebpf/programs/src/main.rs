@@ -1,4 +1,5 @@
-//! The informant's eBPF programs: memory reclaim and OOM tracepoints.
+//! The eBPF programs: the informant's memory reclaim and OOM tracepoints
+//! (here), and the host agent's run-queue delay of vCPU threads (`sched.rs`).
 //!
 //! Reclaim can fire thousands of times a second, so the programs fold it per
 //! kind: each begin counts, each end adds the time since that thread's begin
@@ -16,6 +17,7 @@
 // with RUSTC_BOOTSTRAP=1 anyway (Debian's stable rustc, as aya-ebpf needs it).
 #![feature(asm_experimental_arch)]
 
+mod sched;
 mod state;
 
 use aya_ebpf::{

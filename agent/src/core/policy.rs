@@ -81,6 +81,12 @@ pub struct Policy {
     pub sample_max_age_ms: u64,
     /// Failures in a row after which the VM is reported stuck. Default 5.
     pub stuck_after_failures: u32,
+    /// Cap the QEMU process's CPU time at the VM's CPU size with cgroup CFS
+    /// bandwidth (`cpu.max`, or v1 `cpu.cfs_quota_us`) whenever that size has
+    /// a fractional vCPU, e.g. 750 milli-vCPU: one vCPU online, 75 ms per
+    /// 100 ms. Whole vCPUs lift the cap. QEMU must run in a cgroup of its own
+    /// (see `cpu_max.rs`). Default false.
+    pub cpu_max_cgroup: bool,
 }
 
 impl Default for Policy {
@@ -100,6 +106,7 @@ impl Default for Policy {
             op_timeout_ms: 15_000,
             sample_max_age_ms: 10_000,
             stuck_after_failures: 5,
+            cpu_max_cgroup: false,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One node's ledger: its capacity and every VM's reservation, with the sums kept
 //! current so that a decision never walks the VMs.
 
+use super::contention::NodeContention;
 use super::units::{ComputeUnit, Resources};
 use super::vm::{VmEntry, VmState};
 use serde::Serialize;
@@ -20,6 +21,8 @@ pub struct NodeLedger {
     pub session: Option<u64>,
     #[serde(serialize_with = "sorted")]
     pub vms: HashMap<String, VmEntry>,
+    /// The agent's latest run-queue delay report, while its session lives.
+    pub contention: Option<NodeContention>,
     reserved: Resources,
     unmet: Resources,
 }
@@ -66,6 +69,7 @@ impl NodeLedger {
             watermark,
             session: None,
             vms: HashMap::new(),
+            contention: None,
             reserved: Resources::ZERO,
             unmet: Resources::ZERO,
         }
@@ -114,6 +118,9 @@ impl NodeLedger {
     pub fn remove(&mut self, id: &str) -> Option<VmEntry> {
         let old = self.vms.remove(id)?;
         self.forget(&old);
+        if let Some(c) = &mut self.contention {
+            c.vms.remove(id);
+        }
         Some(old)
     }
 

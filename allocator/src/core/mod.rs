@@ -3,6 +3,7 @@
 //! the time in milliseconds. Every method either applies all of its change or,
 //! on error, none of it.
 
+pub mod contention;
 pub mod error;
 pub mod ledger;
 pub mod migration;
@@ -273,6 +274,8 @@ impl Cluster {
         match self.nodes.get_mut(&s.node) {
             Some(n) if n.session == Some(s.id) => {
                 n.session = None;
+                // Nobody measures the node now: its last figures would only go stale.
+                n.contention = None;
                 true
             }
             _ => false,

@@ -1,0 +1,480 @@
+//! Fractional CPUs: a VM of 0.75 or 1.5 vCPUs gets one or two vCPUs online
+//! and its QEMU process's CPU time capped by CFS bandwidth control, cgroup
+//! v2 `cpu.max` ("QUOTA PERIOD") or v1 `cpu.cfs_quota_us` /
+//! `cpu.cfs_period_us`. Whole vCPUs get no quota: the vCPU count already
+//! bounds the guest, and a quota would only throttle QEMU's own I/O threads.
+//!
+//! Which cgroup: the one the QEMU process is in, found from
+//! `/proc/<pid>/cgroup` and the agent's own `/proc/self/mountinfo` (so
+//! hybrid hosts, cgroup namespaces and odd mount points all resolve). The
+//! cpu controller is either on a v1 hierarchy or on v2, never both; a v1
+//! line naming `cpu` wins. The launcher must have put QEMU in a cgroup of its
+//! own (a pod's container, a systemd scope): the root cgroup cannot be
+//! limited and a shared one would cap its neighbours too.
+//!
+//! Where the pid comes from: the vCPU thread ids QEMU reports
+//! (`query-cpus-fast`) and their `Tgid` in `/proc/<tid>/status`. QMP has no
+//! pid query; the unix socket's peer credentials (SO_PEERCRED) would do too,
+//! but not over a TCP endpoint, and a pid file would be one more thing to
+//! configure that can go stale. The thread ids are what the run-queue
+//! eBPF already uses, so this needs the same thing (the agent sees the host's
+//! pid namespace) and nothing more.
+//!
+//! Paths are parameters: tests build fake `/proc` and cgroup trees.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::qmp::Hypervisor;
+
+/// The CFS period the agent sets with a quota: the kernel's default, 100 ms.
+pub const DEFAULT_PERIOD_US: u64 = 100_000;
+/// The smallest quota the kernel takes (1 ms).
+pub const MIN_QUOTA_US: u64 = 1_000;
+
+/// A CPU bandwidth limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CpuLimit {
+    /// No quota (`max`, or -1 on v1).
+    Unlimited,
+    /// At most `quota_us` of CPU time per `period_us`, over all CPUs.
+    Quota { quota_us: u64, period_us: u64 },
+}
+
+/// The limit for a VM of `milli_cpu`: a quota for a fractional size, none for
+/// whole vCPUs (or zero, which no valid VM has).
+pub fn limit_for(milli_cpu: u64, period_us: u64) -> CpuLimit {
+    if milli_cpu.is_multiple_of(1000) {
+        return CpuLimit::Unlimited;
+    }
+    let quota = u64::try_from(u128::from(milli_cpu) * u128::from(period_us) / 1000).unwrap_or(u64::MAX);
+    CpuLimit::Quota { quota_us: quota.max(MIN_QUOTA_US), period_us }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}", path = .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {value:?} to {path}", path = .path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} has no thread-group id (Tgid:)", path = .path.display())]
+    NoTgid { path: PathBuf },
+    #[error("{path}: cannot parse {text:?}", path = .path.display())]
+    Parse { path: PathBuf, text: String },
+    #[error(
+        "process {pid} is in no cgroup with the cpu controller (no v1 `cpu` line and no v2 `0::` line in {path})",
+        path = .path.display()
+    )]
+    NoCpuCgroup { pid: u32, path: PathBuf },
+    #[error("the {hierarchy} hierarchy of process {pid} is not mounted where this agent can see it (looked in {mountinfo})", mountinfo = .mountinfo.display())]
+    NotMounted { pid: u32, hierarchy: &'static str, mountinfo: PathBuf },
+    #[error(
+        "process {pid} runs in the root cpu cgroup, whose CPU time cannot be limited; start QEMU in a cgroup \
+         of its own"
+    )]
+    RootCgroup { pid: u32 },
+    #[error(
+        "cgroup {dir} has no cpu.max: the cpu controller is not enabled for it (add +cpu to its parent's \
+         cgroup.subtree_control)",
+        dir = .dir.display()
+    )]
+    NoCpuMax { dir: PathBuf },
+    #[error("QEMU reported no vCPU thread ids, so its process is unknown")]
+    NoVcpuThreads,
+    #[error("asking QEMU for its vCPU threads")]
+    Qmp(#[source] crate::qmp::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })
+}
+
+fn write(path: &Path, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+/// The process (thread group) a thread belongs to.
+pub fn process_of_thread(proc_root: &Path, tid: u32) -> Result<u32> {
+    let path = proc_root.join(tid.to_string()).join("status");
+    let status = read(&path)?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or(Error::NoTgid { path })
+}
+
+/// Which cgroup interface a controller is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// A process's cpu cgroup directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CpuCgroup {
+    pub dir: PathBuf,
+    pub version: Version,
+}
+
+/// One line of `/proc/<pid>/cgroup`: hierarchy id, controllers, path.
+fn cgroup_lines(text: &str) -> impl Iterator<Item = (&str, &str, &str)> {
+    text.lines().filter_map(|l| {
+        let mut it = l.splitn(3, ':');
+        Some((it.next()?, it.next()?, it.next()?))
+    })
+}
+
+/// A cgroup mount from mountinfo: (root inside the hierarchy, mount point,
+/// filesystem type, super options).
+struct Mount {
+    root: String,
+    point: PathBuf,
+    fstype: String,
+    options: String,
+}
+
+fn mounts(mountinfo: &str) -> Vec<Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            let fstype = right.next()?;
+            let _source = right.next()?;
+            let options = right.next().unwrap_or("");
+            Some(Mount {
+                root: unescape(left.get(3)?),
+                point: PathBuf::from(unescape(left.get(4)?)),
+                fstype: fstype.to_owned(),
+                options: options.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal =
+            b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `path` (a cgroup path as `/proc/<pid>/cgroup` shows it) under a mount of
+/// its hierarchy whose root contains it.
+fn resolve(m: &[&Mount], path: &str) -> Option<PathBuf> {
+    m.iter().find_map(|m| {
+        let root = m.root.trim_end_matches('/');
+        let rest = path.strip_prefix(root)?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        Some(m.point.join(rest.trim_start_matches('/')))
+    })
+}
+
+impl CpuCgroup {
+    /// The cpu cgroup of process `pid`, resolved through the agent's own
+    /// mounts (`<proc_root>/self/mountinfo`).
+    pub fn of_pid(proc_root: &Path, pid: u32) -> Result<CpuCgroup> {
+        let cgroup_path = proc_root.join(pid.to_string()).join("cgroup");
+        let cgroups = read(&cgroup_path)?;
+        let mountinfo_path = proc_root.join("self/mountinfo");
+        let mountinfo = read(&mountinfo_path)?;
+        let all = mounts(&mountinfo);
+        let not_mounted = |hierarchy| Error::NotMounted { pid, hierarchy, mountinfo: mountinfo_path.clone() };
+
+        let v1 = cgroup_lines(&cgroups).find(|(id, ctl, _)| *id != "0" && ctl.split(',').any(|c| c == "cpu"));
+        let (path, version, dir) = if let Some((_, _, path)) = v1 {
+            let m: Vec<&Mount> = all
+                .iter()
+                .filter(|m| m.fstype == "cgroup" && m.options.split(',').any(|o| o == "cpu"))
+                .collect();
+            (path, Version::V1, resolve(&m, path).ok_or_else(|| not_mounted("cgroup v1 cpu"))?)
+        } else {
+            let (_, _, path) = cgroup_lines(&cgroups)
+                .find(|(id, ctl, _)| *id == "0" && ctl.is_empty())
+                .ok_or(Error::NoCpuCgroup { pid, path: cgroup_path.clone() })?;
+            let m: Vec<&Mount> = all.iter().filter(|m| m.fstype == "cgroup2").collect();
+            (path, Version::V2, resolve(&m, path).ok_or_else(|| not_mounted("cgroup v2"))?)
+        };
+        if path.trim_matches('/').is_empty() {
+            return Err(Error::RootCgroup { pid });
+        }
+        if version == Version::V2 && !dir.join("cpu.max").is_file() {
+            return Err(Error::NoCpuMax { dir });
+        }
+        Ok(CpuCgroup { dir, version })
+    }
+
+    /// The limit in force now.
+    pub fn get(&self) -> Result<CpuLimit> {
+        match self.version {
+            Version::V2 => {
+                let path = self.dir.join("cpu.max");
+                let text = read(&path)?;
+                let bad = || Error::Parse { path: path.clone(), text: text.clone() };
+                let mut it = text.split_whitespace();
+                let quota = it.next().ok_or_else(bad)?;
+                let period_us: u64 = it.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                if quota == "max" {
+                    return Ok(CpuLimit::Unlimited);
+                }
+                Ok(CpuLimit::Quota { quota_us: quota.parse().map_err(|_| bad())?, period_us })
+            }
+            Version::V1 => {
+                let quota = self.v1_value("cpu.cfs_quota_us")?;
+                let period_us = u64::try_from(self.v1_value("cpu.cfs_period_us")?).unwrap_or(0);
+                match u64::try_from(quota) {
+                    Ok(quota_us) => Ok(CpuLimit::Quota { quota_us, period_us }),
+                    Err(_) => Ok(CpuLimit::Unlimited),
+                }
+            }
+        }
+    }
+
+    fn v1_value(&self, file: &str) -> Result<i64> {
+        let path = self.dir.join(file);
+        let text = read(&path)?;
+        text.trim().parse().map_err(|_| Error::Parse { path, text })
+    }
+
+    /// Sets the limit. On v1 the period goes first with the quota lifted
+    /// meanwhile, since the kernel checks every write against the parent's
+    /// quota scaled to the period in force at that moment.
+    pub fn set(&self, limit: CpuLimit) -> Result<()> {
+        match (self.version, limit) {
+            (Version::V2, CpuLimit::Unlimited) => {
+                // Keeps the period; "max" alone only changes the quota.
+                write(&self.dir.join("cpu.max"), "max")
+            }
+            (Version::V2, CpuLimit::Quota { quota_us, period_us }) => {
+                write(&self.dir.join("cpu.max"), &format!("{quota_us} {period_us}"))
+            }
+            (Version::V1, CpuLimit::Unlimited) => write(&self.dir.join("cpu.cfs_quota_us"), "-1"),
+            (Version::V1, CpuLimit::Quota { quota_us, period_us }) => {
+                let period_now = self.v1_value("cpu.cfs_period_us")?;
+                if u64::try_from(period_now).ok() != Some(period_us) {
+                    write(&self.dir.join("cpu.cfs_quota_us"), "-1")?;
+                    write(&self.dir.join("cpu.cfs_period_us"), &period_us.to_string())?;
+                }
+                write(&self.dir.join("cpu.cfs_quota_us"), &quota_us.to_string())
+            }
+        }
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub pid: u32,
+    pub cgroup: CpuCgroup,
+    pub limit: CpuLimit,
+}
+
+/// Caps the VM's QEMU process at `milli_cpu`: finds the process from its
+/// vCPU threads, its cpu cgroup, and writes the limit.
+pub async fn apply(hv: &dyn Hypervisor, proc_root: &Path, milli_cpu: u64) -> Result<Applied> {
+    let threads = hv.vcpu_threads().await.map_err(Error::Qmp)?;
+    let tid = threads
+        .iter()
+        .find_map(|t| u32::try_from(t.thread_id).ok().filter(|t| *t > 0))
+        .ok_or(Error::NoVcpuThreads)?;
+    let pid = process_of_thread(proc_root, tid)?;
+    let cgroup = CpuCgroup::of_pid(proc_root, pid)?;
+    let limit = limit_for(milli_cpu, DEFAULT_PERIOD_US);
+    cgroup.set(limit)?;
+    Ok(Applied { pid, cgroup, limit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn limits_for_sizes() {
+        let p = DEFAULT_PERIOD_US;
+        let cases = [
+            (750, CpuLimit::Quota { quota_us: 75_000, period_us: p }),
+            (1_250, CpuLimit::Quota { quota_us: 125_000, period_us: p }),
+            (2_000, CpuLimit::Unlimited),
+            (1_000, CpuLimit::Unlimited),
+            (0, CpuLimit::Unlimited),
+            (5, CpuLimit::Quota { quota_us: MIN_QUOTA_US, period_us: p }),
+        ];
+        for (milli, want) in cases {
+            assert_eq!(limit_for(milli, p), want, "{milli} milli");
+        }
+        assert_eq!(limit_for(500, 50_000), CpuLimit::Quota { quota_us: 25_000, period_us: 50_000 });
+    }
+
+    /// A fake host: `<root>/proc/{self/mountinfo, <pid>/cgroup, <tid>/status}`
+    /// and cgroup trees under `<root>/sys/fs/cgroup`.
+    struct Host {
+        dir: tempfile::TempDir,
+    }
+
+    impl Host {
+        fn new(mountinfo: &str) -> Host {
+            let dir = tempfile::tempdir().unwrap();
+            let h = Host { dir };
+            let mi = mountinfo.replace("ROOT", h.root().to_str().unwrap());
+            h.put("proc/self/mountinfo", &mi);
+            h
+        }
+        fn root(&self) -> &Path {
+            self.dir.path()
+        }
+        fn proc(&self) -> PathBuf {
+            self.root().join("proc")
+        }
+        fn put(&self, rel: &str, text: &str) {
+            let p = self.root().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        }
+        fn text(&self, rel: &str) -> String {
+            fs::read_to_string(self.root().join(rel)).unwrap()
+        }
+    }
+
+    /// Like this machine: v1 controllers, cgroup2 at unified/ without cpu.
+    const HYBRID: &str = "\
+30 25 0:26 / ROOT/sys/fs/cgroup rw shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / ROOT/sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw
+35 30 0:31 / ROOT/sys/fs/cgroup/cpu rw shared:14 - cgroup cgroup rw,cpu
+36 30 0:32 / ROOT/sys/fs/cgroup/memory rw shared:15 - cgroup cgroup rw,memory
+";
+    /// A pure v2 host.
+    const UNIFIED: &str = "30 25 0:26 / ROOT/sys/fs/cgroup rw shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+
+    #[test]
+    fn v1_quota_is_written_and_read_back() {
+        let h = Host::new(HYBRID);
+        h.put("proc/4242/status", "Name:\tqemu-system-x86\nTgid:\t4200\nPid:\t4242\n");
+        h.put("proc/4200/cgroup", "4:memory:/vms/a\n1:cpu:/vms/a\n0::/\n");
+        h.put("sys/fs/cgroup/cpu/vms/a/cpu.cfs_quota_us", "-1\n");
+        h.put("sys/fs/cgroup/cpu/vms/a/cpu.cfs_period_us", "100000\n");
+        assert_eq!(process_of_thread(&h.proc(), 4242).unwrap(), 4200);
+        let cg = CpuCgroup::of_pid(&h.proc(), 4200).unwrap();
+        assert_eq!(cg.version, Version::V1);
+        assert_eq!(cg.dir, h.root().join("sys/fs/cgroup/cpu/vms/a"));
+        assert_eq!(cg.get().unwrap(), CpuLimit::Unlimited);
+        cg.set(limit_for(750, DEFAULT_PERIOD_US)).unwrap();
+        assert_eq!(h.text("sys/fs/cgroup/cpu/vms/a/cpu.cfs_quota_us"), "75000");
+        assert_eq!(cg.get().unwrap(), CpuLimit::Quota { quota_us: 75_000, period_us: 100_000 });
+        // Another period: quota lifted, period, then quota.
+        cg.set(CpuLimit::Quota { quota_us: 25_000, period_us: 50_000 }).unwrap();
+        assert_eq!(h.text("sys/fs/cgroup/cpu/vms/a/cpu.cfs_period_us"), "50000");
+        assert_eq!(cg.get().unwrap(), CpuLimit::Quota { quota_us: 25_000, period_us: 50_000 });
+        cg.set(CpuLimit::Unlimited).unwrap();
+        assert_eq!(h.text("sys/fs/cgroup/cpu/vms/a/cpu.cfs_quota_us"), "-1");
+    }
+
+    #[test]
+    fn v1_with_cpuacct_and_a_namespaced_mount_root() {
+        // cpu,cpuacct co-mounted; the agent's mount shows only /kubepods.
+        let h = Host::new("40 30 0:40 /kubepods ROOT/cg\\040cpu rw - cgroup cgroup rw,cpu,cpuacct\n");
+        h.put("proc/7/cgroup", "3:cpu,cpuacct:/kubepods/pod1/qemu\n0::/\n");
+        h.put("cg cpu/pod1/qemu/cpu.cfs_quota_us", "-1");
+        h.put("cg cpu/pod1/qemu/cpu.cfs_period_us", "100000");
+        let cg = CpuCgroup::of_pid(&h.proc(), 7).unwrap();
+        assert_eq!(cg.dir, h.root().join("cg cpu/pod1/qemu"));
+    }
+
+    #[test]
+    fn v2_cpu_max_is_written_and_read_back() {
+        let h = Host::new(UNIFIED);
+        h.put("proc/9/cgroup", "0::/machine/vm-a\n");
+        h.put("sys/fs/cgroup/machine/vm-a/cpu.max", "max 100000\n");
+        let cg = CpuCgroup::of_pid(&h.proc(), 9).unwrap();
+        assert_eq!(cg.version, Version::V2);
+        assert_eq!(cg.get().unwrap(), CpuLimit::Unlimited);
+        cg.set(limit_for(1_250, DEFAULT_PERIOD_US)).unwrap();
+        assert_eq!(h.text("sys/fs/cgroup/machine/vm-a/cpu.max"), "125000 100000");
+        assert_eq!(cg.get().unwrap(), CpuLimit::Quota { quota_us: 125_000, period_us: 100_000 });
+        cg.set(CpuLimit::Unlimited).unwrap();
+        assert_eq!(h.text("sys/fs/cgroup/machine/vm-a/cpu.max"), "max");
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let h = Host::new(UNIFIED);
+        // Root cgroup.
+        h.put("proc/1/cgroup", "0::/\n");
+        assert!(matches!(CpuCgroup::of_pid(&h.proc(), 1), Err(Error::RootCgroup { pid: 1 })));
+        // v2 without the cpu controller enabled.
+        h.put("proc/2/cgroup", "0::/a\n");
+        fs::create_dir_all(h.root().join("sys/fs/cgroup/a")).unwrap();
+        let e = CpuCgroup::of_pid(&h.proc(), 2).unwrap_err().to_string();
+        assert!(e.contains("subtree_control"), "{e}");
+        // A v1 cpu hierarchy that is not mounted here.
+        h.put("proc/3/cgroup", "1:cpu:/a\n0::/a\n");
+        let e = CpuCgroup::of_pid(&h.proc(), 3).unwrap_err().to_string();
+        assert!(e.contains("cgroup v1 cpu") && e.contains("mountinfo"), "{e}");
+        // No such process.
+        assert!(matches!(CpuCgroup::of_pid(&h.proc(), 99), Err(Error::Read { .. })));
+        h.put("proc/5/status", "Name:\tx\n");
+        assert!(matches!(process_of_thread(&h.proc(), 5), Err(Error::NoTgid { .. })));
+        // Garbage in a limit file.
+        h.put("proc/4/cgroup", "0::/b\n");
+        h.put("sys/fs/cgroup/b/cpu.max", "lots\n");
+        let cg = CpuCgroup::of_pid(&h.proc(), 4).unwrap();
+        assert!(matches!(cg.get(), Err(Error::Parse { .. })));
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(unescape(r"/plain\0"), r"/plain\0");
+    }
+
+    #[tokio::test]
+    async fn apply_goes_from_vcpu_threads_to_the_quota() {
+        let h = Host::new(HYBRID);
+        let size = crate::qmp::VmSize { vcpus_present: 2, ..crate::qmp::VmSize::default() };
+        let hv = crate::qmp::fake::FakeHypervisor::new(size);
+        let tid = hv.vcpu_threads().await.unwrap()[0].thread_id;
+        h.put(&format!("proc/{tid}/status"), "Tgid:\t777\n");
+        h.put("proc/777/cgroup", "1:cpu:/vm\n");
+        h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_quota_us", "-1");
+        h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_period_us", "100000");
+        let a = apply(&hv, &h.proc(), 2_500).await.unwrap();
+        assert_eq!((a.pid, a.limit), (777, CpuLimit::Quota { quota_us: 250_000, period_us: 100_000 }));
+        assert_eq!(h.text("sys/fs/cgroup/cpu/vm/cpu.cfs_quota_us"), "250000");
+    }
+}

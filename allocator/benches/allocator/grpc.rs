@@ -1,0 +1,330 @@
+//! The gRPC figures: the release allocator in a process of its own, and 1, 16
+//! and 256 agents (each its own node, session and connection) in this one.
+//!
+//! - Closed loop: every agent keeps a fixed number of requests in flight on
+//!   its session; the rate of answers is the most the pair sustains.
+//! - Open loop: requests are sent on a fixed schedule (10,000/s across the
+//!   agents) by a pacing thread, whatever the answers do, and latency is
+//!   measured from the time a request was due, so a slow answer cannot hide
+//!   the requests it delayed (no coordinated omission).
+
+mod agent;
+
+use crate::report::{cpu_seconds, fmt_value, percentile_ms};
+use agent::{latency_ns, stamp, Agent, Script};
+use anyhow::{bail, Context};
+use serde_json::{json, Map, Value};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const LEVELS: [usize; 3] = [1, 16, 256];
+/// The offered rate of the latency measurement.
+const OFFERED_PER_S: u64 = 10_000;
+
+/// Requests each agent keeps in flight in the closed loop.
+fn window(agents: usize) -> usize {
+    (1024 / agents).clamp(4, 256)
+}
+
+/// The server process; killed when dropped, so a failed run leaves none behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    warmup: Duration,
+    closed: Duration,
+    open: Duration,
+}
+
+pub fn run(server: &Path, quick: bool) -> anyhow::Result<Map<String, Value>> {
+    // A free port: bind, read it, let it go; the server binds it right after.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = Command::new(server)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0", "--log", "warn"])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", server.display()))?;
+    let server = Server(child);
+    let pid = server.0.id().to_string();
+    let addr = format!("http://127.0.0.1:{port}");
+    let phases = if quick {
+        Phases {
+            warmup: Duration::from_millis(300),
+            closed: Duration::from_secs(1),
+            open: Duration::from_secs(2),
+        }
+    } else {
+        Phases {
+            warmup: Duration::from_secs(1),
+            closed: Duration::from_secs(4),
+            open: Duration::from_secs(6),
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rows = rt.block_on(async {
+        wait_ready(port).await?;
+        let mut rows = Vec::new();
+        for agents in LEVELS {
+            rows.push(level(&addr, &pid, agents, phases).await?);
+        }
+        anyhow::Ok(rows)
+    })?;
+    let server_rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned())));
+    drop(server);
+
+    let best = rows.iter().map(|r| r["closed"]["per_s"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
+    let worst_p99 = rows.iter().map(|r| r["open"]["p99_ms"].as_f64().unwrap_or(f64::NAN)).fold(0.0, f64::max);
+    let mut m = Map::new();
+    m.insert("grpc_reservations_per_s".into(), json!(best.round()));
+    m.insert("grpc_p99_ms".into(), json!((worst_p99 * 1000.0).round() / 1000.0));
+    m.insert(
+        "grpc".into(),
+        json!({ "levels": rows, "offered_per_s": OFFERED_PER_S, "server_rss": server_rss }),
+    );
+    Ok(m)
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the allocator did not listen on port {port} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// CPU seconds of the server and of this process over the measured window.
+async fn cpu_over(pid: String, from: Instant, until: Instant) -> (f64, f64) {
+    tokio::time::sleep_until(from.into()).await;
+    let (s0, c0) = (cpu_seconds(&pid), cpu_seconds("self"));
+    tokio::time::sleep_until(until.into()).await;
+    (cpu_seconds(&pid) - s0, cpu_seconds("self") - c0)
+}
+
+/// Both measurements for one number of agents, on the same sessions.
+async fn level(addr: &str, pid: &str, agents: usize, p: Phases) -> anyhow::Result<Value> {
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..agents {
+        let addr = addr.to_owned();
+        opening.spawn(async move { Agent::open(&addr, format!("bench-{agents}-{i}")).await });
+    }
+    let mut fleet = Vec::with_capacity(agents);
+    while let Some(a) = opening.join_next().await {
+        fleet.push(a??);
+    }
+    let w = window(agents);
+    println!("grpc: {agents} agents, {w} requests in flight each: closed loop for {:?}", p.closed);
+    let (fleet, closed) = closed_loop(fleet, w, pid, p.warmup, p.closed).await?;
+    println!(
+        "grpc: {agents} agents: {:.0} requests/s sustained, p50 {:.3} ms, p99 {:.3} ms (server CPU {:.0}%, client {:.0}%)",
+        closed["per_s"].as_f64().unwrap_or(0.0),
+        closed["p50_ms"].as_f64().unwrap_or(0.0),
+        closed["p99_ms"].as_f64().unwrap_or(0.0),
+        closed["server_cpu_pct"].as_f64().unwrap_or(0.0),
+        closed["client_cpu_pct"].as_f64().unwrap_or(0.0),
+    );
+    println!("grpc: {agents} agents: open loop at {OFFERED_PER_S}/s for {:?}", p.open);
+    let (fleet, open) = open_loop(fleet, pid, p.warmup, p.open).await?;
+    println!(
+        "grpc: {agents} agents at {OFFERED_PER_S}/s offered: {:.0}/s answered, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        open["per_s"].as_f64().unwrap_or(0.0),
+        open["p50_ms"].as_f64().unwrap_or(0.0),
+        open["p99_ms"].as_f64().unwrap_or(0.0),
+        open["max_ms"].as_f64().unwrap_or(0.0),
+    );
+    drop(fleet); // ends the sessions
+    Ok(json!({ "agents": agents, "window": w, "closed": closed, "open": open }))
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn figures(mut lat: Vec<u64>, window: Duration, cpu: (f64, f64)) -> Value {
+    let secs = window.as_secs_f64();
+    json!({
+        "answers": lat.len(),
+        "per_s": (lat.len() as f64 / secs).round(),
+        "p50_ms": percentile_ms(&mut lat, 50.0),
+        "p99_ms": percentile_ms(&mut lat, 99.0),
+        "p999_ms": percentile_ms(&mut lat, 99.9),
+        "max_ms": percentile_ms(&mut lat, 100.0),
+        "server_cpu_pct": (cpu.0 / secs * 100.0).round(),
+        "client_cpu_pct": (cpu.1 / secs * 100.0).round(),
+    })
+}
+
+/// Every agent keeps `window` requests in flight; counts the answers that
+/// arrive within the measured window after the warm-up.
+async fn closed_loop(
+    fleet: Vec<Agent>,
+    window: usize,
+    pid: &str,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<(Vec<Agent>, Value)> {
+    let t0 = Instant::now();
+    let (from, until) = (t0 + warmup, t0 + warmup + measure);
+    let cpu = tokio::spawn(cpu_over(pid.to_owned(), from, until));
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut a in fleet {
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..window {
+                a.tx.send(a.script.next(stamp(t0, Instant::now()))).await?;
+            }
+            let mut in_flight = window;
+            while in_flight > 0 {
+                let id = a.answer().await?;
+                let now = Instant::now();
+                in_flight -= 1;
+                if now >= from && now < until {
+                    lat.push(latency_ns(t0, id, now));
+                }
+                if now < until {
+                    a.tx.send(a.script.next(stamp(t0, now))).await?;
+                    in_flight += 1;
+                }
+            }
+            anyhow::Ok((a, lat))
+        });
+    }
+    let mut fleet = Vec::new();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (a, lat) = r??;
+        fleet.push(a);
+        all.extend(lat);
+    }
+    Ok((fleet, figures(all, measure, cpu.await?)))
+}
+
+/// A pacing thread sends `OFFERED_PER_S` requests a second, round robin over
+/// the agents; one task per agent reads the answers.
+async fn open_loop(
+    fleet: Vec<Agent>,
+    pid: &str,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<(Vec<Agent>, Value)> {
+    let n = fleet.len();
+    let total = OFFERED_PER_S * (warmup + measure).as_millis() as u64 / 1000;
+    let interval_ns = 1_000_000_000 / OFFERED_PER_S;
+    let t0 = Instant::now() + Duration::from_millis(20);
+    let from = t0 + warmup;
+    let cpu = tokio::spawn(cpu_over(pid.to_owned(), from, from + measure));
+    let mut senders: Vec<mpsc::Sender<_>> = Vec::with_capacity(n);
+    let mut scripts: Vec<Script> = Vec::with_capacity(n);
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, mut a) in fleet.into_iter().enumerate() {
+        senders.push(a.tx.clone());
+        scripts.push(std::mem::replace(&mut a.script, Script::empty()));
+        // Agent i gets requests i, i + n, i + 2n, ... below `total`.
+        let expected = (total + (n - i - 1) as u64) / n as u64;
+        readers.spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..expected {
+                let id = a.answer().await?;
+                let now = Instant::now();
+                let due = t0 + Duration::from_nanos(id - 1);
+                if due >= from {
+                    lat.push(latency_ns(t0, id, now));
+                }
+            }
+            anyhow::Ok((i, a, lat))
+        });
+    }
+    let pacer = std::thread::spawn(move || {
+        let mut dropped = 0u64;
+        for k in 0..total {
+            let due = t0 + Duration::from_nanos(k * interval_ns);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let a = usize::try_from(k).unwrap_or(0) % n;
+            if senders[a].try_send(scripts[a].next(stamp(t0, due))).is_err() {
+                dropped += 1;
+            }
+        }
+        (scripts, dropped)
+    });
+    let mut fleet: Vec<Option<Agent>> = (0..n).map(|_| None).collect();
+    let mut all = Vec::new();
+    while let Some(r) = readers.join_next().await {
+        let (i, a, lat) = r??;
+        fleet[i] = Some(a);
+        all.extend(lat);
+    }
+    let (scripts, dropped) = pacer.join().map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
+    if dropped > 0 {
+        bail!("{dropped} requests could not be queued: the session queues were full");
+    }
+    let fleet: Vec<Agent> = fleet
+        .into_iter()
+        .zip(scripts)
+        .map(|(a, s)| {
+            let mut a = a.expect("every reader returned its agent");
+            a.script = s;
+            a
+        })
+        .collect();
+    Ok((fleet, figures(all, measure, cpu.await?)))
+}
+
+pub fn markdown(m: &Map<String, Value>) -> String {
+    let g = m.get("grpc").cloned().unwrap_or(Value::Null);
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "gRPC: the release `vmscale-allocator` in its own process on 127.0.0.1; the agents in the \
+         benchmark's process (a 2-thread tokio runtime), each a node of 64 VMs with its own session and \
+         HTTP/2 connection (TCP_NODELAY). Requests alternate between an increase by one CU and the \
+         decrease back (all granted) and each counts as one reservation. Closed loop: each agent keeps \
+         the stated number of requests in flight (pipelined by request id), so its latencies are queueing \
+         at saturation. Open loop: {} requests/s offered on a fixed schedule round robin over the \
+         agents, latency from the time each request was due. `grpc_reservations_per_s` is the best \
+         closed-loop rate, `grpc_p99_ms` the worst open-loop p99 of the three. Server and client \
+         share the machine's 2 cores.\n",
+        fmt_value(&g["offered_per_s"])
+    );
+    let _ = writeln!(
+        s,
+        "| agents | in flight per agent | sustained /s | p50 | p99 | server CPU | client CPU | \
+         at 10,000/s: answered /s | p50 | p99 | p99.9 | max |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in g["levels"].as_array().into_iter().flatten() {
+        let (c, o) = (&r["closed"], &r["open"]);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.0}% | {:.0}% | {} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
+            r["agents"],
+            r["window"],
+            fmt_value(&c["per_s"]),
+            f(&c["p50_ms"]),
+            f(&c["p99_ms"]),
+            f(&c["server_cpu_pct"]),
+            f(&c["client_cpu_pct"]),
+            fmt_value(&o["per_s"]),
+            f(&o["p50_ms"]),
+            f(&o["p99_ms"]),
+            f(&o["p999_ms"]),
+            f(&o["max_ms"]),
+        );
+    }
+    let _ = writeln!(s);
+    s
+}

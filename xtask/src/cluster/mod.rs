@@ -1,0 +1,308 @@
+//! A local vmscale cluster of real processes, for the end-to-end tests and
+//! the demo: the allocator and the agent (release binaries), real QEMU guests
+//! (the image from `build-guest`, the real informant inside), a second QMP
+//! monitor per VM to watch it, and the workload's console lines.
+//!
+//! Every process is a child that is killed when its handle drops, so a
+//! failing test or a Ctrl-C'd demo leaves nothing running.
+
+pub mod qmp;
+
+use anyhow::{bail, Context};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::guest::qemu::{self, VmSpec};
+use crate::guest::Image;
+use crate::steps::{cargo, Steps};
+
+pub const MIB: u64 = 1 << 20;
+/// The one node's name.
+pub const NODE: &str = "local-node";
+/// The memory ramp the guest runs (see its header).
+pub const RAMP_PL: &str = include_str!("ramp.pl");
+
+/// Builds the release allocator and agent (a no-op when they are fresh).
+pub fn build_daemons(steps: &mut Steps) -> anyhow::Result<()> {
+    steps.run(
+        "build the allocator and the agent (release)",
+        cargo().args(["build", "--release", "-p", "vmscale-allocator", "-p", "vmscale-agent"]),
+    )
+}
+
+/// A child process killed (and reaped) on drop; its stderr goes to a file.
+#[derive(Debug)]
+pub struct Daemon {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Daemon> {
+        let f = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({})", crate::steps::show(cmd)))?;
+        Ok(Daemon { name: name.to_owned(), child, log })
+    }
+
+    /// Fails when the process has stopped.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!("{} stopped ({st}); its log: {}\n{}", self.name, self.log.display(), tail(&self.log, 30));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `GET path` over HTTP/1.0 on 127.0.0.1:port; the body.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+pub fn http_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&http_get(port, path)?)?)
+}
+
+/// The allocator and the agent of one node.
+#[derive(Debug)]
+pub struct Node {
+    pub allocator: Daemon,
+    pub agent: Daemon,
+    pub allocator_http: u16,
+    pub agent_http: u16,
+}
+
+/// One VM for the agent's `vms.toml` and QEMU.
+#[derive(Debug, Clone)]
+pub struct VmPlan {
+    pub id: String,
+    /// CU size: milli-vCPU and MiB.
+    pub cu_milli_cpu: u64,
+    pub cu_mib: u64,
+    pub min_cus: u32,
+    pub max_cus: u32,
+    pub boot_mib: u64,
+    /// DIMMs of `cu_mib` present from boot.
+    pub boot_dimms: u32,
+    pub cpus: u32,
+    pub max_cpus: u32,
+    /// `vmscale.workload=` value (commas for spaces), if any.
+    pub workload: Option<String>,
+}
+
+/// A running VM: QEMU, its ports and sockets.
+#[derive(Debug)]
+pub struct Vm {
+    pub plan: VmPlan,
+    pub qemu: qemu::Vm,
+    pub informant_port: u16,
+    pub agent_qmp: PathBuf,
+    pub watch_qmp: PathBuf,
+    pub console_log: PathBuf,
+}
+
+impl Vm {
+    pub fn boot(image: &Image, dir: &Path, plan: &VmPlan) -> anyhow::Result<Vm> {
+        let informant_port = free_port()?;
+        let agent_qmp = dir.join(format!("{}.qmp", plan.id));
+        let watch_qmp = dir.join(format!("{}.watch.qmp", plan.id));
+        let console_log = dir.join(format!("{}.console.log", plan.id));
+        let _ = fs::remove_file(&agent_qmp);
+        let _ = fs::remove_file(&watch_qmp);
+        let slots = plan.max_cus.max(1);
+        let mut extra_args = vec![
+            "-qmp".to_owned(),
+            format!("unix:{},server=on,wait=off", agent_qmp.display()),
+            "-qmp".to_owned(),
+            format!("unix:{},server=on,wait=off", watch_qmp.display()),
+        ];
+        for i in 0..plan.boot_dimms {
+            extra_args.extend([
+                "-object".to_owned(),
+                format!("memory-backend-ram,id=bootmem{i},size={}M", plan.cu_mib),
+                "-device".to_owned(),
+                format!("pc-dimm,id=bootdimm{i},memdev=bootmem{i}"),
+            ]);
+        }
+        let mut extra_cmdline = vec!["vmscale.informant=--cpu-mode,sysfs".to_owned()];
+        if let Some(w) = &plan.workload {
+            extra_cmdline.push(format!("vmscale.workload={w}"));
+        }
+        let spec = VmSpec {
+            accel: "tcg",
+            cpus: plan.cpus,
+            max_cpus: plan.max_cpus,
+            memory_mib: plan.boot_mib,
+            slots,
+            max_memory_mib: plan.boot_mib + u64::from(slots) * plan.cu_mib,
+            informant_host_port: informant_port,
+            share_host_root: true,
+            extra_cmdline,
+            extra_args,
+            serial_log: console_log.clone(),
+            echo_console: false,
+        };
+        let qemu = qemu::boot(image, &spec)?;
+        Ok(Vm { plan: plan.clone(), qemu, informant_port, agent_qmp, watch_qmp, console_log })
+    }
+
+    /// This VM's `[[vm]]` entry for the agent.
+    pub fn agent_entry(&self) -> String {
+        let p = &self.plan;
+        format!(
+            "[[vm]]\nid = \"{}\"\nqmp = \"{}\"\ninformant = \"http://127.0.0.1:{}\"\n\
+             cu = {{ milli_cpu = {}, memory_bytes = {} }}\nmin_cus = {}\nmax_cus = {}\n\
+             cpu_mode = \"sysfs\"\nmemory = {{ kind = \"dimm\", dimm_bytes = {} }}\n\n",
+            p.id,
+            self.agent_qmp.display(),
+            self.informant_port,
+            p.cu_milli_cpu,
+            p.cu_mib * MIB,
+            p.min_cus,
+            p.max_cus,
+            p.cu_mib * MIB
+        )
+    }
+
+    /// The QEMU process has stopped.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(st) = self.qemu.exited() {
+            bail!(
+                "QEMU of {} stopped ({st}); console {}:\n{}",
+                self.plan.id,
+                self.console_log.display(),
+                tail(&self.console_log, 30)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the node is given: capacity and the agent's `[policy]` lines.
+#[derive(Debug, Clone)]
+pub struct NodePlan {
+    pub capacity_milli_cpu: u64,
+    pub capacity_mib: u64,
+    /// TOML lines under `[policy]` of the agent's config.
+    pub policy: String,
+}
+
+impl Node {
+    /// Starts the allocator, then the agent with `vms` in its VM file.
+    pub fn start(root: &Path, dir: &Path, plan: &NodePlan, vms: &[&Vm]) -> anyhow::Result<Node> {
+        let bin = root.join("target/release");
+        let grpc = free_port()?;
+        let allocator_http = free_port()?;
+        let agent_http = free_port()?;
+        let allocator = Daemon::spawn(
+            "allocator",
+            Command::new(bin.join("vmscale-allocator")).args([
+                "--listen",
+                &format!("127.0.0.1:{grpc}"),
+                "--http-listen",
+                &format!("127.0.0.1:{allocator_http}"),
+            ]),
+            dir.join("allocator.log"),
+        )?;
+        let vms_file = dir.join("vms.toml");
+        let entries: String = vms.iter().map(|v| v.agent_entry()).collect();
+        fs::write(&vms_file, entries)?;
+        let config = dir.join("agent.toml");
+        fs::write(
+            &config,
+            format!(
+                "node = \"{NODE}\"\nallocator = \"http://127.0.0.1:{grpc}\"\nvms_file = \"{}\"\n\
+                 vms_file_interval_ms = 500\nhttp_listen = \"127.0.0.1:{agent_http}\"\n\
+                 capacity_milli_cpu = {}\ncapacity_memory_bytes = {}\nallocator_retry_base_ms = 100\n\
+                 allocator_retry_max_ms = 1000\n[policy]\n{}\n",
+                vms_file.display(),
+                plan.capacity_milli_cpu,
+                plan.capacity_mib * MIB,
+                plan.policy
+            ),
+        )?;
+        let agent = Daemon::spawn(
+            "agent",
+            Command::new(bin.join("vmscale-agent"))
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "info,vmscale_agent=info")
+                .env("NO_COLOR", "1"),
+            dir.join("agent.log"),
+        )?;
+        Ok(Node { allocator, agent, allocator_http, agent_http })
+    }
+
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        self.allocator.check()?;
+        self.agent.check()
+    }
+
+    /// The agent's `/state` entry for `vm`.
+    pub fn agent_vm(&self, vm: &str) -> Option<serde_json::Value> {
+        let s = http_json(self.agent_http, "/state").ok()?;
+        s.get("vms")?.get(vm).cloned()
+    }
+
+    /// The allocator's reservation for `vm`: (milli-vCPU, bytes).
+    pub fn reserved(&self, vm: &str) -> Option<(u64, u64)> {
+        let s = http_json(self.allocator_http, "/state").ok()?;
+        let r = s.get("nodes")?.get(NODE)?.get("vms")?.get(vm)?.get("reserved")?;
+        Some((r.get("milli_cpu")?.as_u64()?, r.get("memory_bytes")?.as_u64()?))
+    }
+}
+
+/// Waits up to `timeout` for `f` to give `Some`; `f` fails fast (when a
+/// process died, say) with an error.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if t0.elapsed() > timeout {
+            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
