@@ -42,8 +42,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Scenario::MemoryRamp => "memory-ramp",
         Scenario::DeniedDownscale => "denied-downscale",
     };
-    let dir = root.join("target/e2e").join(name);
-    let _ = fs::remove_dir_all(&dir);
+    // One directory per run: two test runs at once (two checkouts' worth of
+    // `cargo test`, say) must not share sockets or logs.
+    let dir = root.join("target/e2e").join(format!("{name}-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let ramp = dir.join("ramp.pl");

@@ -1,0 +1,29 @@
+//! Runs one `cargo xtask e2e` scenario through the xtask binary. It needs
+//! root (to install QEMU and the rest) or QEMU already installed; without
+//! either it skips, and under `CI=true` it fails instead.
+
+use std::process::Command;
+
+pub fn run_scenario(name: &str) {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    if !root && !qemu {
+        let reason = "not root and no qemu-system-x86_64: nothing can boot the guest";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot run under CI=true: {reason}");
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["e2e", name])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run xtask e2e");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The whole log is long (cargo, apt): the end says why.
+    let tail: Vec<&str> = stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+    assert!(out.status.success(), "xtask e2e {name} failed:\n{}\n{stdout}", tail.join("\n"));
+    assert!(stdout.contains(&format!("e2e {name} passed")), "{stdout}");
+    println!("{stdout}");
+}
