@@ -292,3 +292,18 @@ fn stale_samples_never_shrink() {
     assert_eq!(s.vm.goal_cus(s.now), 4, "old numbers: hold the size");
     assert_eq!(s.step(), None);
 }
+
+#[test]
+fn a_plug_that_cannot_reach_another_cu_backs_off_instead_of_looping() {
+    let mut s = Sim::new(2);
+    s.at(10).using(3.0); // wants 4
+    assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(4) }));
+    s.feed(Input::Permit { permitted: cus(4) });
+    assert_eq!(s.step(), Some(Action::Plug { target: cus(4) }));
+    // Memory arrived but the CPU could not: still 2 whole CUs.
+    s.feed(Input::Plugged { size: Size::new(500, 4 * GIB) });
+    let d = s.vm.step(s.now);
+    assert_eq!(d.action, None, "no immediate re-plug");
+    assert!(d.wake_at_ms.is_some_and(|w| w > s.now), "backing off");
+    assert_eq!(s.vm.failures, 1);
+}

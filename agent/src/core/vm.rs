@@ -231,7 +231,15 @@ impl VmCore {
                 }
             }
             (Input::Plugged { size }, Some(Action::Plug { .. })) => {
+                let before = self.current_cus();
                 self.done();
+                if size.whole_cus(self.cu) <= before {
+                    // The VM can't take another whole CU (e.g. no vCPU left to
+                    // online): plugging again would loop. Back off like a
+                    // failure and give back the permit it could not use.
+                    self.failed(now, Action::Plug { target: size }, Some(size));
+                    return;
+                }
                 self.current = size;
                 self.permitted = self.permitted.max(size);
                 self.times.to_plug_ms = self.since_began(now);
