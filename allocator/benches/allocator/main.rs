@@ -36,6 +36,9 @@ struct Args {
     /// Shorter runs, for trying things out; the figures are not the real ones.
     #[arg(long)]
     quick: bool,
+    /// gRPC part only: these numbers of agents instead of 1, 16 and 256 (for profiling).
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<usize>,
     /// Cargo passes `--bench` to benchmarks; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -62,7 +65,7 @@ fn main() -> anyhow::Result<()> {
 fn run_part(part: &str, args: &Args) -> anyhow::Result<Map<String, Value>> {
     match part {
         "core" => Ok(decisions::run(args.quick)),
-        "grpc" => grpc::run(&server_binary(args)?, args.quick),
+        "grpc" => grpc::run(&server_binary(args)?, args.quick, &args.agents),
         "sim" => Ok(sim::run(args.quick)),
         other => bail!("unknown part {other:?}; the parts are {}", PARTS.join(", ")),
     }

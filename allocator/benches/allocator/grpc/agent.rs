@@ -31,11 +31,6 @@ pub struct Script {
 }
 
 impl Script {
-    /// A placeholder while the pacing thread holds the real script.
-    pub fn empty() -> Script {
-        Script { vms: Vec::new(), k: 0 }
-    }
-
     /// The next request, carrying `stamp` as its request id.
     pub fn next(&mut self, stamp: u64) -> pb::AgentMessage {
         let k = self.k;
@@ -101,16 +96,17 @@ impl Agent {
         }
         Ok(Agent { tx, rx, script: Script { vms, k: 0 } })
     }
+}
 
-    /// The next answer (pushed messages are skipped); an error answer fails the run.
-    pub async fn answer(&mut self) -> anyhow::Result<u64> {
-        loop {
-            let m = self.rx.message().await?.context("the allocator ended the session")?;
-            match m.body {
-                Some(Reply::Permit(_) | Reply::Ack(_)) if m.request_id != 0 => return Ok(m.request_id),
-                Some(Reply::Error(e)) => bail!("request refused: {}", e.message),
-                _ => {}
-            }
+/// The request id of the next answer (pushed messages are skipped); an error
+/// answer fails the run.
+pub async fn answer(rx: &mut Streaming<pb::AllocatorMessage>) -> anyhow::Result<u64> {
+    loop {
+        let m = rx.message().await?.context("the allocator ended the session")?;
+        match m.body {
+            Some(Reply::Permit(_) | Reply::Ack(_)) if m.request_id != 0 => return Ok(m.request_id),
+            Some(Reply::Error(e)) => bail!("request refused: {}", e.message),
+            _ => {}
         }
     }
 }
