@@ -81,17 +81,25 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
     let mut moves = Vec::new();
     for (_, source, mut excess) in hot {
         let node = &c.nodes[source];
-        let mut candidates: Vec<(&str, Resources)> = node
+        // Targets only fill up during a round, so a VM that fits nowhere now
+        // never will: leave it out before sorting. On a full cluster that is
+        // every VM, and the round costs a scan of the hot nodes and no sort.
+        let mut candidates: Vec<(f64, &str, Resources)> = node
             .vms
             .iter()
             .filter(|(_, e)| e.state == VmState::Active)
             .map(|(id, e)| (id.as_str(), e.reserved.saturating_add(e.unmet)))
-            .filter(|(_, size)| !size.is_zero())
+            .filter(|(_, size)| !size.is_zero() && size.fits_in(best_room))
+            .filter(|(_, size)| !no_room.iter().any(|small| small.fits_in(*size)))
+            .map(|(id, size)| (coverage(size, excess), id, size))
             .collect();
+        if candidates.is_empty() {
+            continue;
+        }
         // Largest share of the excess first; ids break ties.
-        candidates.sort_by(|a, b| {
-            coverage(b.1, excess).total_cmp(&coverage(a.1, excess)).then_with(|| a.0.cmp(b.0))
-        });
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let candidates: Vec<(&str, Resources)> =
+            candidates.into_iter().map(|(_, id, size)| (id, size)).collect();
 
         // One move is best: the smallest VM that covers the excess alone and
         // has somewhere to go.
@@ -173,11 +181,14 @@ fn pick_target(
             continue;
         }
         any_room = true;
-        if t.name == source || c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm)) {
-            continue; // its own node, or the id is already held there
+        if t.name == source {
+            continue;
         }
         let after = t.load.saturating_add(size).max_fraction_of(t.usable);
-        if best.is_none_or(|(_, b)| after < b) {
+        // The id lookup only for a target that would win: it is rarely held
+        // there, and a lookup per target made unbounded rounds quadratic.
+        if best.is_none_or(|(_, b)| after < b) && !c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm))
+        {
             best = Some((i, after));
         }
     }
