@@ -1,8 +1,9 @@
 //! CPU contention the agents measure on their nodes: how long each VM's
 //! runnable vCPUs waited for a host CPU (run-queue delay, host eBPF). The
 //! core records the latest report per node; the metrics and the state dump
-//! show it. Nothing decides on it yet: it is the signal a future planner
-//! needs to see a node that is over-committed in fact, not only on paper.
+//! show it, and the planner sends moved VMs to a contended node only when no
+//! calm node has room (`planner::CONTENDED_P99_US`): such a node is
+//! over-committed in fact, whatever its ledger says.
 
 use super::error::{CoreError, Result};
 use super::vm::check_id;

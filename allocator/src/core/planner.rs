@@ -7,7 +7,10 @@
 //! copied), otherwise the largest VMs first. A VM goes to the connected node
 //! with the most headroom that stays under its own watermark with the VM on it.
 //! Moves already under way count as done for their source and as present on
-//! their target, so a node is not planned twice for the same excess.
+//! their target, so a node is not planned twice for the same excess. A node
+//! whose agent reports vCPUs waiting long for a host CPU (run-queue delay,
+//! see `contention`) is over-committed in fact whatever its ledger says: it
+//! takes a VM only when no calm node has room.
 
 use super::units::Resources;
 use super::vm::VmState;
@@ -24,11 +27,17 @@ pub struct Move {
     pub reason: String,
 }
 
+/// A node whose worst VM's run-queue delay p99 is at least this is
+/// contended: 5 ms of waiting per wake-up is already felt by a database's
+/// tail latency, and is far above what a calm host shows (tens of µs).
+pub const CONTENDED_P99_US: u64 = 5_000;
+
 struct Target<'a> {
     name: &'a str,
     usable: Resources,
     level: Resources,
     load: Resources,
+    contended: bool,
 }
 
 impl Target<'_> {
@@ -64,7 +73,12 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
         let wanted = n.wanted().saturating_sub(leaving.get(name.as_str()).copied().unwrap_or_default());
         let level = n.watermark_level();
         if wanted.fits_in(level) {
-            targets.push(Target { name, usable: n.usable(), level, load: n.wanted() });
+            let contended = n
+                .contention
+                .as_ref()
+                .and_then(|c| c.worst_p99_us())
+                .is_some_and(|p99| p99 >= CONTENDED_P99_US);
+            targets.push(Target { name, usable: n.usable(), level, load: n.wanted(), contended });
         } else {
             hot.push((wanted.max_fraction_of(n.usable()), name, wanted.saturating_sub(level)));
         }
@@ -155,7 +169,8 @@ fn max_headroom(targets: &[Target]) -> Resources {
     targets.iter().fold(Resources::ZERO, |m, t| m.max(t.headroom()))
 }
 
-/// The target with the most headroom left after taking the VM, if any fits.
+/// The target with the most headroom left after taking the VM, if any fits;
+/// a contended one only if no calm one fits.
 fn pick_target(
     targets: &[Target],
     best_room: Resources,
@@ -174,7 +189,7 @@ fn pick_target(
     if no_room.iter().any(|small| small.fits_in(size)) {
         return None;
     }
-    let mut best: Option<(usize, f64)> = None;
+    let mut best: Option<(usize, (bool, f64))> = None;
     let mut any_room = false;
     for (i, t) in targets.iter().enumerate() {
         if !size.fits_in(t.headroom()) {
@@ -184,10 +199,11 @@ fn pick_target(
         if t.name == source {
             continue;
         }
-        let after = t.load.saturating_add(size).max_fraction_of(t.usable);
+        let after = (t.contended, t.load.saturating_add(size).max_fraction_of(t.usable));
+        let better = |b: (bool, f64)| (!after.0 && b.0) || (after.0 == b.0 && after.1 < b.1);
         // The id lookup only for a target that would win: it is rarely held
         // there, and a lookup per target made unbounded rounds quadratic.
-        if best.is_none_or(|(_, b)| after < b) && !c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm))
+        if best.is_none_or(|(_, b)| better(b)) && !c.nodes.get(t.name).is_some_and(|n| n.vms.contains_key(vm))
         {
             best = Some((i, after));
         }

@@ -287,3 +287,34 @@ fn moves_carry_their_reason() {
     assert_eq!(moves.len(), 1);
     assert!(moves[0].reason.contains("node a above its watermark"), "{}", moves[0].reason);
 }
+
+#[test]
+fn a_contended_node_takes_a_vm_only_when_no_calm_node_has_room() {
+    use super::contention::{ContentionReport, VmContention};
+    let slow = |p99_us: u64| VmContention {
+        p50_us: p99_us / 4,
+        p99_us,
+        mean_us: p99_us / 3,
+        max_us: p99_us,
+        samples: 50,
+    };
+    // "a" is 1500 mCPU and 6 GiB over; "b" has the most headroom, "c" less,
+    // both enough for a2.
+    let a: &[(&str, Resources)] = &[("a1", r(5500, 22)), ("a2", r(4000, 16))];
+    let mut w = World::new(4, &[("a", a), ("b", &[("b1", r(500, 2))]), ("c", &[("c1", r(3000, 12))])]);
+    assert_eq!(plan(&w.c)[0].target, "b", "calm nodes: the most headroom wins");
+    let report = |p99| ContentionReport::new(5000, vec![("b1".into(), slow(p99))]).unwrap();
+    // Just under the threshold is still calm.
+    w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US - 1), NOW)
+        .unwrap();
+    assert_eq!(plan(&w.c)[0].target, "b");
+    w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US), NOW).unwrap();
+    assert_eq!(w.round(), vec![mv("a2", "a", "c")], "the calm node, though it has less headroom");
+    w.finish_all(OrderState::Completed);
+    // Now only the contended node has room for a VM from "c" (made hot):
+    // better a contended node than none.
+    let s = w.sessions["c"].clone();
+    w.c.reserve(&s, "c1", r(6000, 24)).unwrap();
+    let moves = plan(&w.c);
+    assert!(!moves.is_empty() && moves.iter().all(|m| m.target == "b"), "{moves:?}");
+}
