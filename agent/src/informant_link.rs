@@ -16,8 +16,17 @@ use vmscale_proto::informant::pressure::Kind;
 /// What the guest told us, as the core wants it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GuestEvent {
-    Sample { usage: Usage, at_ns: u64 },
-    Pressure { oom: bool, kind: i32, at_ns: u64 },
+    /// `mem_total_bytes`: the guest's `MemTotal` (0 when not reported).
+    Sample {
+        usage: Usage,
+        mem_total_bytes: u64,
+        at_ns: u64,
+    },
+    Pressure {
+        oom: bool,
+        kind: i32,
+        at_ns: u64,
+    },
 }
 
 pub type Client = Option<InformantClient<Channel>>;
@@ -60,6 +69,7 @@ pub fn to_guest_event(e: &pb::Event) -> Option<GuestEvent> {
             let used = s.mem_total_bytes.saturating_sub(s.mem_available_bytes).max(s.workload_anon_bytes);
             Some(GuestEvent::Sample {
                 usage: Usage { load_avg_1: s.load_avg_1, memory_used_bytes: used },
+                mem_total_bytes: s.mem_total_bytes,
                 at_ns: e.monotonic_ns,
             })
         }
@@ -174,8 +184,10 @@ mod tests {
                 ..Default::default()
             })),
         };
-        let Some(GuestEvent::Sample { usage, at_ns }) = to_guest_event(&sample) else { panic!() };
-        assert_eq!((usage.memory_used_bytes, at_ns), (400, 5));
+        let Some(GuestEvent::Sample { usage, mem_total_bytes, at_ns }) = to_guest_event(&sample) else {
+            panic!()
+        };
+        assert_eq!((usage.memory_used_bytes, mem_total_bytes, at_ns), (400, 1000, 5));
         let oom = pb::Event {
             monotonic_ns: 9,
             source: "ebpf".into(),

@@ -95,6 +95,7 @@ pub async fn run(
     let seed =
         vm.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let mut core = VmCore::new(spec.cu, spec.min_cus, spec.max_cus, policy.clone(), current, permitted, seed);
+    core.set_boot_memory(qemu.memory_base_bytes);
     info!(%vm, ?current, ?permitted, "VM loop started from QEMU's state");
     // The CPU size QEMU's cgroup quota was last set for, when the policy asks.
     let cpu_max = policy.cpu_max_cgroup.then(|| node.proc_root.clone());
@@ -191,7 +192,10 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(ev) = ev_rx.recv() => match ev {
-                GuestEvent::Sample { usage, .. } => core.input(ms_since(t0), Input::Sample(usage)),
+                GuestEvent::Sample { usage, mem_total_bytes, .. } => {
+                    core.input(ms_since(t0), Input::GuestMemory { total_bytes: mem_total_bytes });
+                    core.input(ms_since(t0), Input::Sample(usage));
+                }
                 GuestEvent::Pressure { oom, .. } => {
                     node.metrics.pressure_events.get_or_create(&VmLabel { vm: vm.clone() }).inc();
                     node.status.lock().unwrap_or_else(|p| p.into_inner()).entry(vm.clone()).or_default().pressure_events += 1;

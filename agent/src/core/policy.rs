@@ -145,12 +145,14 @@ pub struct Usage {
 }
 
 /// CUs the usage calls for: enough that load per CPU and memory use sit at
-/// their targets.
+/// their targets. `memory_overhead_bytes` is the part of the VM's memory the
+/// guest never gets to use (QEMU's size less the guest's `MemTotal`): the
+/// target applies to what the guest has, so the VM needs that much on top.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-pub fn cus_for_usage(u: Usage, cu: Cu, p: &Policy) -> u32 {
+pub fn cus_for_usage(u: Usage, memory_overhead_bytes: u64, cu: Cu, p: &Policy) -> u32 {
     let cpu_milli = (u.load_avg_1.max(0.0) / p.cpu_target * 1000.0).ceil();
     let cpu_cus = (cpu_milli / cu.milli_cpu as f64).ceil();
-    let mem_bytes = (u.memory_used_bytes as f64 / p.memory_target).ceil();
+    let mem_bytes = (u.memory_used_bytes as f64 / p.memory_target).ceil() + memory_overhead_bytes as f64;
     let mem_cus = (mem_bytes / cu.memory_bytes as f64).ceil();
     // f64 -> u32 saturates; NaN becomes 0.
     cpu_cus.max(mem_cus).min(f64::from(u32::MAX)) as u32
@@ -185,9 +187,21 @@ mod tests {
             (f64::NAN, 0, 0),      // garbage in, no growth out
         ];
         for (load, used, want) in cases {
-            let got = cus_for_usage(Usage { load_avg_1: load, memory_used_bytes: used }, CU, &p);
-            assert_eq!(got, want, "load {load}, used {used}");
+            let u = Usage { load_avg_1: load, memory_used_bytes: used };
+            assert_eq!(cus_for_usage(u, 0, CU, &p), want, "load {load}, used {used}");
         }
+    }
+
+    #[test]
+    fn memory_the_guest_never_sees_is_added_on_top() {
+        let p = Policy::default();
+        let cu = Cu { milli_cpu: 125, memory_bytes: 128 << 20 };
+        // 200 MiB used in a 512 MiB VM whose guest sees 392 MiB: 200 / 0.75
+        // = 267 MiB fits 3 CUs of QEMU's memory (384 MiB), but of those the
+        // guest would see only 264; it needs 267 + 120 = 387 MiB: 4 CUs.
+        let u = Usage { load_avg_1: 0.0, memory_used_bytes: 200 << 20 };
+        assert_eq!(cus_for_usage(u, 0, cu, &p), 3);
+        assert_eq!(cus_for_usage(u, 120 << 20, cu, &p), 4);
     }
 
     #[test]

@@ -307,3 +307,133 @@ fn a_plug_that_cannot_reach_another_cu_backs_off_instead_of_looping() {
     assert!(d.wake_at_ms.is_some_and(|w| w > s.now), "backing off");
     assert_eq!(s.vm.failures, 1);
 }
+
+const MIB: u64 = 1 << 20;
+/// The e2e tests' shape: CUs of 1/8 vCPU and 128 MiB.
+const SMALL: Cu = Cu { milli_cpu: 125, memory_bytes: 128 * MIB };
+
+fn small_vm(n: u32) -> VmCore {
+    let size = Size::of_cus(n, SMALL);
+    let mut vm = VmCore::new(SMALL, 1, 16, Policy::default(), size, size, 3);
+    vm.input(0, Input::InformantConnected(true));
+    vm.input(0, Input::AllocatorConnected(true));
+    vm
+}
+
+fn used_mib(mib: u64) -> Input {
+    Input::Sample(Usage { load_avg_1: 0.0, memory_used_bytes: mib * MIB })
+}
+
+#[test]
+fn memory_the_guest_never_sees_counts_towards_the_goal() {
+    // 512 MiB in QEMU, 392 MiB MemTotal in the guest, 300 MiB used: 77% of
+    // what the guest has. By QEMU's size (59%) it would wait.
+    let mut vm = small_vm(4);
+    vm.input(10, used_mib(300));
+    assert_eq!(vm.step(10).action, None, "without MemTotal: 300 / 0.75 = 400 MiB fits 4 CUs");
+    vm.input(20, Input::GuestMemory { total_bytes: 392 * MIB });
+    assert_eq!(vm.memory_overhead(), Some(120 * MIB));
+    assert_eq!(vm.goal_cus(20), 5, "400 + 120 MiB needs 5 CUs");
+    assert_eq!(vm.step(20).action, Some(Action::RequestPermit { target: Size::of_cus(5, SMALL) }));
+}
+
+#[test]
+fn guest_memory_reports_around_a_plug_do_not_skew_the_overhead() {
+    let mut vm = small_vm(4);
+    vm.input(0, used_mib(300));
+    vm.input(0, Input::GuestMemory { total_bytes: 392 * MIB });
+    assert_eq!(vm.step(0).action, Some(Action::RequestPermit { target: Size::of_cus(5, SMALL) }));
+    vm.input(1, Input::Permit { permitted: Size::of_cus(5, SMALL) });
+    assert!(matches!(vm.step(1).action, Some(Action::Plug { .. })));
+    // The guest onlined the DIMM before QEMU's answer reached the core:
+    // 520 MiB against 512 would mean no overhead at all. Ignored.
+    vm.input(2, Input::GuestMemory { total_bytes: 520 * MIB });
+    assert_eq!(vm.memory_overhead(), Some(120 * MIB));
+    vm.input(3, Input::Plugged { size: Size::of_cus(5, SMALL) });
+    // A report that lags the plug (still 392 MiB against 640) is larger: the
+    // smallest difference stands.
+    vm.input(4, Input::GuestMemory { total_bytes: 392 * MIB });
+    assert_eq!(vm.memory_overhead(), Some(120 * MIB));
+    vm.input(5, Input::GuestMemory { total_bytes: 519 * MIB });
+    assert_eq!(vm.memory_overhead(), Some(120 * MIB));
+    // Nonsense (MemTotal 0, or far below the VM) never makes the VM huge.
+    vm.input(6, Input::GuestMemory { total_bytes: 0 });
+    assert_eq!(vm.memory_overhead(), Some(120 * MIB));
+    let mut fresh = small_vm(4);
+    fresh.input(0, Input::GuestMemory { total_bytes: MIB });
+    assert_eq!(fresh.memory_overhead(), Some(256 * MIB), "at most half the VM");
+}
+
+#[test]
+fn a_plug_whose_outcome_is_unknown_forgets_the_overhead() {
+    let mut vm = small_vm(4);
+    vm.input(0, Input::GuestMemory { total_bytes: 392 * MIB });
+    vm.input(0, used_mib(300));
+    vm.step(0);
+    vm.input(1, Input::Permit { permitted: Size::of_cus(5, SMALL) });
+    vm.step(1);
+    vm.input(2, Input::Failed { size: None });
+    assert_eq!(vm.memory_overhead(), None, "QEMU's size unknown: learn it again");
+}
+
+/// Drives every downscale to its end (approved, unplugged as asked,
+/// released) until the core stops asking; the targets asked for.
+fn downscale_to_the_end(vm: &mut VmCore, used: u64) -> Vec<Size> {
+    let mut asked = Vec::new();
+    let mut now = 0;
+    for _ in 0..200 {
+        now += 5_000;
+        vm.input(now, used_mib(used));
+        match vm.step(now).action {
+            Some(Action::AskDownscale { target }) => {
+                asked.push(target);
+                vm.input(now, Input::DownscaleAnswer { approved: true });
+                assert_eq!(vm.step(now).action, Some(Action::Unplug { target }));
+                vm.input(now, Input::Unplugged { size: target });
+                assert_eq!(vm.step(now).action, Some(Action::Release { size: target }));
+                vm.input(now, Input::Released);
+            }
+            None => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    asked
+}
+
+#[test]
+fn downscales_stop_at_boot_memory_which_nothing_can_unplug() {
+    // 1 GiB: 512 MiB boot memory and four DIMMs; min 1 CU (128 MiB). The
+    // guest is idle: the goal is 1 CU, but only the DIMMs can go.
+    let mut vm = small_vm(8);
+    vm.set_boot_memory(512 * MIB);
+    assert_eq!(vm.floor(), Size::new(125, 512 * MIB));
+    let asked = downscale_to_the_end(&mut vm, 20);
+    assert!(asked.iter().all(|t| t.memory_bytes >= 512 * MIB), "asked below boot memory: {asked:?}");
+    // CPU keeps shrinking with the CUs while memory sits at boot size.
+    assert_eq!(asked.last(), Some(&Size::new(125, 512 * MIB)), "{asked:?}");
+    assert_eq!(asked.len(), 7, "one CU per step, then nothing: {asked:?}");
+    assert_eq!(vm.current, Size::new(125, 512 * MIB));
+    assert_eq!(vm.step(10_000_000).action, None, "nothing left to ask for");
+}
+
+#[test]
+fn a_vm_at_its_floor_in_both_dimensions_asks_nothing() {
+    // 4 CUs of 512 MiB boot memory, min 4 CUs: nothing can go.
+    let size = Size::of_cus(4, SMALL);
+    let mut vm = VmCore::new(SMALL, 1, 16, Policy::default(), size, size, 3);
+    vm.set_boot_memory(512 * MIB);
+    vm.input(0, Input::InformantConnected(true));
+    vm.input(0, Input::AllocatorConnected(true));
+    vm.input(0, Input::Bounds { min_cus: 1, max_cus: 16 });
+    // sysfs mode may start with more CPU than CUs: that part can go.
+    let mut vm2 = VmCore::new(SMALL, 1, 16, Policy::default(), Size::new(2000, 512 * MIB), size, 3);
+    vm2.set_boot_memory(512 * MIB);
+    vm2.input(0, Input::InformantConnected(true));
+    vm2.input(0, Input::AllocatorConnected(true));
+    let asked = downscale_to_the_end(&mut vm2, 20);
+    assert_eq!(asked.first(), Some(&Size::new(375, 512 * MIB)), "one CU below 4, CPU only: {asked:?}");
+    assert_eq!(vm2.current, Size::new(125, 512 * MIB));
+    let asked = downscale_to_the_end(&mut vm, 20);
+    assert_eq!(asked.len(), 3, "{asked:?}");
+    assert_eq!(downscale_to_the_end(&mut vm, 20), vec![], "at the floor: no more asks");
+}

@@ -14,6 +14,13 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     Sample(Usage),
+    /// The memory the guest kernel manages (`MemTotal`), bytes, from the
+    /// same sample. Less than QEMU's size by what the kernel reserved at boot
+    /// (memmap, swiotlb, its own image): 392 MiB of a 512 MiB VM. The goal
+    /// adds the difference on top of what use calls for.
+    GuestMemory {
+        total_bytes: u64,
+    },
     /// A pressure event from the guest; `oom` for OOM-victim or memory.max.
     Pressure {
         oom: bool,
@@ -111,6 +118,14 @@ pub struct VmCore {
     pub current: Size,
     /// The allocator's reservation for this VM (at least `current`).
     pub permitted: Size,
+    /// Memory QEMU started the VM with (`base-memory`): no device holds it,
+    /// so nothing can unplug it. Downscales stop there.
+    boot_memory_bytes: u64,
+    /// What of the VM's memory the guest never sees (QEMU's size less the
+    /// guest's `MemTotal`): the smallest difference seen in a report taken
+    /// while no plug or unplug was under way. The smallest, because a sample
+    /// that lags a plug shows the old `MemTotal` against the new size.
+    memory_overhead: Option<u64>,
     usage: Option<(u64, Usage)>,
     /// A goal raised by pressure, and until when it holds.
     pressure_floor: Option<(u32, u64)>,
@@ -153,6 +168,8 @@ impl VmCore {
             policy,
             current,
             permitted: permitted.max(current),
+            boot_memory_bytes: 0,
+            memory_overhead: None,
             usage: None,
             pressure_floor: None,
             low_since: None,
@@ -173,6 +190,24 @@ impl VmCore {
         }
     }
 
+    /// Tells the core how much memory QEMU booted the VM with (QMP
+    /// `query-memory-size-summary` `base-memory`): the VM never shrinks below
+    /// it, nor asks the informant or the allocator to.
+    pub fn set_boot_memory(&mut self, bytes: u64) {
+        self.boot_memory_bytes = bytes;
+    }
+
+    /// The smallest size a downscale may reach: the lower bound in CUs, and
+    /// no less memory than the VM booted with.
+    pub fn floor(&self) -> Size {
+        Size::of_cus(self.min_cus, self.cu).max(Size::new(0, self.boot_memory_bytes))
+    }
+
+    /// The memory the guest never sees, as learned from its samples.
+    pub fn memory_overhead(&self) -> Option<u64> {
+        self.memory_overhead
+    }
+
     pub fn current_cus(&self) -> u32 {
         self.current.whole_cus(self.cu)
     }
@@ -190,7 +225,7 @@ impl VmCore {
         let fresh = self.usage.filter(|(at, _)| now.saturating_sub(*at) <= self.policy.sample_max_age_ms);
         // Without fresh numbers, hold the current size: never shrink blind.
         let mut goal = match fresh {
-            Some((_, u)) => cus_for_usage(u, self.cu, &self.policy),
+            Some((_, u)) => cus_for_usage(u, self.memory_overhead.unwrap_or(0), self.cu, &self.policy),
             None => self.current_cus(),
         };
         if let Some((floor, until)) = self.pressure_floor {
@@ -207,6 +242,18 @@ impl VmCore {
         let flight = self.in_flight.map(|f| f.action);
         match (input, flight) {
             (Input::Sample(u), _) => self.usage = Some((now, u)),
+            (Input::GuestMemory { total_bytes }, flight) => {
+                // While memory is being plugged the guest may already see the
+                // new memory and `current` not yet: skip those reports.
+                let moving = matches!(flight, Some(Action::Plug { .. } | Action::Unplug { .. }));
+                if total_bytes > 0 && !moving {
+                    let mem = self.current.memory_bytes;
+                    // Never more than half the VM: a guest that reports far
+                    // less than it has is wrong, not small.
+                    let o = mem.saturating_sub(total_bytes).min(mem / 2);
+                    self.memory_overhead = Some(self.memory_overhead.map_or(o, |m| m.min(o)));
+                }
+            }
             (Input::Pressure { oom }, _) => {
                 let base = self.current_cus().max(self.permitted.whole_cus(self.cu));
                 let floor = cus_for_pressure(base, oom, &self.policy).min(self.max_cus);
@@ -320,6 +367,11 @@ impl VmCore {
         self.retry_at = now.saturating_add(self.jitter(backoff));
         if let Some(s) = size {
             self.current = s;
+        }
+        if size.is_none() && matches!(action, Action::Plug { .. } | Action::Unplug { .. }) {
+            // QEMU's size is unknown: what the guest sees may not match
+            // `current`, so learn the overhead again.
+            self.memory_overhead = None;
         }
         match action {
             // A failed plug gives back what it did not use of the permit.
@@ -435,7 +487,13 @@ impl VmCore {
         if !self.informant_up {
             return None; // no informant, no memory downscale
         }
-        let target = Size::of_cus(cur - 1, self.cu).max(Size::of_cus(self.min_cus, self.cu));
+        // One CU less, but never below what QEMU can take away: boot memory
+        // has no device to unplug. When the floor leaves nothing to shrink,
+        // don't ask: an approval could not be carried out.
+        let target = Size::of_cus(cur - 1, self.cu).max(self.floor()).min(self.current);
+        if target == self.current {
+            return None;
+        }
         Some(Action::AskDownscale { target })
     }
 }
