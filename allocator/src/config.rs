@@ -32,6 +32,52 @@ pub struct Config {
     pub hello_timeout_ms: u64,
     /// Messages queued towards one agent before the session is considered stuck. Default 4096.
     pub session_queue: usize,
+    /// Set when the allocator runs in a Kubernetes cluster: leader election on
+    /// a Lease, node capacity from the cluster. Unset: one allocator, capacity
+    /// as each agent reports it.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[kubernetes]`: see `crate::leader` and `crate::capacity`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Name of the `coordination.k8s.io/v1` Lease the replicas elect a leader
+    /// on. Default `vmscale-allocator`; RBAC names it too (deploy/).
+    pub lease_name: String,
+    /// The Lease's namespace. Default: `$POD_NAMESPACE`, else `vmscale-system`.
+    pub lease_namespace: Option<String>,
+    /// A holder that has not renewed for this long loses the Lease, ms.
+    /// Default 10000: a standby takes over 10-12 s after a leader dies
+    /// (immediately when it shuts down cleanly and hands the Lease back).
+    pub lease_duration_ms: u64,
+    /// How often the leader renews and a standby checks, ms. Default 2000.
+    pub renew_interval_ms: u64,
+    /// A leader that could not renew for this long stops serving (before
+    /// the Lease runs out, so two leaders never serve at once), ms. Default 7000.
+    pub renew_deadline_ms: u64,
+    /// Take each node's capacity from its Node's allocatable resources less
+    /// the requests of pods that are not autoscaled VMs. Default true.
+    pub capacity_from_nodes: bool,
+    /// The label that marks an autoscaled VM pod (as the agent's). Default `vmscale.io/autoscale`.
+    pub autoscale_label_key: String,
+    /// Its value. Default `true`.
+    pub autoscale_label_value: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            lease_name: "vmscale-allocator".into(),
+            lease_namespace: None,
+            lease_duration_ms: 10_000,
+            renew_interval_ms: 2_000,
+            renew_deadline_ms: 7_000,
+            capacity_from_nodes: true,
+            autoscale_label_key: "vmscale.io/autoscale".into(),
+            autoscale_label_value: "true".into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -47,6 +93,7 @@ impl Default for Config {
             max_moves_per_round: 16,
             hello_timeout_ms: 10_000,
             session_queue: 4096,
+            kubernetes: None,
         }
     }
 }
@@ -110,6 +157,9 @@ impl Config {
                 "beyond any machine; check the units (milli-vCPU, bytes)",
             );
         }
+        if let Some(k) = &self.kubernetes {
+            k.validate()?;
+        }
         Ok(())
     }
 
@@ -120,6 +170,53 @@ impl Config {
             order_timeout_ms: self.order_timeout_ms,
             max_moves_per_round: self.max_moves_per_round,
         }
+    }
+}
+
+impl KubernetesConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: String, reason| Err(ConfigError::Invalid { field, value, reason });
+        let dns = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if !dns(&self.lease_name) {
+            return bad("kubernetes.lease_name", self.lease_name.clone(), "must be a DNS label");
+        }
+        if let Some(ns) = self.lease_namespace.as_deref().filter(|ns| !dns(ns)) {
+            return bad("kubernetes.lease_namespace", ns.to_owned(), "must be a DNS label");
+        }
+        if self.renew_interval_ms == 0 {
+            return bad("kubernetes.renew_interval_ms", "0".into(), "must be at least 1");
+        }
+        // The leader must give up before the Lease runs out, and retry at
+        // least once before giving up.
+        if !(self.renew_interval_ms < self.renew_deadline_ms
+            && self.renew_deadline_ms < self.lease_duration_ms)
+        {
+            return bad(
+                "kubernetes.renew_deadline_ms",
+                format!(
+                    "renew_interval_ms {} / renew_deadline_ms {} / lease_duration_ms {}",
+                    self.renew_interval_ms, self.renew_deadline_ms, self.lease_duration_ms
+                ),
+                "must be renew_interval_ms < renew_deadline_ms < lease_duration_ms",
+            );
+        }
+        let label_ok = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if self.autoscale_label_key.is_empty()
+            || !label_ok(&self.autoscale_label_key)
+            || !label_ok(&self.autoscale_label_value)
+            || self.autoscale_label_value.contains('/')
+        {
+            return bad(
+                "kubernetes.autoscale_label_key",
+                format!("{}={}", self.autoscale_label_key, self.autoscale_label_value),
+                "must be a label key and value",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -149,6 +246,18 @@ mod tests {
         assert_eq!(c.watermark, 0.8);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.core().watermark, 0.8);
+    }
+
+    #[test]
+    fn kubernetes_section() {
+        let c = Config::parse("[kubernetes]\nlease_name = \"x\"", "t").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.lease_name, "x");
+        assert_eq!(k.lease_duration_ms, 10_000);
+        let e = Config::parse("[kubernetes]\nrenew_deadline_ms = 20000", "t").unwrap_err();
+        assert!(e.to_string().contains("renew_deadline_ms"), "{e}");
+        assert!(Config::parse("[kubernetes]\nlease = \"x\"", "t").is_err());
+        assert!(Config::parse("[kubernetes]\nlease_name = \"A_b\"", "t").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod demo;
 mod e2e;
 mod ebpf;
 mod guest;
+mod kubectl;
 mod steps;
 mod test;
 

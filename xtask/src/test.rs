@@ -13,7 +13,8 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut steps = Steps::new(if a.no_lint { 3 } else { 5 });
     steps.call("install the packages the tests run (QEMU for the agent's real-QEMU tests)", || {
-        crate::apt::ensure(&["qemu-system-x86"], "agent QMP tests")
+        crate::apt::ensure(&["qemu-system-x86"], "agent QMP tests")?;
+        crate::kubectl::ensure() // `kubectl kustomize` in agent/tests/deploy_manifests.rs
     })?;
     steps.call("build the eBPF objects (installs the toolchain if missing)", || {
         crate::ebpf::run(crate::ebpf::Args::default())
