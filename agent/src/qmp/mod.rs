@@ -24,6 +24,8 @@ pub mod event;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod hypervisor;
+pub mod migrate;
+pub mod migrate_spec;
 pub mod process;
 pub mod size;
 pub mod types;
