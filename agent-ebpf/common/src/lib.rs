@@ -10,8 +10,12 @@
 //! were loaded: user space takes differences. That way a record lost, read
 //! twice or overtaken by a later one never makes a count wrong, only late.
 
-#![no_std]
+// The eBPF programs build this crate without the `user` feature, where there
+// is no std; user space gets std and the loaders' shared checks.
+#![cfg_attr(not(feature = "user"), no_std)]
 
+#[cfg(feature = "user")]
+pub mod preflight;
 pub mod sched;
 
 /// Which tracepoint family a record or state entry belongs to.

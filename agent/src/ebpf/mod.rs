@@ -14,7 +14,6 @@
 
 pub mod btf;
 pub mod delay;
-mod preflight;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +21,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
+use vmscale_ebpf_common::preflight::{self, list, PreflightError};
 use vmscale_ebpf_common::sched::{
     RqStats, RQ_EPOCH_MAP, RQ_STATS_MAP, SCHED_PROGRAMS, SCHED_RAW_PROGRAMS, TASK_PID_OFFSET_GLOBAL,
 };
@@ -76,19 +76,9 @@ impl Default for RunQueueConfig {
 pub enum Error {
     #[error("the eBPF object file is missing: {}; build it with `cargo xtask build-ebpf`", list(.searched))]
     ObjectMissing { searched: Vec<PathBuf> },
-    #[error(
-        "missing capability CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load and attach eBPF programs \
-         (effective set {effective:#x})"
-    )]
-    Capability { effective: u64 },
-    #[error("tracefs is not mounted (looked at {}) and mounting it failed", list(.looked_at))]
-    TracefsMount {
-        looked_at: Vec<PathBuf>,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("tracefs is not mounted (looked at {})", list(.looked_at))]
-    TracefsMissing { looked_at: Vec<PathBuf> },
+    /// Capabilities, tracefs: what both loaders check before loading.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
     #[error("reading {path}", path = .path.display())]
     Read {
         path: PathBuf,
@@ -127,11 +117,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-fn list(paths: &[PathBuf]) -> String {
-    let v: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    v.join(", ")
-}
 
 /// The object's file name, as `cargo xtask build-ebpf` writes it.
 pub const OBJECT_FILE: &str = "vmscale.bpf.o";

@@ -19,7 +19,6 @@
 
 mod hog;
 pub mod object;
-mod preflight;
 mod reader;
 mod records;
 
@@ -34,6 +33,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use vmscale_ebpf_common::preflight::{self, list, PreflightError};
 use vmscale_ebpf_common::{KindState, DEFAULT_WINDOW_NS, PROGRAMS, RING_MAP, STATE_MAP, WINDOW_GLOBAL};
 
 use crate::event::{Event, SourceKind};
@@ -81,25 +81,9 @@ impl Default for EbpfConfig {
 pub enum Error {
     #[error("the eBPF object file is missing: {}; build it with `cargo xtask build-ebpf`", list(.searched))]
     ObjectMissing { searched: Vec<PathBuf> },
-    #[error(
-        "missing capability CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load and attach eBPF programs \
-         (effective set {effective:#x})"
-    )]
-    Capability { effective: u64 },
-    #[error("tracefs is not mounted (looked at {}) and mounting it failed", list(.looked_at))]
-    TracefsMount {
-        looked_at: Vec<PathBuf>,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("tracefs is not mounted (looked at {})", list(.looked_at))]
-    TracefsMissing { looked_at: Vec<PathBuf> },
-    #[error("reading {path}", path = .path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Capabilities, tracefs: what both loaders check before loading.
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
     #[error("loading the eBPF object {}{}", .path.display(), if *.btf { "" } else { " (the kernel has no BTF: /sys/kernel/btf/vmlinux is missing)" })]
     Load {
         path: PathBuf,
@@ -131,11 +115,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-fn list(paths: &[PathBuf]) -> String {
-    let v: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    v.join(", ")
-}
 
 /// Loaded and attached programs, ready to be spawned as a [`Source`].
 pub struct EbpfSource {

@@ -1,10 +1,41 @@
-//! Checks before loading, so that a guest without what eBPF needs gets a
-//! sentence naming it instead of an errno from deep inside aya.
+//! Checks before loading, so that a machine without what eBPF needs gets a
+//! sentence naming it instead of an errno from deep inside aya. Both loaders
+//! (the informant's in the guest, the agent's on the host) run them.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use super::{Error, Result};
+/// What a check found missing. Each message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "missing capability CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load and attach eBPF programs \
+         (effective set {effective:#x})"
+    )]
+    Capability { effective: u64 },
+    #[error("tracefs is not mounted (looked at {}) and mounting it failed", list(.looked_at))]
+    TracefsMount {
+        looked_at: Vec<PathBuf>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tracefs is not mounted (looked at {})", list(.looked_at))]
+    TracefsMissing { looked_at: Vec<PathBuf> },
+    #[error("reading {path}", path = .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, PreflightError>;
+use PreflightError as Error;
+
+/// Paths for a message, comma-separated.
+pub fn list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
