@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 pub mod core;
+pub mod leader;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -4,8 +4,12 @@ use anyhow::Context;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use vmscale_allocator::config::Config;
+use vmscale_allocator::leader::lease::LeaseConfig;
+use vmscale_allocator::leader::Timing;
+use vmscale_allocator::server::Extras;
 
 /// The central allocator: per-node ledgers, permits that never over-commit a
 /// node, migration plans when a node passes its watermark.
@@ -24,6 +28,12 @@ struct Args {
     /// Watermark fraction in (0, 1] (overrides the file).
     #[arg(long)]
     watermark: Option<f64>,
+    /// This replica's identity in the leader Lease (Kubernetes mode); default: the host name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// The Lease's namespace when the file does not set one (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "vmscale-system")]
+    namespace: String,
     /// Log filter, e.g. `info` or `vmscale_allocator=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -61,7 +71,45 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    vmscale_allocator::server::run(config, grpc, http, shutdown).await?;
+    let Some(k) = config.kubernetes.clone() else {
+        vmscale_allocator::server::run(config, grpc, http, shutdown).await?;
+        return Ok(());
+    };
+
+    // Kubernetes mode: serve only while holding the Lease.
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let identity = match args.identity {
+        Some(i) => i,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .context("no --identity (POD_NAME) and no host name to use instead")?,
+    };
+    let lease = LeaseConfig {
+        namespace: k.lease_namespace.clone().unwrap_or(args.namespace),
+        name: k.lease_name.clone(),
+        identity,
+        timing: Timing {
+            lease_duration: Duration::from_millis(k.lease_duration_ms),
+            renew_interval: Duration::from_millis(k.renew_interval_ms),
+            renew_deadline: Duration::from_millis(k.renew_deadline_ms),
+        },
+    };
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+    let shared = vmscale_allocator::service::Shared::new(config, shutdown.clone());
+    let election = tokio::spawn({
+        let (client, stop) = (client.clone(), shutdown.clone());
+        async move {
+            let r = vmscale_allocator::leader::lease::run(client, lease, leader_tx, stop.clone()).await;
+            stop.cancel(); // a lost lease stops the servers too
+            r
+        }
+    });
+    let extras = Extras { leader: Some(leader_rx), routes: None };
+    let served = vmscale_allocator::server::serve_with(shared, grpc, http, extras).await;
+    election.await.context("the leader election task panicked")??;
+    served?;
     Ok(())
 }
 

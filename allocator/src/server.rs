@@ -12,6 +12,7 @@ use axum::routing::get;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
@@ -39,15 +40,42 @@ pub async fn run(
 
 /// Like [`run`], for callers that keep a handle on the shared state.
 pub async fn serve(shared: Arc<Shared>, grpc: TcpListener, http: TcpListener) -> Result<(), ServerError> {
+    serve_with(shared, grpc, http, Extras::default()).await
+}
+
+/// What Kubernetes mode adds to the servers.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// True while this replica leads (`crate::leader`). Unset: always
+    /// leading (one allocator). A standby answers agents with UNAVAILABLE
+    /// and `/readyz` with 503, so the Service routes only to the leader.
+    pub leader: Option<watch::Receiver<bool>>,
+    /// More HTTP routes (the scheduler extender), served beside `/metrics`.
+    pub routes: Option<axum::Router>,
+}
+
+/// Like [`serve`], with leader gating and extra routes.
+pub async fn serve_with(
+    shared: Arc<Shared>,
+    grpc: TcpListener,
+    http: TcpListener,
+    extras: Extras,
+) -> Result<(), ServerError> {
     let shutdown = shared.shutdown.clone();
     info!(grpc = ?grpc.local_addr().ok(), http = ?http.local_addr().ok(), "allocator serving");
     let planner = tokio::spawn(plan_loop(shared.clone()));
 
-    let app = axum::Router::new()
+    let leader = extras.leader;
+    let ready = leader.clone();
+    let mut app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/state", get(state))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(move || readyz(ready.clone())))
         .with_state(shared.clone());
+    if let Some(routes) = extras.routes {
+        app = app.merge(routes);
+    }
     let http_stop = shutdown.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http, app).with_graceful_shutdown(http_stop.cancelled_owned()).await
@@ -58,7 +86,7 @@ pub async fn serve(shared: Arc<Shared>, grpc: TcpListener, http: TcpListener) ->
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AllocatorServer::new(AllocatorService::new(shared.clone())))
+        .add_service(AllocatorServer::with_interceptor(AllocatorService::new(shared.clone()), gate(leader)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel(); // a failed gRPC server stops the rest too
@@ -86,6 +114,29 @@ async fn plan_loop(sh: Arc<Shared>) {
             () = sh.shutdown.cancelled() => return,
             () = tokio::time::sleep(min_gap) => {}
         }
+    }
+}
+
+/// Ready while leading (always, without election).
+async fn readyz(leader: Option<watch::Receiver<bool>>) -> impl IntoResponse {
+    match leader {
+        Some(l) if !*l.borrow() => {
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "standby: another replica holds the lease\n")
+        }
+        _ => (axum::http::StatusCode::OK, "ok\n"),
+    }
+}
+
+/// Lets agents' calls through only while this replica leads: a standby's
+/// ledger is empty, and a grant from it could over-commit a node.
+fn gate(
+    leader: Option<watch::Receiver<bool>>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| match &leader {
+        Some(l) if !*l.borrow() => {
+            Err(tonic::Status::unavailable("this allocator is a standby; connect through the Service"))
+        }
+        _ => Ok(req),
     }
 }
 
