@@ -5,6 +5,7 @@
 //! - [`convert`] turns wire types into domain types, rejecting bad values.
 //! - [`service`] and [`session`] are the gRPC edge; [`server`] binds listeners.
 
+pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod convert;

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use vmscale_allocator::capacity::VmLabel;
 use vmscale_allocator::config::Config;
 use vmscale_allocator::leader::lease::LeaseConfig;
 use vmscale_allocator::leader::Timing;
@@ -106,6 +107,16 @@ async fn main() -> anyhow::Result<()> {
             r
         }
     });
+    if k.capacity_from_nodes {
+        // Only the leader's ledger is used: watch the cluster once leading.
+        let label = VmLabel { key: k.autoscale_label_key.clone(), value: k.autoscale_label_value.clone() };
+        let (mut leading, sh, stop) = (leader_rx.clone(), shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if leading.wait_for(|l| *l).await.is_ok() {
+                vmscale_allocator::capacity::watch::run(client, label, sh, stop).await;
+            }
+        });
+    }
     let extras = Extras { leader: Some(leader_rx), routes: None };
     let served = vmscale_allocator::server::serve_with(shared, grpc, http, extras).await;
     election.await.context("the leader election task panicked")??;

@@ -3,6 +3,7 @@
 //! the time in milliseconds. Every method either applies all of its change or,
 //! on error, none of it.
 
+pub mod cluster_capacity;
 pub mod contention;
 pub mod error;
 pub mod ledger;
@@ -77,6 +78,9 @@ pub struct Cluster {
     pub nodes: HashMap<String, NodeLedger>,
     pub orders: BTreeMap<u64, Order>,
     pub finished_orders: VecDeque<Order>,
+    /// Node capacities from the cluster (Kubernetes mode), which win over
+    /// what agents report; see [`cluster_capacity`].
+    pub cluster_capacity: BTreeMap<String, Resources>,
     next_session: u64,
     next_order: u64,
 }
@@ -96,6 +100,7 @@ impl Cluster {
             nodes: HashMap::new(),
             orders: BTreeMap::new(),
             finished_orders: VecDeque::new(),
+            cluster_capacity: BTreeMap::new(),
             next_session: 1,
             next_order: 1,
         }
@@ -124,6 +129,7 @@ impl Cluster {
                 format!("{capacity} has a zero dimension; report the node's schedulable cpu and memory"),
             ));
         }
+        let capacity = self.cluster_capacity.get(&reg.node).copied().unwrap_or(capacity);
         let mut seen = std::collections::HashSet::new();
         for v in &reg.vms {
             if !seen.insert(v.id.as_str()) {

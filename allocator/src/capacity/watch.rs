@@ -1,0 +1,106 @@
+//! Feeds [`CapacityTable`] from the API server (list then watch of Nodes and
+//! of unfinished Pods, with kube-runtime's watcher and its backoff) and hands
+//! every changed capacity to the ledger. Requests: `list` and `watch` of
+//! nodes and pods, cluster-wide (the ClusterRole in deploy/ grants these).
+
+use super::{CapacityTable, VmLabel};
+use crate::core::units::Resources;
+use crate::service::Shared;
+use futures::{stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+// Boxed: a Pod event is large, and these pass through a stream by value.
+enum Change {
+    Node(Box<Event<Node>>),
+    Pod(Box<Event<Pod>>),
+}
+
+/// The pod watch leaves out finished pods on the server side, as
+/// kube-scheduler's own pod informer does.
+pub fn pod_watch_config() -> watcher::Config {
+    from_cache(watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"))
+}
+
+pub fn node_watch_config() -> watcher::Config {
+    from_cache(watcher::Config::default())
+}
+
+/// Lists from the API server's watch cache (`resourceVersion=0`) in one
+/// page, as informers do: one allocator lists, and the watch brings it up
+/// to date at once; pages would have to come from etcd instead.
+fn from_cache(c: watcher::Config) -> watcher::Config {
+    let mut c = c.any_semantic();
+    c.page_size = None;
+    c
+}
+
+/// Runs until `cancel`. While the API server is unreachable the last
+/// capacities stay.
+pub async fn run(client: Client, label: VmLabel, shared: Arc<Shared>, cancel: CancellationToken) {
+    let nodes = watcher::watcher(Api::<Node>::all(client.clone()), node_watch_config()).default_backoff();
+    let pods = watcher::watcher(Api::<Pod>::all(client), pod_watch_config()).default_backoff();
+    let changes = stream::select(
+        nodes.map(|e| e.map(|e| Change::Node(Box::new(e))).map_err(|e| ("nodes", e))),
+        pods.map(|e| e.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e))),
+    );
+    let mut changes = std::pin::pin!(changes);
+    let mut table = CapacityTable::new(label);
+    let mut applied: BTreeMap<String, Resources> = BTreeMap::new();
+    loop {
+        let change = tokio::select! {
+            () = cancel.cancelled() => return,
+            c = changes.next() => c,
+        };
+        match change {
+            None => return,
+            Some(Err((what, e))) => {
+                warn!("watching {what} failed, keeping the last capacities and retrying: {e}")
+            }
+            Some(Ok(Change::Node(e))) => table.apply_node(*e),
+            Some(Ok(Change::Pod(e))) => table.apply_pod(*e),
+        }
+        let now = table.capacities();
+        if now != applied {
+            push(&shared, &applied, &now);
+            applied = now;
+        }
+    }
+}
+
+fn push(shared: &Shared, before: &BTreeMap<String, Resources>, now: &BTreeMap<String, Resources>) {
+    let mut shrunk = false;
+    {
+        let mut st = shared.lock();
+        for (node, c) in now {
+            if before.get(node) == Some(c) {
+                continue;
+            }
+            let c = match c.checked("node allocatable") {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(node, "ignoring the node's allocatable resources: {e}");
+                    continue;
+                }
+            };
+            shrunk |= before.get(node).is_some_and(|b| !b.fits_in(c));
+            if st.cluster.set_cluster_capacity(node, Some(c)) {
+                debug!(node, capacity = %c, "node capacity from the cluster");
+            }
+        }
+        for node in before.keys().filter(|n| !now.contains_key(*n)) {
+            info!(node, "node gone from the cluster; its ledger keeps its last capacity");
+            st.cluster.set_cluster_capacity(node, None);
+        }
+    }
+    if shrunk {
+        // Less room than before may leave a node hot: plan now, not at the next tick.
+        shared.plan_now.notify_one();
+    }
+}
