@@ -136,6 +136,10 @@ impl Config {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
         self.contention.validate().map_err(ConfigError::Invalid)?;
+        if let Some(p) = &self.policy.polling {
+            p.validate(self.policy.sample_max_age_ms)
+                .map_err(|e| ConfigError::Invalid(format!("policy.{e}")))?;
+        }
         self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))
     }
 }
@@ -173,6 +177,12 @@ mod tests {
         assert_eq!((c.node.as_str(), c.policy.memory_target), ("n1", 0.6));
         std::fs::write(&p, "node = \"n1\"\nallocator = \"127.0.0.1:7070\"\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("http://"));
+        assert_eq!(c.policy.polling, None, "event-driven unless asked");
+        std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 2000\n").unwrap();
+        let polling = Config::load(&p).unwrap().policy.polling.unwrap();
+        assert_eq!((polling.loop_interval_ms, polling.sample_average_ms), (2000, 500));
+        std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 20000\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("sample_max_age_ms"));
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();

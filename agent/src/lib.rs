@@ -14,6 +14,7 @@ pub mod http;
 pub mod informant_link;
 pub mod metrics;
 pub mod node;
+pub mod polling;
 pub mod qmp;
 pub mod vm_loop;
 pub mod vms;

@@ -97,6 +97,12 @@ pub async fn run(
     let mut core = VmCore::new(spec.cu, spec.min_cus, spec.max_cus, policy.clone(), current, permitted, seed);
     core.set_boot_memory(qemu.memory_base_bytes);
     info!(%vm, ?current, ?permitted, "VM loop started from QEMU's state");
+    // Polling-only (comparison) mode: samples wait for the loop's tick.
+    let mut poller = policy.polling.map(|p| crate::polling::Poller::new(p, ms_since(t0)));
+    if let Some(p) = &policy.polling {
+        info!(%vm, loop_interval_ms = p.loop_interval_ms, sample_average_ms = p.sample_average_ms,
+            "polling-only mode: pressure events are ignored");
+    }
     // The CPU size QEMU's cgroup quota was last set for, when the policy asks.
     let cpu_max = policy.cpu_max_cgroup.then(|| node.proc_root.clone());
     let mut cpu_max_for: Option<u64> = None;
@@ -189,19 +195,40 @@ pub async fn run(
         }
 
         let sleep = wake.map(|w| Duration::from_millis(w.saturating_sub(ms_since(t0))));
+        let poll_sleep =
+            poller.as_ref().map(|p| Duration::from_millis(p.next_tick_ms().saturating_sub(ms_since(t0))));
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(ev) = ev_rx.recv() => match ev {
                 GuestEvent::Sample { usage, mem_total_bytes, .. } => {
+                    // Calibration, not a decision input: in either mode.
                     core.input(ms_since(t0), Input::GuestMemory { total_bytes: mem_total_bytes });
-                    core.input(ms_since(t0), Input::Sample(usage));
+                    match &mut poller {
+                        Some(p) => p.sample(ms_since(t0), usage),
+                        None => core.input(ms_since(t0), Input::Sample(usage)),
+                    }
                 }
                 GuestEvent::Pressure { oom, .. } => {
+                    // Counted in either mode, so a comparison shows what polling missed.
                     node.metrics.pressure_events.get_or_create(&VmLabel { vm: vm.clone() }).inc();
                     node.status.lock().unwrap_or_else(|p| p.into_inner()).entry(vm.clone()).or_default().pressure_events += 1;
-                    core.input(ms_since(t0), Input::Pressure { oom });
+                    if poller.is_none() {
+                        core.input(ms_since(t0), Input::Pressure { oom });
+                    }
                 }
             },
+            () = sleep_opt(poll_sleep) => {
+                let now = ms_since(t0);
+                if let Some(t) = poller.as_mut().and_then(|p| p.tick(now)) {
+                    match t.usage {
+                        Some(u) => {
+                            tracing::debug!(%vm, samples = t.samples, used = u.memory_used_bytes, "polling tick");
+                            core.input(now, Input::Sample(u));
+                        }
+                        None => warn!(%vm, "polling tick without a sample in its window"),
+                    }
+                }
+            }
             Ok(()) = inf_rx.changed() => {
                 let up = inf_rx.borrow_and_update().is_some();
                 core.input(ms_since(t0), Input::InformantConnected(up));

@@ -87,6 +87,11 @@ pub struct Policy {
     /// 100 ms. Whole vCPUs lift the cap. QEMU must run in a cgroup of its own
     /// (see `cpu_max.rs`). Default false.
     pub cpu_max_cgroup: bool,
+    /// `[policy.polling]`: decide like Neon's autoscaler, from averaged samples
+    /// once per loop interval, ignoring pressure events (see `crate::polling`).
+    /// The VM loop applies it; the core sees only the averaged samples. For
+    /// comparison benchmarks. Default none: event-driven.
+    pub polling: Option<crate::polling::Polling>,
 }
 
 impl Default for Policy {
@@ -107,6 +112,7 @@ impl Default for Policy {
             sample_max_age_ms: 10_000,
             stuck_after_failures: 5,
             cpu_max_cgroup: false,
+            polling: None,
         }
     }
 }
