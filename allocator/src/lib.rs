@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod convert;
 pub mod core;
+pub mod extender;
 pub mod leader;
 pub mod metrics;
 pub mod server;

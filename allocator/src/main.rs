@@ -107,9 +107,10 @@ async fn main() -> anyhow::Result<()> {
             r
         }
     });
+    let label = VmLabel { key: k.autoscale_label_key.clone(), value: k.autoscale_label_value.clone() };
+    let routes = vmscale_allocator::extender::http::router(shared.clone(), label.clone());
     if k.capacity_from_nodes {
         // Only the leader's ledger is used: watch the cluster once leading.
-        let label = VmLabel { key: k.autoscale_label_key.clone(), value: k.autoscale_label_value.clone() };
         let (mut leading, sh, stop) = (leader_rx.clone(), shared.clone(), shutdown.clone());
         tokio::spawn(async move {
             if leading.wait_for(|l| *l).await.is_ok() {
@@ -117,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let extras = Extras { leader: Some(leader_rx), routes: None };
+    let extras = Extras { leader: Some(leader_rx), routes: Some(routes) };
     let served = vmscale_allocator::server::serve_with(shared, grpc, http, extras).await;
     election.await.context("the leader election task panicked")??;
     served?;
