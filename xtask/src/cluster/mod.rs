@@ -39,6 +39,12 @@ pub struct Daemon {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    /// How it was started, to start it again the same way.
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
+    /// Whether `child` has been killed and reaped.
+    stopped: bool,
 }
 
 impl Daemon {
@@ -50,11 +56,59 @@ impl Daemon {
             .stderr(f)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", crate::steps::show(cmd)))?;
-        Ok(Daemon { name: name.to_owned(), child, log })
+        Ok(Daemon {
+            name: name.to_owned(),
+            child,
+            log,
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            envs: cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned))).collect(),
+            stopped: false,
+        })
     }
 
-    /// Fails when the process has stopped.
+    /// SIGKILL, as a crash would: no shutdown handler runs. Waits until the
+    /// process is gone.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if !self.stopped {
+            self.child.kill().with_context(|| format!("killing {}", self.name))?;
+            self.child.wait()?;
+            self.stopped = true;
+        }
+        Ok(())
+    }
+
+    /// Starts it again as it was started first (same arguments, so the same
+    /// ports), killing it first if it still runs. The log is appended to,
+    /// after a line saying so.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill()?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        writeln!(f, "==== {} restarted by the test ====", self.name)?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        for (k, v) in &self.envs {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        self.child =
+            cmd.stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f).spawn().with_context(|| {
+                format!("cannot start {} again ({})", self.name, crate::steps::show(&cmd))
+            })?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Fails when the process has stopped (other than by [`Daemon::kill`]).
     pub fn check(&mut self) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
         if let Some(st) = self.child.try_wait()? {
             bail!("{} stopped ({st}); its log: {}\n{}", self.name, self.log.display(), tail(&self.log, 30));
         }
@@ -64,8 +118,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.stopped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

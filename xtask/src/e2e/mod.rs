@@ -1,16 +1,26 @@
 //! `cargo xtask e2e <scenario>`: end-to-end scenarios with every part real:
 //! the allocator and the agent (release binaries, gRPC on loopback), one
 //! QEMU guest under TCG with the real informant inside (sysfs CPU mode,
-//! 128 MiB DIMMs), and a memory workload in the guest (`cluster/ramp.pl`,
-//! by the guest's own clock). `xtask/tests/e2e_*.rs` run them; each prints
-//! "e2e <scenario> passed" and its figures.
+//! 128 MiB DIMMs), and a workload in the guest (`cluster/ramp.pl` for
+//! memory, `cpu.pl` for CPU, by the guest's own clock). `xtask/tests/e2e_*.rs`
+//! run them, one per test file; each prints "e2e <scenario> passed: " and
+//! its figures on one line.
+//!
+//! The guest's console shows only kernel emergencies; its /init reports OOM
+//! kills from `/proc/vmstat` as "oom: Killed process ...", and every scenario
+//! first checks that this watch runs, so "no OOM kill" is never a blind spot.
 
-use anyhow::{bail, ensure, Context};
+mod cpu;
+mod memory;
+mod restart;
+mod room;
+
+use anyhow::{ensure, Context};
+use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};
 use crate::steps::Steps;
 
@@ -22,6 +32,33 @@ pub enum Scenario {
     /// The workload holds 650 MiB of a 1 GiB guest; the agent asks to
     /// shrink, the informant says no, the VM keeps its DIMMs.
     DeniedDownscale,
+    /// Idle, the guest's second vCPU goes offline; four busy loops for 30 s
+    /// bring it back; after they stop it goes offline again.
+    CpuLoad,
+    /// A node with no room left: the ramp outgrows the guest, the allocator
+    /// denies, QEMU's size never changes, the ledger stays within capacity
+    /// and the agent asks at a bounded rate.
+    NoRoom,
+    /// The agent is killed (SIGKILL) mid-ramp and started again: it reads the
+    /// VM back from QEMU, registers it once, and scaling goes on.
+    AgentRestart,
+    /// The allocator is killed mid-ramp and started again on its port: the
+    /// agent registers again, nothing grows before that, the ledger matches
+    /// QEMU and stays within capacity.
+    AllocatorRestart,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::MemoryRamp => "memory-ramp",
+            Scenario::DeniedDownscale => "denied-downscale",
+            Scenario::CpuLoad => "cpu-load",
+            Scenario::NoRoom => "no-room",
+            Scenario::AgentRestart => "agent-restart",
+            Scenario::AllocatorRestart => "allocator-restart",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -29,19 +66,31 @@ pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// Seconds the scenario may take once the VM is booted (builds excluded).
-    #[arg(long, default_value_t = 170)]
+    #[arg(long, default_value_t = 240)]
     pub timeout: u64,
 }
+
+/// What every scenario gets.
+struct Ctx {
+    root: PathBuf,
+    image: crate::guest::Image,
+    dir: PathBuf,
+    /// `ramp.pl` in `dir` (no spaces or commas, for the kernel command line).
+    ramp: String,
+    /// `cpu.pl` in `dir`.
+    cpu: String,
+    timeout: Duration,
+}
+
+/// The CPU workload (see its header).
+const CPU_PL: &str = include_str!("cpu.pl");
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut steps = Steps::new(crate::guest::step_count(&Default::default()) + 2);
     let image = crate::guest::build(&Default::default(), &mut steps)?;
     cluster::build_daemons(&mut steps)?;
     let root = crate::workspace_root();
-    let name = match a.scenario {
-        Scenario::MemoryRamp => "memory-ramp",
-        Scenario::DeniedDownscale => "denied-downscale",
-    };
+    let name = a.scenario.name();
     // One directory per run: two test runs at once (two checkouts' worth of
     // `cargo test`, say) must not share sockets or logs.
     let dir = root.join("target/e2e").join(format!("{name}-{}", std::process::id()));
@@ -49,14 +98,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = dir.canonicalize()?;
     let ramp = dir.join("ramp.pl");
     fs::write(&ramp, cluster::RAMP_PL)?;
-    let ramp_s = ramp.display().to_string();
-    ensure!(!ramp_s.contains([',', ' ']), "the workspace path {ramp_s} holds a comma or space");
-    let deadline = Duration::from_secs(a.timeout);
+    let cpu = dir.join("cpu.pl");
+    fs::write(&cpu, CPU_PL)?;
+    let (ramp, cpu) = (ramp.display().to_string(), cpu.display().to_string());
+    ensure!(!ramp.contains([',', ' ']), "the workspace path {ramp} holds a comma or space");
+    let ctx = Ctx { root, image, dir: dir.clone(), ramp, cpu, timeout: Duration::from_secs(a.timeout) };
     let mut result = None;
     steps.call(&format!("scenario {name} (QEMU under TCG, real informant, allocator and agent)"), || {
         result = Some(match a.scenario {
-            Scenario::MemoryRamp => memory_ramp(&root, &image, &dir, &ramp_s, deadline),
-            Scenario::DeniedDownscale => denied_downscale(&root, &image, &dir, &ramp_s, deadline),
+            Scenario::MemoryRamp => memory::memory_ramp(&ctx),
+            Scenario::DeniedDownscale => memory::denied_downscale(&ctx),
+            Scenario::CpuLoad => cpu::cpu_load(&ctx),
+            Scenario::NoRoom => room::no_room(&ctx),
+            Scenario::AgentRestart => restart::agent_restart(&ctx),
+            Scenario::AllocatorRestart => restart::allocator_restart(&ctx),
         });
         Ok(())
     })?;
@@ -97,6 +152,8 @@ impl Console {
             self.lines.push(l);
         }
     }
+    /// OOM kills /init reported ("oom: Killed process ..."; the kernel's own
+    /// console lines are silenced).
     fn oom_kills(&self) -> usize {
         self.lines.iter().filter(|(_, l)| l.contains("Killed process")).count()
     }
@@ -109,6 +166,16 @@ impl Console {
         let line = self.lines.iter().find(|(_, l)| l.contains(&prefix))?;
         value(&line.1, key)
     }
+    /// Fails unless /init's OOM watch runs: without it an OOM kill would go
+    /// unseen and "no OOM kill" would prove nothing.
+    fn require_oom_watch(&self, vm: &Vm) -> anyhow::Result<()> {
+        ensure!(
+            self.has("oom watch started"),
+            "the guest's /init did not start its OOM watch, so OOM kills can't be seen; console {}",
+            vm.console_log.display()
+        );
+        Ok(())
+    }
 }
 
 /// `key=NUMBER` in a line.
@@ -119,189 +186,123 @@ fn value(line: &str, key: &str) -> Option<f64> {
 }
 
 /// Starts the node for the booted `vm`, waits for the agent to hold both
-/// links.
+/// links and checks the guest's OOM watch.
 fn start(
-    root: &Path,
+    ctx: &Ctx,
     mut vm: Vm,
-    dir: &Path,
-    plan: &VmPlan,
+    console: &mut Console,
     node: &NodePlan,
     timeout: Duration,
 ) -> anyhow::Result<(Vm, Node)> {
-    let mut n = Node::start(root, dir, node, &[&vm])?;
-    let id = plan.id.clone();
+    let mut n = Node::start(&ctx.root, &ctx.dir, node, &[&vm])?;
+    let id = vm.plan.id.clone();
     cluster::wait_for(
         "the agent to connect to the allocator and the informant in the guest",
         timeout,
         || {
             vm.check()?;
             n.check()?;
+            console.drain(&vm);
             let Some(s) = n.agent_vm(&id) else { return Ok(None) };
             let up = |k: &str| s.get(k).and_then(serde_json::Value::as_bool) == Some(true);
             Ok((up("informant_connected") && up("allocator_connected")).then_some(()))
         },
     )?;
+    console.require_oom_watch(&vm)?;
     Ok((vm, n))
 }
 
-fn memory_ramp(
-    root: &Path,
-    image: &crate::guest::Image,
-    dir: &Path,
-    ramp: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let t0 = Instant::now();
-    let go = dir.join("go");
-    let (boot_mib, target_mib) = (1024, 1200);
-    let plan = plan("e2e-ramp", boot_mib, 0, format!("perl,{ramp},32,{target_mib},{}", go.display()));
-    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: String::new() };
-    let vm = Vm::boot(image, dir, &plan)?;
-    let (mut vm, mut n) = start(root, vm, dir, &plan, &node, timeout)?;
-    let booted = t0.elapsed();
-    eprintln!("    agent connected {:.1} s after QEMU started; starting the ramp", booted.as_secs_f64());
-    fs::write(&go, "go\n")?;
-    let mut console = Console::default();
-    cluster::wait_for("the ramp to reach its target", timeout.saturating_sub(t0.elapsed()), || {
-        vm.check()?;
-        n.check()?;
-        console.drain(&vm);
-        if console.oom_kills() > 0 {
-            bail!("OOM kill in the guest during the ramp; console {}", vm.console_log.display());
-        }
-        if console.has("workload exited") {
-            bail!("the workload exited; console {}", vm.console_log.display());
-        }
-        Ok(console.has("ramp: done").then_some(()))
-    })?;
-    // Settle: the last plug's reservation and the guest's onlining.
-    std::thread::sleep(Duration::from_secs(3));
-    console.drain(&vm);
-    ensure!(console.oom_kills() == 0, "OOM kill in the guest; console {}", vm.console_log.display());
-    let mut qmp = Qmp::connect(&vm.watch_qmp)?;
-    let (dimms, total) = qmp.memory()?;
-    ensure!(!dimms.is_empty(), "no DIMM plugged in QEMU, yet the workload holds {target_mib} MiB");
-    ensure!(total == (boot_mib + 128 * dimms.len() as u64) * MIB, "QEMU's memory {total} does not add up");
-    let reserved =
-        cluster::wait_for("the allocator's ledger to hold the VM's size", Duration::from_secs(15), || {
-            n.check()?;
-            Ok(n.reserved(&plan.id).filter(|r| r.1 == total))
-        })
-        .with_context(|| {
-            format!("QEMU has {} MiB; the ledger says {:?}", total / MIB, n.reserved(&plan.id))
-        })?;
-    let start_t = console.ramp_value("start", "t");
-    let cross = console.ramp_value("cross90", "t");
-    let grew = |after: f64| {
-        console
-            .lines
-            .iter()
-            .filter(|(_, l)| l.contains("ramp: grew"))
-            .filter_map(|(_, l)| value(l, "t"))
-            .find(|t| *t >= after)
-    };
-    let first_grew = start_t.and_then(grew);
-    let relief = cross.and_then(|c| grew(c).map(|g| g - c));
-    let fmt = |v: Option<f64>| v.map_or("n/a".into(), |s| format!("{:.0} ms", s * 1000.0));
-    Ok(format!(
-        "ramp 32 MiB/s to {target_mib} MiB in a {boot_mib} MiB guest: {} DIMMs of 128 MiB plugged ({} MiB), \
-         ledger {} MiB; first memory online {} after the ramp started; use past 90%: {}; \
-         90% -> memory online: {}; OOM kills: {}; boot to agent connected {:.1} s",
-        dimms.len(),
-        total / MIB,
-        reserved.1 / MIB,
-        fmt(first_grew.zip(start_t).map(|(g, s)| g - s)),
-        if cross.is_some() { "yes" } else { "never" },
-        fmt(relief),
-        console.oom_kills(),
-        booted.as_secs_f64()
-    ))
+/// One node's ledger as the allocator's `/state` shows it.
+#[derive(Debug, Clone, PartialEq)]
+struct Ledger {
+    /// Capacity less the system reserve: what grants may fill.
+    usable: (u64, u64),
+    /// Reservations by VM: (milli-vCPU, bytes).
+    vms: BTreeMap<String, (u64, u64)>,
+    /// Demand the allocator could not grant: (milli-vCPU, bytes).
+    unmet: (u64, u64),
+    /// Whether an agent's session holds the node.
+    session: bool,
 }
 
-fn denied_downscale(
-    root: &Path,
-    image: &crate::guest::Image,
-    dir: &Path,
-    ramp: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let t0 = Instant::now();
-    let hold_mib = 650;
-    // 512 MiB and four DIMMs from boot: 1 GiB. The workload takes its memory
-    // at once.
-    let plan = plan("e2e-hold", 512, 4, format!("perl,{ramp},0,{hold_mib}"));
-    // memory_target 0.95: the agent's goal (use / 0.95, about 6 CUs) sits
-    // below the VM's 8 CUs, so it asks for 7; the informant keeps a 256 MiB
-    // buffer on top of what is used (about 700 MiB), which 7 CUs can't hold.
-    let policy = "memory_target = 0.95\ndownscale_after_ms = 3000\ndownscale_step_ms = 2000\n\
-                  downscale_denied_cooldown_ms = 3000";
-    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: policy.into() };
-    // The agent starts once the workload holds its memory: before, use is
-    // low and a downscale would rightly be approved.
-    let mut vm = Vm::boot(image, dir, &plan)?;
-    let mut console = Console::default();
-    cluster::wait_for("the workload to take its memory", timeout, || {
-        vm.check()?;
-        console.drain(&vm);
-        Ok(console.has("ramp: done").then_some(()))
-    })?;
-    let (mut vm, mut n) = start(root, vm, dir, &plan, &node, timeout.saturating_sub(t0.elapsed()))?;
-    let check = |vm: &mut Vm, n: &mut Node, console: &mut Console| -> anyhow::Result<()> {
-        vm.check()?;
-        n.check()?;
-        console.drain(vm);
-        ensure!(console.oom_kills() == 0, "OOM kill in the guest; console {}", vm.console_log.display());
-        ensure!(!console.has("workload exited"), "the workload exited; console {}", vm.console_log.display());
-        Ok(())
-    };
-    let agent_log = n.agent.log.clone();
-    let denials = || {
-        fs::read_to_string(&agent_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("informant denied a downscale"))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let first = {
-        let (vm, n, console) = (&mut vm, &mut n, &mut console);
-        cluster::wait_for(
-            "the informant to deny a downscale while the workload holds its memory",
-            timeout.saturating_sub(t0.elapsed()),
-            || {
-                check(vm, n, console)?;
-                Ok(denials().into_iter().next())
-            },
-        )?
-    };
-    eprintln!("    denied: {first}");
-    let mut qmp = Qmp::connect(&vm.watch_qmp)?;
-    let (dimms_at_denial, total_at_denial) = qmp.memory()?;
-    // The VM keeps it: several more asks (cooldown 3 s), no change.
-    let watch = Instant::now();
-    while watch.elapsed() < Duration::from_secs(12) {
-        check(&mut vm, &mut n, &mut console)?;
-        let (dimms, total) = qmp.memory()?;
-        ensure!(
-            total >= total_at_denial,
-            "memory went from {} to {} MiB after the informant denied ({dimms:?})",
-            total_at_denial / MIB,
-            total / MIB
-        );
-        std::thread::sleep(Duration::from_millis(500));
+impl Ledger {
+    /// `None` while the allocator doesn't answer or doesn't know the node.
+    fn read(n: &Node) -> Option<Ledger> {
+        let s = cluster::http_json(n.allocator_http, "/state").ok()?;
+        let node = s.get("nodes")?.get(cluster::NODE)?;
+        let res = |v: &serde_json::Value| -> Option<(u64, u64)> {
+            Some((v.get("milli_cpu")?.as_u64()?, v.get("memory_bytes")?.as_u64()?))
+        };
+        let cap = res(node.get("capacity")?)?;
+        let sys = node.get("system_reserve").and_then(res).unwrap_or((0, 0));
+        let mut vms = BTreeMap::new();
+        for (id, v) in node.get("vms")?.as_object()? {
+            vms.insert(id.clone(), res(v.get("reserved")?)?);
+        }
+        Some(Ledger {
+            usable: (cap.0.saturating_sub(sys.0), cap.1.saturating_sub(sys.1)),
+            vms,
+            unmet: node.get("unmet").and_then(res).unwrap_or((0, 0)),
+            session: node.get("session").is_some_and(|v| !v.is_null()),
+        })
     }
-    let (dimms, total) = qmp.memory()?;
-    ensure!(dimms.len() >= dimms_at_denial.len(), "DIMMs went from {dimms_at_denial:?} to {dimms:?}");
-    let reserved = n.reserved(&plan.id).context("the VM is not in the allocator's ledger")?;
-    ensure!(reserved.1 == total, "the ledger holds {} MiB, QEMU has {} MiB", reserved.1 / MIB, total / MIB);
-    let held = console.ramp_value("done", "held").unwrap_or(0.0);
-    Ok(format!(
-        "workload holds {held} MiB; {} downscale asks denied by the informant; the VM keeps {} DIMMs \
-         ({} MiB, ledger {} MiB); first reason: {}",
-        denials().len(),
-        dimms.len(),
-        total / MIB,
-        reserved.1 / MIB,
-        first.split("reason=").nth(1).unwrap_or(&first)
-    ))
+
+    fn sum(&self) -> (u64, u64) {
+        self.vms.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1))
+    }
+
+    /// Fails when the reservations pass what the node can give.
+    fn within_capacity(&self) -> anyhow::Result<()> {
+        let s = self.sum();
+        ensure!(
+            s.0 <= self.usable.0 && s.1 <= self.usable.1,
+            "over-committed: reservations {} mCPU / {} MiB on a node with {} mCPU / {} MiB usable",
+            s.0,
+            s.1 / MIB,
+            self.usable.0,
+            self.usable.1 / MIB
+        );
+        Ok(())
+    }
+}
+
+/// The agent's executed actions of one kind (all outcomes), from `/metrics`.
+fn agent_ops(n: &Node, action: &str) -> u64 {
+    let Ok(text) = cluster::http_get(n.agent_http, "/metrics") else { return 0 };
+    let label = format!("action=\"{action}\"");
+    text.lines()
+        .filter(|l| l.starts_with("vmscale_agent_operations_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The agent's view of the VM: (current milli-vCPU, current bytes).
+fn agent_current(n: &Node, vm: &str) -> Option<(u64, u64)> {
+    let s = n.agent_vm(vm)?;
+    let c = s.get("current")?;
+    Some((c.get("milli_cpu")?.as_u64()?, c.get("memory_bytes")?.as_u64()?))
+}
+
+/// Fails fast on a dead process, an OOM kill or a workload that exited.
+fn healthy(vm: &mut Vm, n: &mut Node, console: &mut Console) -> anyhow::Result<()> {
+    vm.check()?;
+    n.check()?;
+    console.drain(vm);
+    ensure!(console.oom_kills() == 0, "OOM kill in the guest; console {}", vm.console_log.display());
+    ensure!(!console.has("workload exited"), "the workload exited; console {}", vm.console_log.display());
+    Ok(())
+}
+
+/// Lines of a daemon's log that contain `pat`.
+fn log_lines(path: &Path, pat: &str) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(pat))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn ms(d: Option<f64>) -> String {
+    d.map_or("n/a".into(), |s| format!("{:.0} ms", s * 1000.0))
 }

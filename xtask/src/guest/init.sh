@@ -141,7 +141,7 @@ if [ -n "$(oom_count)" ]; then
 			sleep 0.5
 		done
 	) &
-	log "oom watch started: kills counted in /proc/vmstat, printed as 'oom: Killed process'"
+	log "oom watch started: every kill /proc/vmstat counts gets an 'oom:' line"
 else
 	log "no oom_kill in /proc/vmstat: OOM kills cannot be reported"
 fi

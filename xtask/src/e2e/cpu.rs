@@ -1,0 +1,129 @@
+//! CPU load: vCPUs come online under load and go offline after it.
+
+use anyhow::{ensure, Context};
+use std::fs;
+use std::time::Instant;
+
+use super::{agent_current, agent_ops, healthy, start, value, Console, Ctx, Ledger};
+use crate::cluster::qmp::Qmp;
+use crate::cluster::{self, NodePlan, Vm, VmPlan, MIB};
+
+impl Console {
+    /// The index of the first line at or after `from` holding `pat`.
+    pub(super) fn find_from(&self, from: usize, pat: &str) -> Option<usize> {
+        self.lines.iter().skip(from).position(|(_, l)| l.contains(pat)).map(|i| i + from)
+    }
+    /// Line `i`'s `key=` value.
+    pub(super) fn value_at(&self, i: usize, key: &str) -> Option<f64> {
+        value(&self.lines.get(i)?.1, key)
+    }
+}
+
+const BUSY_S: u64 = 30;
+const WORKERS: u32 = 4;
+
+pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
+    let timeout = ctx.timeout;
+    let t0 = Instant::now();
+    let go = ctx.dir.join("go");
+    // CUs of half a vCPU and 128 MiB, 1 to 4: two vCPUs are 4 CUs, one is
+    // 2. The VM boots with 512 MiB, which nothing can unplug, so its memory
+    // covers every size up to 4 CUs and only the CPU moves.
+    let plan = VmPlan {
+        id: "e2e-cpu".into(),
+        cu_milli_cpu: 500,
+        cu_mib: 128,
+        min_cus: 1,
+        max_cus: 4,
+        boot_mib: 512,
+        boot_dimms: 0,
+        cpus: 2,
+        max_cpus: 2,
+        workload: Some(format!("perl,{},{},{BUSY_S},{WORKERS}", ctx.cpu, go.display())),
+    };
+    // The CPU goal follows the 1-minute load average (target 0.7 per vCPU):
+    // four spinning workers pass 0.7 after about 12 s, and 30 s of them
+    // (load ~1.6) take about 50 s to fall back under it.
+    let policy = "downscale_after_ms = 4000\ndownscale_step_ms = 2000";
+    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: policy.into() };
+    let vm = Vm::boot(&ctx.image, &ctx.dir, &plan)?;
+    let mut console = Console::default();
+    let (mut vm, mut n) = start(ctx, vm, &mut console, &node, timeout)?;
+    let connected = Instant::now();
+    let left = || timeout.saturating_sub(t0.elapsed());
+    let id = plan.id.clone();
+
+    // Idle: the agent takes the second vCPU away (the informant offlines it).
+    let idle_off = cluster::wait_for("the idle guest's second vCPU to go offline", left(), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(console.find_from(0, "cpu: online=0 n=1"))
+    })?;
+    let idle_off_s = connected.elapsed().as_secs_f64();
+    let cur = agent_current(&n, &id).context("the agent has no state for the VM")?;
+    ensure!(cur.0 <= 1000, "one vCPU online in the guest but the agent says {} mCPU", cur.0);
+    let mut qmp = Qmp::connect(&vm.watch_qmp)?;
+    let (_, mem_before) = qmp.memory()?;
+    let plugs_before = agent_ops(&n, "plug");
+
+    fs::write(&go, "go\n")?;
+    let load_start = cluster::wait_for("the CPU load to start", left(), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(console.find_from(idle_off, "load: start"))
+    })?;
+    let on = cluster::wait_for("a second vCPU to come online under load", left(), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(console.find_from(load_start, "cpu: online=0-1 n=2"))
+    })?;
+    let load_end = cluster::wait_for("the CPU load to end", left(), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(console.find_from(load_start, "load: end"))
+    })?;
+    ensure!(on < load_end, "the second vCPU came online only after the load had ended");
+    let t = |c: &Console, i: usize| c.value_at(i, "t").context("a console line without t=");
+    let (t_start, t_on, t_end) = (t(&console, load_start)?, t(&console, on)?, t(&console, load_end)?);
+    ensure!(t_end - t_start >= BUSY_S as f64 - 0.5, "the load ran {:.1} s, not {BUSY_S} s", t_end - t_start);
+    let workers = console.lines[load_start..].iter().filter(|(_, l)| l.contains("load: worker done")).count();
+    ensure!(workers == WORKERS as usize, "{workers} of {WORKERS} workers reported done");
+    let cpu_at_peak = agent_current(&n, &id).map_or(0, |c| c.0);
+    let plugs = agent_ops(&n, "plug") - plugs_before;
+    ensure!(plugs >= 1, "the guest onlined a vCPU but the agent plugged nothing");
+
+    // After the load: the vCPU goes offline again, once the load average has fallen.
+    let off = cluster::wait_for("the second vCPU to go offline after the load", left(), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(console.find_from(load_end, "cpu: online=0 n=1"))
+    })?;
+    let t_off = t(&console, off)?;
+    let load_at_off = console.value_at(off, "load").unwrap_or(f64::NAN);
+    // Settle: the release reaches the allocator.
+    let settled =
+        cluster::wait_for("the ledger to match the agent's size", std::time::Duration::from_secs(20), || {
+            healthy(&mut vm, &mut n, &mut console)?;
+            let (Some(l), Some(c)) = (Ledger::read(&n), agent_current(&n, &id)) else { return Ok(None) };
+            Ok((l.vms.get(&id) == Some(&c)).then_some((l, c)))
+        })
+        .with_context(|| format!("ledger {:?}, agent {:?}", Ledger::read(&n), agent_current(&n, &id)))?;
+    let (ledger, cur) = settled;
+    ledger.within_capacity()?;
+    ensure!(cur.0 <= 1000, "one vCPU online again but the agent says {} mCPU", cur.0);
+    let (dimms, mem_after) = qmp.memory()?;
+    ensure!(
+        mem_after == mem_before && dimms.is_empty(),
+        "memory moved in a CPU-only scenario: {} -> {} MiB ({dimms:?})",
+        mem_before / MIB,
+        mem_after / MIB
+    );
+    Ok(format!(
+        "idle: 2nd vCPU offline {idle_off_s:.1} s after the agent connected; {WORKERS} busy loops for {:.1} s: \
+         2nd vCPU online {:.1} s into the load ({plugs} plug(s), agent at {cpu_at_peak} mCPU); offline again \
+         {:.1} s after the load stopped (load avg {load_at_off}); ledger {} mCPU / {} MiB = agent's; \
+         QEMU memory {} MiB unchanged; OOM kills: {}",
+        t_end - t_start,
+        t_on - t_start,
+        t_off - t_end,
+        cur.0,
+        cur.1 / MIB,
+        mem_after / MIB,
+        console.oom_kills()
+    ))
+}
