@@ -31,6 +31,8 @@ pub struct VmStatus {
     pub last_action_ms: Option<u64>,
     pub last_error: Option<String>,
     pub pressure_events: u64,
+    /// The same by kind (`KIND_PSI_CPU`, ...): which signals drove the VM.
+    pub pressure_kinds: BTreeMap<String, u64>,
     pub informant_connected: bool,
     pub allocator_connected: bool,
     pub stuck: bool,
@@ -208,10 +210,16 @@ pub async fn run(
                         None => core.input(ms_since(t0), Input::Sample(usage)),
                     }
                 }
-                GuestEvent::Pressure { oom, .. } => {
+                GuestEvent::Pressure { oom, kind, .. } => {
                     // Counted in either mode, so a comparison shows what polling missed.
                     node.metrics.pressure_events.get_or_create(&VmLabel { vm: vm.clone() }).inc();
-                    node.status.lock().unwrap_or_else(|p| p.into_inner()).entry(vm.clone()).or_default().pressure_events += 1;
+                    {
+                        let mut st = node.status.lock().unwrap_or_else(|p| p.into_inner());
+                        let e = st.entry(vm.clone()).or_default();
+                        e.pressure_events += 1;
+                        let name = ipb::pressure::Kind::try_from(kind).map_or_else(|_| kind.to_string(), |k| k.as_str_name().to_owned());
+                        *e.pressure_kinds.entry(name).or_default() += 1;
+                    }
                     if poller.is_none() {
                         core.input(ms_since(t0), Input::Pressure { oom });
                     }

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Which benchmark: allocator, agent or informant.
+    /// Which benchmark: allocator, agent, informant or e2e.
     pub name: String,
-    /// Shorter runs for trying things out: the JSON is written, BENCHMARKS.md is left alone.
+    /// Shorter runs for trying things out: the JSON is written, BENCHMARKS.md is left alone
+    /// (except by e2e, whose quick run is recorded, marked as such: its full run takes 15 minutes).
     #[arg(long)]
     pub quick: bool,
 }
@@ -19,7 +20,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "allocator" => allocator(a.quick),
         "agent" => crate::bench_nodes::agent(a.quick),
         "informant" => crate::bench_nodes::informant(a.quick),
-        other => bail!("unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant"),
+        "e2e" => crate::bench_e2e::run(a.quick),
+        other => bail!("unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant, e2e"),
     }
 }
 

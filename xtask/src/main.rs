@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod bench_e2e;
 mod bench_nodes;
 mod cluster;
 mod demo;

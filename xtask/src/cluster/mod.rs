@@ -195,6 +195,17 @@ pub struct Vm {
 
 impl Vm {
     pub fn boot(image: &Image, dir: &Path, plan: &VmPlan) -> anyhow::Result<Vm> {
+        Vm::boot_with(image, dir, plan, &[])
+    }
+
+    /// [`Vm::boot`] with more informant flags (no spaces or commas in them),
+    /// e.g. `["--sample-interval-ms", "100"]`.
+    pub fn boot_with(
+        image: &Image,
+        dir: &Path,
+        plan: &VmPlan,
+        informant_args: &[&str],
+    ) -> anyhow::Result<Vm> {
         let informant_port = free_port()?;
         let agent_qmp = dir.join(format!("{}.qmp", plan.id));
         let watch_qmp = dir.join(format!("{}.watch.qmp", plan.id));
@@ -216,7 +227,9 @@ impl Vm {
                 format!("pc-dimm,id=bootdimm{i},memdev=bootmem{i}"),
             ]);
         }
-        let mut extra_cmdline = vec!["vmscale.informant=--cpu-mode,sysfs".to_owned()];
+        let mut informant = vec!["--cpu-mode", "sysfs"];
+        informant.extend_from_slice(informant_args);
+        let mut extra_cmdline = vec![format!("vmscale.informant={}", informant.join(","))];
         if let Some(w) = &plan.workload {
             extra_cmdline.push(format!("vmscale.workload={w}"));
         }
