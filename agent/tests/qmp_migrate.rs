@@ -111,7 +111,22 @@ async fn a_vm_with_hot_added_cpu_dimm_and_virtio_mem_moves_and_keeps_them() {
     // The moved VM scales on: one more DIMM goes into the next free slot.
     let dimm = target_vm.plug_dimm(128 * MIB).await.unwrap();
     assert_eq!(dimm.id, "vmscale-dimm2");
+    let grown = target_vm.read_size().await.unwrap();
+
+    // And moves again, from a QEMU that was itself a migration target (its
+    // query-migrate still shows the incoming migration as completed).
+    let spec = read_spec(incoming.client()).await.unwrap();
+    let addr = free_addr();
+    let (mut third, _dir3, incoming3) = start_target(&source, spec.qemu_args(), addr).await;
+    incoming.configure(&config).await.unwrap();
+    incoming.start(&tcp_uri(addr)).await.unwrap();
+    let info = incoming.wait(&config, |_| {}).await.unwrap();
+    assert!(info.total_time_ms.is_some_and(|t| t > 0), "{info:?}");
+    assert_eq!(incoming.run_status().await.unwrap().status, "postmigrate");
+    let third_vm = QmpVm::new(incoming3.client().clone(), hotplug_config());
+    assert_eq!(third_vm.read_size().await.unwrap(), grown);
     target.kill().await.unwrap();
+    third.kill().await.unwrap();
 }
 
 #[tokio::test]

@@ -9,8 +9,11 @@ mod cluster;
 mod demo;
 mod e2e;
 mod ebpf;
+mod echo;
 mod guest;
 mod kubectl;
+mod migration;
+mod netns;
 mod steps;
 mod test;
 
@@ -37,6 +40,8 @@ enum Command {
     Bench(bench::Args),
     /// Run one end-to-end scenario (real allocator, agent, QEMU guest, informant).
     E2e(e2e::Args),
+    /// Move a guest between two network-namespace nodes while a TCP client echoes through it.
+    Migration(migration::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(a) => test::run(a),
         Command::Demo(a) => demo::run(a),
         Command::E2e(a) => e2e::run(a),
+        Command::Migration(a) => migration::run(a),
     }
 }
 

@@ -161,9 +161,13 @@ pub enum Progress {
 }
 
 impl MigrationInfo {
+    /// As the source sees it. A QEMU that was itself a migration target
+    /// reports its incoming migration as `completed` (without `total-time`)
+    /// until a new outgoing one has connected: that is not this one done.
     pub fn progress(&self) -> Progress {
         match self.status.as_str() {
             "none" => Progress::NotStarted,
+            "completed" if self.total_time_ms.is_none() => Progress::NotStarted,
             "completed" => Progress::Completed,
             "failed" => Progress::Failed,
             "cancelled" => Progress::Cancelled,
@@ -318,6 +322,11 @@ mod tests {
             serde_json::from_value(json!({"status": "completed", "total-time": 700, "downtime": 12}))
                 .expect("parses");
         assert_eq!((done.progress(), done.downtime), (Progress::Completed, Some(12)));
+        // What a former migration target says before its own outgoing
+        // migration has connected.
+        let incoming_done: MigrationInfo =
+            serde_json::from_value(json!({"status": "completed"})).expect("parses");
+        assert_eq!(incoming_done.progress(), Progress::NotStarted);
         let failed: MigrationInfo =
             serde_json::from_value(json!({"status": "failed", "error-desc": "Connection refused"}))
                 .expect("parses");

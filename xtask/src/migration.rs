@@ -1,0 +1,427 @@
+//! `cargo xtask migration`: boots the test guest on one "node" (network
+//! namespace, see `netns.rs`) with a tap on the flat network, connects a TCP
+//! client to an echo server in the guest, and live-migrates the guest to
+//! another node and back while the client sends a line every 100 ms. It
+//! passes when every line came back, the guest kept its address, and the
+//! target has every vCPU and DIMM the source had.
+//!
+//! The move uses the agent's own migration code (`vmscale_agent::qmp::
+//! migrate`): read the source's devices, start the target in the other
+//! namespace with them and `-incoming defer`, migrate, stop the source.
+//! QEMU announces the guest on the target's tap after the switch-over
+//! (self-announce, on by default), so the bridges learn where it went.
+
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig, MigrationInfo};
+use vmscale_agent::qmp::migrate_spec::{read_spec, DeviceSpec};
+use vmscale_agent::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
+
+use crate::echo::{EchoClient, EchoReport};
+use crate::guest::Image;
+use crate::netns::Fabric;
+
+/// The echo server's port in the guest (busybox nc, forking `cat` per
+/// connection).
+pub const ECHO_PORT: u16 = 7000;
+/// Where a migration target listens on its node's address.
+const INCOMING_PORT: u16 = 4444;
+/// The guest's MAC: the same on every node, as the target's command line
+/// must match the source's.
+const MAC: &str = "52:54:00:76:6d:01";
+/// The tap's name in every node.
+const TAP: &str = "vm0";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Guest boot memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u64,
+    /// How many moves: node 0 to 1, then back, and so on.
+    #[arg(long, default_value_t = 2)]
+    pub moves: u32,
+    /// Hot-add a vCPU, a 128 MiB DIMM and 64 MiB of virtio-mem before the
+    /// first move, and check the target has them.
+    #[arg(long)]
+    pub hotplug: bool,
+    /// Boot the guest image already in target/guest/ without checking it is
+    /// up to date (no cargo builds; for repeated runs).
+    #[arg(long)]
+    pub no_build: bool,
+    /// Before the first move, try one with the target node's network cut:
+    /// it must fail within its deadline and leave the guest running on the
+    /// source, connection and all.
+    #[arg(long)]
+    pub break_network: bool,
+}
+
+/// The guest's shape and address; the base command line of every QEMU that
+/// runs it, on whichever node.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub memory_mib: u64,
+    pub max_cpus: u32,
+    pub slots: u32,
+    pub virtio_mem_mib: u64,
+}
+
+impl Shape {
+    pub fn new(memory_mib: u64) -> Shape {
+        Shape { memory_mib, max_cpus: 4, slots: 4, virtio_mem_mib: 1024 }
+    }
+
+    /// QEMU's arguments without QMP, console and the migration devices.
+    pub fn base_args(&self, image: &Image, fabric: &Fabric) -> Vec<String> {
+        let guest_ip = guest_ip(fabric);
+        let cmdline = format!(
+            "{} vmscale.ip={guest_ip}/24 vmscale.gw={} vmscale.workload=nc,-ll,-p,{ECHO_PORT},-e,cat",
+            image.cmdline,
+            fabric.gateway()
+        );
+        // maxmem: boot memory, four DIMM-sized steps and the virtio-mem region.
+        let max_mib = self.memory_mib + 4 * 128 + self.virtio_mem_mib;
+        let mut args: Vec<String> =
+            ["-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend([
+            "-smp".into(),
+            format!("1,maxcpus={}", self.max_cpus),
+            "-m".into(),
+            format!("{}M,slots={},maxmem={max_mib}M", self.memory_mib, self.slots),
+            "-kernel".into(),
+            image.kernel.display().to_string(),
+            "-initrd".into(),
+            image.initramfs.display().to_string(),
+            "-append".into(),
+            cmdline,
+            "-object".into(),
+            format!("memory-backend-ram,id=vmem0,size={}M", self.virtio_mem_mib),
+            "-device".into(),
+            "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".into(),
+            "-netdev".into(),
+            format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+            // romfile=: no iPXE option ROM; the kernel is given directly.
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n0,mac={MAC},romfile="),
+        ]);
+        args
+    }
+}
+
+/// The guest's address: the same on every node.
+pub fn guest_ip(fabric: &Fabric) -> std::net::Ipv4Addr {
+    fabric.addr(50)
+}
+
+/// One QEMU of the guest, in a node's namespace; killed when dropped.
+#[derive(Debug)]
+pub struct GuestVm {
+    pub node: usize,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl GuestVm {
+    pub fn qmp(&self) -> Endpoint {
+        Endpoint::Unix(self.dir.join("qmp.sock"))
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    /// The last lines of the console and QEMU's own log, for an error.
+    pub fn logs(&self) -> String {
+        let tail = |s: String| {
+            s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        let qemu = std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
+        format!("console ({}):\n{}\nqemu:\n{}", self.dir.display(), tail(self.console()), tail(qemu))
+    }
+
+    pub async fn client(&self) -> anyhow::Result<QmpClient> {
+        let config = ClientConfig { command_timeout: Duration::from_secs(30), ..ClientConfig::default() };
+        QmpClient::connect(&self.qmp(), config)
+            .await
+            .with_context(|| format!("qmp of the guest on node {}", self.node))
+    }
+
+    /// Why QEMU is not running any more, if it is not.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("qemu on node {} exited with {status}", self.node)),
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot check qemu on node {}: {e}", self.node)),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts QEMU in `node`'s namespace with `base` plus `extra` arguments,
+/// its QMP socket, console and log in `dir`, and waits for QMP.
+pub fn start(
+    fabric: &Fabric,
+    node: usize,
+    base: &[String],
+    extra: &[String],
+    dir: &Path,
+) -> anyhow::Result<GuestVm> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let qmp = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let log = std::fs::File::create(dir.join("qemu.log"))?;
+    let mut cmd = fabric.command_in(node, "qemu-system-x86_64");
+    cmd.args(base)
+        .args(extra)
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = cmd.spawn().context("cannot start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
+    let mut vm = GuestVm { node, dir: dir.to_owned(), child };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !qmp.exists() {
+        if let Some(status) = vm.child.try_wait()? {
+            bail!("qemu on node {node} exited with {status} before qmp was up:\n{}", vm.logs());
+        }
+        if Instant::now() > deadline {
+            bail!("qemu on node {node}: no qmp socket after 15 s:\n{}", vm.logs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(vm)
+}
+
+/// What one move took.
+#[derive(Debug, Clone, Default)]
+pub struct MoveFigures {
+    /// QEMU's `total-time`: from `migrate` to the target running.
+    pub total_ms: u64,
+    /// QEMU's `downtime`: the guest's pause at switch-over.
+    pub downtime_ms: u64,
+    /// Ours, from reading the source's devices to the source stopped,
+    /// including the target's start.
+    pub wall_ms: u64,
+    pub transferred_bytes: u64,
+}
+
+impl MoveFigures {
+    fn from_info(info: &MigrationInfo, wall: Duration) -> MoveFigures {
+        MoveFigures {
+            total_ms: info.total_time_ms.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+            wall_ms: wall.as_millis() as u64,
+            transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
+        }
+    }
+}
+
+/// Moves the guest from `source` to node `to`, the way the agents do: the
+/// target gets the source's devices, both sides the same capabilities and
+/// limits. On success the source QEMU has quit and the target runs.
+pub async fn move_vm(
+    fabric: &Fabric,
+    base: &[String],
+    source: &mut GuestVm,
+    to: usize,
+    config: &MigrationConfig,
+    dir: &Path,
+) -> anyhow::Result<(GuestVm, MoveFigures, DeviceSpec)> {
+    let t0 = Instant::now();
+    let out = Migration::new(source.client().await?);
+    let spec = read_spec(out.client()).await.context("reading the source's devices")?;
+    let mut extra = spec.qemu_args();
+    extra.extend(["-incoming".into(), "defer".into()]);
+    let target = start(fabric, to, base, &extra, dir)?;
+    let incoming = Migration::new(target.client().await?);
+    incoming.configure(config).await?;
+    let uri = tcp_uri((fabric.nodes[to].addr, INCOMING_PORT).into());
+    incoming.listen(&uri).await.context("target listening")?;
+    out.configure(config).await?;
+    out.start(&uri).await?;
+    let info = match out.wait(config, |_| {}).await {
+        Ok(info) => info,
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("migration to node {to}:\n{}", target.logs())))
+        }
+    };
+    // The source stays paused in `postmigrate` until it quits.
+    if let Err(e) = out.client().execute::<serde_json::Value>("quit", None).await {
+        if !e.is_disconnected() {
+            return Err(e).context("stopping the source after the move");
+        }
+    }
+    source.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !incoming.run_status().await?.running {
+        if Instant::now() > deadline {
+            bail!("the target on node {to} does not run after the move:\n{}", target.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((target, MoveFigures::from_info(&info, t0.elapsed()), spec))
+}
+
+/// Hot-adds a vCPU, a 128 MiB DIMM and 64 MiB of virtio-mem, as the agent
+/// does when the VM grows.
+pub async fn grow(vm: &GuestVm) -> anyhow::Result<()> {
+    let qmp = QmpVm::new(vm.client().await?, HotplugConfig::default());
+    qmp.plug_vcpu().await?;
+    qmp.plug_dimm(128 << 20).await?;
+    qmp.set_virtio_mem_size(64 << 20).await?;
+    // The guest driver plugs the blocks in its own time; the sizes compared
+    // across the move must be settled ones.
+    qmp.wait_virtio_mem_plugged(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+/// A move to node 1 with its link to the switch down: the migration cannot
+/// connect, our deadline cancels it, the target is killed, and the guest
+/// still runs on the source. The link comes back afterwards.
+async fn cut_network_move(
+    fabric: &Fabric,
+    base: &[String],
+    vm: &mut GuestVm,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let to = (vm.node + 1) % fabric.nodes.len();
+    eprintln!("    a move to node {to} with its network cut (must fail)");
+    fabric.set_link(to, false)?;
+    let config = MigrationConfig { timeout_ms: 3_000, ..MigrationConfig::default() };
+    let attempt = move_vm(fabric, base, vm, to, &config, &dir.join("vm-cut")).await;
+    fabric.set_link(to, true)?;
+    match attempt {
+        Ok(_) => bail!("a move to node {to} succeeded with its network cut"),
+        Err(e) => eprintln!("    failed as it should: {e:#}"),
+    }
+    let status = Migration::new(vm.client().await?).run_status().await?;
+    if !status.running {
+        bail!("the guest does not run on the source after the failed move: {status:?}");
+    }
+    Ok(())
+}
+
+/// The whole scenario; also the benchmark's core.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let mut steps = crate::steps::Steps::new(1);
+    let image = guest_image(a.no_build)?;
+    let fabric = Fabric::new(2)?;
+    let dir = run_dir()?;
+    let mut report = None;
+    steps.call("boot the guest on node 0, echo through it, move it between nodes", || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        report = Some(rt.block_on(scenario(&a, &image, &fabric, &dir))?);
+        Ok(())
+    })?;
+    let (echo, moves) = report.context("no report")?;
+    for (i, m) in moves.iter().enumerate() {
+        println!(
+            "move {}: total {} ms (qemu), downtime {} ms, wall {} ms, {} MiB sent",
+            i + 1,
+            m.total_ms,
+            m.downtime_ms,
+            m.wall_ms,
+            m.transferred_bytes >> 20
+        );
+    }
+    println!(
+        "echo: {} lines sent, {} back, {} lost, {} wrong, longest gap {:.0} ms",
+        echo.sent, echo.received, echo.lost, echo.wrong, echo.max_gap_ms
+    );
+    if echo.lost > 0 || echo.wrong > 0 {
+        bail!("the connection did not survive the moves intact: {echo:?}");
+    }
+    println!("migration passed");
+    Ok(())
+}
+
+/// The guest image: built (or checked) first, or as it is with `no_build`.
+pub fn guest_image(no_build: bool) -> anyhow::Result<Image> {
+    if !no_build {
+        let mut steps = crate::steps::Steps::new(crate::guest::step_count(&Default::default()));
+        return crate::guest::build(&Default::default(), &mut steps);
+    }
+    let dir = crate::workspace_root().join(crate::guest::GUEST_DIR);
+    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+        .with_context(|| format!("no guest image in {}: run `cargo xtask build-guest`", dir.display()))?;
+    let vmlinux = dir.join("vmlinux");
+    Ok(Image {
+        kernel: if vmlinux.is_file() { vmlinux } else { dir.join("vmlinuz") },
+        vmlinuz: dir.join("vmlinuz"),
+        initramfs: dir.join("initramfs.img"),
+        cmdline: cmdline.trim().to_owned(),
+        dir,
+    })
+}
+
+/// `target/migration/<pid>`, fresh.
+pub fn run_dir() -> anyhow::Result<PathBuf> {
+    let dir = crate::workspace_root().join("target/migration").join(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+async fn scenario(
+    a: &Args,
+    image: &Image,
+    fabric: &Fabric,
+    dir: &Path,
+) -> anyhow::Result<(EchoReport, Vec<MoveFigures>)> {
+    let shape = Shape::new(a.memory_mib);
+    let base = shape.base_args(image, fabric);
+    fabric.add_tap(0, TAP)?;
+    fabric.add_tap(1, TAP)?;
+    let mut vm = start(fabric, 0, &base, &[], &dir.join("vm-0"))?;
+    let addr = (guest_ip(fabric), ECHO_PORT).into();
+    eprintln!("    waiting for the guest's echo server at {addr} (boot under TCG)");
+    let stream =
+        tokio::task::block_in_place(|| crate::echo::connect(addr, Duration::from_secs(180), || vm.exited()))
+            .with_context(|| vm.logs())?;
+    let client = EchoClient::start(stream, Duration::from_millis(100))?;
+    if a.hotplug {
+        grow(&vm).await?;
+    }
+    let before = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;
+    // Let the client run a while on the first node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let config = MigrationConfig::default();
+    if a.break_network {
+        cut_network_move(fabric, &base, &mut vm, dir).await?;
+    }
+    let mut moves = Vec::new();
+    for i in 0..a.moves {
+        let to = (vm.node + 1) % fabric.nodes.len();
+        eprintln!("    move {}: node {} -> node {to}", i + 1, vm.node);
+        let (target, figures, _) =
+            move_vm(fabric, &base, &mut vm, to, &config, &dir.join(format!("vm-{}", i + 1))).await?;
+        vm = target;
+        moves.push(figures);
+        let after = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;
+        if after != before {
+            bail!("the guest changed size in the move: before {before:?}, after {after:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let echo = tokio::task::block_in_place(|| client.finish(Duration::from_secs(5)))?;
+    drop(vm);
+    Ok((echo, moves))
+}
