@@ -136,6 +136,17 @@ impl Config {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
         self.contention.validate().map_err(ConfigError::Invalid)?;
+        for k in &self.policy.ignore_pressure {
+            let wire = format!("KIND_{}", k.to_uppercase());
+            if k.to_lowercase() != *k
+                || vmscale_proto::informant::pressure::Kind::from_str_name(&wire).is_none()
+            {
+                return bad(format!(
+                    "policy.ignore_pressure: {k:?} is no pressure kind; use lower-case names such as \"psi_cpu\", \
+                     \"psi_memory\", \"memcg_reclaim\""
+                ));
+            }
+        }
         if let Some(p) = &self.policy.polling {
             p.validate(self.policy.sample_max_age_ms)
                 .map_err(|e| ConfigError::Invalid(format!("policy.{e}")))?;
@@ -183,6 +194,10 @@ mod tests {
         assert_eq!((polling.loop_interval_ms, polling.sample_average_ms), (2000, 500));
         std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 20000\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("sample_max_age_ms"));
+        std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"psi_cpu\"]\n").unwrap();
+        assert_eq!(&*Config::load(&p).unwrap().policy.ignore_pressure, ["psi_cpu"]);
+        std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"PSI_CPU\"]\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("no pressure kind"));
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();

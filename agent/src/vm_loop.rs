@@ -31,7 +31,7 @@ pub struct VmStatus {
     pub last_action_ms: Option<u64>,
     pub last_error: Option<String>,
     pub pressure_events: u64,
-    /// The same by kind (`KIND_PSI_CPU`, ...): which signals drove the VM.
+    /// The same by kind (`psi_cpu`, ...): which signals drove the VM.
     pub pressure_kinds: BTreeMap<String, u64>,
     pub informant_connected: bool,
     pub allocator_connected: bool,
@@ -100,7 +100,7 @@ pub async fn run(
     core.set_boot_memory(qemu.memory_base_bytes);
     info!(%vm, ?current, ?permitted, "VM loop started from QEMU's state");
     // Polling-only (comparison) mode: samples wait for the loop's tick.
-    let mut poller = policy.polling.map(|p| crate::polling::Poller::new(p, ms_since(t0)));
+    let mut poller = policy.polling.as_deref().map(|p| crate::polling::Poller::new(*p, ms_since(t0)));
     if let Some(p) = &policy.polling {
         info!(%vm, loop_interval_ms = p.loop_interval_ms, sample_average_ms = p.sample_average_ms,
             "polling-only mode: pressure events are ignored");
@@ -217,10 +217,9 @@ pub async fn run(
                         let mut st = node.status.lock().unwrap_or_else(|p| p.into_inner());
                         let e = st.entry(vm.clone()).or_default();
                         e.pressure_events += 1;
-                        let name = ipb::pressure::Kind::try_from(kind).map_or_else(|_| kind.to_string(), |k| k.as_str_name().to_owned());
-                        *e.pressure_kinds.entry(name).or_default() += 1;
+                        *e.pressure_kinds.entry(kind_name(kind)).or_default() += 1;
                     }
-                    if poller.is_none() {
+                    if poller.is_none() && !policy.ignore_pressure.contains(&kind_name(kind)) {
                         core.input(ms_since(t0), Input::Pressure { oom });
                     }
                 }
@@ -288,6 +287,13 @@ pub async fn run(
     // The VM left this node (or the agent stops): the allocator hears of it
     // only when the VM is gone for good, which the node supervisor decides.
     node.metrics.forget(&vm);
+}
+
+/// A pressure kind's wire name without `KIND_`, lower case (`psi_cpu`), as
+/// `policy.ignore_pressure` and the state dump name it.
+fn kind_name(kind: i32) -> String {
+    ipb::pressure::Kind::try_from(kind)
+        .map_or_else(|_| kind.to_string(), |k| k.as_str_name().trim_start_matches("KIND_").to_lowercase())
 }
 
 async fn sleep_opt(d: Option<Duration>) {

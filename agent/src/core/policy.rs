@@ -91,7 +91,14 @@ pub struct Policy {
     /// once per loop interval, ignoring pressure events (see `crate::polling`).
     /// The VM loop applies it; the core sees only the averaged samples. For
     /// comparison benchmarks. Default none: event-driven.
-    pub polling: Option<crate::polling::Polling>,
+    /// Boxed, as `ignore_pressure`: a VM's spec carries its policy, and these
+    /// rarely used options should not make every spec larger.
+    pub polling: Option<Box<crate::polling::Polling>>,
+    /// Pressure event kinds the VM loop counts but does not act on, by their
+    /// wire names without `KIND_`, lower case (e.g. `["psi_cpu"]`: under TCG
+    /// CPU pressure alone grows a VM by whole CUs, memory included, which
+    /// hides how fast memory signals are). Default none.
+    pub ignore_pressure: Box<[String]>,
 }
 
 impl Default for Policy {
@@ -113,6 +120,7 @@ impl Default for Policy {
             stuck_after_failures: 5,
             cpu_max_cgroup: false,
             polling: None,
+            ignore_pressure: Box::default(),
         }
     }
 }
