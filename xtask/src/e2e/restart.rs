@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{agent_current, healthy, log_lines, plan, start, Console, Ctx, Ledger};
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Node, NodePlan, Vm, MIB};
+use serde_json::Value;
 
 /// The VM both scenarios ramp: 512 MiB boot memory, 16 MiB/s to 700 MiB.
 struct Ramp {
@@ -78,53 +79,76 @@ impl Ramp {
     }
 }
 
+/// The agent's permit for the VM, as it knows it: (milli-vCPU, bytes).
+fn agent_permitted(n: &Node, vm: &str) -> Option<(u64, u64)> {
+    let p = n.agent_vm(vm)?.get("permitted")?.clone();
+    Some((p.get("milli_cpu")?.as_u64()?, p.get("memory_bytes")?.as_u64()?))
+}
+
+/// Waits until the agent holds both links again.
+fn wait_links(r: &mut Ramp, ctx: &Ctx, what: &str) -> anyhow::Result<()> {
+    let left = r.left(ctx);
+    let Ramp { vm, n, console, id, .. } = r;
+    cluster::wait_for(what, left, || {
+        healthy(vm, n, console)?;
+        let Some(s) = n.agent_vm(id) else { return Ok(None) };
+        let up = |k: &str| s.get(k).and_then(Value::as_bool) == Some(true);
+        Ok((up("informant_connected") && up("allocator_connected")).then_some(()))
+    })
+}
+
+/// Waits until the allocator's reservation for the VM is the agent's permit
+/// (so not counted twice) and covers QEMU's memory; the ledger then.
+fn wait_ledger_is_permit(r: &mut Ramp, what: &str) -> anyhow::Result<(Ledger, (u64, u64), u64)> {
+    let Ramp { vm, n, console, qmp, id, .. } = r;
+    cluster::wait_for(what, Duration::from_secs(15), || {
+        healthy(vm, n, console)?;
+        let (Some(l), Some(p)) = (Ledger::read(n), agent_permitted(n, id)) else { return Ok(None) };
+        let (_, mem) = qmp.memory()?;
+        let res = l.vms.get(id.as_str()).copied();
+        Ok((res == Some(p) && l.sum() == p && p.1 >= mem).then_some((l, p, mem)))
+    })
+    .with_context(|| {
+        format!(
+            "ledger {:?}; agent's permit {:?}; QEMU {:?}",
+            Ledger::read(n),
+            agent_permitted(n, id),
+            qmp.memory().ok()
+        )
+    })
+}
+
 pub(super) fn agent_restart(ctx: &Ctx) -> anyhow::Result<String> {
     let mut r = boot_and_ramp(ctx, "e2e-agent-restart")?;
-    let mem_kill = r.wait_dimms(ctx, 1, "the first DIMM of the ramp")?;
+    r.wait_dimms(ctx, 1, "the first DIMM of the ramp")?;
     std::thread::sleep(Duration::from_secs(1));
-    let (dimms_kill, mem_kill2) = r.qmp.memory()?;
-    ensure!(mem_kill2 >= mem_kill, "memory shrank during the ramp");
+    let id = r.id.clone();
     r.n.agent.kill()?;
+    let (dimms_kill, mem_kill) = r.qmp.memory()?;
+    let res_kill =
+        *Ledger::read(&r.n).context("no ledger")?.vms.get(&id).context("the VM is not in the ledger")?;
+    // The ramp goes on without an agent; nothing may grow QEMU meanwhile.
     let killed = Instant::now();
-    // The ramp goes on without an agent; nothing may change QEMU meanwhile.
     while killed.elapsed() < Duration::from_secs(2) {
         r.console.drain(&r.vm);
+        let (_, mem) = r.qmp.memory()?;
+        ensure!(mem == mem_kill, "QEMU's memory changed with no agent running");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (_, mem_down) = r.qmp.memory()?;
-    ensure!(mem_down == mem_kill2, "QEMU's memory changed while no agent ran");
     r.n.agent.restart()?;
     let restarted = Instant::now();
-    let id = r.id.clone();
-    // Read back from QEMU: the restarted agent's size is QEMU's, before it
-    // has done anything.
-    let back = {
-        let left = r.left(ctx);
-        let Ramp { vm, n, console, .. } = &mut r;
-        cluster::wait_for("the restarted agent to connect to both peers", left, || {
-            healthy(vm, n, console)?;
-            let Some(s) = n.agent_vm(&id) else { return Ok(None) };
-            let up = |k: &str| s.get(k).and_then(serde_json::Value::as_bool) == Some(true);
-            Ok((up("informant_connected") && up("allocator_connected"))
-                .then(|| agent_current(n, &id))
-                .flatten())
-        })?
-    };
+    wait_links(&mut r, ctx, "the restarted agent to connect to both peers")?;
     let reconnect_s = restarted.elapsed().as_secs_f64();
     let started = log_lines(&r.n.agent.log, "VM loop started from QEMU's state");
     ensure!(started.len() == 2, "the agent's log shows {} VM loop starts, not 2", started.len());
-    // Re-registered once: the ledger holds the VM's size, not that plus the
-    // old reservation.
-    let (_, mem_now) = r.qmp.memory()?;
-    let ledger_back = Ledger::read(&r.n).context("no ledger after the agent's restart")?;
-    let res = *ledger_back.vms.get(&id).context("the VM is not in the ledger after the restart")?;
-    ensure!(ledger_back.vms.len() == 1, "the ledger holds {:?}", ledger_back.vms.keys());
-    ensure!(
-        res.1 >= mem_now && res.1 < mem_now + 2 * mem_kill2.min(mem_now),
-        "after the restart the ledger holds {} MiB for a VM of {} MiB",
-        res.1 / MIB,
-        mem_now / MIB
-    );
+    // Read back from QEMU, not from its memory (it has none): the new loop
+    // starts from QEMU's size at the restart.
+    let from_qemu = started[1].contains(&format!("memory_bytes: {mem_kill}"));
+    ensure!(from_qemu, "the restarted agent did not start from QEMU's {mem_kill} bytes: {}", started[1]);
+    // Registered once: the ledger holds the agent's permit, not that plus
+    // the reservation from before the crash.
+    let (ledger_back, permit_back, mem_back) =
+        wait_ledger_is_permit(&mut r, "the ledger to hold the restarted agent's permit, once")?;
     ledger_back.within_capacity()?;
     let (ledger, dimms_end, mem_end) = r.finish(ctx)?;
     ensure!(
@@ -135,15 +159,16 @@ pub(super) fn agent_restart(ctx: &Ctx) -> anyhow::Result<String> {
     ensure!(r.console.oom_kills() == 0, "OOM kill in the guest");
     let s = ledger.sum();
     Ok(format!(
-        "agent killed with {} MiB ({} DIMMs) plugged, down 2 s, back on both links {reconnect_s:.1} s after its \
-         restart; it read {} MiB back from QEMU (QEMU {} MiB), ledger then {} MiB (one entry); the ramp to \
-         {TARGET_MIB} MiB went on to {} MiB ({dimms_end} DIMMs); ledger {} mCPU / {} MiB = QEMU's, sum <= {} MiB; \
-         OOM kills: 0",
-        mem_kill2 / MIB,
+        "agent killed with {} MiB ({} DIMMs) in QEMU and {} MiB reserved, down 2 s, back on both links \
+         {reconnect_s:.1} s after its restart, starting from QEMU's {} MiB; ledger then {} MiB = its permit \
+         (QEMU {} MiB, one entry); the ramp to {TARGET_MIB} MiB went on to {} MiB ({dimms_end} DIMMs); ledger \
+         {} mCPU / {} MiB = QEMU's, sum <= {} MiB usable; OOM kills: 0",
+        mem_kill / MIB,
         dimms_kill.len(),
-        back.1 / MIB,
-        mem_now / MIB,
-        res.1 / MIB,
+        res_kill.1 / MIB,
+        mem_kill / MIB,
+        permit_back.1 / MIB,
+        mem_back / MIB,
         mem_end / MIB,
         s.0,
         s.1 / MIB,
@@ -156,67 +181,79 @@ pub(super) fn allocator_restart(ctx: &Ctx) -> anyhow::Result<String> {
     r.wait_dimms(ctx, 1, "the first DIMM of the ramp")?;
     std::thread::sleep(Duration::from_secs(1));
     let id = r.id.clone();
-    let old = Ledger::read(&r.n).context("no ledger before the restart")?;
-    let old_res = *old.vms.get(&id).context("the VM is not in the ledger")?;
-    let (dimms_kill, mem_kill) = r.qmp.memory()?;
+    let log_at_kill = fs::metadata(&r.n.agent.log).map(|m| m.len()).unwrap_or(0);
     r.n.allocator.kill()?;
     let killed = Instant::now();
+    let (dimms_kill, mem_kill) = r.qmp.memory()?;
+    // No allocator can grant now: what the agent holds is all it may use.
+    let permit_kill =
+        cluster::wait_for("the agent to see the allocator gone", Duration::from_secs(15), || {
+            healthy(&mut r.vm, &mut r.n, &mut r.console)?;
+            let s = r.n.agent_vm(&id);
+            let down = s.as_ref().and_then(|s| s.get("allocator_connected")?.as_bool()) == Some(false);
+            Ok(if down { agent_permitted(&r.n, &id) } else { None })
+        })?;
     // Down for 6 s while the ramp goes on (about 100 MiB more): the agent
-    // wants more memory and has nobody to ask. QEMU may grow only within the
-    // permit the old allocator gave.
+    // wants more memory and has nobody to ask.
     let mut mem_down_max = mem_kill;
     while killed.elapsed() < Duration::from_secs(6) {
         healthy(&mut r.vm, &mut r.n, &mut r.console)?;
         let (_, mem) = r.qmp.memory()?;
         mem_down_max = mem_down_max.max(mem);
         ensure!(
-            mem <= old_res.1,
-            "QEMU grew to {} MiB with the allocator down; its last reservation was {} MiB",
+            mem <= permit_kill.1,
+            "QEMU grew to {} MiB with the allocator down; the agent's permit was {} MiB",
             mem / MIB,
-            old_res.1 / MIB
+            permit_kill.1 / MIB
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     r.n.allocator.restart()?;
     let restarted = Instant::now();
-    // From its first answer on, the new allocator holds nothing for the VM
-    // until the agent registers it, and then the VM's size, not more.
+    // From the new allocator's first answer on, its ledger never holds less
+    // than QEMU has (it is rebuilt from the agent's registration, not grown
+    // from nothing) and never passes the capacity.
     let left = r.left(ctx);
-    let (first, mem_at_reg) = {
+    let (mem_at_reg, polls) = {
         let Ramp { vm, n, console, qmp, .. } = &mut r;
-        cluster::wait_for("the agent to register the VM with the restarted allocator", left, || {
-            healthy(vm, n, console)?;
-            let (_, mem_before) = qmp.memory()?;
-            let Some(l) = Ledger::read(n) else { return Ok(None) };
-            let Some(res) = l.vms.get(&id).copied() else { return Ok(None) };
-            let (_, mem_after) = qmp.memory()?;
-            ensure!(
-                res.1 >= mem_after,
-                "the restarted allocator holds {} MiB for a VM QEMU has {} MiB of",
-                res.1 / MIB,
-                mem_after / MIB
-            );
-            ensure!(
-                res.1 <= old_res.1.max(mem_before),
-                "the restarted allocator's first reservation ({} MiB) passes both the VM's size ({} MiB) \
-                 and its last permit ({} MiB): granted before registration",
-                res.1 / MIB,
-                mem_before / MIB,
-                old_res.1 / MIB
-            );
-            l.within_capacity()?;
-            Ok(Some((res, mem_before)))
-        })?
+        let mut polls = 0;
+        let found =
+            cluster::wait_for("the agent to register the VM with the restarted allocator", left, || {
+                healthy(vm, n, console)?;
+                // QEMU first: the ledger read after it can only have grown
+                // since (a permit comes before its plug), so a ledger below
+                // it was not rebuilt from the registration.
+                let (_, mem) = qmp.memory()?;
+                let Some(l) = Ledger::read(n) else { return Ok(None) };
+                polls += 1;
+                l.within_capacity()?;
+                let Some(res) = l.vms.get(&id).copied() else { return Ok(None) };
+                ensure!(
+                    res.1 >= mem,
+                    "the restarted allocator holds {} MiB for a VM QEMU has {} MiB of",
+                    res.1 / MIB,
+                    mem / MIB
+                );
+                Ok(Some(mem))
+            })?;
+        (found, polls)
     };
     let reg_s = restarted.elapsed().as_secs_f64();
-    ensure!(
-        mem_at_reg <= old_res.1,
-        "QEMU grew to {} MiB before the VM was registered again (last reservation {} MiB)",
-        mem_at_reg / MIB,
-        old_res.1 / MIB
-    );
     let opened = log_lines(&r.n.allocator.log, "session opened");
     ensure!(opened.len() >= 2, "the allocator's log shows {} sessions, not a second one", opened.len());
+    // The agent's side of the order: after the crash, it registered before
+    // it asked for anything.
+    let log = fs::read_to_string(&r.n.agent.log).unwrap_or_default();
+    let after = log.get(usize::try_from(log_at_kill).unwrap_or(0)..).unwrap_or("");
+    let registered =
+        after.find("registered with the allocator").context("the agent never registered again")?;
+    if let Some(asked) = after.find("action=\"request_permit\"") {
+        ensure!(
+            asked > registered,
+            "after the allocator's crash the agent asked for a permit before registering"
+        );
+    }
+    let (_, permit_back, _) = wait_ledger_is_permit(&mut r, "the new ledger to hold the agent's permit")?;
     let (ledger, dimms_end, mem_end) = r.finish(ctx)?;
     ensure!(
         dimms_end > dimms_kill.len(),
@@ -226,16 +263,16 @@ pub(super) fn allocator_restart(ctx: &Ctx) -> anyhow::Result<String> {
     ensure!(r.console.oom_kills() == 0, "OOM kill in the guest");
     let s = ledger.sum();
     Ok(format!(
-        "allocator killed with {} MiB ({} DIMMs) in QEMU and {} MiB reserved, down 6 s (QEMU at most {} MiB \
-         meanwhile), VM registered again {reg_s:.1} s after the restart at {} MiB (QEMU {} MiB); the ramp to \
-         {TARGET_MIB} MiB went on to {} MiB ({dimms_end} DIMMs); ledger {} mCPU / {} MiB = QEMU's, sum <= {} MiB; \
-         OOM kills: 0",
+        "allocator killed with {} MiB ({} DIMMs) in QEMU and a {} MiB permit, down 6 s (QEMU at most {} MiB \
+         meanwhile); VM registered again {reg_s:.1} s after the restart ({polls} ledger polls, never below \
+         QEMU's {} MiB), permit {} MiB; the ramp to {TARGET_MIB} MiB went on to {} MiB ({dimms_end} DIMMs); \
+         ledger {} mCPU / {} MiB = QEMU's, sum <= {} MiB usable; OOM kills: 0",
         mem_kill / MIB,
         dimms_kill.len(),
-        old_res.1 / MIB,
+        permit_kill.1 / MIB,
         mem_down_max / MIB,
-        first.1 / MIB,
         mem_at_reg / MIB,
+        permit_back.1 / MIB,
         mem_end / MIB,
         s.0,
         s.1 / MIB,
