@@ -11,6 +11,7 @@ mod e2e;
 mod ebpf;
 mod echo;
 mod guest;
+mod image;
 mod kubectl;
 mod migration;
 mod netns;
@@ -32,6 +33,8 @@ enum Command {
     BuildEbpf(ebpf::Args),
     /// Build the guest image in target/guest/ (kernel, initramfs with the informant).
     BuildGuest(guest::Args),
+    /// Write the agent and allocator container images as OCI layouts in target/image.
+    Image(image::Args),
     /// Run the tests (the README's test command): sets up, lints, tests every tier.
     Test(test::Args),
     /// Run the local demo (the README's run command).
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(a) => ebpf::run(a),
         Command::BuildGuest(a) => guest::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Image(a) => image::run(a),
         Command::Test(a) => test::run(a),
         Command::Demo(a) => demo::run(a),
         Command::E2e(a) => e2e::run(a),
