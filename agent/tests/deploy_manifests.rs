@@ -437,3 +437,28 @@ fn the_scheduler_example_points_at_the_allocator() {
     assert_eq!((e.filter_verb.as_str(), e.prioritize_verb.as_str()), ("filter", "prioritize"));
     assert!(e.node_cache_capable, "the extender answers with NodeNames");
 }
+
+/// The agent's ClusterRole grants exactly the requests its pod source and
+/// status writer make: list and watch of pods (agent/tests/kube_source.rs
+/// asserts each request) and a merge patch of their annotations. The
+/// allocator's rules are matched against its requests in allocator/tests/.
+#[test]
+fn the_agent_role_grants_exactly_what_the_agent_does() {
+    let docs = load_base_docs("agent-rbac.yaml");
+    let role: ClusterRole = strict(find(&docs, "ClusterRole", "vmscale-agent"), "agent-rbac.yaml");
+    let rules: Vec<_> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.api_groups.unwrap_or_default(), r.resources.unwrap_or_default(), r.verbs))
+        .collect();
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    assert_eq!(rules, [(s(&[""]), s(&["pods"]), s(&["list", "watch", "patch"]))]);
+    let binding: ClusterRoleBinding =
+        strict(find(&docs, "ClusterRoleBinding", "vmscale-agent"), "agent-rbac.yaml");
+    let subject = &binding.subjects.unwrap()[0];
+    let ds: DaemonSet =
+        strict(find(&load_base_docs("agent.yaml"), "DaemonSet", "vmscale-agent"), "agent.yaml");
+    let sa = ds.spec.unwrap().template.spec.unwrap().service_account_name.unwrap();
+    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", sa.as_str()));
+}
