@@ -13,6 +13,7 @@ pub mod executor;
 pub mod http;
 pub mod informant_link;
 pub mod metrics;
+pub mod migration;
 pub mod node;
 pub mod polling;
 pub mod qmp;

@@ -273,7 +273,21 @@ impl Migration {
             let info = self.query().await?;
             progress(&info);
             match info.progress() {
-                Progress::Completed => return Ok(info),
+                // A former migration target may still show its incoming
+                // migration as completed; only a source whose guest has
+                // stopped has finished sending. QEMU also reports
+                // `completed` a moment before it fills in `total-time` and
+                // `downtime` (both 0 until then): poll once more for them.
+                Progress::Completed => {
+                    let settled = info.total_time_ms.unwrap_or(0) > 0 || Instant::now() >= deadline;
+                    if settled && !self.run_status().await?.running {
+                        return Ok(info);
+                    }
+                    if Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                }
                 Progress::Failed => {
                     return Err(MigrateError::Failed {
                         reason: info.error_desc.unwrap_or_else(|| "qemu gave no reason".into()),

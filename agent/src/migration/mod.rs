@@ -1,0 +1,144 @@
+//! Carrying out a migration order: the source agent's side of a move.
+//!
+//! - [`MoveState`]: the lifecycle of one move with its one transition
+//!   function; what the allocator hears follows from it ([`MoveState::report`]).
+//! - [`command_line`]: the VM's base QEMU command line, read from the source
+//!   QEMU's `/proc/<pid>/cmdline` with everything that belongs to this
+//!   process only (QMP socket, `-incoming`, devices added by hotplug or by an
+//!   earlier move) taken out (pure, tested on captured lines).
+//! - [`target`]: the narrow boundary to whoever starts the incoming QEMU
+//!   ([`IncomingTarget`]), and [`target::LocalIncoming`], which starts it on
+//!   this host (the target agent's executor, and the tests').
+//! - [`source`]: the executor: read the devices, have the target started,
+//!   migrate, switch over, and on any failure leave exactly one running VM:
+//!   the source.
+
+pub mod command_line;
+pub mod source;
+pub mod target;
+
+use crate::qmp::migrate::MigrateError;
+use vmscale_proto::allocator::migration_status::Phase;
+
+/// Where one move stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveState {
+    /// Received; nothing done yet.
+    Ordered,
+    /// The target QEMU is being started with the source's devices.
+    Preparing,
+    /// Memory is being sent; the guest still runs on the source.
+    Migrating,
+    /// Sent; the source QEMU is paused with the guest's final state and the
+    /// target should be running it.
+    SwitchedOver,
+    /// The guest runs on the target only.
+    Completed,
+    /// The guest runs on the source only; the target QEMU is gone.
+    Failed,
+}
+
+/// A step the lifecycle does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a move cannot go from {from:?} to {to:?}")]
+pub struct BadTransition {
+    pub from: MoveState,
+    pub to: MoveState,
+}
+
+impl MoveState {
+    /// The one place that says which steps a move may take. A move may fail
+    /// from any state before `Completed`: after the switch-over only when
+    /// the target does not run the guest, in which case its QEMU is killed
+    /// first and the paused source resumed, so one QEMU runs the guest.
+    pub fn transition(self, to: MoveState) -> Result<MoveState, BadTransition> {
+        use MoveState::*;
+        match (self, to) {
+            (Ordered, Preparing)
+            | (Preparing, Migrating)
+            | (Migrating, SwitchedOver)
+            | (SwitchedOver, Completed)
+            | (Ordered | Preparing | Migrating | SwitchedOver, Failed) => Ok(to),
+            _ => Err(BadTransition { from: self, to }),
+        }
+    }
+
+    /// What the allocator is told on entering this state, if anything:
+    /// `Started` once memory flows (the target's hold is then in use),
+    /// `Completed` only when the source QEMU is gone, so the reservation
+    /// never moves while two QEMUs could run the guest.
+    pub fn report(self) -> Option<Phase> {
+        match self {
+            MoveState::Migrating => Some(Phase::Started),
+            MoveState::Completed => Some(Phase::Completed),
+            MoveState::Failed => Some(Phase::Failed),
+            MoveState::Ordered | MoveState::Preparing | MoveState::SwitchedOver => None,
+        }
+    }
+}
+
+/// Why a move failed; the message goes to the allocator as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("cannot read the source vm's command line: {0}")]
+    CommandLine(String),
+    #[error("the target qemu did not start: {0}")]
+    TargetStart(String),
+    #[error("migration")]
+    Migrate(#[from] MigrateError),
+    #[error("the target did not take the guest over: {0}")]
+    Switchover(String),
+}
+
+/// An error and its sources on one line, for the allocator's order reason.
+pub fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MoveState::{self, *};
+    use vmscale_proto::allocator::migration_status::Phase;
+
+    const ALL: [MoveState; 6] = [Ordered, Preparing, Migrating, SwitchedOver, Completed, Failed];
+
+    #[test]
+    fn every_transition_pair() {
+        let allowed = [
+            (Ordered, Preparing),
+            (Preparing, Migrating),
+            (Migrating, SwitchedOver),
+            (SwitchedOver, Completed),
+            (Ordered, Failed),
+            (Preparing, Failed),
+            (Migrating, Failed),
+            (SwitchedOver, Failed),
+        ];
+        for from in ALL {
+            for to in ALL {
+                let got = from.transition(to);
+                if allowed.contains(&(from, to)) {
+                    assert_eq!(got, Ok(to), "{from:?} -> {to:?}");
+                } else {
+                    assert!(got.is_err(), "{from:?} -> {to:?} must be refused");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_allocator_hears_started_completed_and_failed_only() {
+        let reported: Vec<(MoveState, Phase)> = ALL.iter().filter_map(|s| Some((*s, s.report()?))).collect();
+        assert_eq!(
+            reported,
+            vec![(Migrating, Phase::Started), (Completed, Phase::Completed), (Failed, Phase::Failed)]
+        );
+    }
+}

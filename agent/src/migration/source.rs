@@ -1,0 +1,118 @@
+//! The source agent's executor of one move. Every path out of it leaves the
+//! guest running in exactly one QEMU: on the target after `Completed`, on
+//! the source after `Failed` (the target's QEMU killed first).
+
+use std::time::Duration;
+
+use vmscale_proto::allocator::migration_status::Phase;
+
+use super::target::{Handoff, IncomingTarget};
+use super::{MoveError, MoveState};
+use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
+use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
+use crate::qmp::QmpClient;
+
+/// How long the target may take to run the guest after the stream ended.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a finished move did.
+#[derive(Debug, Clone)]
+pub struct MoveReport {
+    pub info: MigrationInfo,
+    pub devices: DeviceSpec,
+}
+
+/// One move, its state, and the reports the allocator gets.
+struct Run<'a, R: FnMut(Phase, &str)> {
+    state: MoveState,
+    report: &'a mut R,
+}
+
+impl<R: FnMut(Phase, &str)> Run<'_, R> {
+    fn enter(&mut self, to: MoveState, reason: &str) {
+        match self.state.transition(to) {
+            Ok(next) => {
+                self.state = next;
+                if let Some(phase) = next.report() {
+                    (self.report)(phase, reason);
+                }
+            }
+            // A bug here must not leave two running QEMUs: log, keep going.
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+}
+
+/// Moves the guest behind `source` to `target`. `report` hears `Started`,
+/// then `Completed` or `Failed` with the reason, as the allocator must.
+pub async fn carry_out(
+    order_id: u64,
+    vm_id: &str,
+    source: &QmpClient,
+    base_args: Vec<String>,
+    target: &dyn IncomingTarget,
+    config: &MigrationConfig,
+    mut report: impl FnMut(Phase, &str),
+) -> Result<MoveReport, MoveError> {
+    let mut run = Run { state: MoveState::Ordered, report: &mut report };
+    let result = attempt(order_id, vm_id, source, base_args, target, config, &mut run).await;
+    match &result {
+        Ok(_) => run.enter(MoveState::Completed, ""),
+        Err(e) => {
+            // The target first: once it is gone the source is the only
+            // QEMU that can hold the guest, and may safely run it.
+            target.abort().await;
+            let out = Migration::new(source.clone());
+            if let Ok(status) = out.run_status().await {
+                if !status.running && status.status == "postmigrate" {
+                    if let Err(e) = source.execute::<serde_json::Value>("cont", None).await {
+                        tracing::error!(
+                            order = order_id,
+                            "cannot resume the source after a failed move: {e:#}"
+                        );
+                    }
+                }
+            }
+            let reason = super::reason(e);
+            tracing::warn!(order = order_id, vm = %vm_id, %reason, "move failed; the vm stays on the source");
+            run.enter(MoveState::Failed, &reason);
+        }
+    }
+    result
+}
+
+async fn attempt<R: FnMut(Phase, &str)>(
+    order_id: u64,
+    vm_id: &str,
+    source: &QmpClient,
+    base_args: Vec<String>,
+    target: &dyn IncomingTarget,
+    config: &MigrationConfig,
+    run: &mut Run<'_, R>,
+) -> Result<MoveReport, MoveError> {
+    run.enter(MoveState::Preparing, "");
+    let devices = read_spec(source).await?;
+    let handoff = Handoff {
+        order_id,
+        vm_id: vm_id.to_owned(),
+        base_args,
+        devices: devices.clone(),
+        config: config.clone(),
+    };
+    let uri = target.prepare(&handoff).await.map_err(MoveError::TargetStart)?;
+    let out = Migration::new(source.clone());
+    out.configure(config).await?;
+    out.start(&uri).await?;
+    run.enter(MoveState::Migrating, "");
+    let info = out.wait(config, |_| {}).await?;
+    run.enter(MoveState::SwitchedOver, "");
+    target.confirm(CONFIRM_TIMEOUT).await.map_err(MoveError::Switchover)?;
+    // The guest runs on the target; the paused source QEMU goes. A QEMU
+    // that closes the connection while quitting is what we asked for.
+    if let Err(e) = source.execute::<serde_json::Value>("quit", None).await {
+        if !e.is_disconnected() {
+            tracing::warn!(order = order_id, "the source qemu did not quit: {e:#}; it stays paused");
+        }
+    }
+    Ok(MoveReport { info, devices })
+}

@@ -1,0 +1,144 @@
+//! The source agent's move executor against real QEMUs (TCG, no guest OS):
+//! the target is started from the source's own command line and devices,
+//! and every failure leaves the guest running on the source alone.
+#![allow(clippy::unwrap_used)]
+
+mod qmp_support;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmscale_agent::migration::command_line::read_base_args;
+use vmscale_agent::migration::source::carry_out;
+use vmscale_agent::migration::target::{IncomingTarget, LocalIncoming};
+use vmscale_agent::migration::MoveError;
+use vmscale_agent::qmp::migrate::{Migration, MigrationConfig};
+use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
+use vmscale_agent::qmp::{Hypervisor, QmpClient, QmpVm};
+use vmscale_proto::allocator::migration_status::Phase;
+
+use qmp_support::{client_config, hotplug_config, qemu_or_skip, TempDir, MIB};
+
+struct Setup {
+    source: QemuProcess,
+    client: QmpClient,
+    target: Arc<LocalIncoming>,
+    base: Vec<String>,
+    _dirs: (TempDir, TempDir),
+}
+
+async fn setup(test: &str, shape: impl FnOnce(&mut QemuOptions)) -> Option<Setup> {
+    let binary = qemu_or_skip(test)?;
+    let (src_dir, dst_dir) = (TempDir::new(), TempDir::new());
+    let mut options = QemuOptions::new(binary.clone());
+    shape(&mut options);
+    let source = QemuProcess::spawn(&options, src_dir.path()).await.unwrap();
+    let client = QmpClient::connect(source.endpoint(), client_config()).await.unwrap();
+    let base = read_base_args(Path::new("/proc"), source.pid().unwrap()).unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let target = Arc::new(LocalIncoming::new(binary, dst_dir.path().join("target"), listen));
+    Some(Setup { source, client, target, base, _dirs: (src_dir, dst_dir) })
+}
+
+type Reports = Arc<Mutex<Vec<(Phase, String)>>>;
+
+fn recorder() -> (Reports, impl FnMut(Phase, &str)) {
+    let reports: Reports = Arc::default();
+    let r = reports.clone();
+    (reports, move |phase, reason: &str| r.lock().unwrap().push((phase, reason.to_owned())))
+}
+
+fn phases(reports: &Reports) -> Vec<Phase> {
+    reports.lock().unwrap().iter().map(|(p, _)| *p).collect()
+}
+
+async fn source_runs(client: &QmpClient) -> bool {
+    Migration::new(client.clone()).run_status().await.unwrap().running
+}
+
+#[tokio::test]
+async fn a_grown_vm_moves_and_only_the_target_runs_it() {
+    let Some(mut s) = setup("move_completes", |_| {}).await else { return };
+    let vm = QmpVm::new(s.client.clone(), hotplug_config());
+    vm.plug_vcpu().await.unwrap();
+    vm.plug_dimm(128 * MIB).await.unwrap();
+    let before = vm.read_size().await.unwrap();
+    let (reports, report) = recorder();
+    let config = MigrationConfig { timeout_ms: 60_000, ..MigrationConfig::default() };
+    let done = carry_out(1, "vm-a", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap();
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
+    assert_eq!(done.devices.cpus.len(), 1);
+    // The source QEMU quit; the target runs the guest with its devices.
+    let exited = tokio::time::timeout(Duration::from_secs(10), async {
+        while s.source.pid().is_some_and(|p| Path::new(&format!("/proc/{p}/cmdline")).exists())
+            && std::fs::read(format!("/proc/{}/stat", s.source.pid().unwrap()))
+                .map(|st| !String::from_utf8_lossy(&st).contains(") Z "))
+                .unwrap_or(false)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exited.is_ok(), "the source qemu still runs after the move");
+    let target = s.target.client().await.unwrap();
+    assert!(source_runs(&target).await);
+    assert_eq!(QmpVm::new(target, hotplug_config()).read_size().await.unwrap(), before);
+    s.source.kill().await.ok();
+    s.target.abort().await;
+}
+
+#[tokio::test]
+async fn a_target_that_cannot_start_fails_the_move_and_the_source_runs_on() {
+    let Some(s) = setup("move_target_fails", |_| {}).await else { return };
+    let mut base = s.base.clone();
+    base.extend(["-object".into(), "no-such-backend,id=x".into()]);
+    let (reports, report) = recorder();
+    let e = carry_out(2, "vm-b", &s.client, base, &*s.target, &MigrationConfig::default(), report)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MoveError::TargetStart(_)), "{e:#}");
+    let got = reports.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, Phase::Failed);
+    assert!(got[0].1.contains("target qemu did not start"), "{got:?}");
+    assert!(source_runs(&s.client).await);
+}
+
+#[tokio::test]
+async fn a_move_that_does_not_converge_is_cancelled_and_the_target_killed() {
+    let Some(s) = setup("move_not_converged", |o| o.memory_mib = 512).await else { return };
+    let (reports, report) = recorder();
+    let config =
+        MigrationConfig { max_bandwidth_bytes_per_s: MIB, timeout_ms: 1_000, ..MigrationConfig::default() };
+    let e = carry_out(3, "vm-c", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap_err();
+    assert!(e.to_string().contains("migration"), "{e:#}");
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
+    assert!(reports.lock().unwrap()[1].1.contains("did not complete"), "{:?}", reports.lock().unwrap());
+    assert!(s.target.confirm(Duration::from_millis(10)).await.is_err(), "the target qemu must be gone");
+    // Cancelling takes a moment; then the source runs the guest again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !source_runs(&s.client).await {
+        assert!(tokio::time::Instant::now() < deadline, "source does not run after the cancelled move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_target_that_dies_mid_move_fails_it_and_the_source_runs_on() {
+    let Some(s) = setup("move_target_dies", |o| o.memory_mib = 512).await else { return };
+    let (reports, report) = recorder();
+    let config =
+        MigrationConfig { max_bandwidth_bytes_per_s: MIB, timeout_ms: 30_000, ..MigrationConfig::default() };
+    let target = s.target.clone();
+    // The target's side goes away 300 ms into the stream (its agent died
+    // and took its QEMU along, or its node was lost).
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        target.abort().await;
+    });
+    let e = carry_out(4, "vm-d", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap_err();
+    assert!(e.to_string().contains("migration"), "{e:#}");
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
+    assert!(source_runs(&s.client).await);
+}
