@@ -244,3 +244,110 @@ fn assert_rbac(used: &BTreeSet<&'static str>, expected: &[&str]) {
         assert!(granted.contains(*v), "{v} is used but not granted");
     }
 }
+
+/// A Lease store with the API server's rules that matter here: create fails
+/// if the Lease exists, update fails unless it carries the current
+/// resourceVersion. One task per replica serves that replica's requests;
+/// `cut` makes it stop answering (a replica cut off from the API server).
+#[derive(Default)]
+struct Store {
+    lease: Option<Value>,
+    rv: u64,
+}
+
+async fn serve(
+    mut handle: ApiHandle,
+    store: std::sync::Arc<std::sync::Mutex<Store>>,
+    cut: watch::Receiver<bool>,
+) {
+    let mut held = Vec::new();
+    while let Some((req, reply)) = handle.next_request().await {
+        if *cut.borrow() {
+            held.push(reply); // never answered
+            continue;
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        let mut st = store.lock().unwrap();
+        let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409});
+        match parts.method {
+            Method::GET => match &st.lease {
+                Some(l) => respond(reply, StatusCode::OK, l),
+                None => respond(reply, StatusCode::NOT_FOUND, &not_found()),
+            },
+            Method::POST if st.lease.is_some() => respond(reply, StatusCode::CONFLICT, &conflict),
+            Method::PUT | Method::POST => {
+                let mut l: Value = serde_json::from_slice(&bytes).unwrap();
+                let current = st.lease.as_ref().map(|c| c["metadata"]["resourceVersion"].clone());
+                if parts.method == Method::PUT && current != Some(l["metadata"]["resourceVersion"].clone()) {
+                    respond(reply, StatusCode::CONFLICT, &conflict);
+                    continue;
+                }
+                st.rv += 1;
+                l["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.lease = Some(l.clone());
+                respond(
+                    reply,
+                    if parts.method == Method::POST { StatusCode::CREATED } else { StatusCode::OK },
+                    &l,
+                );
+            }
+            m => panic!("unexpected {m}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_replicas_never_lead_at_once_and_the_standby_takes_over_from_a_cut_off_leader() {
+    let store = std::sync::Arc::new(std::sync::Mutex::new(Store::default()));
+    let mut replicas = Vec::new();
+    for id in ["a", "b"] {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (cut_tx, cut_rx) = watch::channel(false);
+        tokio::spawn(serve(handle, store.clone(), cut_rx));
+        let (tx, rx) = watch::channel(false);
+        let task =
+            tokio::spawn(run(Client::new(service, "default"), config(id), tx, CancellationToken::new()));
+        replicas.push((rx, cut_tx, task));
+    }
+    let (mut a, mut b) = (replicas[0].0.clone(), replicas[1].0.clone());
+    // Whoever leads first (a: its first read comes first), only one leads.
+    timeout(STEP, a.wait_for(|l| *l)).await.unwrap().unwrap();
+    let watcher = tokio::spawn(async move {
+        let mut changes = 0;
+        loop {
+            tokio::select! {
+                r = a.changed() => if r.is_err() { break },
+                r = b.changed() => if r.is_err() { break },
+            }
+            changes += 1;
+            assert!(!(*a.borrow() && *b.borrow()), "two leaders at once");
+            if *b.borrow() {
+                return changes;
+            }
+        }
+        changes
+    });
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(*replicas[0].0.borrow() && !*replicas[1].0.borrow(), "a keeps leading while it renews");
+
+    // a is cut off from the API server: it steps down at its renew deadline
+    // and exits; b takes over once a's record has not changed for the
+    // lease duration, so never before a stepped down.
+    let cut_at = tokio::time::Instant::now();
+    replicas[0].1.send_replace(true);
+    let (rx_a, _, task_a) = replicas.remove(0);
+    let err = timeout(STEP, task_a).await.unwrap().unwrap().unwrap_err();
+    assert!(err.to_string().contains("lost the lease"), "{err}");
+    assert!(!*rx_a.borrow());
+    let stepped_down = cut_at.elapsed();
+    let mut rx_b = replicas[0].0.clone();
+    timeout(STEP, rx_b.wait_for(|l| *l)).await.unwrap().unwrap();
+    let took_over = cut_at.elapsed();
+    assert!(stepped_down <= Duration::from_secs(7), "{stepped_down:?}");
+    assert!(took_over > stepped_down && took_over <= Duration::from_secs(12), "{took_over:?}");
+    assert!(watcher.await.unwrap() >= 2);
+    let lease = store.lock().unwrap().lease.clone().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}

@@ -158,6 +158,7 @@ pub fn record(lease: &Lease) -> Record {
         acquire_ms: s.acquire_time.map(|t| t.0.as_millisecond()),
         renew_ms: s.renew_time.map(|t| t.0.as_millisecond()),
         transitions: s.lease_transitions.unwrap_or(0),
+        version: lease.metadata.resource_version.clone(),
     }
 }
 

@@ -22,6 +22,10 @@ pub struct Record {
     pub acquire_ms: Option<i64>,
     pub renew_ms: Option<i64>,
     pub transitions: i32,
+    /// The object's resourceVersion as read (never written): every write
+    /// changes it, so it shows a renewal even when two renew times are
+    /// equal to the millisecond.
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,10 +74,12 @@ impl Elector {
             self.renewed_at = None;
             return Step::Create(self.claim(None, wall_ms));
         };
-        // Only a change of holder or renew time restarts the expiry clock;
-        // our own clock measures it, so skew between nodes cannot matter.
-        let changed =
-            self.seen.as_ref().is_none_or(|(r, _)| r.holder != read.holder || r.renew_ms != read.renew_ms);
+        // Only a change of holder, renew time or resourceVersion restarts
+        // the expiry clock; our own clock measures it, so skew between nodes
+        // cannot matter.
+        let changed = self.seen.as_ref().is_none_or(|(r, _)| {
+            r.holder != read.holder || r.renew_ms != read.renew_ms || r.version != read.version
+        });
         if changed {
             self.seen = Some((read.clone(), now));
         }
@@ -118,6 +124,7 @@ impl Elector {
             acquire_ms: None,
             renew_ms: Some(wall_ms),
             transitions: current.transitions,
+            version: None,
         })
     }
 
@@ -128,6 +135,7 @@ impl Elector {
             acquire_ms: read.acquire_ms.or(Some(wall_ms)),
             renew_ms: Some(wall_ms),
             transitions: read.transitions,
+            version: None,
         }
     }
 
@@ -140,6 +148,7 @@ impl Elector {
             acquire_ms: Some(wall_ms),
             renew_ms: Some(wall_ms),
             transitions,
+            version: None,
         }
     }
 
@@ -168,6 +177,7 @@ mod tests {
             acquire_ms: Some(0),
             renew_ms: Some(renew_ms),
             transitions: 3,
+            version: None,
         }
     }
 
@@ -207,6 +217,17 @@ mod tests {
         let Step::Update(t) = e.observe(Some(&released), 0, 7) else { panic!() };
         assert_eq!((t.holder.as_deref(), t.transitions), (Some("b"), 3));
         assert_eq!(a.release(&held("c", 5), 6), None, "only the holder releases");
+    }
+
+    #[test]
+    fn a_new_resource_version_counts_as_a_renewal() {
+        let mut e = Elector::new("b", timing());
+        // Two renewals within one millisecond of wall time: same renewTime.
+        let v = |n: &str| Record { version: Some(n.into()), ..held("a", 5) };
+        assert_eq!(e.observe(Some(&v("1")), 0, 0), Step::Wait);
+        assert_eq!(e.observe(Some(&v("2")), 9_000, 0), Step::Wait);
+        assert_eq!(e.observe(Some(&v("2")), 18_000, 0), Step::Wait);
+        assert!(matches!(e.observe(Some(&v("2")), 19_000, 0), Step::Update(_)));
     }
 
     #[test]
