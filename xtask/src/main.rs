@@ -4,6 +4,7 @@
 mod apt;
 mod bench;
 mod bench_e2e;
+mod bench_migration;
 mod bench_nodes;
 mod cluster;
 mod demo;

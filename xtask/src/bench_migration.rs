@@ -1,0 +1,313 @@
+//! `cargo xtask bench migration`: live migration of the test guest between
+//! two network-namespace nodes (see `migration.rs`), for a 256 MiB and a
+//! 1 GiB guest, while a TCP client echoes a line every 100 ms through it.
+//!
+//! Each round moves the guest twice: once the way vmscale does (the agent's
+//! migration code: the source's devices read into the target's command line,
+//! capabilities, bandwidth and downtime limits, progress polled every 50 ms)
+//! and once as a bare QEMU-to-QEMU migration (the same bandwidth limit,
+//! nothing else set, polled every 10 ms), so both are measured on the same
+//! guest in the same run. A fresh client connection covers each move, so its
+//! longest silence and lost lines belong to that move. Which kind goes first
+//! alternates by round, and one uncounted move after boot goes first of all.
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
+
+use crate::echo::{EchoClient, EchoReport};
+use crate::migration::{guest_image, guest_ip, move_vm, start, GuestVm, MoveFigures, Shape, ECHO_PORT, TAP};
+use crate::netns::Fabric;
+
+/// Where the bare migration's target listens (not the agent's port).
+const BARE_PORT: u16 = 4445;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Ours,
+    Bare,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Ours => "vmscale",
+            Kind::Bare => "bare",
+        }
+    }
+}
+
+/// One move's figures and its client's.
+struct Sample {
+    moved: MoveFigures,
+    echo: EchoReport,
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let rounds = if quick { 2 } else { 5 };
+    let sizes: &[u64] = if quick { &[256] } else { &[256, 1024] };
+    let mut steps = crate::steps::Steps::new(sizes.len() + 1);
+    let image = guest_image(false)?;
+    let config = MigrationConfig::default();
+    let load_before = loadavg();
+    let mut results = Vec::new();
+    for &mib in sizes {
+        let mut out = None;
+        steps.call(
+            &format!("{mib} MiB guest: {rounds} rounds of a vmscale move and a bare QEMU move"),
+            || {
+                let rt =
+                    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+                out = Some(rt.block_on(size_run(&image, mib, rounds, &config))?);
+                Ok(())
+            },
+        )?;
+        results.push(out.context("no figures")?);
+    }
+    let date = now_utc();
+    let v = json!({
+        "date": date,
+        "machine": "2 vCPUs, TCG (no KVM); nodes are network namespaces on one host",
+        "downtime_limit_ms": config.downtime_limit_ms,
+        "max_bandwidth_bytes_per_s": config.max_bandwidth_bytes_per_s,
+        "rounds": rounds,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "guests": results,
+    });
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let json_path = dir.join("migration.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&v)?)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    eprintln!("    figures in {}", json_path.display());
+    let md = markdown(&v, &config);
+    println!("{md}");
+    if quick {
+        eprintln!("    quick run: BENCHMARKS.md left as it was");
+        return Ok(());
+    }
+    steps.call("record the figures in BENCHMARKS.md", || {
+        crate::bench::record(&crate::workspace_root().join("BENCHMARKS.md"), "migration", &md)
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Boots one guest and runs `rounds` pairs of moves.
+async fn size_run(
+    image: &crate::guest::Image,
+    mib: u64,
+    rounds: u32,
+    config: &MigrationConfig,
+) -> anyhow::Result<Value> {
+    let fabric = Fabric::new(2)?;
+    let dir = crate::migration::run_dir()?.join(format!("{mib}"));
+    let base = Shape::new(mib).base_args(image, &fabric);
+    fabric.add_tap(0, TAP)?;
+    fabric.add_tap(1, TAP)?;
+    let mut vm = start(&fabric, 0, &base, &[], &dir.join("boot"))?;
+    let addr = (guest_ip(&fabric), ECHO_PORT).into();
+    let first =
+        tokio::task::block_in_place(|| crate::echo::connect(addr, Duration::from_secs(180), || vm.exited()))
+            .with_context(|| vm.logs())?;
+    drop(first);
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    // Let the guest settle after boot (the informant starts its sources),
+    // then one move that is not counted: the first move of a guest is
+    // slower, whichever kind it is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let to = 1 - vm.node;
+    vm = bare_move(&fabric, &base, &mut vm, to, config, &dir.join("warm-up")).await?.0;
+    for round in 0..rounds {
+        // Alternate which kind goes first, so a slow start or a busy
+        // neighbour does not always fall on the same kind.
+        for kind in if round % 2 == 0 { [Kind::Ours, Kind::Bare] } else { [Kind::Bare, Kind::Ours] } {
+            let to = 1 - vm.node;
+            let name = format!("{}-{round}", kind.name());
+            let (moved_vm, sample) = with_client(addr, async {
+                match kind {
+                    Kind::Ours => {
+                        let (t, m, _) =
+                            move_vm(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await?;
+                        Ok((t, m))
+                    }
+                    Kind::Bare => bare_move(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await,
+                }
+            })
+            .await?;
+            vm = moved_vm;
+            eprintln!("    {name}: {:?}, client {:?}", sample.moved, sample.echo);
+            match kind {
+                Kind::Ours => ours.push(sample),
+                Kind::Bare => bare.push(sample),
+            }
+        }
+    }
+    drop(vm);
+    drop(fabric);
+    let fig = |s: &[Sample], f: &dyn Fn(&Sample) -> f64| median(s.iter().map(f).collect());
+    let summary = |s: &[Sample]| {
+        json!({
+            "migration_total_ms": fig(s, &|x| x.moved.total_ms as f64),
+            "migration_downtime_ms": fig(s, &|x| x.moved.downtime_ms as f64),
+            "migration_wall_ms": fig(s, &|x| x.moved.wall_ms as f64),
+            "client_max_gap_ms": fig(s, &|x| x.echo.max_gap_ms),
+            "lost_lines": s.iter().map(|x| x.echo.lost + x.echo.wrong).sum::<u64>(),
+            "transferred_mib": fig(s, &|x| (x.moved.transferred_bytes >> 20) as f64),
+            "each": s.iter().map(|x| json!({
+                "total_ms": x.moved.total_ms, "downtime_ms": x.moved.downtime_ms,
+                "wall_ms": x.moved.wall_ms, "client_max_gap_ms": x.echo.max_gap_ms,
+                "lines_sent": x.echo.sent, "lost_lines": x.echo.lost + x.echo.wrong,
+            })).collect::<Vec<_>>(),
+        })
+    };
+    Ok(json!({ "memory_mib": mib, "vmscale": summary(&ours), "bare_qemu": summary(&bare) }))
+}
+
+/// Runs `work` (a move) with a fresh echo connection that sends for 1 s
+/// before and 1.5 s after it.
+async fn with_client<F>(addr: std::net::SocketAddr, work: F) -> anyhow::Result<(GuestVm, Sample)>
+where
+    F: std::future::Future<Output = anyhow::Result<(GuestVm, MoveFigures)>>,
+{
+    let stream =
+        tokio::task::block_in_place(|| crate::echo::connect(addr, Duration::from_secs(10), || None))?;
+    let client = EchoClient::start(stream, Duration::from_millis(100))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (vm, moved) = work.await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let echo = tokio::task::block_in_place(|| client.finish(Duration::from_secs(5)))?;
+    Ok((vm, Sample { moved, echo }))
+}
+
+/// A bare QEMU-to-QEMU migration: target with `-incoming tcp:...`, the same
+/// bandwidth limit on the source and nothing else, `migrate`, poll.
+async fn bare_move(
+    fabric: &Fabric,
+    base: &[String],
+    source: &mut GuestVm,
+    to: usize,
+    config: &MigrationConfig,
+    dir: &Path,
+) -> anyhow::Result<(GuestVm, MoveFigures)> {
+    let t0 = Instant::now();
+    let uri = tcp_uri((fabric.nodes[to].addr, BARE_PORT).into());
+    let target = start(fabric, to, base, &["-incoming".into(), uri.clone()], dir)?;
+    // The QMP socket appears before QEMU listens for the stream; QMP
+    // answering means its main loop, and so the listener, is up.
+    let incoming = Migration::new(target.client().await?);
+    incoming.run_status().await?;
+    let out = source.client().await?;
+    out.execute::<Value>(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": config.max_bandwidth_bytes_per_s})),
+    )
+    .await?;
+    out.execute::<Value>("migrate", Some(json!({ "uri": uri }))).await?;
+    let m = Migration::new(out.clone());
+    let poll = MigrationConfig { poll_ms: 10, ..config.clone() };
+    let info = m.wait(&poll, |_| {}).await.with_context(|| target.logs())?;
+    let _ = out.execute::<Value>("quit", None).await;
+    source.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !incoming.run_status().await?.running {
+        anyhow::ensure!(Instant::now() < deadline, "bare target does not run:\n{}", target.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let moved = MoveFigures {
+        total_ms: info.total_time_ms.unwrap_or(0),
+        downtime_ms: info.downtime.unwrap_or(0),
+        wall_ms: t0.elapsed().as_millis() as u64,
+        transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
+    };
+    Ok((target, moved))
+}
+
+fn markdown(v: &Value, config: &MigrationConfig) -> String {
+    let g = |x: &Value, k: &str| x.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let mut s = format!(
+        "## Live migration\n\n`cargo xtask bench migration`, {} ({}; {} rounds, medians). The guest moves \
+         between two network-namespace nodes over a bridge while a TCP client sends a line every 100 ms to \
+         an echo server in it (a fresh connection per move). \"vmscale\" is the agent's migration code \
+         (devices read from the source, capabilities, {} MiB/s and {} ms limits); \"bare\" is plain \
+         `migrate` with the same bandwidth limit, the same guest, the same run.\n\n\
+         | guest | move | total ms (QEMU) | wall ms | downtime ms | client max gap ms | lost lines | MiB sent |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        v["date"].as_str().unwrap_or("?"),
+        v["machine"].as_str().unwrap_or("?"),
+        v["rounds"],
+        config.max_bandwidth_bytes_per_s >> 20,
+        config.downtime_limit_ms,
+    );
+    let mut verdicts = Vec::new();
+    for guest in v["guests"].as_array().into_iter().flatten() {
+        let mib = guest["memory_mib"].as_u64().unwrap_or(0);
+        for (name, key) in [("vmscale", "vmscale"), ("bare", "bare_qemu")] {
+            let x = &guest[key];
+            s.push_str(&format!(
+                "| {mib} MiB | {name} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |\n",
+                g(x, "migration_total_ms"),
+                g(x, "migration_wall_ms"),
+                g(x, "migration_downtime_ms"),
+                g(x, "client_max_gap_ms"),
+                x["lost_lines"],
+                g(x, "transferred_mib"),
+            ));
+        }
+        let (ours, bare) = (&guest["vmscale"], &guest["bare_qemu"]);
+        let ratio = g(ours, "migration_total_ms") / g(bare, "migration_total_ms");
+        verdicts.push(format!(
+            "{mib} MiB: lost lines {} ({}), downtime {:.0} ms <= {} ms ({}), total {:.2}x bare ({} <= 1.5x)",
+            ours["lost_lines"],
+            verdict(ours["lost_lines"].as_u64() == Some(0)),
+            g(ours, "migration_downtime_ms"),
+            config.downtime_limit_ms,
+            verdict(g(ours, "migration_downtime_ms") <= config.downtime_limit_ms as f64),
+            ratio,
+            verdict(ratio <= 1.5),
+        ));
+    }
+    s.push_str(&format!(
+        "\nLoad average before and after: {} / {} (other work shares the two cores; single moves vary \
+         by 2-5x, so the medians of the two kinds move around from run to run).\n",
+        v["loadavg_before"].as_str().unwrap_or("?"),
+        v["loadavg_after"].as_str().unwrap_or("?"),
+    ));
+    s.push_str("\nTargets: ");
+    s.push_str(&verdicts.join("; "));
+    s.push_str(".\n");
+    s
+}
+
+/// The machine's load: TCG guests share two cores with whatever else runs.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
