@@ -33,7 +33,7 @@ const INCOMING_PORT: u16 = 4444;
 /// must match the source's.
 const MAC: &str = "52:54:00:76:6d:01";
 /// The tap's name in every node.
-const TAP: &str = "vm0";
+pub const TAP: &str = "vm0";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
