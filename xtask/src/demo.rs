@@ -62,15 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!d.contains([',', ' ']), "the workspace path {d} holds a comma or space");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    {
-        let stop = stop.clone();
-        rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                stop.store(true, Ordering::SeqCst);
-            }
-        });
-    }
+    watch_ctrl_c(stop.clone())?;
     let plan = |id: &str, workload: Option<String>| VmPlan {
         id: id.into(),
         cu_milli_cpu: 125,
@@ -102,6 +94,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut console = Vec::new();
     while !stop.load(Ordering::SeqCst) && a.duration.is_none_or(|s| t0.elapsed() < Duration::from_secs(s)) {
         std::thread::sleep(Duration::from_secs(1));
+        // Ctrl-C in a terminal reaches the whole process group: QEMU, the
+        // allocator and the agent stop on it too. That is the stop asked
+        // for, not a failure to report.
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
         n.check()?;
         for vm in &mut vms {
             vm.check()?;
@@ -164,6 +162,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         svg.display()
     );
     Ok(())
+}
+
+/// Sets `stop` on the first SIGINT. The handler is installed before this
+/// returns, on a thread of its own: the demo's loop is synchronous, and a
+/// tokio task nobody drives would never install it (SIGINT would then kill
+/// the demo before it could stop its VMs and write the timeline).
+fn watch_ctrl_c(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("ctrl-c".into()).spawn(move || {
+        rt.block_on(async {
+            // `signal` installs the handler when called, not when awaited.
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+                Ok(mut sigint) => {
+                    let _ = ready_tx.send(Ok(()));
+                    if sigint.recv().await.is_some() {
+                        eprintln!("\n==> Ctrl-C: stopping the VMs, the agent and the allocator");
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+    })?;
+    ready_rx.recv().context("the Ctrl-C thread stopped")?.context("cannot install a SIGINT handler")
 }
 
 /// The busy VM's use against both VMs' allocation, pressure events marked.

@@ -34,18 +34,30 @@ pub fn build(steps: &mut Steps, root: &Path) -> anyhow::Result<Vec<u8>> {
     let built = target_dir.join(TARGET).join("release").join(BINARY);
     // The release profile's line tables are four fifths of the binary; the
     // guest keeps the symbols (names in backtraces) and loses the rest.
+    // Stripped to a name of this process's own, then renamed into place:
+    // two builds at once (a test and the demo, say) must not read each
+    // other's half-written file.
     let bin = target_dir.join(format!("{BINARY}.guest"));
+    let tmp = target_dir.join(format!("{BINARY}.guest.{}", std::process::id()));
     let status = Command::new("objcopy")
         .arg("--strip-debug")
         .arg(&built)
-        .arg(&bin)
+        .arg(&tmp)
         .status()
         .context("cannot run objcopy (binutils) to strip the informant")?;
     if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
         bail!("objcopy --strip-debug {} failed ({status})", built.display());
     }
-    let bytes = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
-    check_static(&bin, &bytes)?;
+    let bytes = std::fs::read(&tmp).with_context(|| format!("reading {}", tmp.display()));
+    let checked = bytes.and_then(|b| check_static(&tmp, &b).map(|()| b));
+    let renamed =
+        std::fs::rename(&tmp, &bin).with_context(|| format!("renaming {} into place", tmp.display()));
+    if checked.is_err() || renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let bytes = checked?;
+    renamed?;
     Ok(bytes)
 }
 
