@@ -220,7 +220,8 @@ pub async fn run(
                         *e.pressure_kinds.entry(kind_name(kind)).or_default() += 1;
                     }
                     if poller.is_none() && !policy.ignore_pressure.contains(&kind_name(kind)) {
-                        core.input(ms_since(t0), Input::Pressure { oom });
+                        let cpu = kind == ipb::pressure::Kind::PsiCpu as i32;
+                        core.input(ms_since(t0), if cpu { Input::CpuPressure } else { Input::Pressure { oom } });
                     }
                 }
             },

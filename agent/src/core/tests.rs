@@ -437,3 +437,32 @@ fn a_vm_at_its_floor_in_both_dimensions_asks_nothing() {
     assert_eq!(asked.len(), 3, "{asked:?}");
     assert_eq!(downscale_to_the_end(&mut vm, 20), vec![], "at the floor: no more asks");
 }
+
+#[test]
+fn cpu_pressure_grows_only_where_more_cus_bring_more_cpu() {
+    // Every vCPU online (sysfs mode starts so): 2000 mCPU, 512 MiB, 4 CUs
+    // of 125 mCPU + 128 MiB. More CUs would add only memory: ignored.
+    let mut vm = VmCore::new(
+        SMALL,
+        1,
+        16,
+        Policy::default(),
+        Size::new(2000, 512 * MIB),
+        Size::new(2000, 512 * MIB),
+        3,
+    );
+    vm.input(0, Input::InformantConnected(true));
+    vm.input(0, Input::AllocatorConnected(true));
+    for t in 0..20 {
+        vm.input(t * 100, Input::CpuPressure);
+        assert_eq!(vm.step(t * 100).action, None, "no growth from CPU pressure the VM can't use");
+    }
+    // Half a vCPU per CU, one vCPU online: more CUs bring CPU, so grow.
+    let cu = Cu { milli_cpu: 500, memory_bytes: 128 * MIB };
+    let mut vm =
+        VmCore::new(cu, 1, 4, Policy::default(), Size::new(1000, 512 * MIB), Size::new(1000, 512 * MIB), 3);
+    vm.input(0, Input::InformantConnected(true));
+    vm.input(0, Input::AllocatorConnected(true));
+    vm.input(10, Input::CpuPressure);
+    assert_eq!(vm.step(10).action, Some(Action::RequestPermit { target: Size::new(1500, 512 * MIB) }));
+}

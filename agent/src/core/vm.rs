@@ -25,6 +25,8 @@ pub enum Input {
     Pressure {
         oom: bool,
     },
+    /// CPU pressure (PSI `cpu`): tasks waiting for a CPU.
+    CpuPressure,
     /// The allocator's answer to a permit request (granted, partial or denied:
     /// `permitted` is the VM's whole reservation now).
     Permit {
@@ -252,6 +254,19 @@ impl VmCore {
                     // less than it has is wrong, not small.
                     let o = mem.saturating_sub(total_bytes).min(mem / 2);
                     self.memory_overhead = Some(self.memory_overhead.map_or(o, |m| m.min(o)));
+                }
+            }
+            (Input::CpuPressure, _) => {
+                // CUs bring CPU and memory together. Where the VM already has
+                // the CPU the raised goal would give (every vCPU online, say),
+                // more CUs would add only memory, which waiting for a CPU does
+                // not call for: under TCG CPU pressure is constant, and it grew
+                // idle guests to their largest size. (The informant's samples
+                // still raise the CPU goal from the load average.)
+                let base = self.current_cus().max(self.permitted.whole_cus(self.cu));
+                let floor = cus_for_pressure(base, false, &self.policy).min(self.max_cus);
+                if Size::of_cus(floor, self.cu).milli_cpu > self.current.milli_cpu {
+                    self.input(now, Input::Pressure { oom: false });
                 }
             }
             (Input::Pressure { oom }, _) => {
