@@ -241,17 +241,23 @@ pub(super) fn allocator_restart(ctx: &Ctx) -> anyhow::Result<String> {
     let reg_s = restarted.elapsed().as_secs_f64();
     let opened = log_lines(&r.n.allocator.log, "session opened");
     ensure!(opened.len() >= 2, "the allocator's log shows {} sessions, not a second one", opened.len());
-    // The agent's side of the order: after the crash, it registered before
-    // it asked for anything.
+    // The agent's side of the order: after the crash, no permit was granted
+    // before it registered. (A request in flight at the crash fails: only
+    // granted ones count.)
     let log = fs::read_to_string(&r.n.agent.log).unwrap_or_default();
     let after = log.get(usize::try_from(log_at_kill).unwrap_or(0)..).unwrap_or("");
     let registered =
         after.find("registered with the allocator").context("the agent never registered again")?;
-    if let Some(asked) = after.find("action=\"request_permit\"") {
-        ensure!(
-            asked > registered,
-            "after the allocator's crash the agent asked for a permit before registering"
-        );
+    let granted = after
+        .lines()
+        .scan(0, |at, l| {
+            let here = *at;
+            *at += l.len() + 1;
+            Some((here, l))
+        })
+        .find(|(_, l)| l.contains("action done") && l.contains("action=\"request_permit\""));
+    if let Some((at, line)) = granted {
+        ensure!(at > registered, "after the allocator's crash a permit came before the registration: {line}");
     }
     let (_, permit_back, _) = wait_ledger_is_permit(&mut r, "the new ledger to hold the agent's permit")?;
     let (ledger, dimms_end, mem_end) = r.finish(ctx)?;
