@@ -679,7 +679,7 @@ fn summarize(
          guest's CPU (TCG) is less contended and CPU pressure less often grows the VM by whole CUs. The floor: before each \
          ramp, {FLOOR_PLUGS} DIMMs of one CU plugged and unplugged over a second QMP monitor, from `object-add` \
          to the guest's line saying MemTotal grew reaching the host (serial console included). Runs alternate \
-         event-driven and polling at each step ({reps} per mode and step); per target the rates rise until the \
+         the three modes at each step ({reps} per mode and step); per target the rates rise until the \
          event-driven agent sees an OOM kill. OOM kills are the guest kernel's.\n\n"
     ));
     md.push_str(
