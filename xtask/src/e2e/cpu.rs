@@ -2,7 +2,7 @@
 
 use anyhow::{ensure, Context};
 use std::fs;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{agent_current, agent_ops, healthy, start, value, Console, Ctx, Ledger};
 use crate::cluster::qmp::Qmp;
@@ -59,8 +59,15 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
         Ok(console.find_from(0, "cpu: online=0 n=1"))
     })?;
     let idle_off_s = connected.elapsed().as_secs_f64();
-    let cur = agent_current(&n, &id).context("the agent has no state for the VM")?;
-    ensure!(cur.0 <= 1000, "one vCPU online in the guest but the agent says {} mCPU", cur.0);
+    // The guest offlines the vCPU when it approves; the agent's size follows
+    // once its unplug step has run.
+    cluster::wait_for("the agent's size to follow the guest (one vCPU)", Duration::from_secs(15), || {
+        healthy(&mut vm, &mut n, &mut console)?;
+        Ok(agent_current(&n, &id).filter(|c| c.0 <= 1000))
+    })
+    .with_context(|| {
+        format!("one vCPU online in the guest but the agent says {:?}", agent_current(&n, &id))
+    })?;
     let mut qmp = Qmp::connect(&vm.watch_qmp)?;
     let (_, mem_before) = qmp.memory()?;
     let plugs_before = agent_ops(&n, "plug");
@@ -100,12 +107,11 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
         cluster::wait_for("the ledger to match the agent's size", std::time::Duration::from_secs(20), || {
             healthy(&mut vm, &mut n, &mut console)?;
             let (Some(l), Some(c)) = (Ledger::read(&n), agent_current(&n, &id)) else { return Ok(None) };
-            Ok((l.vms.get(&id) == Some(&c)).then_some((l, c)))
+            Ok((l.vms.get(&id) == Some(&c) && c.0 <= 1000).then_some((l, c)))
         })
         .with_context(|| format!("ledger {:?}, agent {:?}", Ledger::read(&n), agent_current(&n, &id)))?;
     let (ledger, cur) = settled;
     ledger.within_capacity()?;
-    ensure!(cur.0 <= 1000, "one vCPU online again but the agent says {} mCPU", cur.0);
     let (dimms, mem_after) = qmp.memory()?;
     ensure!(
         mem_after == mem_before && dimms.is_empty(),

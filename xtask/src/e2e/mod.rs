@@ -66,7 +66,7 @@ pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
     /// Seconds the scenario may take once the VM is booted (builds excluded).
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 360)]
     pub timeout: u64,
 }
 
