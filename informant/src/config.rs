@@ -29,6 +29,14 @@ pub struct Config {
     pub cpu_mode: CpuMode,
     /// Period of the sampler, milliseconds. Default 1000.
     pub sample_interval_ms: u64,
+    /// Use (MemTotal - MemAvailable) as a fraction of MemTotal past which one
+    /// `usage_watermark` event is sent at once, before the kernel shows any
+    /// pressure; 0 turns it off. Match the agent's `memory_target`.
+    /// Default 0.9.
+    pub watermark: f64,
+    /// How often use is compared with the watermark, milliseconds (a
+    /// `/proc/meminfo` read each time). Default 10.
+    pub watermark_check_ms: u64,
     /// How often `memory.events` is re-read when inotify is unavailable,
     /// milliseconds. Default 1000.
     pub events_poll_ms: u64,
@@ -56,6 +64,8 @@ impl Default for Config {
             workload_cgroup: None,
             cpu_mode: CpuMode::Hotplug,
             sample_interval_ms: 1000,
+            watermark: 0.9,
+            watermark_check_ms: 10,
             events_poll_ms: 1000,
             ebpf: true,
             event_queue: 4096,
@@ -230,6 +240,12 @@ impl Config {
         let bad = |field, value: &dyn fmt::Display, reason: &str| {
             Err(ConfigError::Invalid { field, value: value.to_string(), reason: reason.to_owned() })
         };
+        if !(0.0..=1.0).contains(&self.watermark) {
+            return bad("watermark", &self.watermark, "must be between 0 (off) and 1");
+        }
+        if self.watermark_check_ms < 1 {
+            return bad("watermark_check_ms", &self.watermark_check_ms, "must be at least 1");
+        }
         if self.sample_interval_ms < 10 {
             return bad("sample_interval_ms", &self.sample_interval_ms, "must be at least 10");
         }

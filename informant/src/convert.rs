@@ -116,6 +116,7 @@ fn pressure_kind(k: PressureKind) -> pb::pressure::Kind {
         PressureKind::CgroupMax => K::CgroupMax,
         PressureKind::CgroupOom => K::CgroupOom,
         PressureKind::CgroupOomKill => K::CgroupOomKill,
+        PressureKind::UsageWatermark => K::UsageWatermark,
     }
 }
 

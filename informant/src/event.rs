@@ -16,6 +16,8 @@ pub enum SourceKind {
     CgroupEvents,
     /// The periodic sampler.
     Sampler,
+    /// Use passing the watermark (`watermark.rs`).
+    Watermark,
 }
 
 impl SourceKind {
@@ -25,6 +27,7 @@ impl SourceKind {
             SourceKind::Psi => "psi",
             SourceKind::CgroupEvents => "cgroup_events",
             SourceKind::Sampler => "sampler",
+            SourceKind::Watermark => "watermark",
         }
     }
 }
@@ -43,6 +46,8 @@ pub enum PressureKind {
     CgroupMax,
     CgroupOom,
     CgroupOomKill,
+    /// Use passed the informant's watermark: no shortage yet.
+    UsageWatermark,
 }
 
 impl PressureKind {
@@ -59,6 +64,7 @@ impl PressureKind {
             PressureKind::CgroupMax => "cgroup_max",
             PressureKind::CgroupOom => "cgroup_oom",
             PressureKind::CgroupOomKill => "cgroup_oom_kill",
+            PressureKind::UsageWatermark => "usage_watermark",
         }
     }
 

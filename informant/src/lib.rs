@@ -24,6 +24,7 @@ pub mod server;
 pub mod service;
 pub mod source;
 pub mod sources;
+pub mod watermark;
 
 pub use server::{run, serve, Listener, RunError};
 

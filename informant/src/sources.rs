@@ -9,6 +9,7 @@ use crate::event::{PressureKind, SourceKind};
 use crate::psi::{PsiSource, TriggerSpec};
 use crate::sampler::{Sampler, SamplerPaths};
 use crate::source::{Source, SourceStatus};
+use crate::watermark::WatermarkSource;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -48,6 +49,17 @@ pub fn start_sources(config: &Config) -> (Vec<Box<dyn Source>>, Vec<SourceStatus
     let paths = SamplerPaths::new(&config.proc_root, &config.sys_root, config.workload_cgroup.as_deref());
     let (sampler, status) = Sampler::start(paths, Duration::from_millis(config.sample_interval_ms));
     keep((sampler.map(|s| Box::new(s) as Box<dyn Source>), status));
+
+    keep(if config.watermark > 0.0 {
+        let (src, status) = WatermarkSource::start(
+            config.proc_root.join("meminfo"),
+            config.watermark,
+            Duration::from_millis(config.watermark_check_ms),
+        );
+        (src.map(|s| Box::new(s) as Box<dyn Source>), status)
+    } else {
+        (None, SourceStatus::down(SourceKind::Watermark, "disabled in the config (watermark = 0)"))
+    });
 
     for s in &statuses {
         match (s.available, s.reason.is_empty()) {
@@ -115,7 +127,7 @@ mod tests {
         assert!(by_name("cgroup_events").available);
         assert!(by_name("sampler").available);
         let kinds: Vec<_> = sources.iter().map(|s| s.kind()).collect();
-        assert_eq!(kinds, [SourceKind::CgroupEvents, SourceKind::Sampler]);
+        assert_eq!(kinds, [SourceKind::CgroupEvents, SourceKind::Sampler, SourceKind::Watermark]);
     }
 
     #[test]
