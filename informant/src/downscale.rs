@@ -88,29 +88,9 @@ pub fn decide(target: &DownscaleTarget, obs: &Observations, policy: &Policy, now
             secs(policy.max_stats_age_ns)
         ));
     }
-    let recent = |p: Option<(u64, PressureKind)>, what: &str| {
-        let (t, kind) = p?;
-        let ago = now_ns.saturating_sub(t);
-        (ago < policy.pressure_cooldown_ns).then(|| {
-            deny(format!(
-                "{what} pressure ({}) {} ago, within the {} cooldown; retry in {}",
-                kind.name(),
-                secs(ago),
-                secs(policy.pressure_cooldown_ns),
-                secs(policy.pressure_cooldown_ns - ago)
-            ))
-        })
-    };
-    if target.memory_bytes.is_some() {
-        if let Some(d) = recent(obs.last_memory_pressure, "memory") {
-            return d;
-        }
-    }
-    if target.cpus.is_some() {
-        if let Some(d) = recent(obs.last_cpu_pressure, "CPU") {
-            return d;
-        }
-    }
+    // Whether the memory fits comes first: it holds as long as the workload
+    // does, and its reason says how much to ask for instead; a cooldown
+    // only says when to ask again.
     let mut said = Vec::new();
     if let Some(want) = target.memory_bytes {
         let guest_used = sample.mem_total_bytes.saturating_sub(sample.mem_available_bytes);
@@ -137,6 +117,29 @@ pub fn decide(target: &DownscaleTarget, obs: &Observations, policy: &Policy, now
             bytes(policy.memory_buffer_bytes),
             bytes(want)
         ));
+    }
+    let recent = |p: Option<(u64, PressureKind)>, what: &str| {
+        let (t, kind) = p?;
+        let ago = now_ns.saturating_sub(t);
+        (ago < policy.pressure_cooldown_ns).then(|| {
+            deny(format!(
+                "{what} pressure ({}) {} ago, within the {} cooldown; retry in {}",
+                kind.name(),
+                secs(ago),
+                secs(policy.pressure_cooldown_ns),
+                secs(policy.pressure_cooldown_ns - ago)
+            ))
+        })
+    };
+    if target.memory_bytes.is_some() {
+        if let Some(d) = recent(obs.last_memory_pressure, "memory") {
+            return d;
+        }
+    }
+    if target.cpus.is_some() {
+        if let Some(d) = recent(obs.last_cpu_pressure, "CPU") {
+            return d;
+        }
     }
     if let Some(cpus) = target.cpus {
         said.push(format!("no CPU pressure within the cooldown, so {cpus} CPUs will do"));
@@ -262,6 +265,20 @@ mod tests {
                 &["does not fit"],
             ),
             ("CPU-only still needs stats", cpus(1), Observations::default(), false, &["no stats"]),
+            (
+                "memory that does not fit is named before recent CPU pressure",
+                DownscaleTarget { cpus: Some(1), memory_bytes: Some(GIB) },
+                cpu_pressure,
+                false,
+                &["does not fit", "at least"],
+            ),
+            (
+                "memory that fits: recent CPU pressure still stops a joint downscale",
+                DownscaleTarget { cpus: Some(1), memory_bytes: Some(2 * GIB) },
+                cpu_pressure,
+                false,
+                &["CPU pressure"],
+            ),
         ];
         for (name, target, o, approved, words) in cases {
             let d = decide(&target, &o, &policy(), now);

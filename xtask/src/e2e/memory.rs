@@ -132,6 +132,14 @@ pub(super) fn denied_downscale(ctx: &Ctx) -> anyhow::Result<String> {
     }
     let (dimms, total) = qmp.memory()?;
     ensure!(dimms.len() >= dimms_at_denial.len(), "DIMMs went from {dimms_at_denial:?} to {dimms:?}");
+    // The memory the workload holds must be why: a denial for recent
+    // pressure alone (constant CPU pressure under TCG, say) would pass the
+    // checks above without testing what this scenario is about.
+    let all = denials();
+    ensure!(
+        all.iter().any(|d| d.contains("does not fit")),
+        "no denial names the memory the workload holds; the informant said: {all:#?}"
+    );
     let reserved = n.reserved(&plan.id).context("the VM is not in the allocator's ledger")?;
     ensure!(reserved.1 == total, "the ledger holds {} MiB, QEMU has {} MiB", reserved.1 / MIB, total / MIB);
     let held = console.ramp_value("done", "held").unwrap_or(0.0);
