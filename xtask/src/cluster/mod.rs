@@ -193,6 +193,21 @@ pub struct Vm {
     pub console_log: PathBuf,
 }
 
+/// The guest runs its workload in a chroot of the host's root, shared
+/// read-only over 9p, with fresh tmpfs on `/tmp`, `/run` and `/dev/shm`
+/// (`guest/init.sh`): files the host wrote under those are not there.
+fn workload_visible(dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    if let Some(hidden) = ["/tmp", "/run", "/dev/shm"].into_iter().find(|h| dir.starts_with(h)) {
+        bail!(
+            "{} is under {hidden}, which the guest covers with its own tmpfs, so its workload could not \
+             find its files; use a checkout outside {hidden}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 impl Vm {
     pub fn boot(image: &Image, dir: &Path, plan: &VmPlan) -> anyhow::Result<Vm> {
         Vm::boot_with(image, dir, plan, &[])
@@ -231,6 +246,7 @@ impl Vm {
         informant.extend_from_slice(informant_args);
         let mut extra_cmdline = vec![format!("vmscale.informant={}", informant.join(","))];
         if let Some(w) = &plan.workload {
+            workload_visible(dir)?;
             extra_cmdline.push(format!("vmscale.workload={w}"));
         }
         let spec = VmSpec {
@@ -373,5 +389,22 @@ pub fn wait_for<T>(
             bail!("timed out after {} s waiting for {what}", timeout.as_secs());
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workload_under_the_guests_own_tmpfs_is_refused_with_the_reason() {
+        let e = workload_visible(Path::new("/tmp")).unwrap_err().to_string();
+        assert!(e.contains("under /tmp") && e.contains("outside /tmp"), "{e}");
+        // The workspace itself (outside those, or the e2e tests fail anyway).
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert_eq!(
+            workload_visible(here).is_ok(),
+            !["/tmp", "/run", "/dev/shm"].iter().any(|h| here.starts_with(h))
+        );
     }
 }
