@@ -22,7 +22,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "informant" => crate::bench_nodes::informant(a.quick),
         "migration" => crate::bench_migration::run(a.quick),
         "e2e" => crate::bench_e2e::run(a.quick),
-        other => bail!("unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant, e2e, migration"),
+        other => bail!(
+            "unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant, e2e, migration"
+        ),
     }
 }
 
