@@ -34,9 +34,14 @@ pub struct Config {
     /// pressure; 0 turns it off. Match the agent's `memory_target`.
     /// Default 0.9.
     pub watermark: f64,
-    /// How often use is compared with the watermark, milliseconds (a
-    /// `/proc/meminfo` read each time). Default 10.
+    /// The shortest time between two reads of `/proc/meminfo` for the
+    /// watermark, milliseconds: how often use is checked close to it.
+    /// Default 10.
     pub watermark_check_ms: u64,
+    /// The fastest growth of use the watermark's reads keep up with, MiB/s:
+    /// far from the watermark they come only as often as use could reach it
+    /// at this rate (at most every 250 ms). Default 4096.
+    pub watermark_max_ramp_mib_per_s: u64,
     /// How often `memory.events` is re-read when inotify is unavailable,
     /// milliseconds. Default 1000.
     pub events_poll_ms: u64,
@@ -66,6 +71,7 @@ impl Default for Config {
             sample_interval_ms: 1000,
             watermark: 0.9,
             watermark_check_ms: 10,
+            watermark_max_ramp_mib_per_s: 4096,
             events_poll_ms: 1000,
             ebpf: true,
             event_queue: 4096,
@@ -242,6 +248,13 @@ impl Config {
         };
         if !(0.0..=1.0).contains(&self.watermark) {
             return bad("watermark", &self.watermark, "must be between 0 (off) and 1");
+        }
+        if self.watermark_max_ramp_mib_per_s == 0 || self.watermark_max_ramp_mib_per_s > 1 << 20 {
+            return bad(
+                "watermark_max_ramp_mib_per_s",
+                &self.watermark_max_ramp_mib_per_s,
+                "must be between 1 and 1048576 MiB/s",
+            );
         }
         if self.watermark_check_ms < 1 {
             return bad("watermark_check_ms", &self.watermark_check_ms, "must be at least 1");
