@@ -175,7 +175,22 @@ async fn downscale_approves_what_fits_and_denies_the_rest() {
     assert!(!no.approved && no.reason.contains("workload anon"), "{}", no.reason);
 
     // Pressure: the cgroup's high counter moves; memory downscales wait, CPU ones don't.
+    // First a sample with the workload's smaller anon memory: a target that
+    // does not fit is denied for that before any cooldown is looked at.
     r.guest.set_anon(GIB / 2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = r.downscale(0, 2 * GIB).await;
+        if d.approved {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still denied after the workload shrank: {}",
+            d.reason
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     r.guest.set_memory_events(1, 0, 0, 0);
     let deadline = tokio::time::Instant::now() + WAIT;
     let denied = loop {
