@@ -8,6 +8,8 @@
 //! Needs root (to install QEMU) or QEMU installed; without either it skips,
 //! and under `CI=true` it fails instead.
 
+mod e2e_support;
+
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,19 +18,6 @@ use std::time::{Duration, Instant};
 
 /// Builds (guest image, release daemons) on a cold machine included.
 const START_TIMEOUT: Duration = Duration::from_secs(1500);
-
-fn can_run() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
-    if !root && !qemu {
-        let reason = "not root and no qemu-system-x86_64: nothing can boot the guest";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot run under CI=true: {reason}");
-        eprintln!("skipping: {reason}");
-        return false;
-    }
-    true
-}
 
 /// The busy VM's memory in the live view's latest line for it.
 fn busy_memory_mib(log: &str) -> Option<u64> {
@@ -56,7 +45,7 @@ fn processes_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn the_demo_scales_a_vm_and_ctrl_c_stops_everything_it_started() {
-    if !can_run() {
+    if !e2e_support::can_boot_guests() {
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();

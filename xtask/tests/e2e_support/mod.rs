@@ -1,10 +1,15 @@
-//! Runs one `cargo xtask e2e` scenario through the xtask binary. It needs
-//! root (to install QEMU and the rest) or QEMU already installed; without
-//! either it skips, and under `CI=true` it fails instead.
+//! What the tests that boot guests share: whether they can run here, and
+//! one `cargo xtask e2e` scenario run through the xtask binary. Booting
+//! needs root (to install QEMU and the rest) or QEMU already installed;
+//! without either a test skips, and under `CI=true` it fails instead.
+
+// Each test binary includes this module and uses only part of it.
+#![allow(dead_code)]
 
 use std::process::Command;
 
-pub fn run_scenario(name: &str) {
+/// Whether a guest can boot here; says why not, and fails under `CI=true`.
+pub fn can_boot_guests() -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
@@ -12,6 +17,13 @@ pub fn run_scenario(name: &str) {
         let reason = "not root and no qemu-system-x86_64: nothing can boot the guest";
         assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot run under CI=true: {reason}");
         eprintln!("skipping: {reason}");
+        return false;
+    }
+    true
+}
+
+pub fn run_scenario(name: &str) {
+    if !can_boot_guests() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
