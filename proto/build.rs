@@ -1,7 +1,7 @@
 //! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> anyhow::Result<()> {
-    let files = ["proto/allocator.proto", "proto/informant.proto"];
+    let files = ["proto/allocator.proto", "proto/informant.proto", "proto/migration.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -24,10 +24,16 @@ pub struct Registered {
     pub max_cus: u32,
 }
 
-/// Every VM of the node as its loop last saw it; the source of each hello.
+/// A move this node is the source of: (order id, target node).
+pub type Moving = (u64, String);
+
+/// Every VM of the node as its loop last saw it, and the moves under way
+/// from this node; the source of each hello (a move not reported there is
+/// failed by the allocator).
 #[derive(Debug, Default)]
 pub struct Registry {
     vms: Mutex<BTreeMap<String, Registered>>,
+    moving: Mutex<BTreeMap<String, Moving>>,
 }
 
 impl Registry {
@@ -37,10 +43,38 @@ impl Registry {
 
     pub fn remove(&self, vm: &str) {
         self.vms.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
+        self.set_moving(vm, None);
     }
 
     pub fn snapshot(&self) -> Vec<(String, Registered)> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Marks (or clears) a move of `vm` away from this node.
+    pub fn set_moving(&self, vm: &str, m: Option<Moving>) {
+        let mut moving = self.moving.lock().unwrap_or_else(|p| p.into_inner());
+        match m {
+            Some(m) => moving.insert(vm.to_owned(), m),
+            None => moving.remove(vm),
+        };
+    }
+
+    pub fn moving(&self, vm: &str) -> Option<Moving> {
+        self.moving.lock().unwrap_or_else(|p| p.into_inner()).get(vm).cloned()
+    }
+
+    /// Each VM's registration as the hello carries it.
+    pub fn registrations(&self) -> Vec<pb::VmRegistration> {
+        self.snapshot()
+            .iter()
+            .map(|(id, r)| {
+                let mut reg = registration(id, r);
+                reg.migration = self
+                    .moving(id)
+                    .map(|(order_id, target_node)| pb::MigrationInProgress { order_id, target_node });
+                reg
+            })
+            .collect()
     }
 }
 
@@ -70,6 +104,9 @@ pub struct LinkConfig {
     pub addr: String,
     pub node: String,
     pub capacity: Size,
+    /// This agent's migration endpoint for other agents; empty: it takes no
+    /// VMs in.
+    pub migration_endpoint: String,
     pub retry_base: Duration,
     pub retry_max: Duration,
 }
@@ -142,8 +179,9 @@ async fn open(cfg: &LinkConfig, registry: &Registry) -> Result<SessionClient, Cl
         }),
         node: cfg.node.clone(),
         capacity: res(cfg.capacity),
-        vms: registry.snapshot().iter().map(|(id, r)| registration(id, r)).collect(),
+        vms: registry.registrations(),
         agent: format!("vmscale-agent {}", env!("CARGO_PKG_VERSION")),
+        migration_endpoint: cfg.migration_endpoint.clone(),
     };
     SessionClient::open(ch, hello).await
 }
@@ -186,6 +224,7 @@ mod tests {
             addr: String::new(),
             node: String::new(),
             capacity: Size::default(),
+            migration_endpoint: String::new(),
             retry_base: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
         };

@@ -40,6 +40,9 @@ pub struct Config {
     pub kubernetes: Option<KubernetesConfig>,
     /// Run-queue delay of vCPU threads (host eBPF), reported to the allocator.
     pub contention: crate::contention::ContentionConfig,
+    /// Live migration (`[migration]`): where this agent takes VMs in, and
+    /// how its moves out run.
+    pub migration: crate::migration::settings::MigrationSettings,
 }
 
 /// The Kubernetes VM source (see `vms::kube` for the annotation contract).
@@ -88,6 +91,7 @@ impl Default for Config {
             policy: Policy::default(),
             kubernetes: None,
             contention: crate::contention::ContentionConfig::default(),
+            migration: crate::migration::settings::MigrationSettings::default(),
         }
     }
 }
@@ -136,6 +140,7 @@ impl Config {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
         self.contention.validate().map_err(ConfigError::Invalid)?;
+        self.migration.validate().map_err(ConfigError::Invalid)?;
         for k in &self.policy.ignore_pressure {
             let wire = format!("KIND_{}", k.to_uppercase());
             if k.to_lowercase() != *k

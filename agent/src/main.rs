@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             addr: c.allocator.clone(),
             node: c.node.clone(),
             capacity,
+            migration_endpoint: c.migration.endpoint(),
             retry_base: Duration::from_millis(c.allocator_retry_base_ms),
             retry_max: Duration::from_millis(c.allocator_retry_max_ms),
         },
@@ -121,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         unplug_timeout: Duration::from_millis(c.unplug_timeout_ms),
         contention: c.contention.clone(),
         proc_root: c.proc_root.clone(),
+        migration: c.migration.clone(),
     };
     tracing::info!(node = %c.node, allocator = %c.allocator, ?capacity, "agent starting");
     let stop = cancel.clone();

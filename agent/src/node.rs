@@ -1,17 +1,22 @@
 //! The node supervisor: one allocator link, one loop per VM. It follows the
-//! VM source's list: a new VM gets a QMP connection and a loop, a VM that left
-//! gets its loop stopped and its reservation released.
+//! VM source's list plus the VMs moved here: a new VM gets a QMP connection
+//! and a loop, a VM that left gets its loop stopped and its reservation
+//! released. Migration orders go to the node's mover (as the source) or to
+//! its migration service (as the target).
 
 use crate::allocator_link::{self, LinkConfig, Registry, Session};
 use crate::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use crate::core::policy::{Policy, Size};
 use crate::metrics::Metrics;
+use crate::migration::mover::{self, Ended, MoverNode, VmNow};
+use crate::migration::service::{self, TargetNode};
+use crate::migration::settings::MigrationSettings;
 use crate::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
-use crate::vm_loop::{self, StatusMap};
+use crate::vm_loop::{self, MoveGate, StatusMap};
 use crate::vms::{MemoryMode, VmSpec};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +36,24 @@ pub struct NodeConfig {
     pub contention: ContentionConfig,
     /// Where `/proc` is: vCPU threads' process and cgroup for `cpu.max`.
     pub proc_root: PathBuf,
+    /// Live migration: taking VMs in, and how moves out run.
+    pub migration: MigrationSettings,
+}
+
+/// A VM's loop as the mover needs it: its live QMP connection (QEMU serves
+/// one client, so a move uses the loop's) and its move gate.
+#[derive(Debug)]
+struct Live {
+    spec: VmSpec,
+    client: Option<QmpClient>,
+    moving: watch::Sender<bool>,
+    quiet: watch::Receiver<bool>,
+}
+
+type LiveMap = Arc<Mutex<HashMap<String, Live>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Shared with the HTTP endpoints.
@@ -73,10 +96,68 @@ pub async fn run(
         cancel.child_token(),
     ));
 
+    // Taking VMs in: only with a listen address.
+    let target = cfg.migration.listen.map(|listen| {
+        let t = TargetNode::new(cfg.migration.clone());
+        let (adopted, killed) = t.recover();
+        info!(%listen, adopted, killed, "taking VMs in by live migration");
+        let svc = t.clone();
+        let stop = cancel.child_token();
+        tokio::spawn(async move {
+            if let Err(e) = service::serve(svc, listen, stop).await {
+                tracing::error!("{e}; this node takes no VMs in");
+            }
+        });
+        t
+    });
+    let mut adopted = match &target {
+        Some(t) => t.adopted(),
+        None => watch::channel(Vec::new()).1,
+    };
+    let mover = MoverNode {
+        node: cfg.link.node.clone(),
+        session: handles.session.clone(),
+        registry: handles.registry.clone(),
+        status: handles.status.clone(),
+        proc_root: cfg.proc_root.clone(),
+        transfer: cfg.migration.transfer.clone(),
+        state_dir: cfg.migration.state_dir.clone(),
+    };
+    let live: LiveMap = Arc::default();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended)>();
+    // VMs that moved away (not scaled here although the list may name them)
+    // and VMs whose interrupted move is not settled yet (not scaled until it is).
+    let mut moved_away: HashSet<String> = HashSet::new();
+    let mut held: HashSet<String> = HashSet::new();
+    for record in mover::unsettled(&cfg.migration.state_dir) {
+        held.insert(record.vm.clone());
+        let (m, tx) = (mover.clone(), ended_tx.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(ended) = mover::recover(&m, &record).await {
+                    let _ = tx.send((record.vm.clone(), ended));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+
     let mut running: HashMap<String, (VmSpec, CancellationToken)> = HashMap::new();
     loop {
-        let wanted: HashMap<String, VmSpec> =
-            vms.borrow_and_update().iter().map(|v| (v.id.clone(), v.clone())).collect();
+        let mut wanted: HashMap<String, VmSpec> = vms
+            .borrow_and_update()
+            .iter()
+            .filter(|v| !moved_away.contains(&v.id))
+            .map(|v| (v.id.clone(), v.clone()))
+            .collect();
+        // A VM moved here runs on the QEMU this agent started, whatever the
+        // list says.
+        for v in adopted.borrow_and_update().iter() {
+            moved_away.remove(&v.id);
+            wanted.insert(v.id.clone(), v.clone());
+        }
+        wanted.retain(|id, _| !held.contains(id));
         // Stop loops for VMs that left or changed; a changed VM restarts below.
         let gone: Vec<String> = running
             .iter()
@@ -87,11 +168,15 @@ pub async fn run(
             if let Some((_, token)) = running.remove(&id) {
                 token.cancel();
             }
+            lock(&live).remove(&id);
             if !wanted.contains_key(&id) {
                 handles.registry.remove(&id);
                 handles.status.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 let session = handles.session.borrow().clone();
-                if let Some(s) = session {
+                // A VM that moved away is on its target's ledger now; one
+                // held for recovery is settled by its report.
+                let ours = !moved_away.contains(&id) && !held.contains(&id);
+                if let Some(s) = session.filter(|_| ours) {
                     if let Err(e) = s.call(Body::RemoveVm(pb::RemoveVm { vm_id: id.clone() })).await {
                         warn!(vm = %id, "cannot release the VM's reservation: {e}");
                     }
@@ -115,45 +200,89 @@ pub async fn run(
             };
             let span = tracing::info_span!("vm", vm = %id);
             let hvs = hypervisors.clone();
-            tokio::spawn(supervise_vm(spec.clone(), node, cfg.clone(), hvs, token.clone()).instrument(span));
+            let (gate, moving, quiet) = MoveGate::new();
+            lock(&live).insert(id.clone(), Live { spec: spec.clone(), client: None, moving, quiet });
+            let sup = Supervised {
+                spec: spec.clone(),
+                node,
+                cfg: cfg.clone(),
+                hypervisors: hvs,
+                gate,
+                live: live.clone(),
+            };
+            tokio::spawn(supervise_vm(sup, token.clone()).instrument(span));
             running.insert(id, (spec, token));
         }
 
         tokio::select! {
             () = cancel.cancelled() => return,
             r = vms.changed() => if r.is_err() { cancel.cancelled().await; return },
-            Some(m) = pushed_rx.recv() => refuse_order(&handles, m).await,
+            Ok(()) = adopted.changed() => {}
+            Some(m) = pushed_rx.recv() => {
+                let Some(Reply::MigrationOrder(o)) = m.body else { continue };
+                on_order(o, &cfg, target.as_deref(), &mover, &live, &ended_tx);
+            }
+            Some((vm, ended)) = ended_rx.recv() => {
+                held.remove(&vm);
+                if ended == Ended::MovedAway {
+                    moved_away.insert(vm.clone());
+                    if let Some(t) = &target {
+                        t.forget(&vm);
+                    }
+                }
+            }
         }
     }
 }
 
-/// Migration orders are carried out by a later part of the agent; until then
-/// they are refused at once so the allocator frees the target's hold now
-/// rather than at the order's deadline.
-async fn refuse_order(handles: &NodeHandles, m: pb::AllocatorMessage) {
-    let Some(Reply::MigrationOrder(o)) = m.body else { return };
-    warn!(order = o.order_id, vm = %o.vm_id, target = %o.target_node, "migration order refused: this agent does not migrate VMs yet");
-    let session = handles.session.borrow().clone();
-    if let Some(s) = session {
-        let body = Body::MigrationStatus(pb::MigrationStatus {
-            order_id: o.order_id,
-            phase: pb::migration_status::Phase::Failed as i32,
-            reason: "this agent does not carry out migrations yet".into(),
-        });
-        if let Err(e) = s.call(body).await {
-            warn!(order = o.order_id, "cannot report the refused order: {e}");
+/// An order pushed by the allocator: this node is its target (accept that
+/// VM from the source's agent) or its source (move the VM).
+fn on_order(
+    o: pb::MigrationOrder,
+    cfg: &NodeConfig,
+    target: Option<&TargetNode>,
+    mover: &MoverNode,
+    live: &LiveMap,
+    ended_tx: &mpsc::UnboundedSender<(String, Ended)>,
+) {
+    if o.target_node == cfg.link.node {
+        match target {
+            Some(t) => {
+                info!(order = o.order_id, vm = %o.vm_id, from = %o.source_node, "a VM will move here");
+                t.authorise(o.order_id, &o.vm_id);
+            }
+            None => warn!(order = o.order_id, "ordered to take a VM in, but migration.listen is not set"),
         }
+        return;
     }
+    if o.source_node != cfg.link.node {
+        warn!(order = o.order_id, source = %o.source_node, target = %o.target_node, "an order for other nodes; ignored");
+        return;
+    }
+    let now = lock(live).get(&o.vm_id).and_then(|l| {
+        let client = l.client.clone().filter(QmpClient::is_connected)?;
+        Some(VmNow { spec: l.spec.clone(), client, moving: l.moving.clone(), quiet: l.quiet.clone() })
+    });
+    let (m, tx) = (mover.clone(), ended_tx.clone());
+    tokio::spawn(async move {
+        let ended = m.move_out(&o, now).await;
+        let _ = tx.send((o.vm_id.clone(), ended));
+    });
 }
 
-/// Keeps a VM's loop running across QMP reconnects until `cancel`.
-async fn supervise_vm(
+/// One VM's supervision: its spec and what it shares with the node.
+struct Supervised {
     spec: VmSpec,
     node: vm_loop::Node,
     cfg: NodeConfig,
     hypervisors: Hypervisors,
-    cancel: CancellationToken,
-) {
+    gate: MoveGate,
+    live: LiveMap,
+}
+
+/// Keeps a VM's loop running across QMP reconnects until `cancel`.
+async fn supervise_vm(sup: Supervised, cancel: CancellationToken) {
+    let Supervised { spec, node, cfg, hypervisors, gate, live } = sup;
     let endpoint: Endpoint = match spec.qmp.parse() {
         Ok(e) => e,
         Err(e) => {
@@ -179,6 +308,9 @@ async fn supervise_vm(
         match client {
             Ok(client) => {
                 wait = Duration::from_millis(100);
+                if let Some(l) = lock(&live).get_mut(&spec.id) {
+                    l.client = Some(client.clone());
+                }
                 let vm = Arc::new(QmpVm::new(client, hotplug.clone()));
                 // The contention task asks this connection for vCPU threads.
                 let hv: Arc<dyn Hypervisor> = vm.clone();
@@ -196,7 +328,7 @@ async fn supervise_vm(
                     }
                     stop.cancel();
                 });
-                vm_loop::run(spec.clone(), vm, node.clone(), last_permit, lost.clone()).await;
+                vm_loop::run(spec.clone(), vm, node.clone(), last_permit, gate.clone(), lost.clone()).await;
                 lost.cancel();
                 {
                     // Only our own entry: a restarted supervisor may have put its own.

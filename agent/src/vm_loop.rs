@@ -36,6 +36,8 @@ pub struct VmStatus {
     pub informant_connected: bool,
     pub allocator_connected: bool,
     pub stuck: bool,
+    /// A live migration under way, e.g. `to node-b (order 7): migrating`.
+    pub migration: Option<String>,
 }
 
 pub type StatusMap = Arc<Mutex<BTreeMap<String, VmStatus>>>;
@@ -64,6 +66,24 @@ fn ms_since(t0: Instant) -> u64 {
     u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// How the node holds a VM still while it moves: it sets `moving`; the loop
+/// stops scaling and says `quiet` once no action of its own is in flight, so
+/// the devices read for the target are the ones the VM keeps.
+#[derive(Debug, Clone)]
+pub struct MoveGate {
+    pub moving: watch::Receiver<bool>,
+    pub quiet: Arc<watch::Sender<bool>>,
+}
+
+impl MoveGate {
+    /// A gate and the node's ends of it.
+    pub fn new() -> (MoveGate, watch::Sender<bool>, watch::Receiver<bool>) {
+        let (moving_tx, moving) = watch::channel(false);
+        let (quiet, quiet_rx) = watch::channel(false);
+        (MoveGate { moving, quiet: Arc::new(quiet) }, moving_tx, quiet_rx)
+    }
+}
+
 /// Runs until `cancel`. Reads the VM's size from QEMU first (retrying while
 /// QEMU is not there yet).
 pub async fn run(
@@ -71,6 +91,7 @@ pub async fn run(
     hv: Arc<dyn Hypervisor>,
     node: Node,
     last_permit: Option<Size>,
+    mut gate: MoveGate,
     cancel: CancellationToken,
 ) {
     let vm = spec.id.clone();
@@ -140,6 +161,7 @@ pub async fn run(
         add_vm(s, &vm, &core).await;
     }
     core.input(ms_since(t0), Input::AllocatorConnected(session.is_some()));
+    core.input(ms_since(t0), Input::Migrating(*gate.moving.borrow_and_update()));
 
     let (done_tx, mut done_rx) = mpsc::channel::<(Action, Input, Duration, Option<String>)>(1);
     let mut wake: Option<u64> = None;
@@ -181,6 +203,7 @@ pub async fn run(
         }
         update_status(&node, &vm, &core, now);
         publish(&core);
+        gate.quiet.send_replace(core.migrating && core.in_flight().is_none());
         if let Some(r) = &node.reporter {
             if reported != Some((core.current, core.permitted)) {
                 reported = Some((core.current, core.permitted));
@@ -236,6 +259,10 @@ pub async fn run(
                         None => warn!(%vm, "polling tick without a sample in its window"),
                     }
                 }
+            }
+            Ok(()) = gate.moving.changed() => {
+                let moving = *gate.moving.borrow_and_update();
+                core.input(ms_since(t0), Input::Migrating(moving));
             }
             Ok(()) = inf_rx.changed() => {
                 let up = inf_rx.borrow_and_update().is_some();

@@ -194,6 +194,7 @@ fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) ->
             addr: allocator.to_owned(),
             node: "node-a".into(),
             capacity,
+            migration_endpoint: String::new(),
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_millis(500),
         },
@@ -202,6 +203,7 @@ fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) ->
         unplug_timeout: Duration::from_millis(300),
         contention: Default::default(),
         proc_root: "/proc".into(),
+        migration: vmscale_agent::migration::settings::MigrationSettings::default(),
     };
     let (_vms_tx, vms_rx) = watch::channel(vec![spec]);
     let stop = CancellationToken::new();

@@ -300,6 +300,7 @@ async fn figures_reach_the_allocator_ledger_and_metrics() {
         capacity: Some(pb::Resources { milli_cpu: 2000, memory_bytes: 8 << 30 }),
         vms: vec![registration("vm-a", &reg)],
         agent: "run_queue test".into(),
+        migration_endpoint: String::new(),
     };
     let ch = vmscale_allocator::client::channel(&addr).await.unwrap();
     let session = vmscale_allocator::client::SessionClient::open(ch, hello).await.unwrap();
@@ -417,6 +418,7 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
             addr,
             node: "node-a".into(),
             capacity: Size::new(2000, 4 << 30),
+            migration_endpoint: String::new(),
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_millis(500),
         },
@@ -429,6 +431,7 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
             ..Default::default()
         },
         proc_root: "/proc".into(),
+        migration: vmscale_agent::migration::settings::MigrationSettings::default(),
     };
     let spec = VmSpec {
         id: "pg-1".into(),

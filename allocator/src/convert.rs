@@ -91,7 +91,12 @@ impl TryFrom<pb::Hello> for NodeRegistration {
 
     fn try_from(h: pb::Hello) -> Result<Self, EdgeError> {
         let vms = h.vms.into_iter().map(VmRegistration::try_from).collect::<Result<Vec<_>, _>>()?;
-        Ok(NodeRegistration { node: h.node, capacity: resources(h.capacity, "hello.capacity")?, vms })
+        Ok(NodeRegistration {
+            node: h.node,
+            capacity: resources(h.capacity, "hello.capacity")?,
+            vms,
+            migration_endpoint: h.migration_endpoint,
+        })
     }
 }
 
@@ -156,13 +161,15 @@ pub fn reservation(r: &Reservation) -> pb::VmReservation {
     pb::VmReservation { vm_id: r.vm.clone(), reserved: Some(to_pb(r.reserved)), migrating: r.migrating }
 }
 
-pub fn order(o: &Order) -> pb::MigrationOrder {
+/// `target_endpoint`: the target agent's migration endpoint, from its hello.
+pub fn order(o: &Order, target_endpoint: &str) -> pb::MigrationOrder {
     pb::MigrationOrder {
         order_id: o.id,
         vm_id: o.vm.clone(),
         source_node: o.source.clone(),
         target_node: o.target.clone(),
         reserved: Some(to_pb(o.reserved)),
+        target_endpoint: target_endpoint.to_owned(),
     }
 }
 

@@ -125,12 +125,20 @@ impl Shared {
         for o in orders {
             info!(order = o.id, vm = %o.vm, from = %o.source, to = %o.target, reserved = %o.reserved, "migration ordered");
             self.metrics.orders.get_or_create(&RequestLabels { kind: "migration", outcome: "ordered" }).inc();
-            let msg =
-                pb::AllocatorMessage { request_id: 0, body: Some(Reply::MigrationOrder(convert::order(&o))) };
-            let sent = st.outboxes.get(&o.source).map(|ob| ob.tx.try_send(Ok(msg)).is_ok());
-            if sent != Some(true) {
-                // The order stays open and fails at its deadline.
-                warn!(order = o.id, node = %o.source, "could not push migration order: session queue full or gone");
+            let endpoint =
+                st.cluster.nodes.get(&o.target).map(|n| n.migration_endpoint.clone()).unwrap_or_default();
+            let msg = pb::AllocatorMessage {
+                request_id: 0,
+                body: Some(Reply::MigrationOrder(convert::order(&o, &endpoint))),
+            };
+            // The target first: it must know the order before the source's
+            // agent asks it to take the VM in.
+            for node in [&o.target, &o.source] {
+                let sent = st.outboxes.get(node).map(|ob| ob.tx.try_send(Ok(msg.clone())).is_ok());
+                if sent != Some(true) {
+                    // The order stays open and fails at its deadline.
+                    warn!(order = o.id, %node, "could not push migration order: session queue full or gone");
+                }
             }
         }
     }

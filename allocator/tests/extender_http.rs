@@ -57,6 +57,7 @@ fn hello(node: &str, vm: Option<(u64, u64)>) -> pb::Hello {
         capacity: res(8000, 32 * GIB),
         vms,
         agent: "test".into(),
+        migration_endpoint: String::new(),
     }
 }
 

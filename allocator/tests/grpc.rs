@@ -81,6 +81,7 @@ fn hello(node: &str, cpu: u64, mem: u64, vms: Vec<pb::VmRegistration>) -> pb::He
         capacity: res(cpu, mem),
         vms,
         agent: "test".into(),
+        migration_endpoint: format!("http://{node}:7073"),
     }
 }
 
@@ -389,13 +390,18 @@ async fn a_hot_node_gets_a_migration_order_and_the_move_lands() {
     )
     .await
     .unwrap();
-    let _b = open(&srv.addr, hello("b", 8000, 32 * GIB, vec![])).await.unwrap();
+    let mut b = open(&srv.addr, hello("b", 8000, 32 * GIB, vec![])).await.unwrap();
     // "big" wants the whole node: denied demand pushes node a past its watermark.
     let p = a.reserve("big", 4000, 16 * GIB).await.unwrap();
     assert_eq!(p.outcome, pb::permit::Outcome::Partial as i32);
     let order = tokio::time::timeout(Duration::from_secs(5), a.pushed.recv()).await.unwrap().unwrap();
     let Some(Reply::MigrationOrder(o)) = order.body else { panic!("{order:?}") };
     assert_eq!((o.source_node.as_str(), o.target_node.as_str()), ("a", "b"));
+    // The source learns where the target agent takes the VM in, and the
+    // target hears of the same order (it accepts nothing else).
+    assert_eq!(o.target_endpoint, "http://b:7073");
+    let to_target = tokio::time::timeout(Duration::from_secs(5), b.pushed.recv()).await.unwrap().unwrap();
+    assert_eq!(to_target.body, Some(Reply::MigrationOrder(o.clone())));
     assert_eq!(o.vm_id, "big", "one move, the VM whose demand covers the excess");
     // While it moves, the VM may not change and is held on both nodes.
     let r = a.reserve(&o.vm_id, 4000, 16 * GIB).await;

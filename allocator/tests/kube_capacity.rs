@@ -118,7 +118,12 @@ async fn capacity_follows_nodes_and_pods_with_exact_requests() {
     let task = tokio::spawn(run(client, label, shared.clone(), cancel.clone()));
 
     // An agent already registered node a with the host's whole size.
-    let reg = NodeRegistration { node: "a".into(), capacity: Resources::new(16_000, 64 * GI), vms: vec![] };
+    let reg = NodeRegistration {
+        node: "a".into(),
+        capacity: Resources::new(16_000, 64 * GI),
+        vms: vec![],
+        migration_endpoint: String::new(),
+    };
     shared.lock().cluster.open_session(reg, 0).unwrap();
 
     // 1. The two lists, in whichever order the watchers send them; both from

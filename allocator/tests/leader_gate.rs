@@ -31,6 +31,7 @@ fn hello() -> pb::Hello {
         capacity: Some(pb::Resources { milli_cpu: 4000, memory_bytes: 8 << 30 }),
         vms: vec![],
         agent: "test".into(),
+        migration_endpoint: String::new(),
     }
 }
 

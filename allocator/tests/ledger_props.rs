@@ -172,7 +172,12 @@ impl Agent {
                 reg
             })
             .collect();
-        NodeRegistration { node: self.name.clone(), capacity: self.capacity, vms }
+        NodeRegistration {
+            node: self.name.clone(),
+            capacity: self.capacity,
+            vms,
+            migration_endpoint: format!("http://{}:7073", self.name),
+        }
     }
 }
 

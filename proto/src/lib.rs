@@ -11,6 +11,11 @@ pub mod allocator {
 }
 
 #[allow(missing_debug_implementations, clippy::all)]
+pub mod migration {
+    tonic::include_proto!("vmscale.migration.v1");
+}
+
+#[allow(missing_debug_implementations, clippy::all)]
 pub mod informant {
     tonic::include_proto!("vmscale.informant.v1");
 }

@@ -12,8 +12,19 @@
 //! - [`source`]: the executor: read the devices, have the target started,
 //!   migrate, switch over, and on any failure leave exactly one running VM:
 //!   the source.
+//! - [`remote`]: the target agent over the network ([`IncomingTarget`] over
+//!   proto/migration.proto); [`service`]: that service on the target agent,
+//!   which starts an incoming QEMU only under an order the allocator pushed
+//!   to it and adopts the VM once it runs there.
+//! - [`mover`]: the node's side of an order: hold the VM's loop still, carry
+//!   the move out, report every phase to the allocator until it is heard.
+//! - [`settings`]: the `[migration]` config section.
 
 pub mod command_line;
+pub mod mover;
+pub mod remote;
+pub mod service;
+pub mod settings;
 pub mod source;
 pub mod target;
 

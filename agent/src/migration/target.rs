@@ -2,7 +2,7 @@
 //! guest in incoming mode, confirm it runs the guest, or throw it away.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -33,11 +33,53 @@ pub struct Handoff {
 pub trait IncomingTarget: Send + Sync {
     /// Starts the QEMU and returns the URI it listens on for the stream.
     async fn prepare(&self, handoff: &Handoff) -> Result<String, String>;
-    /// After the stream completed: waits until the target runs the guest.
+    /// After the stream completed: resumes the guest on the target and waits
+    /// until it runs there. Until this succeeds the target never runs it.
     async fn confirm(&self, timeout: Duration) -> Result<(), String>;
     /// Kills the incoming QEMU, if any. Never fails: a target that cannot be
     /// reached any more has no QEMU we could talk to either.
     async fn abort(&self);
+}
+
+/// A QEMU process this agent started, killed when dropped unless it was
+/// handed over with [`Owned::release`]. QEMU runs in its own process group
+/// and is not killed by tokio on drop, so that a VM it runs outlives an
+/// agent that stops or dies.
+#[derive(Debug)]
+struct Owned {
+    child: Option<Child>,
+}
+
+impl Owned {
+    fn child(&mut self) -> &mut Child {
+        #[allow(clippy::expect_used)]
+        self.child.as_mut().expect("an owned QEMU has its child until released")
+    }
+
+    async fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Gives the process up: it keeps running; a task reaps it when it exits.
+    fn release(mut self) -> Option<u32> {
+        let mut child = self.child.take()?;
+        let pid = child.id();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            tracing::info!(?pid, ?status, "an adopted qemu exited");
+        });
+        pid
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+    }
 }
 
 /// A target QEMU started by this process, listening on `listen`.
@@ -46,19 +88,28 @@ pub struct LocalIncoming {
     binary: PathBuf,
     dir: PathBuf,
     listen: SocketAddr,
-    running: Mutex<Option<(Child, Migration)>>,
+    running: Mutex<Option<(Owned, Migration)>>,
 }
 
 impl LocalIncoming {
-    /// `dir` gets the QMP socket and QEMU's log; `listen` is this node's
-    /// address for the migration stream.
+    /// `dir` gets the QMP socket, QEMU's pid file and its log; `listen` is
+    /// this node's address for the migration stream.
     pub fn new(binary: PathBuf, dir: PathBuf, listen: SocketAddr) -> Self {
         Self { binary, dir, listen, running: Mutex::new(None) }
     }
 
     /// The QMP endpoint of the incoming QEMU (for the agent to adopt it).
     pub fn qmp(&self) -> Endpoint {
-        Endpoint::Unix(self.dir.join("qmp.sock"))
+        Endpoint::Unix(self.qmp_path())
+    }
+
+    pub fn qmp_path(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// Where QEMU writes its pid (see [`kill_unconfirmed`]).
+    pub fn pid_file(dir: &Path) -> PathBuf {
+        dir.join("qemu.pid")
     }
 
     fn log(&self) -> String {
@@ -71,32 +122,41 @@ impl LocalIncoming {
         self.running.lock().await.as_ref().map(|(_, m)| m.client().clone())
     }
 
-    /// Hands the running QEMU over (the caller keeps it alive); `None` if
-    /// none runs.
-    pub async fn into_process(self) -> Option<Child> {
-        self.running.into_inner().map(|(child, _)| child)
+    /// Hands the running QEMU over after [`IncomingTarget::confirm`]: its
+    /// QMP connection is closed (for the adopting loop to open its own) and
+    /// the process keeps running whatever this agent does next. Its pid, or
+    /// `None` if none runs.
+    pub async fn adopt(&self) -> Option<u32> {
+        let (owned, migration) = self.running.lock().await.take()?;
+        drop(migration);
+        owned.release()
     }
 
-    async fn start(&self, handoff: &Handoff) -> Result<(Child, Migration), String> {
+    async fn start(&self, handoff: &Handoff) -> Result<(Owned, Migration), String> {
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let qmp = self.dir.join("qmp.sock");
         let _ = std::fs::remove_file(&qmp);
         let log = std::fs::File::create(self.dir.join("qemu.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new(&self.binary)
+        // -S: the guest stays paused after the stream until confirm resumes
+        // it, so the target never runs it unless the source agent says so.
+        let child = Command::new(&self.binary)
             .args(&handoff.base_args)
             .args(handoff.devices.qemu_args())
-            .args(["-incoming", "defer", "-qmp"])
+            .args(["-S", "-incoming", "defer", "-pidfile"])
+            .arg(Self::pid_file(&self.dir))
+            .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
+        let mut owned = Owned { child: Some(child) };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         let client = loop {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = owned.child().try_wait() {
                 return Err(format!("qemu exited with {status}: {}", self.log()));
             }
             if qmp.exists() {
@@ -106,7 +166,7 @@ impl LocalIncoming {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                let _ = child.kill().await;
+                owned.kill().await;
                 return Err(format!("no qmp from the target qemu within 15 s: {}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -117,10 +177,10 @@ impl LocalIncoming {
             incoming.listen(&tcp_uri(self.listen)).await
         };
         if let Err(e) = listen.await {
-            let _ = child.kill().await;
+            owned.kill().await;
             return Err(format!("the target qemu does not listen on {}: {e:#}", self.listen));
         }
-        Ok((child, incoming))
+        Ok((owned, incoming))
     }
 }
 
@@ -138,27 +198,50 @@ impl IncomingTarget for LocalIncoming {
 
     async fn confirm(&self, timeout: Duration) -> Result<(), String> {
         let mut guard = self.running.lock().await;
-        let Some((child, incoming)) = guard.as_mut() else { return Err("no target qemu".into()) };
+        let Some((owned, incoming)) = guard.as_mut() else { return Err("no target qemu".into()) };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = owned.child().try_wait() {
                 return Err(format!("the target qemu exited with {status}: {}", self.log()));
             }
             match incoming.run_status().await {
                 Ok(s) if s.running => return Ok(()),
+                // The stream is in and the guest paused (-S): resume it.
+                Ok(s) if s.status != "inmigrate" => {
+                    if let Err(e) = incoming.client().execute::<serde_json::Value>("cont", None).await {
+                        return Err(format!("the target qemu does not resume the guest: {e:#}"));
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => return Err(format!("the target qemu: {e:#}")),
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("the target does not run the guest after {timeout:?}"));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
     async fn abort(&self) {
-        if let Some((mut child, _)) = self.running.lock().await.take() {
-            let _ = child.kill().await;
+        if let Some((owned, _)) = self.running.lock().await.take() {
+            owned.kill().await;
         }
     }
+}
+
+/// Kills the QEMU whose pid file lies in `dir`, if it still runs and is a
+/// QEMU: after an agent restart, an incoming QEMU nobody confirmed (paused
+/// with -S, it never ran the guest). True if one was killed.
+pub fn kill_unconfirmed(dir: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(LocalIncoming::pid_file(dir)) else { return false };
+    let Ok(pid) = pid.trim().parse::<i32>() else { return false };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let is_qemu = exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu"));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy());
+    if !(is_qemu && ours) {
+        return false;
+    }
+    // SAFETY: kill(2) with a pid checked above to be our QEMU; no memory is touched.
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
 }

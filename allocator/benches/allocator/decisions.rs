@@ -73,7 +73,12 @@ pub fn run(quick: bool) -> Map<String, Value> {
         let ids: Vec<String> = (0..VMS).map(|v| format!("node-{n}-vm-{v}")).collect();
         let sizes: Vec<u64> = (0..VMS).map(|_| random_start(&mut rng)).collect();
         let vms = ids.iter().zip(&sizes).map(|(id, &h)| vm_registration(id.clone(), h)).collect();
-        let reg = NodeRegistration { node: format!("node-{n}"), capacity: NODE, vms };
+        let reg = NodeRegistration {
+            node: format!("node-{n}"),
+            capacity: NODE,
+            vms,
+            migration_endpoint: format!("http://node-{n}:7073"),
+        };
         sessions.push(cluster.open_session(reg, 0).expect("registration accepted").session);
         names.push(ids);
         held.push(sizes);

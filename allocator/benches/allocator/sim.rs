@@ -78,7 +78,12 @@ impl Sim {
                     vm_registration(format!("vm-{}", n * VMS_PER_NODE + v), size)
                 })
                 .collect();
-            let reg = NodeRegistration { node: name.clone(), capacity: node, vms };
+            let reg = NodeRegistration {
+                node: name.clone(),
+                capacity: node,
+                vms,
+                migration_endpoint: format!("http://{name}:7073"),
+            };
             sessions.push(cluster.open_session(reg, 0).expect("registration accepted").session);
         }
         let vm_node = (0..VMS).map(|i| u32::try_from(i / VMS_PER_NODE).unwrap_or(0)).collect();

@@ -40,8 +40,12 @@ mod tests {
     #[test]
     fn the_cluster_figure_wins_over_the_agents_now_and_at_the_next_session() {
         let mut c = cluster();
-        let reg =
-            || NodeRegistration { node: "a".into(), capacity: Resources::new(16_000, 64 * GI), vms: vec![] };
+        let reg = || NodeRegistration {
+            node: "a".into(),
+            capacity: Resources::new(16_000, 64 * GI),
+            vms: vec![],
+            migration_endpoint: String::new(),
+        };
         assert!(c.set_cluster_capacity("a", Some(Resources::new(6000, 20 * GI))));
         assert!(!c.set_cluster_capacity("a", Some(Resources::new(6000, 20 * GI))));
         c.open_session(reg(), 0).unwrap();

@@ -139,7 +139,12 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let reg = NodeRegistration { node: node.into(), capacity: Resources::new(8000, 32 * GIB), vms };
+        let reg = NodeRegistration {
+            node: node.into(),
+            capacity: Resources::new(8000, 32 * GIB),
+            vms,
+            migration_endpoint: format!("http://{node}:7073"),
+        };
         let opened = c.open_session(reg, 0).unwrap();
         (c, opened.session)
     }

@@ -23,6 +23,9 @@ pub struct NodeLedger {
     pub vms: HashMap<String, VmEntry>,
     /// The agent's latest run-queue delay report, while its session lives.
     pub contention: Option<NodeContention>,
+    /// Where the node's agent takes VMs in (its hello's migration endpoint);
+    /// empty: it does not, and the planner never moves a VM here.
+    pub migration_endpoint: String,
     reserved: Resources,
     unmet: Resources,
 }
@@ -70,6 +73,7 @@ impl NodeLedger {
             session: None,
             vms: HashMap::new(),
             contention: None,
+            migration_endpoint: String::new(),
             reserved: Resources::ZERO,
             unmet: Resources::ZERO,
         }

@@ -51,6 +51,8 @@ pub struct NodeRegistration {
     pub node: String,
     pub capacity: Resources,
     pub vms: Vec<VmRegistration>,
+    /// Where the agent takes VMs in; empty if it does not.
+    pub migration_endpoint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,6 +68,22 @@ pub struct Opened {
     /// The session this one replaced, which must now be closed.
     pub replaced: Option<u64>,
     pub reservations: Vec<Reservation>,
+}
+
+/// An agent's migration endpoint: empty, or an http(s) URL of sane length.
+fn check_endpoint(e: &str) -> Result<()> {
+    let ok = e.is_empty()
+        || ((e.starts_with("http://") || e.starts_with("https://"))
+            && e.len() <= 256
+            && !e.chars().any(|c| c.is_whitespace() || c.is_control()));
+    if ok {
+        Ok(())
+    } else {
+        Err(CoreError::invalid(
+            "migration endpoint",
+            format!("{e:?} must be empty or an http(s) URL such as http://10.0.0.2:7073"),
+        ))
+    }
 }
 
 /// How many finished orders the state dump remembers.
@@ -130,6 +148,7 @@ impl Cluster {
             ));
         }
         let capacity = self.cluster_capacity.get(&reg.node).copied().unwrap_or(capacity);
+        check_endpoint(&reg.migration_endpoint)?;
         let mut seen = std::collections::HashSet::new();
         for v in &reg.vms {
             if !seen.insert(v.id.as_str()) {
@@ -170,6 +189,7 @@ impl Cluster {
         self.next_session += 1;
         let mut ledger = NodeLedger::new(capacity, self.config.system_reserve, self.config.watermark);
         ledger.session = Some(session);
+        ledger.migration_endpoint = reg.migration_endpoint;
         let old = self.nodes.remove(&reg.node);
         let replaced = old.as_ref().and_then(|n| n.session);
 

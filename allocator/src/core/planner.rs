@@ -70,9 +70,14 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
         if n.session.is_none() {
             continue;
         }
+        // A node whose agent takes no VMs in may still shed them.
+        let takes_vms = !n.migration_endpoint.is_empty();
         let wanted = n.wanted().saturating_sub(leaving.get(name.as_str()).copied().unwrap_or_default());
         let level = n.watermark_level();
         if wanted.fits_in(level) {
+            if !takes_vms {
+                continue;
+            }
             let contended = n
                 .contention
                 .as_ref()

@@ -55,6 +55,7 @@ impl World {
             node: node.into(),
             capacity: r(10_000, 40),
             vms: vms.iter().map(|(id, size)| vm(id, *size)).collect(),
+            migration_endpoint: format!("http://{node}:7073"),
         };
         let opened = self.c.open_session(reg, NOW).unwrap();
         self.sessions.insert(node.into(), opened.session);
@@ -194,6 +195,23 @@ fn never_onto_or_off_a_disconnected_node() {
     w.close("a");
     assert!(w.round().is_empty());
     w.register("a", a);
+    assert_eq!(w.round(), vec![mv("a2", "a", "b")]);
+}
+
+#[test]
+fn never_onto_a_node_whose_agent_takes_no_vms_in() {
+    let a: &[(&str, Resources)] = &[("a1", r(5000, 20)), ("a2", r(4000, 16))];
+    let mut w = World::new(4, &[("a", a)]);
+    let reg = NodeRegistration {
+        node: "b".into(),
+        capacity: r(10_000, 40),
+        vms: vec![],
+        migration_endpoint: String::new(),
+    };
+    let opened = w.c.open_session(reg, NOW).unwrap();
+    w.sessions.insert("b".into(), opened.session);
+    assert!(w.round().is_empty(), "b has room but no migration endpoint");
+    w.register("b", &[]);
     assert_eq!(w.round(), vec![mv("a2", "a", "b")]);
 }
 

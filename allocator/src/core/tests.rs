@@ -50,8 +50,26 @@ fn migrating(id: &str, current: Resources, order: u64, target: &str) -> VmRegist
     VmRegistration { migration: Some((order, target.into())), ..vm(id, current) }
 }
 
+fn endpoint(node: &str) -> String {
+    format!("http://{node}:7073")
+}
+
+#[test]
+fn a_migration_endpoint_must_be_an_http_url() {
+    let mut c = Cluster::new(config());
+    for bad in ["10.0.0.2:7073", "http://a b", "ftp://x"] {
+        let reg = NodeRegistration { migration_endpoint: bad.into(), ..hello("a", vec![]) };
+        let e = c.open_session(reg, NOW).unwrap_err();
+        assert!(e.to_string().contains("migration endpoint"), "{bad}: {e}");
+    }
+    assert!(c.nodes.is_empty(), "nothing registered");
+    let reg = NodeRegistration { migration_endpoint: String::new(), ..hello("a", vec![]) };
+    c.open_session(reg, NOW).unwrap();
+    assert_eq!(c.nodes["a"].migration_endpoint, "");
+}
+
 fn hello(node: &str, vms: Vec<VmRegistration>) -> NodeRegistration {
-    NodeRegistration { node: node.into(), capacity: CAPACITY, vms }
+    NodeRegistration { node: node.into(), capacity: CAPACITY, vms, migration_endpoint: endpoint(node) }
 }
 
 fn open(c: &mut Cluster, node: &str, vms: Vec<VmRegistration>) -> SessionRef {

@@ -84,6 +84,7 @@ impl Agent {
             capacity: Some(CAPACITY),
             vms: registrations,
             agent: "allocator benchmark".into(),
+            migration_endpoint: String::new(),
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         tx.send(pb::AgentMessage { request_id: 0, node: String::new(), body: Some(Body::Hello(hello)) })

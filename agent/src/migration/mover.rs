@@ -1,0 +1,371 @@
+//! The source node's side of a migration order: hold the VM's loop still,
+//! move the VM with [`super::source::carry_out`] to the target agent, and
+//! tell the allocator every phase until it has heard it.
+//!
+//! A move is recorded on disk (`<state_dir>/moves/<vm>.json`) from before
+//! the stream starts until it is settled, with whether the confirm was
+//! sent: an agent that died mid-move decides from it, when it starts again,
+//! whether its paused QEMU may resume ([`recover`]).
+//!
+//! | record says          | target says | the VM then runs on                    |
+//! |----------------------|-------------|----------------------------------------|
+//! | confirm not sent     | (any)       | source: target aborted, source resumed |
+//! | confirm sent         | running     | target: source QEMU quits              |
+//! | confirm sent         | not running | source: target aborted, source resumed |
+//! | confirm sent         | unreachable | nowhere yet: asked again until it says |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use vmscale_proto::allocator as pb;
+use vmscale_proto::allocator::agent_message::Body;
+use vmscale_proto::allocator::migration_status::Phase;
+use vmscale_proto::migration::status_reply::State as TargetState;
+
+use super::command_line::read_base_args;
+use super::remote::RemoteTarget;
+use super::source::carry_out;
+use super::target::{Handoff, IncomingTarget};
+use crate::allocator_link::{Registry, Session};
+use crate::qmp::migrate::{Migration, MigrationConfig};
+use crate::qmp::{HotplugConfig, Hypervisor, QmpClient, QmpVm};
+use crate::vm_loop::StatusMap;
+use crate::vms::VmSpec;
+
+/// How long the VM's loop may take to finish its last action.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a phase report is retried while the allocator is away.
+const REPORT_PATIENCE: Duration = Duration::from_secs(300);
+
+/// What the node shares with its moves.
+#[derive(Debug, Clone)]
+pub struct MoverNode {
+    pub node: String,
+    pub session: watch::Receiver<Session>,
+    pub registry: Arc<Registry>,
+    pub status: StatusMap,
+    pub proc_root: PathBuf,
+    pub transfer: MigrationConfig,
+    pub state_dir: PathBuf,
+}
+
+/// The VM as the node runs it now.
+#[derive(Debug, Clone)]
+pub struct VmNow {
+    pub spec: VmSpec,
+    pub client: QmpClient,
+    pub moving: watch::Sender<bool>,
+    pub quiet: watch::Receiver<bool>,
+}
+
+/// How a move ended for the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The VM runs on the target; this node drops it.
+    MovedAway,
+    /// The VM runs here, as before.
+    Stayed,
+}
+
+/// The on-disk record of a move under way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub order_id: u64,
+    pub vm: String,
+    pub target_node: String,
+    pub target_endpoint: String,
+    /// The QMP endpoint of the source QEMU.
+    pub qmp: String,
+    pub spec: VmSpec,
+    /// Set just before the target is asked to resume the guest.
+    pub confirm_sent: bool,
+}
+
+fn record_path(state_dir: &Path, vm: &str) -> PathBuf {
+    state_dir.join("moves").join(format!("{vm}.json"))
+}
+
+fn write_record(state_dir: &Path, r: &MoveRecord) -> Result<(), String> {
+    let path = record_path(state_dir, &r.vm);
+    let dir = path.parent().unwrap_or(state_dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", r.vm));
+    let body = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn drop_record(state_dir: &Path, vm: &str) {
+    let _ = std::fs::remove_file(record_path(state_dir, vm));
+}
+
+/// The records of moves a previous run of the agent left unsettled.
+pub fn unsettled(state_dir: &Path) -> Vec<MoveRecord> {
+    let Ok(rd) = std::fs::read_dir(state_dir.join("moves")) else { return Vec::new() };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .filter_map(|p| match std::fs::read(&p).map(|b| serde_json::from_slice::<MoveRecord>(&b)) {
+            Ok(Ok(r)) => Some(r),
+            Ok(Err(e)) => {
+                warn!("ignoring the move record {}: {e}", p.display());
+                None
+            }
+            Err(e) => {
+                warn!("cannot read the move record {}: {e}", p.display());
+                None
+            }
+        })
+        .collect()
+}
+
+impl MoverNode {
+    fn set_status(&self, vm: &str, what: Option<String>) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.entry(vm.to_owned()).or_default().migration = what;
+    }
+
+    /// Tells the allocator about an order, retrying while there is no
+    /// session; an answer that refuses the report is final.
+    pub async fn report(&self, order: u64, phase: Phase, reason: &str) {
+        let deadline = tokio::time::Instant::now() + REPORT_PATIENCE;
+        let mut session = self.session.clone();
+        loop {
+            let live = session.borrow_and_update().clone();
+            if let Some(s) = live {
+                let body = Body::MigrationStatus(pb::MigrationStatus {
+                    order_id: order,
+                    phase: phase as i32,
+                    reason: reason.to_owned(),
+                });
+                match s.call(body).await {
+                    Ok(_) => return,
+                    Err(vmscale_allocator::client::ClientError::Request { code, message }) => {
+                        warn!(order, ?phase, "the allocator refused the move's report: {code:?}: {message}");
+                        return;
+                    }
+                    Err(e) => warn!(order, ?phase, "cannot report the move yet: {e}"),
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                warn!(order, ?phase, "gave up reporting the move; the allocator settles it at its deadline");
+                return;
+            }
+            tokio::select! {
+                _ = session.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Carries out one order naming this node as the source.
+    pub async fn move_out(&self, order: &pb::MigrationOrder, vm: Option<VmNow>) -> Ended {
+        let id = order.order_id;
+        let Some(vm) = vm else {
+            let why = format!("vm {:?} does not run on this node (or its QMP is not connected)", order.vm_id);
+            warn!(order = id, "{why}");
+            self.report(id, Phase::Failed, &why).await;
+            return Ended::Stayed;
+        };
+        if order.target_endpoint.is_empty() {
+            let why = format!("target node {} has no migration endpoint", order.target_node);
+            self.report(id, Phase::Failed, &why).await;
+            return Ended::Stayed;
+        }
+        info!(order = id, vm = %order.vm_id, to = %order.target_node, endpoint = %order.target_endpoint, "moving the VM");
+        self.registry.set_moving(&order.vm_id, Some((id, order.target_node.clone())));
+        let label = |what: &str| Some(format!("to {} (order {id}): {what}", order.target_node));
+        self.set_status(&order.vm_id, label("preparing"));
+        let ended = match self.attempt(order, &vm, &label).await {
+            Ok(()) => Ended::MovedAway,
+            Err(why) => {
+                self.report(id, Phase::Failed, &why).await;
+                Ended::Stayed
+            }
+        };
+        drop_record(&self.state_dir, &order.vm_id);
+        match ended {
+            Ended::MovedAway => self.registry.remove(&order.vm_id),
+            Ended::Stayed => {
+                self.registry.set_moving(&order.vm_id, None);
+                vm.moving.send_replace(false);
+            }
+        }
+        self.set_status(&order.vm_id, None);
+        ended
+    }
+
+    /// Ok once the VM runs on the target and the allocator heard so; the
+    /// reason otherwise, with the VM running here again.
+    async fn attempt(
+        &self,
+        order: &pb::MigrationOrder,
+        vm: &VmNow,
+        label: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), String> {
+        let id = order.order_id;
+        vm.moving.send_replace(true);
+        let mut quiet = vm.quiet.clone();
+        if tokio::time::timeout(QUIET_TIMEOUT, quiet.wait_for(|q| *q)).await.is_err() {
+            return Err(format!("the VM's last scaling action did not finish within {QUIET_TIMEOUT:?}"));
+        }
+        let base = self.base_args(&vm.client).await?;
+        let target = RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone())?;
+        let record = MoveRecord {
+            order_id: id,
+            vm: order.vm_id.clone(),
+            target_node: order.target_node.clone(),
+            target_endpoint: order.target_endpoint.clone(),
+            qmp: vm.spec.qmp.clone(),
+            spec: vm.spec.clone(),
+            confirm_sent: false,
+        };
+        write_record(&self.state_dir, &record).map_err(|e| format!("cannot record the move: {e}"))?;
+        // The confirm is the one step that lets the target run the guest:
+        // recorded before it goes out.
+        let recorded =
+            Recorded { inner: &target, state_dir: &self.state_dir, record: std::sync::Mutex::new(record) };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Phase, String)>();
+        let reporter = async {
+            while let Some((phase, reason)) = rx.recv().await {
+                if phase == Phase::Started {
+                    self.set_status(&order.vm_id, label("migrating"));
+                }
+                if phase != Phase::Failed {
+                    self.report(id, phase, &reason).await;
+                }
+            }
+        };
+        let mover = async {
+            let r = carry_out(id, &order.vm_id, &vm.client, base, &recorded, &self.transfer, |p, why| {
+                let _ = tx.send((p, why.to_owned()));
+            })
+            .await;
+            drop(tx);
+            r
+        };
+        let (result, ()) = tokio::join!(mover, reporter);
+        match result {
+            Ok(done) => {
+                info!(order = id, vm = %order.vm_id, to = %order.target_node, total_ms = ?done.info.total_time_ms,
+                    downtime_ms = ?done.info.downtime, "the VM moved away");
+                Ok(())
+            }
+            Err(e) => Err(super::reason(&e)),
+        }
+    }
+
+    async fn base_args(&self, client: &QmpClient) -> Result<Vec<String>, String> {
+        let vm = QmpVm::new(client.clone(), HotplugConfig::default());
+        let threads =
+            vm.vcpu_threads().await.map_err(|e| format!("cannot list the VM's vCPU threads: {e}"))?;
+        let tid = threads
+            .first()
+            .and_then(|t| u32::try_from(t.thread_id).ok())
+            .ok_or("QEMU reports no vCPU thread")?;
+        let pid = crate::cpu_max::process_of_thread(&self.proc_root, tid).map_err(|e| e.to_string())?;
+        read_base_args(&self.proc_root, pid)
+    }
+}
+
+/// The remote target, with the record updated before the confirm goes out.
+struct Recorded<'a> {
+    inner: &'a RemoteTarget,
+    state_dir: &'a Path,
+    record: std::sync::Mutex<MoveRecord>,
+}
+
+#[async_trait::async_trait]
+impl IncomingTarget for Recorded<'_> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+        self.inner.prepare(handoff).await
+    }
+
+    async fn confirm(&self, timeout: Duration) -> Result<(), String> {
+        {
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            r.confirm_sent = true;
+            write_record(self.state_dir, &r).map_err(|e| format!("cannot record the confirm: {e}"))?;
+        }
+        self.inner.confirm(timeout).await
+    }
+
+    async fn abort(&self) {
+        self.inner.abort().await;
+    }
+}
+
+/// Settles a move a previous run left unsettled (see the module's table).
+/// Returns how it ended; the record is gone afterwards unless the target
+/// could not be asked (then `None`, and the caller asks again later).
+pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Option<Ended> {
+    let target = match RemoteTarget::new(&r.target_endpoint, r.order_id, r.spec.clone()) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(order = r.order_id, "bad target endpoint in the move record: {e}");
+            return settle(node, r, false).await;
+        }
+    };
+    let runs_there = if r.confirm_sent {
+        match target.status().await {
+            Ok(s) => s == TargetState::Running,
+            Err(e) => {
+                warn!(order = r.order_id, vm = %r.vm, "cannot ask the target whether it runs the guest: {e}");
+                return None;
+            }
+        }
+    } else {
+        false
+    };
+    if !runs_there {
+        target.abort().await;
+    }
+    settle(node, r, runs_there).await
+}
+
+async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Option<Ended> {
+    let source = match r.qmp.parse() {
+        Ok(ep) => QmpClient::connect(&ep, crate::qmp::ClientConfig::default()).await.ok(),
+        Err(_) => None,
+    };
+    let ended = if runs_there {
+        if let Some(c) = &source {
+            let _ = c.execute::<serde_json::Value>("quit", None).await;
+        }
+        info!(order = r.order_id, vm = %r.vm, to = %r.target_node, "an interrupted move had finished: the VM runs on the target");
+        node.report(r.order_id, Phase::Completed, "").await;
+        Ended::MovedAway
+    } else {
+        if let Some(c) = &source {
+            // A stream still flowing goes first (the target's QEMU is gone
+            // or going): then the source's state is final.
+            let out = Migration::new(c.clone());
+            if out.query().await.is_ok_and(|i| i.status == "active" || i.status == "setup") {
+                let _ = out.cancel().await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    let busy = ["active", "setup", "cancelling", "device", "pre-switchover"];
+                    while out.query().await.is_ok_and(|i| busy.contains(&i.status.as_str())) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+            }
+            let status = out.run_status().await;
+            if status.is_ok_and(|s| !s.running) {
+                if let Err(e) = c.execute::<serde_json::Value>("cont", None).await {
+                    warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {e:#}");
+                }
+            }
+        }
+        let why = "the source agent restarted mid-move; the VM stays on the source";
+        info!(order = r.order_id, vm = %r.vm, "{why}");
+        node.report(r.order_id, Phase::Failed, why).await;
+        Ended::Stayed
+    };
+    drop_record(&node.state_dir, &r.vm);
+    Some(ended)
+}

@@ -1,0 +1,347 @@
+//! The target agent's side of a move: the `MigrationTarget` gRPC service
+//! (proto/migration.proto). It starts a paused incoming QEMU only for an
+//! order the allocator pushed to this node, resumes the guest only when the
+//! source agent confirms, kills an incoming QEMU nobody confirmed in time,
+//! and hands a VM that arrived to the node as one of its own.
+//!
+//! What it took in survives an agent restart: each adopted VM's spec is
+//! written to `<state_dir>/adopted/<vm>.json` (its QEMU runs on in its own
+//! process group), and [`TargetNode::recover`] kills the incoming QEMUs of
+//! moves nobody confirmed (paused with -S, they never ran the guest).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use vmscale_proto::migration as pb;
+use vmscale_proto::migration::migration_target_server::MigrationTarget;
+use vmscale_proto::migration::status_reply::State as WireState;
+
+use super::remote::WireHandoff;
+use super::settings::MigrationSettings;
+use super::target::{kill_unconfirmed, IncomingTarget, LocalIncoming};
+use crate::vms::VmSpec;
+
+/// One move into this node.
+#[derive(Debug)]
+enum Move {
+    /// The QEMU waits (paused) for the stream and the confirm; `vm` is the
+    /// spec the VM is scaled by once it runs here.
+    Prepared { vm: Box<VmSpec>, incoming: Arc<LocalIncoming> },
+    /// Being started or confirmed.
+    Busy,
+    /// The guest runs here.
+    Running { vm: String },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Orders the allocator pushed naming this node as the target: order ->
+    /// VM id.
+    authorised: HashMap<u64, String>,
+    moves: HashMap<u64, Move>,
+}
+
+/// The target side of this node's moves; shared by the gRPC service and the
+/// node supervisor.
+#[derive(Debug)]
+pub struct TargetNode {
+    settings: MigrationSettings,
+    state: Mutex<State>,
+    /// VMs taken in (and read back after a restart), for the node to scale.
+    adopted: watch::Sender<Vec<VmSpec>>,
+}
+
+impl TargetNode {
+    pub fn new(settings: MigrationSettings) -> Arc<Self> {
+        Arc::new(Self { settings, state: Mutex::default(), adopted: watch::Sender::new(Vec::new()) })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn adopted_dir(&self) -> PathBuf {
+        self.settings.state_dir.join("adopted")
+    }
+
+    fn incoming_dir(&self) -> PathBuf {
+        self.settings.state_dir.join("incoming")
+    }
+
+    /// The VMs this node took in, as the node follows them.
+    pub fn adopted(&self) -> watch::Receiver<Vec<VmSpec>> {
+        self.adopted.subscribe()
+    }
+
+    /// The allocator named this node the target of `order` for `vm`.
+    pub fn authorise(&self, order: u64, vm: &str) {
+        let mut st = self.state();
+        st.authorised.insert(order, vm.to_owned());
+        // Old orders: a few per move at most, never unbounded.
+        if st.authorised.len() > 1024 {
+            let oldest = st.authorised.keys().min().copied();
+            if let Some(o) = oldest {
+                st.authorised.remove(&o);
+            }
+        }
+    }
+
+    /// The VM left this node (moved away again, or gone): its record goes.
+    pub fn forget(&self, vm: &str) {
+        let path = self.adopted_dir().join(format!("{vm}.json"));
+        if path.exists() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(%vm, "cannot remove {}: {e}", path.display());
+            }
+        }
+        self.adopted.send_modify(|l| l.retain(|s| s.id != vm));
+    }
+
+    /// After a start: VMs taken in before are adopted again when their QEMU
+    /// is still there; incoming QEMUs nobody confirmed are killed. Returns
+    /// how many of each.
+    pub fn recover(&self) -> (usize, usize) {
+        let mut specs = Vec::new();
+        for path in json_files(&self.adopted_dir()) {
+            let spec = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<VmSpec>(&b).map_err(|e| e.to_string()));
+            match spec {
+                Ok(s) if Path::new(&s.qmp).exists() => specs.push(s),
+                Ok(s) => {
+                    info!(vm = %s.id, "a VM taken in earlier is gone (no QMP socket); forgetting it");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => warn!("ignoring {}: {e}", path.display()),
+            }
+        }
+        let mut killed = 0;
+        if let Ok(dirs) = std::fs::read_dir(self.incoming_dir()) {
+            for d in dirs.flatten().map(|d| d.path()) {
+                let kept = specs.iter().any(|s| Path::new(&s.qmp).starts_with(&d));
+                if !kept {
+                    if kill_unconfirmed(&d) {
+                        warn!(dir = %d.display(), "killed an incoming QEMU nobody confirmed before the restart");
+                        killed += 1;
+                    }
+                    let _ = std::fs::remove_dir_all(&d);
+                }
+            }
+        }
+        let n = specs.len();
+        self.adopted.send_replace(specs);
+        (n, killed)
+    }
+
+    fn persist(&self, spec: &VmSpec) -> Result<(), String> {
+        let dir = self.adopted_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let tmp = dir.join(format!(".{}.json.tmp", spec.id));
+        let body = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let path = dir.join(format!("{}.json", spec.id));
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    async fn prepare(self: &Arc<Self>, r: pb::PrepareRequest) -> Result<String, Status> {
+        let wire: WireHandoff = serde_json::from_str(&r.handoff_json)
+            .map_err(|e| Status::invalid_argument(format!("handoff_json: {e}")))?;
+        let h = &wire.handoff;
+        if h.order_id != r.order_id || h.vm_id != r.vm_id || wire.vm.id != r.vm_id {
+            return Err(Status::invalid_argument(format!(
+                "the handoff names order {} and vm {:?}/{:?}, the request order {} and vm {:?}",
+                h.order_id, h.vm_id, wire.vm.id, r.order_id, r.vm_id
+            )));
+        }
+        wire.vm.validate().map_err(Status::invalid_argument)?;
+        let Some(ip) = self.settings.stream_ip() else {
+            return Err(Status::failed_precondition("this agent takes no VMs in (no migration.listen)"));
+        };
+        {
+            let st = self.state();
+            if st.authorised.get(&r.order_id) != Some(&r.vm_id) {
+                return Err(Status::permission_denied(format!(
+                    "no migration order {} from the allocator names vm {:?} and this node",
+                    r.order_id, r.vm_id
+                )));
+            }
+            if st.moves.contains_key(&r.order_id) {
+                return Err(Status::already_exists(format!("order {} was prepared already", r.order_id)));
+            }
+            if self.adopted.borrow().iter().any(|s| s.id == r.vm_id) {
+                return Err(Status::already_exists(format!("vm {:?} runs on this node already", r.vm_id)));
+            }
+        }
+        let port = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Status::unavailable(format!("no free port on {ip} for the stream: {e}")))?
+            .port();
+        let dir = self.incoming_dir().join(r.order_id.to_string());
+        let incoming =
+            Arc::new(LocalIncoming::new(self.settings.qemu.clone(), dir, SocketAddr::new(ip, port)));
+        // Held while QEMU starts, so a second prepare of the order is refused.
+        self.state().moves.insert(r.order_id, Move::Busy);
+        let uri = match incoming.prepare(h).await {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.state().moves.remove(&r.order_id);
+                return Err(Status::internal(format!("the target qemu did not start: {e}")));
+            }
+        };
+        self.state()
+            .moves
+            .insert(r.order_id, Move::Prepared { vm: Box::new(wire.vm.clone()), incoming: incoming.clone() });
+        info!(order = r.order_id, vm = %r.vm_id, %uri, "incoming QEMU waits for the stream");
+        // Nobody confirmed in time: the source gave up or is gone.
+        let this = self.clone();
+        let order = r.order_id;
+        let wait = h.config.timeout() + Duration::from_millis(self.settings.confirm_grace_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if this.take_prepared(order).is_some() {
+                warn!(order, "no confirm within {wait:?}: killing the incoming QEMU");
+                incoming.abort().await;
+            }
+        });
+        Ok(uri)
+    }
+
+    fn take_prepared(&self, order: u64) -> Option<(Box<VmSpec>, Arc<LocalIncoming>)> {
+        let mut st = self.state();
+        match st.moves.remove(&order) {
+            Some(Move::Prepared { vm, incoming }) => Some((vm, incoming)),
+            Some(other) => {
+                st.moves.insert(order, other);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn confirm(&self, r: pb::ConfirmRequest) -> Result<(), Status> {
+        let (vm, incoming) = {
+            let mut st = self.state();
+            match st.moves.remove(&r.order_id) {
+                Some(Move::Prepared { vm, incoming }) => {
+                    st.moves.insert(r.order_id, Move::Busy);
+                    (vm, incoming)
+                }
+                Some(Move::Running { vm }) => {
+                    st.moves.insert(r.order_id, Move::Running { vm });
+                    return Ok(());
+                }
+                Some(m) => {
+                    st.moves.insert(r.order_id, m);
+                    return Err(Status::failed_precondition("the order is being confirmed already"));
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no incoming QEMU for order {} (never prepared, aborted or timed out)",
+                        r.order_id
+                    )))
+                }
+            }
+        };
+        let timeout = Duration::from_millis(r.timeout_ms.clamp(100, 120_000));
+        if let Err(e) = incoming.confirm(timeout).await {
+            incoming.abort().await;
+            self.state().moves.remove(&r.order_id);
+            return Err(Status::aborted(format!("the guest did not resume here; its QEMU is killed: {e}")));
+        }
+        let mut spec = *vm;
+        spec.qmp = incoming.qmp_path().to_string_lossy().into_owned();
+        // The watchdog holds the other clone until it fires; it kills only
+        // moves still Prepared, and this one is not.
+        let pid = incoming.adopt().await;
+        self.state().moves.insert(r.order_id, Move::Running { vm: spec.id.clone() });
+        if let Err(e) = self.persist(&spec) {
+            warn!(vm = %spec.id, "cannot record the VM taken in (a restarted agent would not scale it): {e}");
+        }
+        info!(order = r.order_id, vm = %spec.id, ?pid, qmp = %spec.qmp, "the guest runs here now");
+        self.adopted.send_modify(|l| {
+            l.retain(|s| s.id != spec.id);
+            l.push(spec);
+        });
+        Ok(())
+    }
+
+    async fn abort(&self, r: pb::AbortRequest) -> Result<(), Status> {
+        if let Some((vm, incoming)) = self.take_prepared(r.order_id) {
+            incoming.abort().await;
+            info!(order = r.order_id, vm = %vm.id, "move aborted by the source; incoming QEMU killed");
+            return Ok(());
+        }
+        match self.state().moves.get(&r.order_id) {
+            Some(Move::Running { vm }) => Err(Status::failed_precondition(format!(
+                "vm {vm:?} runs here since its confirm; it cannot be aborted"
+            ))),
+            Some(_) => Err(Status::failed_precondition("the order is being confirmed or started")),
+            None => Ok(()),
+        }
+    }
+
+    fn status(&self, order: u64) -> WireState {
+        match self.state().moves.get(&order) {
+            None => WireState::None,
+            Some(Move::Running { .. }) => WireState::Running,
+            Some(Move::Prepared { .. } | Move::Busy) => WireState::Prepared,
+        }
+    }
+}
+
+fn json_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect()
+}
+
+/// The gRPC face of [`TargetNode`].
+#[derive(Debug, Clone)]
+pub struct TargetService(pub Arc<TargetNode>);
+
+#[tonic::async_trait]
+impl MigrationTarget for TargetService {
+    async fn prepare(&self, r: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareReply>, Status> {
+        let uri = self.0.prepare(r.into_inner()).await?;
+        Ok(Response::new(pb::PrepareReply { uri }))
+    }
+
+    async fn confirm(&self, r: Request<pb::ConfirmRequest>) -> Result<Response<pb::ConfirmReply>, Status> {
+        self.0.confirm(r.into_inner()).await?;
+        Ok(Response::new(pb::ConfirmReply {}))
+    }
+
+    async fn abort(&self, r: Request<pb::AbortRequest>) -> Result<Response<pb::AbortReply>, Status> {
+        self.0.abort(r.into_inner()).await?;
+        Ok(Response::new(pb::AbortReply {}))
+    }
+
+    async fn status(&self, r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let state = self.0.status(r.into_inner().order_id);
+        Ok(Response::new(pb::StatusReply { state: state as i32 }))
+    }
+}
+
+/// Serves `svc` on `listen` until `cancel`.
+pub async fn serve(
+    svc: Arc<TargetNode>,
+    listen: SocketAddr,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen for migrations on {listen}: {e}"))?;
+    let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(vmscale_proto::migration::migration_target_server::MigrationTargetServer::new(
+            TargetService(svc),
+        ))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+        .map_err(|e| format!("migration service on {listen}: {e}"))
+}

@@ -1,0 +1,133 @@
+//! The `[migration]` section of the agent's config: whether and where this
+//! agent takes VMs in, and how its moves out run.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::qmp::migrate::MigrationConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSettings {
+    /// Where this agent's MigrationTarget gRPC service listens. None: the
+    /// agent takes no VMs in (it may still move its own away).
+    pub listen: Option<SocketAddr>,
+    /// The URL other agents dial, e.g. `http://10.0.0.2:7073`. Default
+    /// `http://<listen>`; required when `listen` is a wildcard address.
+    pub advertise: Option<String>,
+    /// The address incoming QEMUs listen on for the migration stream.
+    /// Default: `listen`'s address.
+    pub stream_address: Option<IpAddr>,
+    /// The QEMU binary that runs VMs moved here. Default `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// Incoming QEMUs' sockets, logs and pid files, and the records of VMs
+    /// taken in (read back after a restart). Default `/var/lib/vmscale/migration`.
+    pub state_dir: PathBuf,
+    /// Bandwidth, downtime limit, timeout and capabilities of moves out.
+    pub transfer: MigrationConfig,
+    /// How long a target waits for the source's confirm after the order's
+    /// transfer timeout before it kills an incoming QEMU by itself, ms.
+    /// Default 30000.
+    pub confirm_grace_ms: u64,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            advertise: None,
+            stream_address: None,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            state_dir: PathBuf::from("/var/lib/vmscale/migration"),
+            transfer: MigrationConfig::default(),
+            confirm_grace_ms: 30_000,
+        }
+    }
+}
+
+impl MigrationSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        self.transfer.validate()?;
+        if let Some(l) = self.listen {
+            if l.ip().is_unspecified() && (self.advertise.is_none() || self.stream_address.is_none()) {
+                return Err(format!(
+                    "migration.listen = {l} is a wildcard address: set migration.advertise (the URL other \
+                     agents dial) and migration.stream_address (this node's address for the stream)"
+                ));
+            }
+        }
+        if let Some(a) = &self.advertise {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(format!("migration.advertise = {a:?} must be an http:// or https:// URL"));
+            }
+            if self.listen.is_none() {
+                return Err("migration.advertise needs migration.listen".into());
+            }
+        }
+        if self.confirm_grace_ms == 0 {
+            return Err("migration.confirm_grace_ms must be above zero".into());
+        }
+        Ok(())
+    }
+
+    /// What the hello tells the allocator: empty when no VMs are taken in.
+    pub fn endpoint(&self) -> String {
+        match (self.listen, &self.advertise) {
+            (None, _) => String::new(),
+            (Some(_), Some(a)) => a.clone(),
+            (Some(l), None) => format!("http://{l}"),
+        }
+    }
+
+    /// The address incoming QEMUs listen on.
+    pub fn stream_ip(&self) -> Option<IpAddr> {
+        self.stream_address.or(self.listen.map(|l| l.ip()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> MigrationSettings {
+        #[allow(clippy::unwrap_used)]
+        toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn no_listen_means_no_endpoint() {
+        let s = MigrationSettings::default();
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.endpoint(), "");
+        assert_eq!(s.stream_ip(), None);
+    }
+
+    #[test]
+    fn endpoint_and_stream_address_follow_listen() {
+        let s = parse("listen = \"10.0.0.2:7073\"\n[transfer]\ndowntime_limit_ms = 100\n");
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(s.endpoint(), "http://10.0.0.2:7073");
+        assert_eq!(s.stream_ip(), Some("10.0.0.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
+        assert_eq!(s.transfer.downtime_limit_ms, 100);
+    }
+
+    #[test]
+    fn a_wildcard_listen_needs_what_others_dial() {
+        let e = parse("listen = \"0.0.0.0:7073\"").validate().unwrap_err();
+        assert!(e.contains("migration.advertise"), "{e}");
+        let ok = parse(
+            "listen = \"0.0.0.0:7073\"\nadvertise = \"http://10.0.0.2:7073\"\nstream_address = \"10.0.0.2\"",
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.endpoint(), "http://10.0.0.2:7073");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse("listen = \"10.0.0.2:7073\"\nadvertise = \"10.0.0.2:7073\"").validate().unwrap_err();
+        assert!(e.contains("http://"), "{e}");
+        assert!(toml::from_str::<MigrationSettings>("lissen = \"x\"").is_err());
+    }
+}
