@@ -141,6 +141,13 @@ impl Config {
         }
         self.contention.validate().map_err(ConfigError::Invalid)?;
         self.migration.validate().map_err(ConfigError::Invalid)?;
+        if self.kubernetes.is_some() && self.migration.listen.is_some() {
+            // A VM taken in would run in the agent's own pod (its cgroup and
+            // memory limit) with no pod of its own for the scheduler to see.
+            return bad("migration.listen cannot be set with [kubernetes] yet: a VM moved here would run \
+                        inside the agent's pod; moves between Kubernetes nodes need a target VM pod"
+                .into());
+        }
         for k in &self.policy.ignore_pressure {
             let wire = format!("KIND_{}", k.to_uppercase());
             if k.to_lowercase() != *k
@@ -203,6 +210,10 @@ mod tests {
         assert_eq!(&*Config::load(&p).unwrap().policy.ignore_pressure, ["psi_cpu"]);
         std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"PSI_CPU\"]\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("no pressure kind"));
+        std::fs::write(&p, "node = \"n1\"\n[kubernetes]\n[migration]\nlisten = \"10.0.0.2:7073\"\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("inside the agent's pod"));
+        std::fs::write(&p, "node = \"n1\"\n[migration]\nlisten = \"0.0.0.0:7073\"\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("migration.advertise"));
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();

@@ -89,6 +89,22 @@ async fn a_grown_vm_moves_and_only_the_target_runs_it() {
 }
 
 #[tokio::test]
+async fn a_paused_vm_moves_and_stays_paused() {
+    // -S: the guest never ran on the source; the target must not start it.
+    let Some(s) = setup("move_paused", |o| o.paused = true).await else { return };
+    assert!(!source_runs(&s.client).await);
+    let (reports, report) = recorder();
+    carry_out(5, "vm-e", &s.client, s.base.clone(), &*s.target, &MigrationConfig::default(), report)
+        .await
+        .unwrap();
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
+    let target = s.target.client().await.unwrap();
+    let status = Migration::new(target).run_status().await.unwrap();
+    assert!(!status.running, "the target runs a guest that was paused: {status:?}");
+    s.target.abort().await;
+}
+
+#[tokio::test]
 async fn a_target_that_cannot_start_fails_the_move_and_the_source_runs_on() {
     let Some(s) = setup("move_target_fails", |_| {}).await else { return };
     let mut base = s.base.clone();

@@ -101,6 +101,23 @@ pub enum MoveError {
     Switchover(String),
 }
 
+/// A file name for a VM's records: its id with every byte outside
+/// `[A-Za-z0-9_-]` written as `%XX`, so that an id with `/` or `..` in it
+/// never names a path elsewhere.
+pub fn file_name(vm: &str, ext: &str) -> String {
+    let mut out = String::with_capacity(vm.len() + ext.len() + 1);
+    for b in vm.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.push('.');
+    out.push_str(ext);
+    out
+}
+
 /// An error and its sources on one line, for the allocator's order reason.
 pub fn reason(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
@@ -119,6 +136,13 @@ mod tests {
     use vmscale_proto::allocator::migration_status::Phase;
 
     const ALL: [MoveState; 6] = [Ordered, Preparing, Migrating, SwitchedOver, Completed, Failed];
+
+    #[test]
+    fn record_file_names_stay_in_their_directory() {
+        assert_eq!(super::file_name("pg-1_a", "json"), "pg-1_a.json");
+        assert_eq!(super::file_name("../x/y", "json"), "%2E%2E%2Fx%2Fy.json");
+        assert_eq!(super::file_name("a.b", "json"), "a%2Eb.json");
+    }
 
     #[test]
     fn every_transition_pair() {

@@ -86,14 +86,14 @@ pub struct MoveRecord {
 }
 
 fn record_path(state_dir: &Path, vm: &str) -> PathBuf {
-    state_dir.join("moves").join(format!("{vm}.json"))
+    state_dir.join("moves").join(super::file_name(vm, "json"))
 }
 
 fn write_record(state_dir: &Path, r: &MoveRecord) -> Result<(), String> {
     let path = record_path(state_dir, &r.vm);
     let dir = path.parent().unwrap_or(state_dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", r.vm));
+    let tmp = dir.join(format!(".{}.tmp", super::file_name(&r.vm, "json")));
     let body = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
     std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))

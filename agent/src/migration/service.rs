@@ -94,7 +94,7 @@ impl TargetNode {
 
     /// The VM left this node (moved away again, or gone): its record goes.
     pub fn forget(&self, vm: &str) {
-        let path = self.adopted_dir().join(format!("{vm}.json"));
+        let path = self.adopted_dir().join(super::file_name(vm, "json"));
         if path.exists() {
             if let Err(e) = std::fs::remove_file(&path) {
                 warn!(%vm, "cannot remove {}: {e}", path.display());
@@ -142,10 +142,10 @@ impl TargetNode {
     fn persist(&self, spec: &VmSpec) -> Result<(), String> {
         let dir = self.adopted_dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = dir.join(format!(".{}.json.tmp", spec.id));
+        let tmp = dir.join(format!(".{}.tmp", super::file_name(&spec.id, "json")));
         let body = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
         std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let path = dir.join(format!("{}.json", spec.id));
+        let path = dir.join(super::file_name(&spec.id, "json"));
         std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -344,4 +344,118 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
         .map_err(|e| format!("migration service on {listen}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::core::policy::Cu;
+    use crate::migration::target::Handoff;
+    use crate::vms::{CpuMode, MemoryMode};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmscale-target-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn node(state_dir: &Path) -> Arc<TargetNode> {
+        TargetNode::new(MigrationSettings {
+            listen: Some("127.0.0.1:7073".parse().unwrap()),
+            state_dir: state_dir.to_owned(),
+            qemu: "/nonexistent/qemu".into(),
+            ..MigrationSettings::default()
+        })
+    }
+
+    fn spec(id: &str, qmp: &str) -> VmSpec {
+        VmSpec {
+            id: id.into(),
+            qmp: qmp.into(),
+            informant: None,
+            cu: Cu { milli_cpu: 250, memory_bytes: 256 << 20 },
+            min_cus: 1,
+            max_cus: 8,
+            cpu_mode: CpuMode::Sysfs,
+            memory: MemoryMode::Dimm { dimm_bytes: 256 << 20 },
+            policy: None,
+        }
+    }
+
+    fn prepare_req(order: u64, vm: &str, handoff_vm: &str) -> pb::PrepareRequest {
+        let handoff = Handoff {
+            order_id: order,
+            vm_id: handoff_vm.into(),
+            base_args: vec![],
+            devices: Default::default(),
+            config: Default::default(),
+            source_running: true,
+        };
+        let wire = WireHandoff { handoff, vm: spec(handoff_vm, "/x") };
+        pb::PrepareRequest {
+            order_id: order,
+            vm_id: vm.into(),
+            handoff_json: serde_json::to_string(&wire).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_without_the_allocators_order() {
+        let d = dir("auth");
+        let t = node(&d);
+        let e = t.prepare(prepare_req(7, "vm1", "vm1")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // An order for another VM does not authorise this one.
+        t.authorise(7, "vm2");
+        let e = t.prepare(prepare_req(7, "vm1", "vm1")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // A handoff that names another VM than the request is refused first.
+        t.authorise(8, "vm1");
+        let e = t.prepare(prepare_req(8, "vm1", "vm3")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let bad = pb::PrepareRequest { order_id: 8, vm_id: "vm1".into(), handoff_json: "{".into() };
+        assert_eq!(t.prepare(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        // Authorised, but the QEMU binary is missing: a clear error, no state left.
+        let e = t.prepare(prepare_req(8, "vm1", "vm1")).await.unwrap_err();
+        assert!(e.message().contains("did not start"), "{e:?}");
+        assert_eq!(t.status(8), WireState::None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn confirm_abort_and_status_of_unknown_orders() {
+        let d = dir("unknown");
+        let t = node(&d);
+        let e = t.confirm(pb::ConfirmRequest { order_id: 9, timeout_ms: 100 }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(t.abort(pb::AbortRequest { order_id: 9 }).await.is_ok(), "aborting nothing is fine");
+        assert_eq!(t.status(9), WireState::None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn recover_adopts_vms_whose_qemu_is_there_and_forgets_the_rest() {
+        let d = dir("recover");
+        let t = node(&d);
+        let live = d.join("incoming/5/qmp.sock");
+        std::fs::create_dir_all(live.parent().unwrap()).unwrap();
+        std::fs::write(&live, "").unwrap();
+        t.persist(&spec("kept", &live.to_string_lossy())).unwrap();
+        t.persist(&spec("gone", &d.join("incoming/6/qmp.sock").to_string_lossy())).unwrap();
+        std::fs::create_dir_all(d.join("incoming/6")).unwrap();
+        std::fs::write(d.join("adopted/broken.json"), "{").unwrap();
+        let (adopted, killed) = t.recover();
+        assert_eq!((adopted, killed), (1, 0));
+        let ids: Vec<String> = t.adopted().borrow().iter().map(|s| s.id.clone()).collect();
+        assert_eq!(ids, ["kept"]);
+        assert!(!d.join("adopted/gone.json").exists(), "a VM whose QEMU is gone is forgotten");
+        assert!(d.join("incoming/5").exists(), "the adopted VM's directory stays");
+        assert!(!d.join("incoming/6").exists(), "an unconfirmed move's directory goes");
+        t.forget("kept");
+        assert!(t.adopted().borrow().is_empty());
+        assert!(!d.join("adopted/kept.json").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

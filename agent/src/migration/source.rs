@@ -92,15 +92,16 @@ async fn attempt<R: FnMut(Phase, &str)>(
 ) -> Result<MoveReport, MoveError> {
     run.enter(MoveState::Preparing, "");
     let devices = read_spec(source).await?;
+    let out = Migration::new(source.clone());
     let handoff = Handoff {
         order_id,
         vm_id: vm_id.to_owned(),
         base_args,
         devices: devices.clone(),
         config: config.clone(),
+        source_running: out.run_status().await?.running,
     };
     let uri = target.prepare(&handoff).await.map_err(MoveError::TargetStart)?;
-    let out = Migration::new(source.clone());
     out.configure(config).await?;
     out.start(&uri).await?;
     run.enter(MoveState::Migrating, "");

@@ -25,6 +25,13 @@ pub struct Handoff {
     /// The source's vCPUs, DIMMs and virtio-mem sizes now.
     pub devices: DeviceSpec,
     pub config: MigrationConfig,
+    /// Whether the guest ran on the source: a paused VM stays paused.
+    #[serde(default = "running_by_default")]
+    pub source_running: bool,
+}
+
+fn running_by_default() -> bool {
+    true
 }
 
 /// Whoever starts the incoming QEMU: the target agent (over the network in
@@ -89,13 +96,15 @@ pub struct LocalIncoming {
     dir: PathBuf,
     listen: SocketAddr,
     running: Mutex<Option<(Owned, Migration)>>,
+    /// Resume the guest on confirm (it ran on the source).
+    resume: std::sync::atomic::AtomicBool,
 }
 
 impl LocalIncoming {
     /// `dir` gets the QMP socket, QEMU's pid file and its log; `listen` is
     /// this node's address for the migration stream.
     pub fn new(binary: PathBuf, dir: PathBuf, listen: SocketAddr) -> Self {
-        Self { binary, dir, listen, running: Mutex::new(None) }
+        Self { binary, dir, listen, running: Mutex::new(None), resume: true.into() }
     }
 
     /// The QMP endpoint of the incoming QEMU (for the agent to adopt it).
@@ -192,6 +201,7 @@ impl IncomingTarget for LocalIncoming {
             return Err("a target qemu for this move runs already".into());
         }
         let started = self.start(handoff).await?;
+        self.resume.store(handoff.source_running, std::sync::atomic::Ordering::Relaxed);
         *running = Some(started);
         Ok(tcp_uri(self.listen))
     }
@@ -204,14 +214,22 @@ impl IncomingTarget for LocalIncoming {
             if let Ok(Some(status)) = owned.child().try_wait() {
                 return Err(format!("the target qemu exited with {status}: {}", self.log()));
             }
+            let resume = self.resume.load(std::sync::atomic::Ordering::Relaxed);
             match incoming.run_status().await {
                 Ok(s) if s.running => return Ok(()),
-                // The stream is in and the guest paused (-S): resume it.
-                Ok(s) if s.status != "inmigrate" => {
+                Ok(_) => {}
+                Err(e) => return Err(format!("the target qemu: {e:#}")),
+            }
+            match incoming.query().await.map(|q| q.status) {
+                // The stream is in and the guest paused (-S): resume it,
+                // unless it was paused on the source too.
+                Ok(s) if s == "completed" && !resume => return Ok(()),
+                Ok(s) if s == "completed" => {
                     if let Err(e) = incoming.client().execute::<serde_json::Value>("cont", None).await {
                         return Err(format!("the target qemu does not resume the guest: {e:#}"));
                     }
                 }
+                Ok(s) if s == "failed" => return Err("the incoming stream failed".into()),
                 Ok(_) => {}
                 Err(e) => return Err(format!("the target qemu: {e:#}")),
             }
