@@ -39,6 +39,14 @@ pub struct DelayLabels {
     pub stat: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabels {
+    /// source or target
+    pub role: &'static str,
+    /// completed or failed
+    pub outcome: &'static str,
+}
+
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 fn latency() -> Histogram {
@@ -58,6 +66,8 @@ pub struct Metrics {
     pub pressure_events: Family<VmLabel, Counter>,
     pub run_queue_delay: Family<DelayLabels, FloatGauge>,
     pub run_queue_waits: Family<VmLabel, Counter>,
+    pub migrations: Family<MoveLabels, Counter>,
+    pub migration_seconds: Family<MoveLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -80,6 +90,8 @@ impl Metrics {
             pressure_events: Family::default(),
             run_queue_delay: Family::default(),
             run_queue_waits: Family::default(),
+            migrations: Family::default(),
+            migration_seconds: Family::new_with_constructor(latency),
         };
         r.register("vm_milli_cpu", "VM CPU: current, desired or permitted", m.milli_cpu.clone());
         r.register("vm_memory_bytes", "VM memory: current, desired or permitted", m.memory_bytes.clone());
@@ -101,6 +113,16 @@ impl Metrics {
             "vm_run_queue_waits",
             "Waits of the VM's vCPU threads for a host CPU, measured",
             m.run_queue_waits.clone(),
+        );
+        r.register(
+            "migrations",
+            "Live migrations this node took part in, by role and outcome",
+            m.migrations.clone(),
+        );
+        r.register(
+            "migration_seconds",
+            "Time of a live migration from the order to its end, by role and outcome",
+            m.migration_seconds.clone(),
         );
         Metrics { registry: r, ..m }
     }

@@ -98,7 +98,7 @@ pub async fn run(
 
     // Taking VMs in: only with a listen address.
     let target = cfg.migration.listen.map(|listen| {
-        let t = TargetNode::new(cfg.migration.clone());
+        let t = TargetNode::new(cfg.migration.clone(), handles.metrics.clone());
         let (adopted, killed) = t.recover();
         info!(%listen, adopted, killed, "taking VMs in by live migration");
         let svc = t.clone();
@@ -122,6 +122,7 @@ pub async fn run(
         proc_root: cfg.proc_root.clone(),
         transfer: cfg.migration.transfer.clone(),
         state_dir: cfg.migration.state_dir.clone(),
+        metrics: handles.metrics.clone(),
     };
     let live: LiveMap = Arc::default();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended)>();

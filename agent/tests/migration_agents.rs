@@ -121,16 +121,23 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The agent's `/state` JSON, or null while it does not answer.
-    fn state(&self) -> serde_json::Value {
+    /// The body of an HTTP GET of `path` on the agent, empty while it does
+    /// not answer.
+    fn get(&self, path: &str) -> String {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.http)) else {
-            return serde_json::Value::Null;
+            return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = s.write_all(b"GET /state HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+        let _ = s
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes());
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        out.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or_default()
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    }
+
+    /// The agent's `/state` JSON, or null while it does not answer.
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/state")).unwrap_or_default()
     }
 }
 
@@ -428,6 +435,20 @@ async fn a_hot_node_moves_its_vm_away_with_its_devices() {
     let b = w.agent_b(&w.qemu());
     let a = w.agent_a("");
     w.moved_to_b(&b, &[&a, &b]).await;
+    // Each side counts its part of the move.
+    let metrics = a.get("/metrics");
+    assert!(
+        metrics.contains("vmscale_agent_migrations_total{role=\"source\",outcome=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vmscale_agent_migration_seconds_count{role=\"source\",outcome=\"completed\"} 1")
+    );
+    let metrics = b.get("/metrics");
+    assert!(
+        metrics.contains("vmscale_agent_migrations_total{role=\"target\",outcome=\"completed\"} 1"),
+        "{metrics}"
+    );
     // A restarted target agent adopts the VM again from its record.
     let mut b = b;
     b.kill();

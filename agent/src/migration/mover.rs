@@ -51,6 +51,7 @@ pub struct MoverNode {
     pub proc_root: PathBuf,
     pub transfer: MigrationConfig,
     pub state_dir: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The VM as the node runs it now.
@@ -180,6 +181,7 @@ impl MoverNode {
         self.registry.set_moving(&order.vm_id, Some((id, order.target_node.clone())));
         let label = |what: &str| Some(format!("to {} (order {id}): {what}", order.target_node));
         self.set_status(&order.vm_id, label("preparing"));
+        let t0 = std::time::Instant::now();
         let ended = match self.attempt(order, &vm, &label).await {
             Ok(()) => Ended::MovedAway,
             Err(why) => {
@@ -188,6 +190,10 @@ impl MoverNode {
             }
         };
         drop_record(&self.state_dir, &order.vm_id);
+        let outcome = if ended == Ended::MovedAway { "completed" } else { "failed" };
+        let l = crate::metrics::MoveLabels { role: "source", outcome };
+        self.metrics.migrations.get_or_create(&l).inc();
+        self.metrics.migration_seconds.get_or_create(&l).observe(t0.elapsed().as_secs_f64());
         match ended {
             Ended::MovedAway => self.registry.remove(&order.vm_id),
             Ended::Stayed => {

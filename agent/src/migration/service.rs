@@ -55,11 +55,16 @@ pub struct TargetNode {
     state: Mutex<State>,
     /// VMs taken in (and read back after a restart), for the node to scale.
     adopted: watch::Sender<Vec<VmSpec>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl TargetNode {
-    pub fn new(settings: MigrationSettings) -> Arc<Self> {
-        Arc::new(Self { settings, state: Mutex::default(), adopted: watch::Sender::new(Vec::new()) })
+    pub fn new(settings: MigrationSettings, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+        Arc::new(Self { settings, state: Mutex::default(), adopted: watch::Sender::new(Vec::new()), metrics })
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics.migrations.get_or_create(&crate::metrics::MoveLabels { role: "target", outcome }).inc();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -206,6 +211,7 @@ impl TargetNode {
             tokio::time::sleep(wait).await;
             if this.take_prepared(order).is_some() {
                 warn!(order, "no confirm within {wait:?}: killing the incoming QEMU");
+                this.count("failed");
                 incoming.abort().await;
             }
         });
@@ -250,6 +256,7 @@ impl TargetNode {
         };
         let timeout = Duration::from_millis(r.timeout_ms.clamp(100, 120_000));
         if let Err(e) = incoming.confirm(timeout).await {
+            self.count("failed");
             incoming.abort().await;
             self.state().moves.remove(&r.order_id);
             return Err(Status::aborted(format!("the guest did not resume here; its QEMU is killed: {e}")));
@@ -264,6 +271,7 @@ impl TargetNode {
             warn!(vm = %spec.id, "cannot record the VM taken in (a restarted agent would not scale it): {e}");
         }
         info!(order = r.order_id, vm = %spec.id, ?pid, qmp = %spec.qmp, "the guest runs here now");
+        self.count("completed");
         self.adopted.send_modify(|l| {
             l.retain(|s| s.id != spec.id);
             l.push(spec);
@@ -274,6 +282,7 @@ impl TargetNode {
     async fn abort(&self, r: pb::AbortRequest) -> Result<(), Status> {
         if let Some((vm, incoming)) = self.take_prepared(r.order_id) {
             incoming.abort().await;
+            self.count("failed");
             info!(order = r.order_id, vm = %vm.id, "move aborted by the source; incoming QEMU killed");
             return Ok(());
         }
@@ -362,12 +371,13 @@ mod tests {
     }
 
     fn node(state_dir: &Path) -> Arc<TargetNode> {
-        TargetNode::new(MigrationSettings {
+        let settings = MigrationSettings {
             listen: Some("127.0.0.1:7073".parse().unwrap()),
             state_dir: state_dir.to_owned(),
             qemu: "/nonexistent/qemu".into(),
             ..MigrationSettings::default()
-        })
+        };
+        TargetNode::new(settings, Arc::default())
     }
 
     fn spec(id: &str, qmp: &str) -> VmSpec {
