@@ -27,6 +27,9 @@ use super::settings::MigrationSettings;
 use super::target::{kill_unconfirmed, IncomingTarget, LocalIncoming};
 use crate::vms::VmSpec;
 
+/// How long a prepare waits for the allocator's copy of its order.
+const AUTHORISATION_WAIT: Duration = Duration::from_secs(3);
+
 /// One move into this node.
 #[derive(Debug)]
 enum Move {
@@ -168,6 +171,12 @@ impl TargetNode {
         let Some(ip) = self.settings.stream_ip() else {
             return Err(Status::failed_precondition("this agent takes no VMs in (no migration.listen)"));
         };
+        // The allocator pushes the order to both agents at once: the
+        // source's call may overtake the target's copy by a moment.
+        let deadline = tokio::time::Instant::now() + AUTHORISATION_WAIT;
+        while !self.state().authorised.contains_key(&r.order_id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         {
             let st = self.state();
             if st.authorised.get(&r.order_id) != Some(&r.vm_id) {
@@ -411,7 +420,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn nothing_starts_without_the_allocators_order() {
         let d = dir("auth");
         let t = node(&d);
@@ -431,6 +440,14 @@ mod tests {
         let e = t.prepare(prepare_req(8, "vm1", "vm1")).await.unwrap_err();
         assert!(e.message().contains("did not start"), "{e:?}");
         assert_eq!(t.status(8), WireState::None);
+        // The order may reach the target a moment after the source calls.
+        let late = t.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            late.authorise(9, "vm1");
+        });
+        let e = t.prepare(prepare_req(9, "vm1", "vm1")).await.unwrap_err();
+        assert!(e.message().contains("did not start"), "authorised while waiting: {e:?}");
         let _ = std::fs::remove_dir_all(&d);
     }
 
