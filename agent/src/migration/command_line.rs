@@ -2,8 +2,9 @@
 //!
 //! The source QEMU's own arguments (`/proc/<pid>/cmdline`) are the truth
 //! about its machine, disks and NICs. What belongs to that one process is
-//! removed: its QMP socket and monitor, `-incoming` (it may itself have been
-//! a migration target), `-daemonize`/`-pidfile`, and the vCPU and DIMM
+//! removed: its QMP socket and monitor, `-incoming` and `-S` (it may itself
+//! have been a migration target, started paused; whether the guest runs
+//! travels with the move), `-daemonize`/`-pidfile`, and the vCPU and DIMM
 //! devices that the target gets from the source's current state instead
 //! (ours are named `vmscale-cpu<N>`, `vmscale-dimm<N>` and
 //! `vmscale-dimm<N>-mem`, see [`crate::qmp::cpu`] and [`crate::qmp::dimm`]).
@@ -40,7 +41,7 @@ pub fn base_args(args: &[String]) -> Vec<String> {
             i += 2;
             continue;
         }
-        if opt == "-daemonize" {
+        if opt == "-daemonize" || opt == "-S" {
             i += 1;
             continue;
         }
@@ -87,7 +88,7 @@ mod tests {
              -device pc-dimm,id=vmscale-dimm0,memdev=vmscale-dimm0-mem,addr=0x140000000,slot=0,node=0 \
              -device qemu64-x86_64-cpu,id=vmscale-cpu1,core-id=1,socket-id=0,thread-id=0 \
              -netdev tap,id=n0,ifname=vm0,script=no -device virtio-net-pci,netdev=n0 \
-             -incoming defer --pidfile /run/q.pid -daemonize");
+             -S -incoming defer --pidfile /run/q.pid -daemonize");
         assert_eq!(
             base_args(&full),
             v("-M pc -smp 1,maxcpus=4 -m 256M,slots=4,maxmem=2G \
