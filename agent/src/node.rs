@@ -126,9 +126,11 @@ pub async fn run(
     };
     let live: LiveMap = Arc::default();
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(String, Ended)>();
-    // VMs that moved away (not scaled here although the list may name them)
-    // and VMs whose interrupted move is not settled yet (not scaled until it is).
-    let mut moved_away: HashSet<String> = HashSet::new();
+    // VMs that moved away, with the spec they had here: not scaled here
+    // while the list still names them so (a changed entry is a new VM);
+    // and VMs whose interrupted move is not settled yet (not scaled until
+    // it is).
+    let mut moved_away: HashMap<String, Option<VmSpec>> = HashMap::new();
     let mut held: HashSet<String> = HashSet::new();
     for record in mover::unsettled(&cfg.migration.state_dir) {
         held.insert(record.vm.clone());
@@ -146,11 +148,17 @@ pub async fn run(
 
     let mut running: HashMap<String, (VmSpec, CancellationToken)> = HashMap::new();
     loop {
-        let mut wanted: HashMap<String, VmSpec> = vms
-            .borrow_and_update()
-            .iter()
-            .filter(|v| !moved_away.contains(&v.id))
-            .map(|v| (v.id.clone(), v.clone()))
+        let listed = vms.borrow_and_update().clone();
+        // An entry the list changed names a new VM; one it no longer names
+        // stays (a VM that came and went again by migration was never listed).
+        moved_away.retain(|id, was| match listed.iter().find(|v| v.id == *id) {
+            Some(v) => was.as_ref().is_none_or(|w| w == v),
+            None => true,
+        });
+        let mut wanted: HashMap<String, VmSpec> = listed
+            .into_iter()
+            .filter(|v| !moved_away.contains_key(&v.id))
+            .map(|v| (v.id.clone(), v))
             .collect();
         // A VM moved here runs on the QEMU this agent started, whatever the
         // list says.
@@ -176,7 +184,7 @@ pub async fn run(
                 let session = handles.session.borrow().clone();
                 // A VM that moved away is on its target's ledger now; one
                 // held for recovery is settled by its report.
-                let ours = !moved_away.contains(&id) && !held.contains(&id);
+                let ours = !moved_away.contains_key(&id) && !held.contains(&id);
                 if let Some(s) = session.filter(|_| ours) {
                     if let Err(e) = s.call(Body::RemoveVm(pb::RemoveVm { vm_id: id.clone() })).await {
                         warn!(vm = %id, "cannot release the VM's reservation: {e}");
@@ -226,7 +234,8 @@ pub async fn run(
             Some((vm, ended)) = ended_rx.recv() => {
                 held.remove(&vm);
                 if ended == Ended::MovedAway {
-                    moved_away.insert(vm.clone());
+                    let spec = running.get(&vm).map(|(s, _)| s.clone());
+                    moved_away.insert(vm.clone(), spec);
                     if let Some(t) = &target {
                         t.forget(&vm);
                     }
