@@ -63,24 +63,34 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub struct Shape {
     pub memory_mib: u64,
+    /// vCPUs from boot.
+    pub cpus: u32,
     pub max_cpus: u32,
     pub slots: u32,
+    /// The virtio-mem region; 0: no virtio-mem device.
     pub virtio_mem_mib: u64,
+    /// More words for the kernel command line (no spaces in them), e.g.
+    /// `vmscale.informant=--cpu-mode,sysfs`.
+    pub extra_cmdline: Vec<String>,
 }
 
 impl Shape {
     pub fn new(memory_mib: u64) -> Shape {
-        Shape { memory_mib, max_cpus: 4, slots: 4, virtio_mem_mib: 1024 }
+        Shape { memory_mib, cpus: 1, max_cpus: 4, slots: 4, virtio_mem_mib: 1024, extra_cmdline: Vec::new() }
     }
 
     /// QEMU's arguments without QMP, console and the migration devices.
     pub fn base_args(&self, image: &Image, fabric: &Fabric) -> Vec<String> {
         let guest_ip = guest_ip(fabric);
-        let cmdline = format!(
+        let mut cmdline = format!(
             "{} vmscale.ip={guest_ip}/24 vmscale.gw={} vmscale.workload=nc,-ll,-p,{ECHO_PORT},-e,cat",
             image.cmdline,
             fabric.gateway()
         );
+        for w in &self.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(w);
+        }
         // maxmem: boot memory, four DIMM-sized steps and the virtio-mem region.
         let max_mib = self.memory_mib + 4 * 128 + self.virtio_mem_mib;
         let mut args: Vec<String> =
@@ -90,7 +100,7 @@ impl Shape {
                 .collect();
         args.extend([
             "-smp".into(),
-            format!("1,maxcpus={}", self.max_cpus),
+            format!("{},maxcpus={}", self.cpus, self.max_cpus),
             "-m".into(),
             format!("{}M,slots={},maxmem={max_mib}M", self.memory_mib, self.slots),
             "-kernel".into(),
@@ -99,10 +109,16 @@ impl Shape {
             image.initramfs.display().to_string(),
             "-append".into(),
             cmdline,
-            "-object".into(),
-            format!("memory-backend-ram,id=vmem0,size={}M", self.virtio_mem_mib),
-            "-device".into(),
-            "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".into(),
+        ]);
+        if self.virtio_mem_mib > 0 {
+            args.extend([
+                "-object".into(),
+                format!("memory-backend-ram,id=vmem0,size={}M", self.virtio_mem_mib),
+                "-device".into(),
+                "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".into(),
+            ]);
+        }
+        args.extend([
             "-netdev".into(),
             format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
             // romfile=: no iPXE option ROM; the kernel is given directly.
@@ -186,10 +202,13 @@ pub fn start(
     let _ = std::fs::remove_file(&qmp);
     let log = std::fs::File::create(dir.join("qemu.log"))?;
     let mut cmd = fabric.command_in(node, "qemu-system-x86_64");
+    // Appended to, not truncated: an agent that takes the guest over starts
+    // its QEMU with this same command line, and the source's lines must stay.
     cmd.args(base)
         .args(extra)
-        .arg("-serial")
-        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-chardev")
+        .arg(format!("file,id=console,path={},append=on", dir.join("console.log").display()))
+        .args(["-serial", "chardev:console"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .stdin(Stdio::null())

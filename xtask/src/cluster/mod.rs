@@ -6,6 +6,7 @@
 //! Every process is a child that is killed when its handle drops, so a
 //! failing test or a Ctrl-C'd demo leaves nothing running.
 
+pub mod net;
 pub mod qmp;
 
 use anyhow::{bail, Context};

@@ -12,6 +12,7 @@
 
 mod cpu;
 mod memory;
+mod migrate;
 mod restart;
 mod room;
 
@@ -46,6 +47,11 @@ pub enum Scenario {
     /// agent registers again, nothing grows before that, the ledger matches
     /// QEMU and stays within capacity.
     AllocatorRestart,
+    /// Two nodes as network namespaces, an agent in each: node a passes its
+    /// watermark, the allocator orders its VM to b; the first move has its
+    /// network cut mid-stream and fails, a later one lands. The guest keeps
+    /// its hot-added vCPU and DIMM and a TCP client loses no line.
+    Migrate,
 }
 
 impl Scenario {
@@ -57,6 +63,7 @@ impl Scenario {
             Scenario::NoRoom => "no-room",
             Scenario::AgentRestart => "agent-restart",
             Scenario::AllocatorRestart => "allocator-restart",
+            Scenario::Migrate => "migrate",
         }
     }
 }
@@ -118,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Scenario::NoRoom => room::no_room(&ctx),
             Scenario::AgentRestart => restart::agent_restart(&ctx),
             Scenario::AllocatorRestart => restart::allocator_restart(&ctx),
+            Scenario::Migrate => migrate::migrate(&ctx),
         });
         Ok(())
     })?;

@@ -22,6 +22,28 @@ pub fn can_boot_guests() -> bool {
     true
 }
 
+/// Whether network namespaces with bridges and taps can be made here (root,
+/// `/dev/net/tun`, `ip`); says why not, and fails under `CI=true`.
+pub fn can_make_namespaces() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    let why = if !root {
+        Some("not root: network namespaces, bridges and taps need root")
+    } else if !std::path::Path::new("/dev/net/tun").exists() {
+        Some("/dev/net/tun is missing: tap devices cannot be made")
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("`ip` is missing (iproute2)")
+    } else {
+        None
+    };
+    if let Some(reason) = why {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "cannot run under CI=true: {reason}");
+        eprintln!("skipping: {reason}");
+        return false;
+    }
+    true
+}
+
 pub fn run_scenario(name: &str) {
     if !can_boot_guests() {
         return;

@@ -1,0 +1,233 @@
+//! A cluster spread over "nodes" that are network namespaces of one
+//! [`Fabric`]: the allocator in the host's namespace on the fabric's host
+//! address, one agent per node inside its namespace (`ip netns exec`) with
+//! `[migration] listen` on the node's address, so that the agents move VMs
+//! between each other over the flat network as they would between hosts.
+//!
+//! What this does not simulate: separate kernels. Every "node" shares this
+//! host's CPUs, memory and QEMU binary; only the network is separate.
+
+use anyhow::{bail, Context};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{Daemon, MIB};
+use crate::netns::Fabric;
+
+/// A free TCP port on `ip` (which must be an address of this namespace).
+pub fn free_port_on(ip: Ipv4Addr) -> anyhow::Result<u16> {
+    let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `GET path` over HTTP/1.0 at `addr`; the body.
+pub fn http_get_at(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// The allocator in the host's namespace, gRPC on the fabric's host address.
+#[derive(Debug)]
+pub struct Allocator {
+    pub daemon: Daemon,
+    /// What agents dial: `http://<host address>:<port>`.
+    pub url: String,
+    /// `/state` and `/metrics`, on 127.0.0.1.
+    pub http: u16,
+}
+
+impl Allocator {
+    /// `config` is the allocator's TOML file body (watermark, plan interval...).
+    pub fn start(root: &Path, dir: &Path, fabric: &Fabric, config: &str) -> anyhow::Result<Allocator> {
+        let host = fabric.gateway();
+        let grpc = free_port_on(host)?;
+        let http = super::free_port()?;
+        let file = dir.join("allocator.toml");
+        fs::write(&file, config)?;
+        let daemon = Daemon::spawn(
+            "allocator",
+            Command::new(root.join("target/release/vmscale-allocator"))
+                .arg("--config")
+                .arg(&file)
+                .args(["--listen", &format!("{host}:{grpc}"), "--http-listen", &format!("127.0.0.1:{http}")])
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1"),
+            dir.join("allocator.log"),
+        )?;
+        Ok(Allocator { daemon, url: format!("http://{host}:{grpc}"), http })
+    }
+
+    pub fn state(&self) -> Option<serde_json::Value> {
+        super::http_json(self.http, "/state").ok()
+    }
+}
+
+/// One node's agent and what it was given.
+#[derive(Debug, Clone)]
+pub struct AgentPlan {
+    /// The node's name at the allocator.
+    pub name: String,
+    pub capacity_milli_cpu: u64,
+    pub capacity_mib: u64,
+    /// TOML lines under `[policy]`.
+    pub policy: String,
+    /// TOML lines under `[migration.transfer]` (bandwidth, timeout...).
+    pub transfer: String,
+    /// `confirm_grace_ms` of `[migration]`.
+    pub confirm_grace_ms: u64,
+}
+
+/// An agent running in a node's namespace.
+#[derive(Debug)]
+pub struct Agent {
+    pub name: String,
+    pub daemon: Daemon,
+    /// `/state`, on the node's address.
+    pub http: SocketAddr,
+    /// Incoming QEMUs' directories, adopted VM records.
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent of `node` with `vms` (`[[vm]]` entries) in its VM
+    /// file; it takes VMs in on the node's address.
+    pub fn start(
+        root: &Path,
+        dir: &Path,
+        fabric: &Fabric,
+        node: usize,
+        allocator: &str,
+        plan: &AgentPlan,
+        vms: &str,
+    ) -> anyhow::Result<Agent> {
+        let addr = fabric.nodes[node].addr;
+        let name = &plan.name;
+        // The ports are picked in the host's namespace but bound in the
+        // node's, which has its own port space: only the fabric's subnet
+        // must not collide, and it is this run's.
+        let http = SocketAddr::from((addr, 7072));
+        let listen = SocketAddr::from((addr, 7073));
+        let state_dir = dir.join(format!("{name}-state"));
+        fs::create_dir_all(&state_dir)?;
+        let vms_file = dir.join(format!("{name}-vms.toml"));
+        fs::write(&vms_file, vms)?;
+        let config = dir.join(format!("{name}.toml"));
+        fs::write(
+            &config,
+            format!(
+                "node = \"{name}\"\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 500\n\
+                 http_listen = \"{http}\"\ncapacity_milli_cpu = {}\ncapacity_memory_bytes = {}\n\
+                 allocator_retry_base_ms = 100\nallocator_retry_max_ms = 1000\n[policy]\n{}\n\
+                 [contention]\nenabled = false\n\
+                 [migration]\nlisten = \"{listen}\"\nqemu = \"qemu-system-x86_64\"\nstate_dir = \"{}\"\n\
+                 confirm_grace_ms = {}\n[migration.transfer]\n{}\n",
+                vms_file.display(),
+                plan.capacity_milli_cpu,
+                plan.capacity_mib * MIB,
+                plan.policy,
+                state_dir.display(),
+                plan.confirm_grace_ms,
+                plan.transfer,
+            ),
+        )?;
+        let mut cmd =
+            fabric.command_in(node, &root.join("target/release/vmscale-agent").display().to_string());
+        cmd.arg("--config").arg(&config).env("RUST_LOG", "info").env("NO_COLOR", "1");
+        let daemon = Daemon::spawn(&format!("agent {name}"), &mut cmd, dir.join(format!("{name}.log")))?;
+        Ok(Agent { name: name.clone(), daemon, http, state_dir })
+    }
+
+    pub fn state(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&http_get_at(self.http, "/state").ok()?).ok()
+    }
+
+    /// The agent's `/state` entry for `vm`.
+    pub fn vm(&self, vm: &str) -> Option<serde_json::Value> {
+        self.state()?.get("vms")?.get(vm).cloned()
+    }
+}
+
+/// The QEMU processes whose command line names `dir`: whatever this run
+/// started there, agents' incoming QEMUs included (they run in a process
+/// group of their own and outlive their agent, so no handle of ours ends
+/// them).
+pub fn qemus_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let exe = fs::read_link(e.path().join("exe")).unwrap_or_default();
+        if !exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu")) {
+            continue;
+        }
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Kills (SIGKILL) every QEMU under `dir`; how many there were.
+pub fn kill_qemus_under(dir: &Path) -> usize {
+    let pids = qemus_under(dir);
+    for pid in &pids {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    pids.len()
+}
+
+/// The named network namespace `pid` runs in (`ip netns identify`); empty
+/// for the host's.
+pub fn netns_of(pid: u32) -> anyhow::Result<String> {
+    let out = Command::new("ip").args(["netns", "identify", &pid.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("ip netns identify {pid}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The process's command line, arguments split.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Forwards every TCP connection to `listen` to `to`, byte for byte, on
+/// threads that live as long as this process: how an agent in a node's
+/// namespace reaches a guest whose port QEMU's user networking forwards on
+/// the host's loopback only.
+pub fn forward(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen} to forward to {to}"))?;
+    std::thread::Builder::new().name(format!("forward {listen}")).spawn(move || {
+        for conn in l.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(to) else { continue };
+            let _ = (conn.set_nodelay(true), up.set_nodelay(true));
+            let (Ok(conn2), Ok(up2)) = (conn.try_clone(), up.try_clone()) else { continue };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                }
+            };
+            let _ = std::thread::Builder::new().spawn(pipe(conn, up));
+            let _ = std::thread::Builder::new().spawn(pipe(up2, conn2));
+        }
+    })?;
+    Ok(())
+}
