@@ -5,4 +5,6 @@ pub mod policy;
 pub mod vm;
 
 #[cfg(test)]
+mod first_plug_tests;
+#[cfg(test)]
 mod tests;

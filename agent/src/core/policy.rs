@@ -61,6 +61,14 @@ pub struct Policy {
     /// On an OOM event (victim chosen, memory.max hit), grow by this fraction,
     /// at least two CUs. Default 1.0 (double).
     pub oom_growth: f64,
+    /// CUs the first plug of an upscale adds; the rest of the growth is
+    /// plugged right after it, before the informant is told. The guest
+    /// onlines the first block while QEMU is not yet busy adding the others
+    /// (each `device_add` holds QEMU's big lock, which the guest's ACPI
+    /// accesses wait for), so relief does not queue behind a whole batch.
+    /// 0 plugs the whole growth in one operation. Default 1. (`u16`: every
+    /// VM spec carries a policy; a `u32` here would make each one larger.)
+    pub first_plug_cus: u16,
     /// How long a pressure-raised goal holds before samples may lower it, ms. Default 30000.
     pub pressure_hold_ms: u64,
     /// Use must stay below the current size this long before a downscale, ms. Default 60000.
@@ -108,6 +116,7 @@ impl Default for Policy {
             memory_target: 0.75,
             pressure_growth: 0.5,
             oom_growth: 1.0,
+            first_plug_cus: 1,
             pressure_hold_ms: 30_000,
             downscale_after_ms: 60_000,
             downscale_step_ms: 10_000,

@@ -10,6 +10,12 @@ fn cus(n: u32) -> Size {
     Size::of_cus(n, CU)
 }
 
+/// These scenarios plug each upscale whole; the split first plug
+/// (`first_plug_cus`, on by default) has its own in `first_plug_tests.rs`.
+fn whole_plugs() -> Policy {
+    Policy { first_plug_cus: 0, ..Policy::default() }
+}
+
 struct Sim {
     vm: VmCore,
     now: u64,
@@ -18,7 +24,7 @@ struct Sim {
 impl Sim {
     /// A VM of `n` CUs, bounds 1..=16, both peers connected.
     fn new(n: u32) -> Sim {
-        let mut vm = VmCore::new(CU, 1, 16, Policy::default(), cus(n), cus(n), 42);
+        let mut vm = VmCore::new(CU, 1, 16, whole_plugs(), cus(n), cus(n), 42);
         vm.input(0, Input::InformantConnected(true));
         vm.input(0, Input::AllocatorConnected(true));
         Sim { vm, now: 0 }
@@ -278,7 +284,7 @@ fn bounds_changed_clamp_the_goal() {
 #[test]
 fn agent_restart_resumes_from_qemu_and_leftover_permit() {
     // QEMU has 4 CUs, the last permit was 6: plug straight to the permit, no new request.
-    let mut vm = VmCore::new(CU, 1, 16, Policy::default(), cus(4), cus(6), 7);
+    let mut vm = VmCore::new(CU, 1, 16, whole_plugs(), cus(4), cus(6), 7);
     vm.input(0, Input::AllocatorConnected(true));
     vm.input(0, Input::Sample(Usage { load_avg_1: 0.0, memory_used_bytes: 5 * GIB }));
     assert_eq!(vm.step(0).action, Some(Action::Plug { target: cus(6) }));

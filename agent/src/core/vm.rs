@@ -145,6 +145,10 @@ pub struct VmCore {
     pub migrating: bool,
     owed_release: Option<Size>,
     owed_notify: Option<Size>,
+    /// The plug in flight or just done was the first of an upscale, capped
+    /// at `policy.first_plug_cus`: the rest follows before the informant is
+    /// told.
+    plug_rest: bool,
     /// When the current upscale began (the event or sample that asked for it).
     upscale_began: Option<u64>,
     times: UpscaleTimes,
@@ -186,6 +190,7 @@ impl VmCore {
             migrating: false,
             owed_release: None,
             owed_notify: None,
+            plug_rest: false,
             upscale_began: None,
             times: UpscaleTimes::default(),
             rng: seed | 1,
@@ -376,6 +381,7 @@ impl VmCore {
 
     fn failed(&mut self, now: u64, action: Action, size: Option<Size>) {
         self.in_flight = None;
+        self.plug_rest = false;
         self.failures = self.failures.saturating_add(1);
         let exp = self.failures.saturating_sub(1).min(16);
         let backoff = self.policy.retry_base_ms.saturating_mul(1 << exp).min(self.policy.retry_max_ms);
@@ -400,6 +406,12 @@ impl VmCore {
             }
             _ => {}
         }
+    }
+
+    /// The goal is above the VM's size and the permit covers more of it.
+    fn growth_permitted(&self, now: u64) -> bool {
+        let cur = self.current_cus();
+        self.goal_cus(now) > cur && self.permitted.whole_cus(self.cu) > cur
     }
 
     fn since_began(&self, now: u64) -> Option<u64> {
@@ -456,11 +468,17 @@ impl VmCore {
                 return Some(Action::Release { size });
             }
         }
+        // The rest of a split upscale goes before the notice: one notice for all of it.
+        let rest = std::mem::take(&mut self.plug_rest)
+            && !self.migrating
+            && self.approved.is_none()
+            && self.growth_permitted(now);
         if let Some(size) = self.owed_notify {
-            if self.informant_up {
+            if !self.informant_up {
+                self.owed_notify = None;
+            } else if !rest {
                 return Some(Action::NotifyUpscale { size });
             }
-            self.owed_notify = None;
         }
         if self.migrating {
             return None;
@@ -475,7 +493,13 @@ impl VmCore {
             self.upscale_began.get_or_insert(now);
             let permitted = self.permitted.whole_cus(self.cu);
             if permitted > cur {
-                let n = goal.min(permitted);
+                let mut n = goal.min(permitted);
+                let first = u32::from(self.policy.first_plug_cus);
+                // Relief first: one small plug the guest onlines at once, then the rest.
+                self.plug_rest = !rest && first > 0 && n > cur.saturating_add(first);
+                if self.plug_rest {
+                    n = cur.saturating_add(first);
+                }
                 return Some(Action::Plug { target: Size::of_cus(n, self.cu).max(self.current) });
             }
             if now < self.upscale_blocked_until {
