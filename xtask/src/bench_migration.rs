@@ -2,12 +2,15 @@
 //! two network-namespace nodes (see `migration.rs`), for a 256 MiB and a
 //! 1 GiB guest, while a TCP client echoes a line every 100 ms through it.
 //!
-//! Each round moves the guest twice: once the way vmscale does (the agent's
-//! migration code: the source's devices read into the target's command line,
-//! capabilities, bandwidth and downtime limits, progress polled every 50 ms)
-//! and once as a bare QEMU-to-QEMU migration (the same bandwidth limit,
-//! nothing else set, polled every 10 ms), so both are measured on the same
-//! guest in the same run. A fresh client connection covers each move, so its
+//! Each round moves the guest twice: once by the agent's own move executor
+//! (`vmscale_agent::migration::source::carry_out` with the target side the
+//! target agent runs, `LocalIncoming`, started in the target node's
+//! namespace: the base command line read from the source's /proc, its
+//! devices, capabilities, bandwidth and downtime limits, progress polled
+//! every 50 ms, the target paused until the confirm resumes it) and once as
+//! a bare QEMU-to-QEMU migration (the same bandwidth limit, nothing else
+//! set, polled every 10 ms), so both are measured on the same guest in the
+//! same run. A fresh client connection covers each move, so its
 //! longest silence and lost lines belong to that move. Which kind goes first
 //! alternates by round, and one uncounted move after boot goes first of all.
 
@@ -16,14 +19,72 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vmscale_agent::migration::command_line::read_base_args;
+use vmscale_agent::migration::source::carry_out;
+use vmscale_agent::migration::target::LocalIncoming;
 use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
+use vmscale_agent::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
 
 use crate::echo::{EchoClient, EchoReport};
-use crate::migration::{guest_image, guest_ip, move_vm, start, GuestVm, MoveFigures, Shape, ECHO_PORT, TAP};
+use crate::migration::{guest_image, guest_ip, start, GuestVm, MoveFigures, Shape, ECHO_PORT, TAP};
 use crate::netns::Fabric;
 
 /// Where the bare migration's target listens (not the agent's port).
 const BARE_PORT: u16 = 4445;
+/// Where the agent's target side listens for the stream.
+const OURS_PORT: u16 = 4446;
+
+/// The QEMU that runs the guest now: one this harness started, or one the
+/// agent's target side started and handed over (as it does to the agent
+/// that adopts the VM).
+enum Running {
+    Harness(GuestVm),
+    Agent { node: usize, dir: std::path::PathBuf, pid: Option<u32> },
+}
+
+impl Running {
+    fn node(&self) -> usize {
+        match self {
+            Running::Harness(vm) => vm.node,
+            Running::Agent { node, .. } => *node,
+        }
+    }
+
+    async fn client(&self) -> anyhow::Result<QmpClient> {
+        match self {
+            Running::Harness(vm) => vm.client().await,
+            Running::Agent { dir, .. } => {
+                let config =
+                    ClientConfig { command_timeout: Duration::from_secs(30), ..ClientConfig::default() };
+                Ok(QmpClient::connect(&Endpoint::Unix(dir.join("qmp.sock")), config).await?)
+            }
+        }
+    }
+
+    fn logs(&self) -> String {
+        match self {
+            Running::Harness(vm) => vm.logs(),
+            Running::Agent { dir, .. } => std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Running::Harness(vm) => vm.kill(),
+            Running::Agent { pid, .. } => {
+                if let Some(p) = pid.take() {
+                    let _ = std::process::Command::new("kill").args(["-9", &p.to_string()]).status();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -115,32 +176,31 @@ async fn size_run(
     let base = Shape::new(mib).base_args(image, &fabric);
     fabric.add_tap(0, TAP)?;
     fabric.add_tap(1, TAP)?;
-    let mut vm = start(&fabric, 0, &base, &[], &dir.join("boot"))?;
+    let mut boot = start(&fabric, 0, &base, &[], &dir.join("boot"))?;
     let addr = (guest_ip(&fabric), ECHO_PORT).into();
-    let first =
-        tokio::task::block_in_place(|| crate::echo::connect(addr, Duration::from_secs(180), || vm.exited()))
-            .with_context(|| vm.logs())?;
+    let first = tokio::task::block_in_place(|| {
+        crate::echo::connect(addr, Duration::from_secs(180), || boot.exited())
+    })
+    .with_context(|| boot.logs())?;
     drop(first);
+    let mut vm = Running::Harness(boot);
     let (mut ours, mut bare) = (Vec::new(), Vec::new());
     // Let the guest settle after boot (the informant starts its sources),
     // then one move that is not counted: the first move of a guest is
     // slower, whichever kind it is.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let to = 1 - vm.node;
+    let to = 1 - vm.node();
     vm = bare_move(&fabric, &base, &mut vm, to, config, &dir.join("warm-up")).await?.0;
     for round in 0..rounds {
         // Alternate which kind goes first, so a slow start or a busy
         // neighbour does not always fall on the same kind.
         for kind in if round % 2 == 0 { [Kind::Ours, Kind::Bare] } else { [Kind::Bare, Kind::Ours] } {
-            let to = 1 - vm.node;
+            let to = 1 - vm.node();
             let name = format!("{}-{round}", kind.name());
+            let order = u64::from(round) + 1;
             let (moved_vm, sample) = with_client(addr, async {
                 match kind {
-                    Kind::Ours => {
-                        let (t, m, _) =
-                            move_vm(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await?;
-                        Ok((t, m))
-                    }
+                    Kind::Ours => agent_move(&fabric, &mut vm, to, config, &dir.join(&name), order).await,
                     Kind::Bare => bare_move(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await,
                 }
             })
@@ -176,9 +236,9 @@ async fn size_run(
 
 /// Runs `work` (a move) with a fresh echo connection that sends for 1 s
 /// before and 1.5 s after it.
-async fn with_client<F>(addr: std::net::SocketAddr, work: F) -> anyhow::Result<(GuestVm, Sample)>
+async fn with_client<F>(addr: std::net::SocketAddr, work: F) -> anyhow::Result<(Running, Sample)>
 where
-    F: std::future::Future<Output = anyhow::Result<(GuestVm, MoveFigures)>>,
+    F: std::future::Future<Output = anyhow::Result<(Running, MoveFigures)>>,
 {
     let stream =
         tokio::task::block_in_place(|| crate::echo::connect(addr, Duration::from_secs(10), || None))?;
@@ -190,16 +250,61 @@ where
     Ok((vm, Sample { moved, echo }))
 }
 
+/// The agent's move: `carry_out` from the source to a `LocalIncoming` in
+/// node `to`'s namespace (a wrapper runs QEMU there), the base command line
+/// read from the source QEMU's /proc as the source agent reads it.
+async fn agent_move(
+    fabric: &Fabric,
+    source: &mut Running,
+    to: usize,
+    config: &MigrationConfig,
+    dir: &Path,
+    order: u64,
+) -> anyhow::Result<(Running, MoveFigures)> {
+    let t0 = Instant::now();
+    let client = source.client().await?;
+    let threads = QmpVm::new(client.clone(), HotplugConfig::default()).vcpu_threads().await?;
+    let tid = threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).context("no vCPU thread")?;
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
+    let pid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Tgid")?;
+    let base = read_base_args(Path::new("/proc"), pid).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(dir)?;
+    let wrapper = dir.join("qemu-in-node");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n", fabric.nodes[to].ns),
+    )?;
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let target = LocalIncoming::new(wrapper, dir.to_owned(), (fabric.nodes[to].addr, OURS_PORT).into());
+    let done = carry_out(order, "bench", &client, base, &target, config, |_, _| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))
+        .with_context(|| source.logs())?;
+    source.kill();
+    let pid = target.adopt().await;
+    let moved = MoveFigures {
+        total_ms: done.info.total_time_ms.unwrap_or(0),
+        downtime_ms: done.info.downtime.unwrap_or(0),
+        wall_ms: t0.elapsed().as_millis() as u64,
+        transferred_bytes: done.info.ram.as_ref().map_or(0, |r| r.transferred),
+    };
+    Ok((Running::Agent { node: to, dir: dir.to_owned(), pid }, moved))
+}
+
 /// A bare QEMU-to-QEMU migration: target with `-incoming tcp:...`, the same
 /// bandwidth limit on the source and nothing else, `migrate`, poll.
 async fn bare_move(
     fabric: &Fabric,
     base: &[String],
-    source: &mut GuestVm,
+    source: &mut Running,
     to: usize,
     config: &MigrationConfig,
     dir: &Path,
-) -> anyhow::Result<(GuestVm, MoveFigures)> {
+) -> anyhow::Result<(Running, MoveFigures)> {
     let t0 = Instant::now();
     let uri = tcp_uri((fabric.nodes[to].addr, BARE_PORT).into());
     let target = start(fabric, to, base, &["-incoming".into(), uri.clone()], dir)?;
@@ -230,7 +335,7 @@ async fn bare_move(
         wall_ms: t0.elapsed().as_millis() as u64,
         transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
     };
-    Ok((target, moved))
+    Ok((Running::Harness(target), moved))
 }
 
 fn markdown(v: &Value, config: &MigrationConfig) -> String {
@@ -238,9 +343,10 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
     let mut s = format!(
         "## Live migration\n\n`cargo xtask bench migration`, {} ({}; {} rounds, medians). The guest moves \
          between two network-namespace nodes over a bridge while a TCP client sends a line every 100 ms to \
-         an echo server in it (a fresh connection per move). \"vmscale\" is the agent's migration code \
-         (devices read from the source, capabilities, {} MiB/s and {} ms limits); \"bare\" is plain \
-         `migrate` with the same bandwidth limit, the same guest, the same run.\n\n\
+         an echo server in it (a fresh connection per move). \"vmscale\" is the agent's move executor \
+         (`carry_out` to the target side a target agent runs: base command line from the source's /proc, \
+         devices, capabilities, {} MiB/s and {} ms limits, the target paused until the confirm resumes it); \
+         \"bare\" is plain `migrate` with the same bandwidth limit, the same guest, the same run.\n\n\
          | guest | move | total ms (QEMU) | wall ms | downtime ms | client max gap ms | lost lines | MiB sent |\n\
          |---|---|---|---|---|---|---|---|\n",
         v["date"].as_str().unwrap_or("?"),
