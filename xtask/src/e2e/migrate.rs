@@ -294,12 +294,21 @@ async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
     );
     a.daemon.check()?;
     b.daemon.check()?;
+    // QEMU's own figures, as the source agent logged them.
+    let moved = super::log_lines(&a.daemon.log, "the VM moved away").join("\n");
+    let qemu_ms = |key: &str| {
+        let rest = &moved[moved.find(&format!("{key}=Some("))? + key.len() + 6..];
+        rest.split(')').next().map(str::to_owned)
+    };
     Ok(format!(
         "order {failed} cut mid-stream failed in {fail_s:.1} s ({reason}); order {done} moved the guest \
-         ({} vCPUs, {} MiB) to {B} in {moved_s:.1} s after the link came back; one QEMU, in {ns}; ledger \
-         on {B} only, {A} back under its watermark; echo {} lines sent, {} lost, longest gap {:.0} ms",
+         ({} vCPUs, {} MiB) to {B} in {moved_s:.1} s after the link came back (QEMU: total {} ms, downtime {} ms); \
+         one QEMU, in {ns}; ledger on {B} only, {A} back under its watermark; echo {} lines sent, {} lost, \
+         longest gap {:.0} ms",
         2,
         2 * CU_MIB,
+        qemu_ms("total_ms").unwrap_or_else(|| "?".into()),
+        qemu_ms("downtime_ms").unwrap_or_else(|| "?".into()),
         report.sent,
         report.lost,
         report.max_gap_ms
