@@ -38,6 +38,10 @@ pub struct Args {
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration: Option<u64>,
+    /// One node, no live migration, even where network namespaces can be
+    /// made (what the demo does without root).
+    #[arg(long)]
+    pub one_node: bool,
 }
 
 /// The busy VM's workload: a memory ramp (32 MiB/s to 900 MiB, held), then
@@ -74,7 +78,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     watch_ctrl_c(stop.clone())?;
     let busy_plan = plan("busy", 16, Some(format!("sh,{d}/busy.sh,{d}")));
-    let r = match crate::netns::can_run() {
+    let nodes = if a.one_node { Err("--one-node".to_owned()) } else { crate::netns::can_run() };
+    let r = match nodes {
         Ok(()) => {
             eprintln!(
                 "\n==> two nodes as network namespaces, an agent in each; VMs (TCG) busy and idle on {A}; \
@@ -86,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         Err(why) => {
             eprintln!(
-                "\n==> one node, no live migration: {why}. Starting two VMs (TCG), the allocator and the \
+                "\n==> one node, no live migration ({why}). Starting two VMs (TCG), the allocator and the \
                  agent; logs in {d}"
             );
             let busy = Vm::boot(&image, &dir, &busy_plan)?;
