@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qmp_support::{client_config, qemu_or_skip, TempDir, MIB};
+use qmp_support::{client_config, qemu_or_skip, random_ram, TempDir, MIB};
 use tokio_util::sync::CancellationToken;
 use vmscale_agent::qmp::migrate::Migration;
 use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
@@ -165,22 +165,6 @@ fn qemus_under(dir: &Path) -> Vec<u32> {
     out
 }
 
-/// A file of pseudo-random bytes for the guest's RAM.
-fn random_ram(path: &Path, mib: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-}
-
 /// The world of one test: allocator, the source VM, agents a and b.
 struct World {
     _dir: TempDir,
@@ -205,14 +189,8 @@ impl World {
         let mut o = QemuOptions::new(binary);
         o.memory_mib = RAM_MIB;
         o.virtio_mem_mib = None;
-        o.extra_args = vec![
-            "-object".into(),
-            format!("memory-backend-file,id=pc.ram,size={RAM_MIB}M,mem-path={},share=off", ram.display()),
-            "-machine".into(),
-            "memory-backend=pc.ram".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", watch_sock.display()),
-        ];
+        o.extra_args = qmp_support::file_backed_ram(&ram, RAM_MIB);
+        o.extra_args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", watch_sock.display())]);
         let source = QemuProcess::spawn(&o, &dir).await.expect("source qemu starts");
         // Grow it before any agent looks: one hot-added vCPU and DIMM.
         {

@@ -142,6 +142,42 @@ async fn a_migration_to_nobody_fails_and_the_source_keeps_running() {
 }
 
 #[tokio::test]
+async fn a_stream_nobody_reads_is_named_stalled_long_before_the_deadline() {
+    let dir = TempDir::new();
+    let ram = dir.path().join("ram");
+    qmp_support::random_ram(&ram, 128);
+    let Some(source) = Source::start("migrate_stalled", |o| {
+        o.memory_mib = 128;
+        o.extra_args = qmp_support::file_backed_ram(&ram, 128);
+    })
+    .await
+    else {
+        return;
+    };
+    // Accepts the connection and never reads: once the socket buffers are
+    // full nothing more is sent, as when the network to the target is cut.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let out = Migration::new(source.client().await);
+    let config =
+        MigrationConfig { timeout_ms: 60_000, stall_timeout_ms: 1_500, ..MigrationConfig::default() };
+    out.configure(&config).await.unwrap();
+    out.start(&tcp_uri(addr)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let e = out.wait(&config, |_| {}).await.unwrap_err();
+    assert!(matches!(e, MigrateError::Stalled { .. }), "{e:#}");
+    assert!(e.to_string().contains("network"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "stalled after {:?}", t0.elapsed());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !out.run_status().await.unwrap().running {
+        assert!(std::time::Instant::now() < deadline, "the source does not run after the cancel");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(hold);
+}
+
+#[tokio::test]
 async fn a_migration_past_its_deadline_is_cancelled_and_the_source_keeps_running() {
     let Some(source) = Source::start("migrate_not_converged", |o| o.memory_mib = 512).await else { return };
     let addr = free_addr();

@@ -11,6 +11,9 @@ use vmscale_proto::migration::migration_target_client::MigrationTargetClient;
 use super::target::{Handoff, IncomingTarget};
 use crate::vms::VmSpec;
 
+/// How long an abort may take before the source gives up on it.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long one call to the target agent may take (Prepare starts a QEMU).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,9 +84,19 @@ impl IncomingTarget for RemoteTarget {
     }
 
     async fn abort(&self) {
+        // Short: the source resumes its guest and reports only after this,
+        // and a target that cannot be reached kills its QEMU by itself.
         let req = pb::AbortRequest { order_id: self.order_id };
-        if let Err(s) = self.client.clone().abort(req).await {
-            tracing::warn!(order = self.order_id, "{}; it kills its QEMU by itself later", self.why(&s));
+        match tokio::time::timeout(ABORT_TIMEOUT, self.client.clone().abort(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => {
+                tracing::warn!(order = self.order_id, "{}; it kills its QEMU by itself later", self.why(&s));
+            }
+            Err(_) => tracing::warn!(
+                order = self.order_id,
+                "target agent at {} did not answer the abort within {ABORT_TIMEOUT:?}; it kills its QEMU by itself later",
+                self.endpoint
+            ),
         }
     }
 }

@@ -39,6 +39,12 @@ pub enum MigrateError {
          raise the bandwidth or downtime limit, or move a quieter VM"
     )]
     NotConverged { after: Duration, status: String, remaining_bytes: u64 },
+    /// Nothing was sent for a while: the target or the way to it is gone.
+    #[error(
+        "the migration stream made no progress for {after:?} ({remaining_bytes} bytes left): the network to \
+         the target or the target itself is down"
+    )]
+    Stalled { after: Duration, remaining_bytes: u64 },
     /// The device state cannot be rebuilt on a target's command line.
     #[error("cannot describe the vm for a migration target: {0}")]
     Unsupported(String),
@@ -71,6 +77,9 @@ pub struct MigrationConfig {
     /// Throttle the guest's vCPUs when it dirties memory faster than it can
     /// be sent (`auto-converge`): slower for a while instead of never done.
     pub auto_converge: bool,
+    /// Give up (and cancel) when no byte was sent for this long, ms: a cut
+    /// network ends the move early, with a reason that names it.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for MigrationConfig {
@@ -81,6 +90,7 @@ impl Default for MigrationConfig {
             timeout_ms: 120_000,
             poll_ms: 50,
             auto_converge: true,
+            stall_timeout_ms: 10_000,
         }
     }
 }
@@ -96,6 +106,9 @@ impl MigrationConfig {
         }
         if self.poll_ms == 0 || self.timeout_ms < self.poll_ms {
             return Err("migration poll_ms must be above zero and at most timeout_ms".into());
+        }
+        if self.stall_timeout_ms < self.poll_ms {
+            return Err("migration stall_timeout_ms must be at least poll_ms".into());
         }
         Ok(())
     }
@@ -269,9 +282,16 @@ impl Migration {
         let started = Instant::now();
         let deadline = started + config.timeout();
         let poll = Duration::from_millis(config.poll_ms);
+        let stall = Duration::from_millis(config.stall_timeout_ms);
+        // (bytes sent, when that figure last grew)
+        let mut sent: (u64, Instant) = (0, started);
         loop {
             let info = self.query().await?;
             progress(&info);
+            let now_sent = info.ram.as_ref().map_or(0, |r| r.transferred);
+            if now_sent > sent.0 {
+                sent = (now_sent, Instant::now());
+            }
             match info.progress() {
                 // A former migration target may still show its incoming
                 // migration as completed; only a source whose guest has
@@ -295,6 +315,12 @@ impl Migration {
                 }
                 Progress::Cancelled => return Err(MigrateError::Cancelled),
                 Progress::NotStarted | Progress::Running => {}
+            }
+            if sent.1.elapsed() >= stall && Instant::now() < deadline {
+                if let Err(e) = self.cancel().await {
+                    tracing::warn!("cannot cancel a stalled migration: {e:#}");
+                }
+                return Err(MigrateError::Stalled { after: stall, remaining_bytes: info.remaining_bytes() });
             }
             if Instant::now() >= deadline {
                 if let Err(e) = self.cancel().await {

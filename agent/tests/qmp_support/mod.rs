@@ -97,3 +97,32 @@ pub fn hotplug_config() -> HotplugConfig {
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
+
+/// A file of pseudo-random bytes, `mib` MiB, to back guest RAM with: a
+/// guest without an OS has all-zero RAM, which a migration sends in almost
+/// no bytes; this makes the stream as long as its size says.
+pub fn random_ram(path: &Path, mib: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create ram file"));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).expect("write ram file");
+    }
+}
+
+/// QEMU arguments that back the boot RAM (`mib` MiB) with `path`.
+pub fn file_backed_ram(path: &Path, mib: u64) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!("memory-backend-file,id=pc.ram,size={mib}M,mem-path={},share=off", path.display()),
+        "-machine".into(),
+        "memory-backend=pc.ram".into(),
+    ]
+}
