@@ -86,6 +86,23 @@ fn check_endpoint(e: &str) -> Result<()> {
     }
 }
 
+/// After a VM's move fails it is not planned again for this long, doubled
+/// after each further failure in a row up to [`MOVE_RETRY_MAX_MS`].
+pub const MOVE_RETRY_BASE_MS: u64 = 5_000;
+pub const MOVE_RETRY_MAX_MS: u64 = 300_000;
+
+/// How long a VM waits after `failures` failed moves in a row (at least one).
+pub fn move_retry_wait_ms(failures: u32) -> u64 {
+    MOVE_RETRY_BASE_MS.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(MOVE_RETRY_MAX_MS)
+}
+
+/// A VM whose moves failed: how often in a row, and until when it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MoveBackoff {
+    pub failures: u32,
+    pub until_ms: u64,
+}
+
 /// How many finished orders the state dump remembers.
 const FINISHED_ORDERS_KEPT: usize = 256;
 
@@ -99,6 +116,8 @@ pub struct Cluster {
     /// Node capacities from the cluster (Kubernetes mode), which win over
     /// what agents report; see [`cluster_capacity`].
     pub cluster_capacity: BTreeMap<String, Resources>,
+    /// VMs whose last move failed, by id (see [`MOVE_RETRY_BASE_MS`]).
+    pub move_backoff: BTreeMap<String, MoveBackoff>,
     next_session: u64,
     next_order: u64,
 }
@@ -119,6 +138,7 @@ impl Cluster {
             orders: BTreeMap::new(),
             finished_orders: VecDeque::new(),
             cluster_capacity: BTreeMap::new(),
+            move_backoff: BTreeMap::new(),
             next_session: 1,
             next_order: 1,
         }
@@ -452,7 +472,12 @@ impl Cluster {
         Ok(())
     }
 
-    fn finish_or_advance(&mut self, order_id: u64, next: OrderState, reason: &str, _now_ms: u64) {
+    /// Whether a VM waits after failed moves at `now_ms`.
+    pub fn backing_off(&self, vm: &str, now_ms: u64) -> bool {
+        self.move_backoff.get(vm).is_some_and(|b| now_ms < b.until_ms)
+    }
+
+    fn finish_or_advance(&mut self, order_id: u64, next: OrderState, reason: &str, now_ms: u64) {
         let Some(mut order) = self.orders.remove(&order_id) else { return };
         order.state = next;
         if !reason.is_empty() {
@@ -465,6 +490,7 @@ impl Cluster {
         let is_ours = |e: &VmEntry| e.order() == Some(order_id);
         match next {
             OrderState::Completed => {
+                self.move_backoff.remove(&order.vm);
                 if let Some(src) = self.nodes.get_mut(&order.source) {
                     if src.vms.get(&order.vm).is_some_and(is_ours) {
                         src.remove(&order.vm);
@@ -477,6 +503,12 @@ impl Cluster {
                 }
             }
             _ => {
+                let b = self
+                    .move_backoff
+                    .entry(order.vm.clone())
+                    .or_insert(MoveBackoff { failures: 0, until_ms: 0 });
+                b.failures = b.failures.saturating_add(1);
+                b.until_ms = now_ms.saturating_add(move_retry_wait_ms(b.failures));
                 if let Some(dst) = self.nodes.get_mut(&order.target) {
                     if dst.vms.get(&order.vm).is_some_and(is_ours) {
                         dst.remove(&order.vm);
@@ -512,7 +544,7 @@ impl Cluster {
     /// Plans moves off hot nodes and applies them: capacity is held on each
     /// target and the VM frozen on its source. Returns the new orders.
     pub fn plan_and_order(&mut self, now_ms: u64) -> Vec<Order> {
-        let moves = planner::plan(self);
+        let moves = planner::plan(self, now_ms);
         let mut out = Vec::with_capacity(moves.len());
         for m in moves {
             let id = self.next_order;

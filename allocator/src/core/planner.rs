@@ -10,7 +10,10 @@
 //! their target, so a node is not planned twice for the same excess. A node
 //! whose agent reports vCPUs waiting long for a host CPU (run-queue delay,
 //! see `contention`) is over-committed in fact whatever its ledger says: it
-//! takes a VM only when no calm node has room.
+//! takes a VM only when no calm node has room. A VM whose last move failed
+//! waits before it is planned again, longer after each failure in a row
+//! (see [`super::Cluster::move_backoff`]), so a broken target or network is
+//! not hammered with moves.
 
 use super::units::Resources;
 use super::vm::VmState;
@@ -46,7 +49,8 @@ impl Target<'_> {
     }
 }
 
-pub fn plan(c: &Cluster) -> Vec<Move> {
+/// The moves to order at `now_ms`.
+pub fn plan(c: &Cluster, now_ms: u64) -> Vec<Move> {
     let budget = c.config.max_moves_per_round;
     if budget == 0 {
         return Vec::new();
@@ -106,7 +110,7 @@ pub fn plan(c: &Cluster) -> Vec<Move> {
         let mut candidates: Vec<(f64, &str, Resources)> = node
             .vms
             .iter()
-            .filter(|(_, e)| e.state == VmState::Active)
+            .filter(|(id, e)| e.state == VmState::Active && !c.backing_off(id, now_ms))
             .map(|(id, e)| (id.as_str(), e.reserved.saturating_add(e.unmet)))
             .filter(|(_, size)| !size.is_zero() && size.fits_in(best_room))
             .filter(|(_, size)| !no_room.iter().any(|small| small.fits_in(*size)))

@@ -67,10 +67,14 @@ impl World {
 
     /// Plans, checks the plan is reproducible and harmless, and applies it.
     fn round(&mut self) -> Vec<(String, String, String)> {
-        let planned = plan(&self.c);
-        assert_eq!(planned, plan(&self.c.clone()), "plans must be reproducible");
+        self.round_at(NOW)
+    }
+
+    fn round_at(&mut self, now: u64) -> Vec<(String, String, String)> {
+        let planned = plan(&self.c, now);
+        assert_eq!(planned, plan(&self.c.clone(), now), "plans must be reproducible");
         let before = self.c.clone();
-        let orders = self.c.plan_and_order(NOW);
+        let orders = self.c.plan_and_order(now);
         self.c.check_sums().unwrap();
         assert_eq!(orders.len(), planned.len());
         for (o, m) in orders.iter().zip(&planned) {
@@ -250,13 +254,30 @@ fn in_flight_orders_count_on_both_ends() {
 }
 
 #[test]
-fn a_failed_move_is_planned_again() {
+fn a_failed_move_is_planned_again_after_a_wait_that_grows() {
+    use super::{MOVE_RETRY_BASE_MS as BASE, MOVE_RETRY_MAX_MS as MAX};
     let a: &[(&str, Resources)] = &[("a1", r(5000, 20)), ("a2", r(4000, 16))];
     let mut w = World::new(4, &[("a", a), ("b", &[])]);
     assert_eq!(w.round(), vec![mv("a2", "a", "b")]);
     w.finish_all(OrderState::Failed);
     assert_eq!(w.c.nodes["b"].reserved(), Resources::ZERO);
-    assert_eq!(w.round(), vec![mv("a2", "a", "b")]);
+    // a2 waits; a1 alone also covers the excess, so it goes instead.
+    assert_eq!(w.round(), vec![mv("a1", "a", "b")]);
+    w.finish_all(OrderState::Failed);
+    assert!(w.round().is_empty(), "both wait");
+    // Both waits end: the smallest covering VM goes again.
+    assert_eq!(w.round_at(NOW + BASE), vec![mv("a2", "a", "b")]);
+    w.finish_all(OrderState::Failed);
+    // Its second failure in a row doubles its wait.
+    assert_eq!(w.c.move_backoff["a2"].until_ms, NOW + 2 * BASE);
+    assert!(!w.c.backing_off("a2", NOW + 2 * BASE));
+    // A completed move clears the VM's record.
+    assert_eq!(w.round_at(NOW + 2 * BASE - 1), vec![mv("a1", "a", "b")]);
+    w.finish_all(OrderState::Completed);
+    assert!(!w.c.move_backoff.contains_key("a1"));
+    // The wait doubles per failure in a row and never passes the cap.
+    let waits: Vec<u64> = [1, 2, 3, 7, 40, u32::MAX].into_iter().map(super::move_retry_wait_ms).collect();
+    assert_eq!(waits, vec![BASE, 2 * BASE, 4 * BASE, MAX.min(64 * BASE), MAX, MAX]);
 }
 
 #[test]
@@ -301,7 +322,7 @@ fn unmet_demand_makes_a_node_hot_and_moves_with_the_vm() {
 fn moves_carry_their_reason() {
     let a: &[(&str, Resources)] = &[("a1", r(5000, 20)), ("a2", r(4000, 16))];
     let w = World::new(4, &[("a", a), ("b", &[])]);
-    let moves: Vec<Move> = plan(&w.c);
+    let moves: Vec<Move> = plan(&w.c, NOW);
     assert_eq!(moves.len(), 1);
     assert!(moves[0].reason.contains("node a above its watermark"), "{}", moves[0].reason);
 }
@@ -320,12 +341,12 @@ fn a_contended_node_takes_a_vm_only_when_no_calm_node_has_room() {
     // both enough for a2.
     let a: &[(&str, Resources)] = &[("a1", r(5500, 22)), ("a2", r(4000, 16))];
     let mut w = World::new(4, &[("a", a), ("b", &[("b1", r(500, 2))]), ("c", &[("c1", r(3000, 12))])]);
-    assert_eq!(plan(&w.c)[0].target, "b", "calm nodes: the most headroom wins");
+    assert_eq!(plan(&w.c, NOW)[0].target, "b", "calm nodes: the most headroom wins");
     let report = |p99| ContentionReport::new(5000, vec![("b1".into(), slow(p99))]).unwrap();
     // Just under the threshold is still calm.
     w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US - 1), NOW)
         .unwrap();
-    assert_eq!(plan(&w.c)[0].target, "b");
+    assert_eq!(plan(&w.c, NOW)[0].target, "b");
     w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US), NOW).unwrap();
     assert_eq!(w.round(), vec![mv("a2", "a", "c")], "the calm node, though it has less headroom");
     w.finish_all(OrderState::Completed);
@@ -333,6 +354,6 @@ fn a_contended_node_takes_a_vm_only_when_no_calm_node_has_room() {
     // better a contended node than none.
     let s = w.sessions["c"].clone();
     w.c.reserve(&s, "c1", r(6000, 24)).unwrap();
-    let moves = plan(&w.c);
+    let moves = plan(&w.c, NOW);
     assert!(!moves.is_empty() && moves.iter().all(|m| m.target == "b"), "{moves:?}");
 }

@@ -599,10 +599,13 @@ fn orders_past_their_deadline_fail() {
 #[test]
 fn finished_orders_are_remembered_up_to_a_bound() {
     let (mut c, a, _b, mut id) = hot_pair();
+    let mut now = NOW;
     for _ in 0..FINISHED_ORDERS_KEPT + 10 {
-        // Fail the move; the node is still hot, so the same move is planned again.
-        c.migration_status(&a, id, OrderState::Failed, "", NOW).unwrap();
-        let orders = c.plan_and_order(NOW);
+        // Fail the move; the node is still hot, so a move is planned again
+        // (once the VM's wait after the failure is over, or another VM).
+        c.migration_status(&a, id, OrderState::Failed, "", now).unwrap();
+        now += super::MOVE_RETRY_MAX_MS;
+        let orders = c.plan_and_order(now);
         assert_eq!(orders.len(), 1);
         assert!(orders[0].id > id);
         id = orders[0].id;
