@@ -40,6 +40,9 @@ pub struct NodeConfig {
     pub migration: MigrationSettings,
 }
 
+/// How long a VM's loop may take to end once cancelled.
+const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A VM's loop as the mover needs it: its live QMP connection (QEMU serves
 /// one client, so a move uses the loop's) and its move gate.
 #[derive(Debug)]
@@ -146,7 +149,8 @@ pub async fn run(
         });
     }
 
-    let mut running: HashMap<String, (VmSpec, CancellationToken)> = HashMap::new();
+    let mut running: HashMap<String, (VmSpec, CancellationToken, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
     loop {
         let listed = vms.borrow_and_update().clone();
         // An entry the list changed names a new VM; one it no longer names
@@ -170,12 +174,18 @@ pub async fn run(
         // Stop loops for VMs that left or changed; a changed VM restarts below.
         let gone: Vec<String> = running
             .iter()
-            .filter(|(id, (spec, _))| wanted.get(*id) != Some(spec))
+            .filter(|(id, (spec, _, _))| wanted.get(*id) != Some(spec))
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
-            if let Some((_, token)) = running.remove(&id) {
+            if let Some((_, token, task)) = running.remove(&id) {
                 token.cancel();
+                // The loop publishes the VM's size on every turn: only once it
+                // has ended may its entries go, or a last turn puts them back
+                // (and the next hello would register a VM that left).
+                if tokio::time::timeout(LOOP_STOP_TIMEOUT, task).await.is_err() {
+                    warn!(vm = %id, "the VM's loop did not stop within {LOOP_STOP_TIMEOUT:?}");
+                }
             }
             lock(&live).remove(&id);
             if !wanted.contains_key(&id) {
@@ -219,8 +229,8 @@ pub async fn run(
                 gate,
                 live: live.clone(),
             };
-            tokio::spawn(supervise_vm(sup, token.clone()).instrument(span));
-            running.insert(id, (spec, token));
+            let task = tokio::spawn(supervise_vm(sup, token.clone()).instrument(span));
+            running.insert(id, (spec, token, task));
         }
 
         tokio::select! {
@@ -234,7 +244,7 @@ pub async fn run(
             Some((vm, ended)) = ended_rx.recv() => {
                 held.remove(&vm);
                 if ended == Ended::MovedAway {
-                    let spec = running.get(&vm).map(|(s, _)| s.clone());
+                    let spec = running.get(&vm).map(|(s, _, _)| s.clone());
                     moved_away.insert(vm.clone(), spec);
                     if let Some(t) = &target {
                         t.forget(&vm);

@@ -149,6 +149,29 @@ fn downscale_waits_for_sustained_low_use_then_one_cu_per_step() {
 }
 
 #[test]
+fn cpu_pressure_right_after_giving_up_a_vcpu_is_the_downscales_echo() {
+    use crate::core::vm::CPU_SETTLE_MS;
+    let mut s = Sim::new(6);
+    let p = Policy::default();
+    s.at(0).using(1.0);
+    assert_eq!(s.step(), None);
+    s.at(p.downscale_after_ms).using(1.0);
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5) }));
+    s.feed(Input::DownscaleAnswer { approved: true });
+    // The guest offlined a vCPU as it approved: its tasks crowd the rest.
+    s.feed(Input::CpuPressure);
+    assert_eq!(s.step(), Some(Action::Unplug { target: cus(5) }), "not undone by its own echo");
+    s.feed(Input::Unplugged { size: cus(5) });
+    assert_eq!(s.step(), Some(Action::Release { size: cus(5) }));
+    s.feed(Input::Released);
+    s.at(p.downscale_after_ms + CPU_SETTLE_MS - 1).feed(Input::CpuPressure);
+    assert_eq!(s.step(), None, "still settling");
+    // Pressure that outlasts the settle is real: grow.
+    s.at(p.downscale_after_ms + CPU_SETTLE_MS).feed(Input::CpuPressure);
+    assert!(matches!(s.step(), Some(Action::RequestPermit { .. })), "{:?}", s.vm.in_flight());
+}
+
+#[test]
 fn denied_downscale_keeps_the_vm_and_retries_after_cooldown() {
     let mut s = Sim::new(4);
     let p = Policy::default();

@@ -110,6 +110,10 @@ struct InFlight {
     started_ms: u64,
 }
 
+/// How long after a vCPU is given up CPU pressure is not taken as a reason
+/// to grow. The informant's load-average samples still raise the CPU goal.
+pub const CPU_SETTLE_MS: u64 = 10_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VmCore {
     pub cu: Cu,
@@ -137,6 +141,9 @@ pub struct VmCore {
     /// A downscale the informant approved, to carry out next.
     approved: Option<Size>,
     upscale_blocked_until: u64,
+    /// CPU pressure before this is not a reason to grow: the VM has just
+    /// given up a vCPU (see [`CPU_SETTLE_MS`]).
+    cpu_settle_until: u64,
     downscale_blocked_until: u64,
     pub failures: u32,
     retry_at: u64,
@@ -182,6 +189,7 @@ impl VmCore {
             in_flight: None,
             approved: None,
             upscale_blocked_until: 0,
+            cpu_settle_until: 0,
             downscale_blocked_until: 0,
             failures: 0,
             retry_at: 0,
@@ -261,6 +269,10 @@ impl VmCore {
                     self.memory_overhead = Some(self.memory_overhead.map_or(o, |m| m.min(o)));
                 }
             }
+            // A vCPU just given up crowds its tasks onto the others for a
+            // moment: that pressure is the downscale's own echo, and growing
+            // on it would undo the downscale at once (seen under TCG).
+            (Input::CpuPressure, _) if now < self.cpu_settle_until => {}
             (Input::CpuPressure, _) => {
                 // CUs bring CPU and memory together. Where the VM already has
                 // the CPU the raised goal would give (every vCPU online, say),
@@ -323,6 +335,10 @@ impl VmCore {
                 self.done();
                 if approved {
                     self.approved = Some(target);
+                    // The guest gives its vCPUs up when it approves.
+                    if target.milli_cpu < self.current.milli_cpu {
+                        self.cpu_settle_until = now.saturating_add(CPU_SETTLE_MS);
+                    }
                 } else {
                     let cool = self.jitter(self.policy.downscale_denied_cooldown_ms);
                     self.downscale_blocked_until = now.saturating_add(cool);
@@ -331,6 +347,9 @@ impl VmCore {
             (Input::Unplugged { size }, Some(Action::Unplug { .. })) => {
                 self.done();
                 self.approved = None;
+                if size.milli_cpu < self.current.milli_cpu {
+                    self.cpu_settle_until = now.saturating_add(CPU_SETTLE_MS);
+                }
                 self.current = size;
                 self.owed_release = Some(size);
                 // The next step down waits `downscale_step_ms`, not a whole new low spell.

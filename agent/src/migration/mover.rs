@@ -125,9 +125,12 @@ pub fn unsettled(state_dir: &Path) -> Vec<MoveRecord> {
 }
 
 impl MoverNode {
+    /// Only while the VM has a status entry: one that left keeps none.
     fn set_status(&self, vm: &str, what: Option<String>) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.entry(vm.to_owned()).or_default().migration = what;
+        if let Some(e) = st.get_mut(vm) {
+            e.migration = what;
+        }
     }
 
     /// Tells the allocator about an order, retrying while there is no
