@@ -118,7 +118,6 @@ pub async fn run(
         None => watch::channel(Vec::new()).1,
     };
     let mover = MoverNode {
-        node: cfg.link.node.clone(),
         session: handles.session.clone(),
         registry: handles.registry.clone(),
         status: handles.status.clone(),

@@ -19,11 +19,11 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmscale_agent::migration::command_line::read_base_args;
+use vmscale_agent::migration::command_line::read_qemu_base_args;
 use vmscale_agent::migration::source::carry_out;
 use vmscale_agent::migration::target::LocalIncoming;
 use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
-use vmscale_agent::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{ClientConfig, Endpoint, QmpClient};
 
 use crate::echo::{EchoClient, EchoReport};
 use crate::migration::{guest_image, guest_ip, start, GuestVm, MoveFigures, Shape, ECHO_PORT, TAP};
@@ -263,15 +263,7 @@ async fn agent_move(
 ) -> anyhow::Result<(Running, MoveFigures)> {
     let t0 = Instant::now();
     let client = source.client().await?;
-    let threads = QmpVm::new(client.clone(), HotplugConfig::default()).vcpu_threads().await?;
-    let tid = threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).context("no vCPU thread")?;
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-    let pid: u32 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no Tgid")?;
-    let base = read_base_args(Path::new("/proc"), pid).map_err(anyhow::Error::msg)?;
+    let base = read_qemu_base_args(&client, Path::new("/proc")).await.map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(dir)?;
     let wrapper = dir.join("qemu-in-node");
     std::fs::write(

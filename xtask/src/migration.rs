@@ -162,9 +162,16 @@ impl GuestVm {
 
     pub async fn client(&self) -> anyhow::Result<QmpClient> {
         let config = ClientConfig { command_timeout: Duration::from_secs(30), ..ClientConfig::default() };
-        QmpClient::connect(&self.qmp(), config)
-            .await
-            .with_context(|| format!("qmp of the guest on node {}", self.node))
+        // The socket file appears when QEMU binds it, a moment before it
+        // listens: a connection in between is refused, so try a few times.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match QmpClient::connect(&self.qmp(), config.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => return Err(e).with_context(|| format!("qmp of the guest on node {}", self.node)),
+            }
+        }
     }
 
     /// Why QEMU is not running any more, if it is not.

@@ -71,6 +71,21 @@ pub fn read_base_args(proc_root: &Path, pid: u32) -> Result<Vec<String>, String>
     Ok(base_args(&args[1..]))
 }
 
+/// The base arguments of the QEMU behind `client`: its process is found
+/// from a vCPU thread (QMP has no pid command), then read from `/proc`.
+pub async fn read_qemu_base_args(
+    client: &crate::qmp::QmpClient,
+    proc_root: &Path,
+) -> Result<Vec<String>, String> {
+    use crate::qmp::Hypervisor;
+    let vm = crate::qmp::QmpVm::new(client.clone(), crate::qmp::HotplugConfig::default());
+    let threads = vm.vcpu_threads().await.map_err(|e| format!("cannot list the VM's vCPU threads: {e}"))?;
+    let tid =
+        threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).ok_or("QEMU reports no vCPU thread")?;
+    let pid = crate::cpu_max::process_of_thread(proc_root, tid).map_err(|e| e.to_string())?;
+    read_base_args(proc_root, pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

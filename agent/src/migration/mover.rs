@@ -26,13 +26,13 @@ use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::migration_status::Phase;
 use vmscale_proto::migration::status_reply::State as TargetState;
 
-use super::command_line::read_base_args;
+use super::command_line::read_qemu_base_args;
 use super::remote::RemoteTarget;
 use super::source::carry_out;
 use super::target::{Handoff, IncomingTarget};
 use crate::allocator_link::{Registry, Session};
 use crate::qmp::migrate::{Migration, MigrationConfig};
-use crate::qmp::{HotplugConfig, Hypervisor, QmpClient, QmpVm};
+use crate::qmp::QmpClient;
 use crate::vm_loop::StatusMap;
 use crate::vms::VmSpec;
 
@@ -44,7 +44,6 @@ const REPORT_PATIENCE: Duration = Duration::from_secs(300);
 /// What the node shares with its moves.
 #[derive(Debug, Clone)]
 pub struct MoverNode {
-    pub node: String,
     pub session: watch::Receiver<Session>,
     pub registry: Arc<Registry>,
     pub status: StatusMap,
@@ -222,7 +221,7 @@ impl MoverNode {
         if tokio::time::timeout(QUIET_TIMEOUT, quiet.wait_for(|q| *q)).await.is_err() {
             return Err(format!("the VM's last scaling action did not finish within {QUIET_TIMEOUT:?}"));
         }
-        let base = self.base_args(&vm.client).await?;
+        let base = read_qemu_base_args(&vm.client, &self.proc_root).await?;
         let target = RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone())?;
         let record = MoveRecord {
             order_id: id,
@@ -266,18 +265,6 @@ impl MoverNode {
             }
             Err(e) => Err(super::reason(&e)),
         }
-    }
-
-    async fn base_args(&self, client: &QmpClient) -> Result<Vec<String>, String> {
-        let vm = QmpVm::new(client.clone(), HotplugConfig::default());
-        let threads =
-            vm.vcpu_threads().await.map_err(|e| format!("cannot list the VM's vCPU threads: {e}"))?;
-        let tid = threads
-            .first()
-            .and_then(|t| u32::try_from(t.thread_id).ok())
-            .ok_or("QEMU reports no vCPU thread")?;
-        let pid = crate::cpu_max::process_of_thread(&self.proc_root, tid).map_err(|e| e.to_string())?;
-        read_base_args(&self.proc_root, pid)
     }
 }
 

@@ -368,9 +368,7 @@ pub async fn serve(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::core::policy::Cu;
     use crate::migration::target::Handoff;
-    use crate::vms::{CpuMode, MemoryMode};
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmscale-target-{name}-{}", std::process::id()));
@@ -390,17 +388,7 @@ mod tests {
     }
 
     fn spec(id: &str, qmp: &str) -> VmSpec {
-        VmSpec {
-            id: id.into(),
-            qmp: qmp.into(),
-            informant: None,
-            cu: Cu { milli_cpu: 250, memory_bytes: 256 << 20 },
-            min_cus: 1,
-            max_cus: 8,
-            cpu_mode: CpuMode::Sysfs,
-            memory: MemoryMode::Dimm { dimm_bytes: 256 << 20 },
-            policy: None,
-        }
+        VmSpec { qmp: qmp.into(), ..crate::vms::tests::spec(id) }
     }
 
     fn prepare_req(order: u64, vm: &str, handoff_vm: &str) -> pb::PrepareRequest {

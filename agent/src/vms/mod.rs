@@ -114,9 +114,10 @@ impl VmSpec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A valid spec for tests elsewhere in the crate too.
     pub fn spec(id: &str) -> VmSpec {
         VmSpec {
             id: id.into(),

@@ -140,9 +140,14 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// `GET path` over HTTP/1.0 on 127.0.0.1:port; the body.
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET path` over HTTP/1.0 at `addr`; the body.
+pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;

@@ -9,11 +9,9 @@
 
 use anyhow::{bail, Context};
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use super::{Daemon, MIB};
 use crate::netns::Fabric;
@@ -22,20 +20,6 @@ use crate::netns::Fabric;
 pub fn free_port_on(ip: Ipv4Addr) -> anyhow::Result<u16> {
     let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
     Ok(l.local_addr()?.port())
-}
-
-/// `GET path` over HTTP/1.0 at `addr`; the body.
-pub fn http_get_at(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP header end")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
 }
 
 /// The allocator in the host's namespace, gRPC on the fabric's host address.
@@ -150,7 +134,7 @@ impl Agent {
     }
 
     pub fn state(&self) -> Option<serde_json::Value> {
-        serde_json::from_str(&http_get_at(self.http, "/state").ok()?).ok()
+        serde_json::from_str(&super::http_get_at(self.http, "/state").ok()?).ok()
     }
 
     /// The agent's `/state` entry for `vm`.
