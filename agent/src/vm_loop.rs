@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vmscale_proto::allocator as apb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::informant as ipb;
@@ -225,7 +225,8 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(ev) = ev_rx.recv() => match ev {
-                GuestEvent::Sample { usage, mem_total_bytes, .. } => {
+                GuestEvent::Sample { usage, mem_total_bytes, at_ns } => {
+                    debug!(%vm, guest_ns = at_ns, used = usage.memory_used_bytes, "sample");
                     // Calibration, not a decision input: in either mode.
                     core.input(ms_since(t0), Input::GuestMemory { total_bytes: mem_total_bytes });
                     match &mut poller {
@@ -233,7 +234,10 @@ pub async fn run(
                         None => core.input(ms_since(t0), Input::Sample(usage)),
                     }
                 }
-                GuestEvent::Pressure { oom, kind, .. } => {
+                GuestEvent::Pressure { oom, kind, at_ns } => {
+                    // The guest's clock beside ours: how long an event took to
+                    // arrive, when the two clocks' offset is known.
+                    debug!(%vm, kind = kind_name(kind), guest_ns = at_ns, "pressure event");
                     // Counted in either mode, so a comparison shows what polling missed.
                     node.metrics.pressure_events.get_or_create(&VmLabel { vm: vm.clone() }).inc();
                     {
@@ -253,7 +257,7 @@ pub async fn run(
                 if let Some(t) = poller.as_mut().and_then(|p| p.tick(now)) {
                     match t.usage {
                         Some(u) => {
-                            tracing::debug!(%vm, samples = t.samples, used = u.memory_used_bytes, "polling tick");
+                            debug!(%vm, samples = t.samples, used = u.memory_used_bytes, "polling tick");
                             core.input(now, Input::Sample(u));
                         }
                         None => warn!(%vm, "polling tick without a sample in its window"),

@@ -42,6 +42,12 @@ pub struct Config {
     /// far from the watermark they come only as often as use could reach it
     /// at this rate (at most every 250 ms). Default 4096.
     pub watermark_max_ramp_mib_per_s: u64,
+    /// How far ahead of use reaching the watermark its event goes, at the
+    /// rate use grew over the last half second, milliseconds; longer when
+    /// memory took longer to arrive after one of the last 8 events (up to
+    /// 1 s). 0: the event goes when use reaches the watermark, nothing
+    /// learned. Default 100.
+    pub watermark_lead_ms: u64,
     /// How often `memory.events` is re-read when inotify is unavailable,
     /// milliseconds. Default 1000.
     pub events_poll_ms: u64,
@@ -72,6 +78,7 @@ impl Default for Config {
             watermark: 0.9,
             watermark_check_ms: 10,
             watermark_max_ramp_mib_per_s: 4096,
+            watermark_lead_ms: 100,
             events_poll_ms: 1000,
             ebpf: true,
             event_queue: 4096,
@@ -256,6 +263,13 @@ impl Config {
                 "must be between 1 and 1048576 MiB/s",
             );
         }
+        if self.watermark_lead_ms > 1000 {
+            return bad(
+                "watermark_lead_ms",
+                &self.watermark_lead_ms,
+                "must be at most 1000 (1 s); 0 turns it off",
+            );
+        }
         if self.watermark_check_ms < 1 {
             return bad("watermark_check_ms", &self.watermark_check_ms, "must be at least 1");
         }
@@ -359,6 +373,9 @@ mod tests {
         assert!(e.to_string().contains("at most window_us"), "{e}");
         let e = Config::parse("sample_interval_ms = 6000", "t").unwrap_err();
         assert!(e.to_string().contains("stale"), "{e}");
+        let e = Config::parse("watermark_lead_ms = 5000", "t").unwrap_err();
+        assert!(e.to_string().contains("at most 1000"), "{e}");
+        assert_eq!(Config::parse("watermark_lead_ms = 0", "t").unwrap().watermark_lead_ms, 0);
         let e = Config::parse("listen = \"vsock:x\"", "t").unwrap_err();
         assert!(chain(e).contains("not a number"));
     }

@@ -26,6 +26,9 @@ struct Args {
     /// Sampler period in milliseconds (overrides the file).
     #[arg(long)]
     sample_interval_ms: Option<u64>,
+    /// Initial lead of the usage watermark's event, ms; 0: at the line (overrides the file).
+    #[arg(long)]
+    watermark_lead_ms: Option<u64>,
     /// Do not load the eBPF programs.
     #[arg(long)]
     no_ebpf: bool,
@@ -66,6 +69,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = args.sample_interval_ms {
         config.sample_interval_ms = ms;
+    }
+    if let Some(ms) = args.watermark_lead_ms {
+        config.watermark_lead_ms = ms;
     }
     if args.no_ebpf {
         config.ebpf = false;

@@ -56,6 +56,7 @@ pub fn start_sources(config: &Config) -> (Vec<Box<dyn Source>>, Vec<SourceStatus
             config.watermark,
             Duration::from_millis(config.watermark_check_ms),
             config.watermark_max_ramp_mib_per_s << 20,
+            Duration::from_millis(config.watermark_lead_ms),
         );
         (src.map(|s| Box::new(s) as Box<dyn Source>), status)
     } else {

@@ -353,7 +353,8 @@ impl Node {
             Command::new(bin.join("vmscale-agent"))
                 .arg("--config")
                 .arg(&config)
-                .env("RUST_LOG", "info,vmscale_agent=info")
+                // Debug from the VM loop: each guest event with its guest clock stamp.
+                .env("RUST_LOG", "info,vmscale_agent::vm_loop=debug")
                 .env("NO_COLOR", "1"),
             dir.join("agent.log"),
         )?;

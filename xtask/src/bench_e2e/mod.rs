@@ -1,7 +1,7 @@
 //! `cargo xtask bench e2e`: how soon memory arrives when a workload needs it,
 //! event-driven against a polling-only agent like Neon's autoscaler, with
 //! every part real: the release allocator and agent, QEMU under TCG, the
-//! informant in the guest, and a memory ramp (`bench_e2e_ramp.pl`) timing
+//! informant in the guest, and a memory ramp (`bench_e2e/ramp.pl`) timing
 //! itself by the guest's clock.
 //!
 //! Each run is a fresh 512 MiB guest (CUs of 128 MiB, up to 16) whose
@@ -27,7 +27,9 @@ use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};
 use crate::steps::Steps;
 
-const RAMP_PL: &str = include_str!("bench_e2e_ramp.pl");
+mod report;
+
+const RAMP_PL: &str = include_str!("ramp.pl");
 const BOOT_MIB: u64 = 512;
 const CU_MIB: u64 = 128;
 const MAX_CUS: u32 = 16;
@@ -44,16 +46,21 @@ enum Mode {
     /// under TCG alone grows the VM by whole CUs, memory included) counted,
     /// not acted on. Shows how fast the memory signals themselves are.
     MemoryEvents,
+    /// Event-driven, the informant's usage watermark sent when use reaches
+    /// the line, not ahead of it (`--watermark-lead-ms 0`): how fast the
+    /// reaction itself is, every plug after a crossing.
+    NoLead,
     Polling,
 }
 
-const MODES: [Mode; 3] = [Mode::Events, Mode::MemoryEvents, Mode::Polling];
+const MODES: [Mode; 4] = [Mode::Events, Mode::NoLead, Mode::MemoryEvents, Mode::Polling];
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Events => "event-driven",
             Mode::MemoryEvents => "memory events only",
+            Mode::NoLead => "event-driven, no lead",
             Mode::Polling => "polling",
         }
     }
@@ -62,7 +69,7 @@ impl Mode {
     /// comparison (Neon: 100 ms samples, 500 ms average, agent loop 5 s).
     fn policy(self) -> &'static str {
         match self {
-            Mode::Events => "",
+            Mode::Events | Mode::NoLead => "",
             Mode::MemoryEvents => "ignore_pressure = [\"psi_cpu\"]",
             Mode::Polling => "[policy.polling]\nloop_interval_ms = 5000\nsample_average_ms = 500",
         }
@@ -74,6 +81,7 @@ impl Mode {
     fn informant_args(self) -> &'static [&'static str] {
         match self {
             Mode::Events | Mode::MemoryEvents => &[],
+            Mode::NoLead => &["--watermark-lead-ms", "0"],
             Mode::Polling => &["--sample-interval-ms", "100"],
         }
     }
@@ -132,6 +140,10 @@ struct Run {
     oom_kills: usize,
     victims: Vec<String>,
     crossings: usize,
+    /// The informant's `usage_watermark` events sent ahead of the line
+    /// (projected) and at it.
+    watermark_ahead: usize,
+    watermark_at_line: usize,
     relief_ms: Vec<f64>,
     floor_ms: Vec<f64>,
     dimms: usize,
@@ -158,6 +170,12 @@ impl Console {
     }
     fn count(&self, what: &str) -> usize {
         self.bench(what).count()
+    }
+    /// The informant's watermark events: (ahead of the line, at it).
+    fn watermark_events(&self) -> (usize, usize) {
+        let ev = || self.lines.iter().filter(|(_, l)| l.contains("usage watermark event"));
+        let at = ev().filter(|(_, l)| l.contains("at_line=true")).count();
+        (ev().count() - at, at)
     }
     fn has(&self, s: &str) -> bool {
         self.lines.iter().any(|(_, l)| l.contains(s))
@@ -251,7 +269,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             "ramps to {TARGET_MIB} MiB in a {BOOT_MIB} MiB guest at {}; \
              {reps} run(s) per mode and step, alternating (about {} minutes)",
             plan.iter().flatten().map(|s| s.name()).collect::<Vec<_>>().join("; "),
-            if quick { 5 } else { 14 }
+            if quick { 7 } else { 19 }
         ),
         || {
             for ladder in &plan {
@@ -286,7 +304,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     )?;
     let load_after = loadavg();
     let minutes = started.elapsed().as_secs_f64() / 60.0;
-    let (v, md) = summarize(&runs, quick, &date, &load_before, &load_after, minutes);
+    let (v, md) = report::summarize(&runs, quick, &date, &load_before, &load_after, minutes);
     let json_path = target.join("bench/e2e.json");
     fs::write(&json_path, serde_json::to_string_pretty(&v)?)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -299,7 +317,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 fn describe(r: &Run) -> String {
     let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
     format!(
-        "{} at {}: reached {} MiB/s, {}; {} crossings of 90%, relief p50 {} ms max {} ms; floor {:?} ms; \
+        "{} at {}: reached {} MiB/s, {}; {} crossings of 90%, relief p50 {} ms max {} ms; watermark events {} ahead, {} at the line; floor {:?} ms; \
          {} DIMMs; {} pressure events {:?}; OOM kills {}{}",
         r.mode.name(),
         r.step.name(),
@@ -308,6 +326,8 @@ fn describe(r: &Run) -> String {
         r.crossings,
         f(pct(&r.relief_ms, 50.0)),
         f(pct(&r.relief_ms, 100.0)),
+        r.watermark_ahead,
+        r.watermark_at_line,
         r.floor_ms.iter().map(|x| x.round()).collect::<Vec<_>>(),
         r.dimms,
         r.pressure_events,
@@ -329,7 +349,8 @@ fn one_run(
 ) -> anyhow::Result<Run> {
     let run_dir = dir.join(format!(
         "{n:02}-{}-{}-{}x{}",
-        mode.name().replace(' ', "-"),
+        // A path QEMU takes in its options: no commas.
+        mode.name().replace([' ', ','], "-").replace("--", "-"),
         step.target.value(),
         step.rate,
         step.workers
@@ -421,6 +442,7 @@ fn one_run(
         })
         .unwrap_or_default();
     let victims = console.oom_victims();
+    let (watermark_ahead, watermark_at_line) = console.watermark_events();
     Ok(Run {
         mode,
         step,
@@ -429,6 +451,8 @@ fn one_run(
         oom_kills: victims.len(),
         victims,
         crossings,
+        watermark_ahead,
+        watermark_at_line,
         relief_ms,
         floor_ms,
         dimms: dimms.len(),
@@ -471,240 +495,4 @@ fn floor(vm: &mut Vm, console: &mut Console) -> anyhow::Result<Vec<f64>> {
         qmp.execute("object-del", json!({ "id": mem }))?;
     }
     Ok(out)
-}
-
-/// Pressure events by kind summed over runs.
-fn kinds(rs: &[&Run]) -> std::collections::BTreeMap<String, u64> {
-    let mut m = std::collections::BTreeMap::new();
-    for r in rs {
-        for (k, n) in &r.pressure_kinds {
-            *m.entry(k.clone()).or_default() += n;
-        }
-    }
-    m
-}
-
-/// The figures (JSON) and the BENCHMARKS.md section.
-#[allow(clippy::too_many_lines)]
-fn summarize(
-    runs: &[Run],
-    quick: bool,
-    date: &str,
-    load_before: &str,
-    load_after: &str,
-    minutes: f64,
-) -> (Value, String) {
-    let of = |m: Mode| runs.iter().filter(move |r| r.mode == m);
-    let at = |m: Mode, step: Step| of(m).filter(move |r| r.step == step);
-    let relief_of = |rs: &mut dyn Iterator<Item = &Run>| {
-        rs.flat_map(|r| r.relief_ms.iter().copied()).collect::<Vec<f64>>()
-    };
-    let relief_e = relief_of(&mut of(Mode::Events));
-    let relief_p = relief_of(&mut of(Mode::Polling));
-    let relief_m = relief_of(&mut of(Mode::MemoryEvents));
-    let oom_m: usize = of(Mode::MemoryEvents).map(|r| r.oom_kills).sum();
-    let floors: Vec<f64> = runs.iter().flat_map(|r| r.floor_ms.iter().copied()).collect();
-    let floor_p50 = pct(&floors, 50.0);
-    let e_p50 = pct(&relief_e, 50.0);
-    let e_p99 = pct(&relief_e, 99.0);
-    let p_p99 = pct(&relief_p, 99.0);
-    let oom_e: usize = of(Mode::Events).map(|r| r.oom_kills).sum();
-    let oom_p: usize = of(Mode::Polling).map(|r| r.oom_kills).sum();
-    let mut steps: Vec<Step> = Vec::new();
-    for r in runs {
-        if !steps.contains(&r.step) {
-            steps.push(r.step);
-        }
-    }
-    let oom_at = |m: Mode, step: Step| at(m, step).map(|r| r.oom_kills).sum::<usize>();
-    // Per target: the fastest step whose event-driven runs saw no OOM kill,
-    // as the slowest of those runs reached.
-    let max_ok = |target: Target| {
-        steps
-            .iter()
-            .filter(|s| s.target == target && oom_at(Mode::Events, **s) == 0)
-            .filter_map(|&s| at(Mode::Events, s).filter_map(|r| r.achieved).reduce(f64::min))
-            .reduce(f64::max)
-    };
-    let max_shipped = max_ok(Target::Shipped);
-    let max_watermark = max_ok(Target::Watermark);
-    let split: Vec<Step> = steps
-        .iter()
-        .copied()
-        .filter(|&s| oom_at(Mode::Events, s) == 0 && oom_at(Mode::Polling, s) > 0)
-        .collect();
-    let relief_met = e_p99.zip(floor_p50).map(|(p, f)| p <= RELIEF_TARGET_X * f);
-    let steps_json: Vec<Value> = steps
-        .iter()
-        .map(|&step| {
-            let per = |m: Mode| {
-                let rs: Vec<&Run> = at(m, step).collect();
-                let rel = relief_of(&mut rs.iter().copied());
-                json!({
-                    "runs": rs.len(),
-                    "achieved_mib_per_s": rs.iter().map(|r| r.achieved).collect::<Vec<_>>(),
-                    "oom_kills": rs.iter().map(|r| r.oom_kills).sum::<usize>(),
-                    "crossings": rs.iter().map(|r| r.crossings).sum::<usize>(),
-                    "relief_samples": rel.len(),
-                    "relief_p50_ms": pct(&rel, 50.0),
-                    "relief_max_ms": pct(&rel, 100.0),
-                    "pressure_events": rs.iter().map(|r| r.pressure_events).collect::<Vec<_>>(),
-                    "pressure_kinds": kinds(&rs),
-                    "dimms_at_end": rs.iter().map(|r| r.dimms).collect::<Vec<_>>(),
-                })
-            };
-            json!({
-                "memory_target": step.target.value(),
-                "rate_mib_per_s": step.rate,
-                "workers": step.workers,
-                "event_driven": per(Mode::Events),
-                "memory_events_only": per(Mode::MemoryEvents),
-                "polling": per(Mode::Polling),
-            })
-        })
-        .collect();
-    let v = json!({
-        "date": date,
-        "quick": quick,
-        "load_before": load_before,
-        "load_after": load_after,
-        "minutes": minutes,
-        "guest": { "boot_mib": BOOT_MIB, "cu_mib": CU_MIB, "max_cus": MAX_CUS, "ramp_to_mib": TARGET_MIB },
-        "relief_p50_ms": e_p50,
-        "relief_p99_ms": e_p99,
-        "relief_samples": relief_e.len(),
-        "relief_p50_ms_memory_events_only": pct(&relief_m, 50.0),
-        "relief_p99_ms_memory_events_only": pct(&relief_m, 99.0),
-        "relief_samples_memory_events_only": relief_m.len(),
-        "oom_kills_memory_events_only": oom_m,
-        "relief_p50_ms_polling": pct(&relief_p, 50.0),
-        "relief_p99_ms_polling": p_p99,
-        "relief_samples_polling": relief_p.len(),
-        "hotplug_floor_ms": floor_p50,
-        "hotplug_floor_p99_ms": pct(&floors, 99.0),
-        "hotplug_floor_samples": floors.len(),
-        "oom_kills_event_driven": oom_e,
-        "oom_kills_polling": oom_p,
-        "ramp_mib_per_s_max": max_shipped,
-        "ramp_mib_per_s_max_target_0_9": max_watermark,
-        "steps_event_driven_clean_polling_oom": split.iter().map(|s| s.name()).collect::<Vec<_>>(),
-        "targets": {
-            "relief_p99_within_1_5x_floor": relief_met,
-            "zero_oom_event_driven_where_polling_has_some": !split.is_empty(),
-        },
-        "steps": steps_json,
-    });
-
-    let ms = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.0} ms"));
-    let verdict = |ok: Option<bool>| match ok {
-        Some(true) => "met",
-        Some(false) => "MISSED",
-        // No sample: use never passed 90% (memory came first), or no run.
-        None => "not shown: no crossing",
-    };
-    let mibs = |x: Option<f64>| x.map_or("none".into(), |x| format!("{x:.0} MiB/s"));
-    let rate_list = {
-        let mut names: Vec<String> = Vec::new();
-        for s in &steps {
-            if !names.contains(&s.rate_name()) {
-                names.push(s.rate_name());
-            }
-        }
-        names.join("; ")
-    };
-    let reps = runs.len() / (MODES.len() * steps.len()).max(1);
-    let mut md = String::new();
-    md.push_str("## End to end: relief under a memory ramp, event-driven against polling\n\n");
-    md.push_str(&format!(
-        "Command: `cargo xtask bench e2e{}` (figures also in `target/bench/e2e.json`).{}\n\n",
-        if quick { " --quick" } else { "" },
-        if quick { " **Quick run**: one run per mode and step, fewer rates." } else { "" }
-    ));
-    md.push_str(&format!(
-        "Run {date} on 2 cores, QEMU under TCG; {minutes:.1} minutes, {} runs; load average before {load_before} \
-         and after {load_after} (1, 5, 15 min).\n\n",
-        runs.len()
-    ));
-    md.push_str("| figure | value | target | |\n|---|---:|---|---|\n");
-    md.push_str(&format!(
-        "| `relief_p50_ms`: use past 90% to new memory online, guest clock, event-driven | {} ({} samples) | | |\n",
-        ms(e_p50),
-        relief_e.len()
-    ));
-    md.push_str(&format!(
-        "| `relief_p99_ms`, event-driven | {} | ≤ {RELIEF_TARGET_X}x floor = {} | {} |\n",
-        ms(e_p99),
-        ms(floor_p50.map(|f| f * RELIEF_TARGET_X)),
-        verdict(relief_met)
-    ));
-    md.push_str(&format!(
-        "| relief p99 (p50), memory events only: CPU pressure not acted on | {} ({}; {} samples) | | |\n",
-        ms(pct(&relief_m, 99.0)),
-        ms(pct(&relief_m, 50.0)),
-        relief_m.len()
-    ));
-    md.push_str(&format!(
-        "| `relief_p99_ms_polling` (p50 {}) | {} ({} samples) | | |\n",
-        ms(pct(&relief_p, 50.0)),
-        ms(p_p99),
-        relief_p.len()
-    ));
-    md.push_str(&format!(
-        "| `hotplug_floor_ms`: raw QMP DIMM plug to the guest's MemTotal grown, p50 (p99 {}) | {} ({} samples) | | |\n",
-        ms(pct(&floors, 99.0)),
-        ms(floor_p50),
-        floors.len()
-    ));
-    md.push_str(&format!(
-        "| `oom_kills_event_driven`, `oom_kills_polling` (memory events only: {oom_m}), all runs at {rate_list} | {oom_e}, {oom_p} | 0 event-driven where polling has some | {} |\n",
-        verdict(Some(!split.is_empty()))
-    ));
-    md.push_str(&format!(
-        "| `ramp_mib_per_s_max`: fastest ramp without OOM kill, event-driven, as reached (target 0.75; at 0.9) | {} ({}) | | |\n\n",
-        mibs(max_shipped),
-        mibs(max_watermark)
-    ));
-    md.push_str(&format!(
-        "Each run boots a fresh guest of {BOOT_MIB} MiB (CUs of 1/8 vCPU and {CU_MIB} MiB, pc-dimm, at most \
-         {MAX_CUS} CUs) on a node of 4 vCPU and 4 GiB; its workload (`xtask/src/bench_e2e_ramp.pl`, perl in the \
-         guest's workload cgroup) fills anonymous memory in 4 MiB chunks up to {TARGET_MIB} MiB from one or \
-         more processes while a watcher reads `/proc/meminfo` every 5 ms. A relief sample is each time use \
-         (MemTotal - MemAvailable) passes 90% of MemTotal, to the first MemTotal growth after it, both by the \
-         guest's CLOCK_MONOTONIC; use that never passes 90% because memory came first gives no sample. \
-         Event-driven: agent and informant as shipped (pressure events, a sample a second). Memory events \
-         only: the same with `ignore_pressure = [\"psi_cpu\"]` (CPU pressure counted, not acted on). Polling: \
-         `[policy.polling]` (pressure events ignored, the informant sampling every 100 ms, averaged over 500 ms, \
-         the agent deciding every 5 s; the ramp starts after its first tick). Both with `memory_target` 0.75 \
-         (the default) and 0.9 (Neon's watermark; every plug then follows a crossing), and at 0.9 also a slow ramp, where the \
-         guest's CPU (TCG) is less contended and CPU pressure less often grows the VM by whole CUs. The floor: before each \
-         ramp, {FLOOR_PLUGS} DIMMs of one CU plugged and unplugged over a second QMP monitor, from `object-add` \
-         to the guest's line saying MemTotal grew reaching the host (serial console included). Runs alternate \
-         the three modes at each step ({reps} per mode and step); per target the rates rise until the \
-         event-driven agent sees an OOM kill. OOM kills are the guest kernel's.\n\n"
-    ));
-    md.push_str(
-        "| target | rate asked | mode | reached MiB/s | OOM kills | 90% crossings | relief p50 | relief max | pressure events (all runs) | DIMMs at end |\n\
-         |---|---|---|---|---|---|---:|---:|---|---|\n",
-    );
-    for &step in &steps {
-        for m in MODES {
-            let rs: Vec<&Run> = at(m, step).collect();
-            let rel = relief_of(&mut rs.iter().copied());
-            let join = |f: &dyn Fn(&Run) -> String| rs.iter().map(|r| f(r)).collect::<Vec<_>>().join(", ");
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                step.target.value(),
-                step.rate_name(),
-                m.name(),
-                join(&|r| r.achieved.map_or("-".into(), |x| format!("{x:.0}"))),
-                join(&|r| r.oom_kills.to_string()),
-                join(&|r| r.crossings.to_string()),
-                ms(pct(&rel, 50.0)),
-                ms(pct(&rel, 100.0)),
-                kinds(&rs).iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
-                join(&|r| r.dimms.to_string()),
-            ));
-        }
-    }
-    (v, md)
 }

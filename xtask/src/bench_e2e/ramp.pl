@@ -2,7 +2,7 @@
 # workload (in the host's root, read-only over 9p; perl with Time::HiRes,
 # which Debian's perl ships).
 #
-#   perl bench_e2e_ramp.pl MIB_PER_S TARGET_MIB GO_FILE [WORKERS]
+#   perl ramp.pl MIB_PER_S TARGET_MIB GO_FILE [WORKERS]
 #
 # Until GO_FILE exists it only watches MemTotal, so the host can time raw
 # DIMM plugs against what the guest sees (the hotplug floor). Then WORKERS
