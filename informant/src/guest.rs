@@ -185,7 +185,8 @@ impl Guest {
         let mut warnings = Vec::new();
         for (n, _) in blocks.iter().filter(|(_, s)| s == "offline") {
             let state = self.memory_dir.join(format!("memory{n}/state"));
-            match online_block(|s| fs::write(&state, s)) {
+            let read = || fs::read_to_string(&state).map(|s| s.trim().to_owned());
+            match online_block(|s| fs::write(&state, s), read) {
                 Ok(how) => info!(block = n, how, "memory block online"),
                 Err(e) => {
                     warn!(block = n, "memory block would not come online: {e}");
@@ -212,10 +213,22 @@ impl Guest {
 
 /// Writes `online_movable`, falling back to `online` when the kernel refuses
 /// (a block next to normal memory cannot be movable). Returns what worked.
-fn online_block(mut write: impl FnMut(&str) -> io::Result<()>) -> io::Result<&'static str> {
+/// A block the kernel onlined itself meanwhile (`memhp_default_state`: it
+/// lists as offline for a moment after the plug, then the write finds it
+/// online and fails with EINVAL) is no failure: `state` reads `online`.
+fn online_block(
+    mut write: impl FnMut(&str) -> io::Result<()>,
+    state: impl Fn() -> io::Result<String>,
+) -> io::Result<&'static str> {
+    let online_already = || state().is_ok_and(|s| s == "online");
     match write("online_movable") {
         Ok(()) => Ok("online_movable"),
-        Err(_) => write("online").map(|()| "online"),
+        Err(_) if online_already() => Ok("by the kernel"),
+        Err(_) => match write("online") {
+            Ok(()) => Ok("online"),
+            Err(_) if online_already() => Ok("by the kernel"),
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -298,17 +311,30 @@ mod tests {
     #[test]
     fn a_block_refusing_movable_comes_online_as_normal_memory() {
         let mut tried = Vec::new();
-        let how = online_block(|s| {
-            tried.push(s.to_owned());
-            if s == "online_movable" {
-                Err(io::Error::from_raw_os_error(22))
-            } else {
-                Ok(())
-            }
-        });
+        let offline = || Ok("offline".to_owned());
+        let how = online_block(
+            |s| {
+                tried.push(s.to_owned());
+                if s == "online_movable" {
+                    Err(io::Error::from_raw_os_error(22))
+                } else {
+                    Ok(())
+                }
+            },
+            offline,
+        );
         assert_eq!(how.unwrap(), "online");
         assert_eq!(tried, ["online_movable", "online"]);
-        assert!(online_block(|_| Err(io::Error::from_raw_os_error(16))).is_err());
+        assert!(online_block(|_| Err(io::Error::from_raw_os_error(16)), offline).is_err());
+    }
+
+    #[test]
+    fn a_block_the_kernel_onlined_first_is_no_failure() {
+        let refused = |_: &str| Err(io::Error::from_raw_os_error(22));
+        assert_eq!(online_block(refused, || Ok("online".to_owned())).unwrap(), "by the kernel");
+        // Unreadable state: the write's error stands.
+        let unreadable = || Err(io::Error::from_raw_os_error(5));
+        assert_eq!(online_block(refused, unreadable).unwrap_err().raw_os_error(), Some(22));
     }
 
     #[test]
