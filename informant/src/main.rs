@@ -26,7 +26,8 @@ struct Args {
     /// Sampler period in milliseconds (overrides the file).
     #[arg(long)]
     sample_interval_ms: Option<u64>,
-    /// Initial lead of the usage watermark's event, ms; 0: at the line (overrides the file).
+    /// Least lead of the usage watermark's event ahead of the line, ms (longer when memory was
+    /// slower to arrive); 0: at the line (overrides the file).
     #[arg(long)]
     watermark_lead_ms: Option<u64>,
     /// Do not load the eBPF programs.

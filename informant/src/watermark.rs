@@ -285,8 +285,8 @@ impl WatermarkSource {
     /// Checks that `/proc/meminfo` reads and parses here.
     /// `interval` is the shortest time between reads; `max_ramp_bytes_per_s`
     /// the fastest growth of use the reads must keep up with; `lead` how
-    /// far ahead of the line events go until arrivals are timed (zero: at
-    /// the line, nothing learned).
+    /// far ahead of the line events go at least, longer when arrivals were
+    /// slower (zero: at the line, nothing learned).
     pub fn start(
         meminfo: PathBuf,
         fraction: f64,
@@ -307,7 +307,7 @@ impl WatermarkSource {
                     fraction,
                     min_interval_ms = interval.as_millis(),
                     max_ramp_mib_per_s = max_ramp_bytes_per_s >> 20,
-                    initial_lead_ms = lead.as_millis(),
+                    lead_ms = lead.as_millis(),
                     "usage watermark armed"
                 );
                 let s = WatermarkSource { meminfo, fraction, interval, max_ramp_bytes_per_s, lead };
