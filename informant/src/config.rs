@@ -395,6 +395,12 @@ mod tests {
         assert_eq!(c.listen, ListenAddr::Vsock { cid: VSOCK_CID_ANY, port: 7072 });
         assert_eq!(c.downscale, DownscaleConfig::default());
         assert_eq!(c.psi.memory, TriggerConfig::default());
+        // "defaults shown": the watermark's keys too.
+        let d = Config::default();
+        assert_eq!(
+            (c.watermark, c.watermark_check_ms, c.watermark_max_ramp_mib_per_s, c.watermark_lead_ms),
+            (d.watermark, d.watermark_check_ms, d.watermark_max_ramp_mib_per_s, d.watermark_lead_ms)
+        );
     }
 
     #[test]
