@@ -28,6 +28,7 @@ use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};
 use crate::steps::Steps;
 
 mod report;
+mod split;
 
 const RAMP_PL: &str = include_str!("ramp.pl");
 const BOOT_MIB: u64 = 512;
@@ -145,6 +146,8 @@ struct Run {
     watermark_ahead: usize,
     watermark_at_line: usize,
     relief_ms: Vec<f64>,
+    /// Where each relief sample's time went, as far as the agent's log tells.
+    split: Vec<split::Split>,
     floor_ms: Vec<f64>,
     dimms: usize,
     pressure_events: u64,
@@ -197,14 +200,19 @@ fn value(line: &str, key: &str) -> Option<f64> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// Each 90% crossing paired with the first growth after it (guest clock),
-/// in ms; and how many crossings there were.
-fn relief(c: &Console) -> (usize, Vec<f64>) {
+/// Each 90% crossing paired with the first growth after it (guest clock,
+/// s); and how many crossings there were.
+fn relief_pairs(c: &Console) -> (usize, Vec<(f64, f64)>) {
     let grew: Vec<f64> = c.bench("grew").filter_map(|(_, l)| value(l, "t")).collect();
     let crosses: Vec<f64> = c.bench("cross90").filter_map(|(_, l)| value(l, "t")).collect();
-    let out =
-        crosses.iter().filter_map(|x| grew.iter().find(|g| **g >= *x).map(|g| (g - x) * 1000.0)).collect();
+    let out = crosses.iter().filter_map(|x| grew.iter().find(|g| **g >= *x).map(|g| (*x, *g))).collect();
     (crosses.len(), out)
+}
+
+/// The relief samples, ms; and how many crossings there were.
+fn relief(c: &Console) -> (usize, Vec<f64>) {
+    let (n, pairs) = relief_pairs(c);
+    (n, pairs.iter().map(|(x, g)| (g - x) * 1000.0).collect())
 }
 
 /// Nearest-rank percentile of `v` (sorted here); `None` when empty.
@@ -425,6 +433,8 @@ fn one_run(
         std::thread::sleep(Duration::from_millis(100));
     }
     let (crossings, relief_ms) = relief(&console);
+    let (_, pairs) = relief_pairs(&console);
+    let split = split::splits(&fs::read_to_string(&node.agent.log).unwrap_or_default(), &pairs);
     let start_t = console.bench("start").find_map(|(_, l)| value(l, "t"));
     let done = console.bench("done").find_map(|(_, l)| Some((value(l, "t")?, value(l, "held")?)));
     let achieved = start_t.zip(done).map(|(s, (t, held))| held / (t - s).max(1e-3));
@@ -454,6 +464,7 @@ fn one_run(
         watermark_ahead,
         watermark_at_line,
         relief_ms,
+        split,
         floor_ms,
         dimms: dimms.len(),
         pressure_events,

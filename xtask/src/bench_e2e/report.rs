@@ -38,6 +38,8 @@ pub(super) fn summarize(
     let relief_p = relief_of(&mut of(Mode::Polling));
     let relief_m = relief_of(&mut of(Mode::MemoryEvents));
     let relief_n = relief_of(&mut of(Mode::NoLead));
+    let split_e = split_p50(&of(Mode::Events).collect::<Vec<_>>());
+    let split_n = split_p50(&of(Mode::NoLead).collect::<Vec<_>>());
     let oom_n: usize = of(Mode::NoLead).map(|r| r.oom_kills).sum();
     let ahead_e: usize = of(Mode::Events).map(|r| r.watermark_ahead).sum();
     let at_line_e: usize = of(Mode::Events).map(|r| r.watermark_at_line).sum();
@@ -122,6 +124,8 @@ pub(super) fn summarize(
         "relief_p50_ms_no_lead": pct(&relief_n, 50.0),
         "relief_p99_ms_no_lead": pct(&relief_n, 99.0),
         "relief_samples_no_lead": relief_n.len(),
+        "relief_split_p50_ms": split_e,
+        "relief_split_p50_ms_no_lead": split_n,
         "oom_kills_no_lead": oom_n,
         "relief_p50_ms_memory_events_only": pct(&relief_m, 50.0),
         "relief_p99_ms_memory_events_only": pct(&relief_m, 99.0),
@@ -196,6 +200,24 @@ pub(super) fn summarize(
         ms(pct(&relief_n, 50.0)),
         relief_n.len()
     ));
+    let split_cell = |v: &Value| {
+        let f = |k: &str| v.get(k).and_then(Value::as_f64).map_or("-".into(), |x| format!("{x:.0}"));
+        match v.get("samples").and_then(Value::as_u64) {
+            Some(n) if n > 0 => format!(
+                "{}; {}; {}; {} ms ({n} samples)",
+                f("event_vs_cross_ms"),
+                f("to_agent_ms"),
+                f("to_plugged_ms"),
+                f("plugged_to_online_ms")
+            ),
+            _ => "n/a".into(),
+        }
+    };
+    md.push_str(&format!(
+        "| where relief went, p50 per part: event stamp less crossing; to the agent; to the DIMM plugged; plugged to online (agent's log against the console), event-driven / no lead | {} / {} | | |\n",
+        split_cell(&split_e),
+        split_cell(&split_n)
+    ));
     md.push_str(&format!(
         "| relief p99 (p50), memory events only: CPU pressure not acted on | {} ({}; {} samples) | | |\n",
         ms(pct(&relief_m, 99.0)),
@@ -269,4 +291,18 @@ pub(super) fn summarize(
         }
     }
     (v, md)
+}
+
+/// The median of each part of the runs' relief samples (`split.rs`), with
+/// how many samples the agent's log accounted for.
+fn split_p50(rs: &[&Run]) -> Value {
+    let all: Vec<&super::split::Split> = rs.iter().flat_map(|r| r.split.iter()).collect();
+    let p50 = |f: fn(&super::split::Split) -> f64| pct(&all.iter().map(|s| f(s)).collect::<Vec<_>>(), 50.0);
+    json!({
+        "samples": all.len(),
+        "event_vs_cross_ms": p50(|s| s.event_vs_cross_ms),
+        "to_agent_ms": p50(|s| s.to_agent_ms),
+        "to_plugged_ms": p50(|s| s.to_plugged_ms),
+        "plugged_to_online_ms": p50(|s| s.plugged_to_online_ms),
+    })
 }
