@@ -30,6 +30,10 @@ struct Args {
     /// slower to arrive); 0: at the line (overrides the file).
     #[arg(long)]
     watermark_lead_ms: Option<u64>,
+    /// How long after pressure a downscale is denied, ms (overrides the file's
+    /// `downscale.pressure_cooldown_ms`).
+    #[arg(long)]
+    pressure_cooldown_ms: Option<u64>,
     /// Do not load the eBPF programs.
     #[arg(long)]
     no_ebpf: bool,
@@ -73,6 +77,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = args.watermark_lead_ms {
         config.watermark_lead_ms = ms;
+    }
+    if let Some(ms) = args.pressure_cooldown_ms {
+        config.downscale.pressure_cooldown_ms = ms;
     }
     if args.no_ebpf {
         config.ebpf = false;
