@@ -432,8 +432,8 @@ fn one_run(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (crossings, relief_ms) = relief(&console);
-    let (_, pairs) = relief_pairs(&console);
+    let (crossings, pairs) = relief_pairs(&console);
+    let relief_ms: Vec<f64> = pairs.iter().map(|(x, g)| (g - x) * 1000.0).collect();
     let split = split::splits(&fs::read_to_string(&node.agent.log).unwrap_or_default(), &pairs);
     let start_t = console.bench("start").find_map(|(_, l)| value(l, "t"));
     let done = console.bench("done").find_map(|(_, l)| Some((value(l, "t")?, value(l, "held")?)));
