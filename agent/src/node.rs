@@ -100,19 +100,22 @@ pub async fn run(
     ));
 
     // Taking VMs in: only with a listen address.
-    let target = cfg.migration.listen.map(|listen| {
-        let t = TargetNode::new(cfg.migration.clone(), handles.metrics.clone());
-        let (adopted, killed) = t.recover();
-        info!(%listen, adopted, killed, "taking VMs in by live migration");
-        let svc = t.clone();
-        let stop = cancel.child_token();
-        tokio::spawn(async move {
-            if let Err(e) = service::serve(svc, listen, stop).await {
-                tracing::error!("{e}; this node takes no VMs in");
-            }
-        });
-        t
-    });
+    let target = match cfg.migration.listen {
+        Some(listen) => {
+            let t = TargetNode::new(cfg.migration.clone(), handles.metrics.clone());
+            let (adopted, killed) = t.recover().await;
+            info!(%listen, adopted, killed, "taking VMs in by live migration");
+            let svc = t.clone();
+            let stop = cancel.child_token();
+            tokio::spawn(async move {
+                if let Err(e) = service::serve(svc, listen, stop).await {
+                    tracing::error!("{e}; this node takes no VMs in");
+                }
+            });
+            Some(t)
+        }
+        None => None,
+    };
     let mut adopted = match &target {
         Some(t) => t.adopted(),
         None => watch::channel(Vec::new()).1,

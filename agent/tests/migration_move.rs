@@ -11,11 +11,13 @@ use std::time::Duration;
 
 use vmscale_agent::migration::command_line::read_base_args;
 use vmscale_agent::migration::source::carry_out;
-use vmscale_agent::migration::target::{IncomingTarget, LocalIncoming};
+use vmscale_agent::migration::target::{
+    kill_unconfirmed, AfterAbort, ConfirmError, Handoff, IncomingTarget, LocalIncoming,
+};
 use vmscale_agent::migration::MoveError;
 use vmscale_agent::qmp::migrate::{Migration, MigrationConfig};
 use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
-use vmscale_agent::qmp::{Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{Endpoint, Hypervisor, QmpClient, QmpVm};
 use vmscale_proto::allocator::migration_status::Phase;
 
 use qmp_support::{client_config, hotplug_config, qemu_or_skip, TempDir, MIB};
@@ -53,6 +55,24 @@ fn phases(reports: &Reports) -> Vec<Phase> {
     reports.lock().unwrap().iter().map(|(p, _)| *p).collect()
 }
 
+/// Whether the QEMU process is gone (or a zombie) within 10 s.
+async fn exits(qemu: &QemuProcess) -> bool {
+    let alive = || {
+        qemu.pid().is_some_and(|p| {
+            std::fs::read(format!("/proc/{p}/stat"))
+                .map(|st| !String::from_utf8_lossy(&st).contains(") Z "))
+                .unwrap_or(false)
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while alive() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 async fn source_runs(client: &QmpClient) -> bool {
     Migration::new(client.clone()).run_status().await.unwrap().running
 }
@@ -70,17 +90,7 @@ async fn a_grown_vm_moves_and_only_the_target_runs_it() {
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
     assert_eq!(done.devices.cpus.len(), 1);
     // The source QEMU quit; the target runs the guest with its devices.
-    let exited = tokio::time::timeout(Duration::from_secs(10), async {
-        while s.source.pid().is_some_and(|p| Path::new(&format!("/proc/{p}/cmdline")).exists())
-            && std::fs::read(format!("/proc/{}/stat", s.source.pid().unwrap()))
-                .map(|st| !String::from_utf8_lossy(&st).contains(") Z "))
-                .unwrap_or(false)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(exited.is_ok(), "the source qemu still runs after the move");
+    assert!(exits(&s.source).await, "the source qemu still runs after the move");
     let target = s.target.client().await.unwrap();
     assert!(source_runs(&target).await);
     assert_eq!(QmpVm::new(target, hotplug_config()).read_size().await.unwrap(), before);
@@ -157,4 +167,93 @@ async fn a_target_that_dies_mid_move_fails_it_and_the_source_runs_on() {
     assert!(e.to_string().contains("migration"), "{e:#}");
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
     assert!(source_runs(&s.client).await);
+}
+
+/// The target behind a network that fails the confirm's answer (and, when
+/// `deliver` is false, the confirm itself) and cannot be asked anything for
+/// the first `silent` aborts.
+struct LossyLink {
+    inner: Arc<LocalIncoming>,
+    deliver: bool,
+    silent: Mutex<u32>,
+    /// Whether the source ran while the target could not be asked.
+    source: QmpClient,
+    source_ran_meanwhile: Mutex<bool>,
+}
+
+#[async_trait::async_trait]
+impl IncomingTarget for LossyLink {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+        self.inner.prepare(handoff).await
+    }
+
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
+        if self.deliver {
+            self.inner.confirm(timeout).await?;
+            self.inner.adopt().await;
+        }
+        Err(ConfirmError::Failed("connection reset before the answer".into()))
+    }
+
+    async fn abort(&self) -> AfterAbort {
+        let unreachable = {
+            let mut silent = self.silent.lock().unwrap();
+            let was = *silent > 0;
+            *silent = silent.saturating_sub(1);
+            was
+        };
+        if !unreachable {
+            return self.inner.abort().await;
+        }
+        if source_runs(&self.source).await {
+            *self.source_ran_meanwhile.lock().unwrap() = true;
+        }
+        AfterAbort::Unknown("unreachable".into())
+    }
+}
+
+#[tokio::test]
+async fn a_confirm_whose_answer_is_lost_completes_the_move_without_resuming_the_source() {
+    let Some(mut s) = setup("move_confirm_lost", |_| {}).await else { return };
+    let link = LossyLink {
+        inner: s.target.clone(),
+        deliver: true,
+        silent: Mutex::new(2),
+        source: s.client.clone(),
+        source_ran_meanwhile: Mutex::new(false),
+    };
+    let (reports, report) = recorder();
+    let config = MigrationConfig { timeout_ms: 60_000, ..MigrationConfig::default() };
+    let e = carry_out(6, "vm-f", &s.client, s.base.clone(), &link, &config, report).await;
+    assert!(e.is_ok(), "the guest runs on the target, so the move is done: {e:?}");
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
+    assert!(!*link.source_ran_meanwhile.lock().unwrap(), "the source ran while the target could not say");
+    // One QEMU runs the guest: the target; the source quit.
+    assert!(exits(&s.source).await, "the source qemu still runs after the move");
+    let target = QmpClient::connect(&Endpoint::Unix(s.target.qmp_path()), client_config()).await.unwrap();
+    assert!(source_runs(&target).await, "the target does not run the guest");
+    drop(target);
+    assert!(kill_unconfirmed(&s._dirs.1.path().join("target")), "the target qemu was not running");
+    s.source.kill().await.ok();
+}
+
+#[tokio::test]
+async fn a_confirm_that_never_arrived_resumes_the_source_once_the_target_says_so() {
+    let Some(s) = setup("move_confirm_unsent", |_| {}).await else { return };
+    let link = LossyLink {
+        inner: s.target.clone(),
+        deliver: false,
+        silent: Mutex::new(2),
+        source: s.client.clone(),
+        source_ran_meanwhile: Mutex::new(false),
+    };
+    let (reports, report) = recorder();
+    let e = carry_out(7, "vm-g", &s.client, s.base.clone(), &link, &MigrationConfig::default(), report)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MoveError::Switchover(_)), "{e:#}");
+    assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
+    assert!(!*link.source_ran_meanwhile.lock().unwrap(), "the source ran while the target could not say");
+    assert!(source_runs(&s.client).await, "the source must run the guest once the target is gone");
+    assert!(s.target.client().await.is_none(), "the target qemu must be gone");
 }

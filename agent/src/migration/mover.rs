@@ -11,8 +11,13 @@
 //! |----------------------|-------------|----------------------------------------|
 //! | confirm not sent     | (any)       | source: target aborted, source resumed |
 //! | confirm sent         | running     | target: source QEMU quits              |
-//! | confirm sent         | not running | source: target aborted, source resumed |
-//! | confirm sent         | unreachable | nowhere yet: asked again until it says |
+//! | confirm sent         | none        | source: target aborted, source resumed |
+//! | confirm sent         | can't say   | nowhere yet: asked again until it says |
+//!
+//! "Target says" is its answer to an abort: it kills its QEMU unless the
+//! guest runs there, and says which. The same rule holds while the agent
+//! runs ([`super::source`]): after a confirm, the source resumes only when
+//! the target says none.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,12 +29,11 @@ use tracing::{info, warn};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::migration_status::Phase;
-use vmscale_proto::migration::status_reply::State as TargetState;
 
 use super::command_line::read_qemu_base_args;
 use super::remote::RemoteTarget;
 use super::source::carry_out;
-use super::target::{Handoff, IncomingTarget};
+use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use crate::allocator_link::{Registry, Session};
 use crate::qmp::migrate::{Migration, MigrationConfig};
 use crate::qmp::QmpClient;
@@ -83,6 +87,14 @@ pub struct MoveRecord {
     pub spec: VmSpec,
     /// Set just before the target is asked to resume the guest.
     pub confirm_sent: bool,
+    /// Whether the guest ran on the source before the move: a VM paused
+    /// there is not resumed by a failed move.
+    #[serde(default = "ran_before")]
+    pub source_running: bool,
+}
+
+fn ran_before() -> bool {
+    true
 }
 
 fn record_path(state_dir: &Path, vm: &str) -> PathBuf {
@@ -222,6 +234,11 @@ impl MoverNode {
             return Err(format!("the VM's last scaling action did not finish within {QUIET_TIMEOUT:?}"));
         }
         let base = read_qemu_base_args(&vm.client, &self.proc_root).await?;
+        let source_running = Migration::new(vm.client.clone())
+            .run_status()
+            .await
+            .map_err(|e| format!("cannot ask the source qemu whether the guest runs: {e:#}"))?
+            .running;
         let target = RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone())?;
         let record = MoveRecord {
             order_id: id,
@@ -231,6 +248,7 @@ impl MoverNode {
             qmp: vm.spec.qmp.clone(),
             spec: vm.spec.clone(),
             confirm_sent: false,
+            source_running,
         };
         write_record(&self.state_dir, &record).map_err(|e| format!("cannot record the move: {e}"))?;
         // The confirm is the one step that lets the target run the guest:
@@ -281,17 +299,18 @@ impl IncomingTarget for Recorded<'_> {
         self.inner.prepare(handoff).await
     }
 
-    async fn confirm(&self, timeout: Duration) -> Result<(), String> {
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
         {
             let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
             r.confirm_sent = true;
-            write_record(self.state_dir, &r).map_err(|e| format!("cannot record the confirm: {e}"))?;
+            write_record(self.state_dir, &r)
+                .map_err(|e| ConfirmError::NotDelivered(format!("cannot record the confirm: {e}")))?;
         }
         self.inner.confirm(timeout).await
     }
 
-    async fn abort(&self) {
-        self.inner.abort().await;
+    async fn abort(&self) -> AfterAbort {
+        self.inner.abort().await
     }
 }
 
@@ -306,20 +325,18 @@ pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Option<Ended> {
             return settle(node, r, false).await;
         }
     };
-    let runs_there = if r.confirm_sent {
-        match target.status().await {
-            Ok(s) => s == TargetState::Running,
-            Err(e) => {
-                warn!(order = r.order_id, vm = %r.vm, "cannot ask the target whether it runs the guest: {e}");
-                return None;
-            }
+    let runs_there = match target.abort().await {
+        AfterAbort::RunsThere => true,
+        AfterAbort::Gone => false,
+        // Before the confirm the target never runs the guest: whatever it
+        // says, the source may resume (an unreachable target kills its
+        // unconfirmed QEMU by itself).
+        AfterAbort::Unknown(_) if !r.confirm_sent => false,
+        AfterAbort::Unknown(e) => {
+            warn!(order = r.order_id, vm = %r.vm, "cannot ask the target whether it runs the guest: {e}");
+            return None;
         }
-    } else {
-        false
     };
-    if !runs_there {
-        target.abort().await;
-    }
     settle(node, r, runs_there).await
 }
 
@@ -351,7 +368,7 @@ async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Option<En
                 .await;
             }
             let status = out.run_status().await;
-            if status.is_ok_and(|s| !s.running) {
+            if r.source_running && status.is_ok_and(|s| !s.running) {
                 if let Err(e) = c.execute::<serde_json::Value>("cont", None).await {
                     warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {e:#}");
                 }

@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use vmscale_proto::migration as pb;
 use vmscale_proto::migration::migration_target_client::MigrationTargetClient;
 
-use super::target::{Handoff, IncomingTarget};
+use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use crate::vms::VmSpec;
 
 /// How long an abort may take before the source gives up on it.
@@ -43,17 +43,6 @@ impl RemoteTarget {
         })
     }
 
-    /// Where the move stands on the target.
-    pub async fn status(&self) -> Result<pb::status_reply::State, String> {
-        let r = self
-            .client
-            .clone()
-            .status(pb::StatusRequest { order_id: self.order_id })
-            .await
-            .map_err(|s| self.why(&s))?;
-        Ok(r.into_inner().state())
-    }
-
     fn why(&self, s: &tonic::Status) -> String {
         format!("target agent at {}: {:?}: {}", self.endpoint, s.code(), s.message())
     }
@@ -76,27 +65,66 @@ impl IncomingTarget for RemoteTarget {
         Ok(r.into_inner().uri)
     }
 
-    async fn confirm(&self, timeout: Duration) -> Result<(), String> {
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let req = pb::ConfirmRequest { order_id: self.order_id, timeout_ms: ms };
-        self.client.clone().confirm(req).await.map_err(|s| self.why(&s))?;
-        Ok(())
+        match self.client.clone().confirm(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if never_connected(&s) => Err(ConfirmError::NotDelivered(self.why(&s))),
+            Err(s) => Err(ConfirmError::Failed(self.why(&s))),
+        }
     }
 
-    async fn abort(&self) {
-        // Short: the source resumes its guest and reports only after this,
-        // and a target that cannot be reached kills its QEMU by itself.
+    async fn abort(&self) -> AfterAbort {
+        // Short: a target that cannot be reached is asked again by the
+        // caller if it matters (after a confirm), and kills an unconfirmed
+        // QEMU by itself otherwise.
         let req = pb::AbortRequest { order_id: self.order_id };
-        match tokio::time::timeout(ABORT_TIMEOUT, self.client.clone().abort(req)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(s)) => {
-                tracing::warn!(order = self.order_id, "{}; it kills its QEMU by itself later", self.why(&s));
+        let why = match tokio::time::timeout(ABORT_TIMEOUT, self.client.clone().abort(req)).await {
+            Ok(Ok(r)) => match r.into_inner().state() {
+                pb::status_reply::State::None => return AfterAbort::Gone,
+                pb::status_reply::State::Running => return AfterAbort::RunsThere,
+                other => format!("target agent at {} answered the abort with {other:?}", self.endpoint),
+            },
+            Ok(Err(s)) => self.why(&s),
+            Err(_) => {
+                format!("target agent at {} did not answer the abort within {ABORT_TIMEOUT:?}", self.endpoint)
             }
-            Err(_) => tracing::warn!(
-                order = self.order_id,
-                "target agent at {} did not answer the abort within {ABORT_TIMEOUT:?}; it kills its QEMU by itself later",
-                self.endpoint
-            ),
+        };
+        tracing::warn!(order = self.order_id, "{why}");
+        AfterAbort::Unknown(why)
+    }
+}
+
+/// Whether a call failed while connecting, so the request never left: the
+/// peer refused the connection (nothing listens: its agent is down). A
+/// reset or timeout on a connection that was up says nothing of the sort.
+fn never_connected(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
         }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_confirm_to_an_agent_that_is_down_was_never_delivered() {
+        // A port nobody listens on: the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let t =
+            RemoteTarget::new(&format!("http://127.0.0.1:{port}"), 3, crate::vms::tests::spec("vm")).unwrap();
+        let e = t.confirm(Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(e, ConfirmError::NotDelivered(_)), "{e:?}");
+        assert!(matches!(t.abort().await, AfterAbort::Unknown(_)));
     }
 }

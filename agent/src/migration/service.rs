@@ -4,10 +4,13 @@
 //! source agent confirms, kills an incoming QEMU nobody confirmed in time,
 //! and hands a VM that arrived to the node as one of its own.
 //!
-//! What it took in survives an agent restart: each adopted VM's spec is
-//! written to `<state_dir>/adopted/<vm>.json` (its QEMU runs on in its own
-//! process group), and [`TargetNode::recover`] kills the incoming QEMUs of
-//! moves nobody confirmed (paused with -S, they never ran the guest).
+//! What it took in survives an agent restart: each confirmed order and its
+//! VM's spec are written to `<state_dir>/adopted/<vm>.json` *before* the
+//! guest is resumed (its QEMU runs on in its own process group), so a
+//! restarted agent still answers that the guest runs here; and
+//! [`TargetNode::recover`] kills the incoming QEMUs of moves nobody
+//! confirmed (paused with -S, they never ran the guest) and resumes a
+//! confirmed guest a restart caught before its resume.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +28,24 @@ use vmscale_proto::migration::status_reply::State as WireState;
 use super::remote::WireHandoff;
 use super::settings::MigrationSettings;
 use super::target::{kill_unconfirmed, IncomingTarget, LocalIncoming};
+use crate::qmp::migrate::Migration;
+use crate::qmp::{ClientConfig, Endpoint, QmpClient};
 use crate::vms::VmSpec;
+
+/// How long a restarted agent waits for a confirmed guest's stream to land.
+const RECOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// `<state_dir>/adopted/<vm>.json`: a VM taken in under a confirmed order.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct AdoptedRecord {
+    order_id: u64,
+    /// The guest is to run here (it ran on the source).
+    resume: bool,
+    /// Set once it was resumed here: a guest found paused after that was
+    /// paused by someone else, and stays so.
+    resumed: bool,
+    spec: VmSpec,
+}
 
 /// How long a prepare waits for the allocator's copy of its order.
 const AUTHORISATION_WAIT: Duration = Duration::from_secs(3);
@@ -112,27 +132,42 @@ impl TargetNode {
     }
 
     /// After a start: VMs taken in before are adopted again when their QEMU
-    /// is still there; incoming QEMUs nobody confirmed are killed. Returns
-    /// how many of each.
-    pub fn recover(&self) -> (usize, usize) {
-        let mut specs = Vec::new();
+    /// is still there (a confirmed guest a restart caught paused before its
+    /// resume is resumed first); incoming QEMUs nobody confirmed are killed.
+    /// Returns how many of each.
+    pub async fn recover(&self) -> (usize, usize) {
+        let mut records = Vec::new();
         for path in json_files(&self.adopted_dir()) {
-            let spec = std::fs::read(&path)
+            let record = std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<VmSpec>(&b).map_err(|e| e.to_string()));
-            match spec {
-                Ok(s) if Path::new(&s.qmp).exists() => specs.push(s),
-                Ok(s) => {
-                    info!(vm = %s.id, "a VM taken in earlier is gone (no QMP socket); forgetting it");
+                .and_then(|b| serde_json::from_slice::<AdoptedRecord>(&b).map_err(|e| e.to_string()));
+            let r = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("ignoring {}: {e}", path.display());
+                    continue;
+                }
+            };
+            if !Path::new(&r.spec.qmp).exists() {
+                info!(vm = %r.spec.id, "a VM taken in earlier is gone (no QMP socket); forgetting it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            match bring_up(&r).await {
+                Ok(()) => records.push(r),
+                Err(why) => {
+                    warn!(vm = %r.spec.id, order = r.order_id, "a VM confirmed here does not run: {why}; its QEMU is killed");
+                    if let Some(dir) = Path::new(&r.spec.qmp).parent() {
+                        kill_unconfirmed(dir);
+                    }
                     let _ = std::fs::remove_file(&path);
                 }
-                Err(e) => warn!("ignoring {}: {e}", path.display()),
             }
         }
         let mut killed = 0;
         if let Ok(dirs) = std::fs::read_dir(self.incoming_dir()) {
             for d in dirs.flatten().map(|d| d.path()) {
-                let kept = specs.iter().any(|s| Path::new(&s.qmp).starts_with(&d));
+                let kept = records.iter().any(|r| Path::new(&r.spec.qmp).starts_with(&d));
                 if !kept {
                     if kill_unconfirmed(&d) {
                         warn!(dir = %d.display(), "killed an incoming QEMU nobody confirmed before the restart");
@@ -142,18 +177,24 @@ impl TargetNode {
                 }
             }
         }
-        let n = specs.len();
-        self.adopted.send_replace(specs);
+        {
+            let mut st = self.state();
+            for r in &records {
+                st.moves.insert(r.order_id, Move::Running { vm: r.spec.id.clone() });
+            }
+        }
+        let n = records.len();
+        self.adopted.send_replace(records.into_iter().map(|r| r.spec).collect());
         (n, killed)
     }
 
-    fn persist(&self, spec: &VmSpec) -> Result<(), String> {
+    fn persist(&self, r: &AdoptedRecord) -> Result<(), String> {
         let dir = self.adopted_dir();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = dir.join(format!(".{}.tmp", super::file_name(&spec.id, "json")));
-        let body = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!(".{}.tmp", super::file_name(&r.spec.id, "json")));
+        let body = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
         std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let path = dir.join(super::file_name(&spec.id, "json"));
+        let path = dir.join(super::file_name(&r.spec.id, "json"));
         std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -264,21 +305,32 @@ impl TargetNode {
             }
         };
         let timeout = Duration::from_millis(r.timeout_ms.clamp(100, 120_000));
-        if let Err(e) = incoming.confirm(timeout).await {
+        let mut spec = *vm;
+        spec.qmp = incoming.qmp_path().to_string_lossy().into_owned();
+        // Recorded before the guest may run here: a restarted agent must
+        // still say it runs here, or the source would resume it too.
+        let mut record =
+            AdoptedRecord { order_id: r.order_id, resume: incoming.resumes(), resumed: false, spec };
+        let confirmed = match self.persist(&record) {
+            Ok(()) => incoming.confirm(timeout).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot record the VM taken in, so it is not taken: {e}")),
+        };
+        if let Err(e) = confirmed {
             self.count("failed");
             incoming.abort().await;
+            let _ = std::fs::remove_file(self.adopted_dir().join(super::file_name(&record.spec.id, "json")));
             self.state().moves.remove(&r.order_id);
             return Err(Status::aborted(format!("the guest did not resume here; its QEMU is killed: {e}")));
         }
-        let mut spec = *vm;
-        spec.qmp = incoming.qmp_path().to_string_lossy().into_owned();
+        record.resumed = record.resume;
+        if let Err(e) = self.persist(&record) {
+            warn!(vm = %record.spec.id, "cannot note the resume in the VM's record: {e}");
+        }
+        let spec = record.spec;
         // The watchdog holds the other clone until it fires; it kills only
         // moves still Prepared, and this one is not.
         let pid = incoming.adopt().await;
         self.state().moves.insert(r.order_id, Move::Running { vm: spec.id.clone() });
-        if let Err(e) = self.persist(&spec) {
-            warn!(vm = %spec.id, "cannot record the VM taken in (a restarted agent would not scale it): {e}");
-        }
         info!(order = r.order_id, vm = %spec.id, ?pid, qmp = %spec.qmp, "the guest runs here now");
         self.count("completed");
         self.adopted.send_modify(|l| {
@@ -288,19 +340,18 @@ impl TargetNode {
         Ok(())
     }
 
-    async fn abort(&self, r: pb::AbortRequest) -> Result<(), Status> {
+    /// Kills the order's QEMU unless the guest runs here; says which.
+    async fn abort(&self, r: pb::AbortRequest) -> Result<WireState, Status> {
         if let Some((vm, incoming)) = self.take_prepared(r.order_id) {
             incoming.abort().await;
             self.count("failed");
             info!(order = r.order_id, vm = %vm.id, "move aborted by the source; incoming QEMU killed");
-            return Ok(());
+            return Ok(WireState::None);
         }
         match self.state().moves.get(&r.order_id) {
-            Some(Move::Running { vm }) => Err(Status::failed_precondition(format!(
-                "vm {vm:?} runs here since its confirm; it cannot be aborted"
-            ))),
-            Some(_) => Err(Status::failed_precondition("the order is being confirmed or started")),
-            None => Ok(()),
+            Some(Move::Running { .. }) => Ok(WireState::Running),
+            Some(_) => Err(Status::unavailable("the order is being confirmed or started; ask again")),
+            None => Ok(WireState::None),
         }
     }
 
@@ -309,6 +360,38 @@ impl TargetNode {
             None => WireState::None,
             Some(Move::Running { .. }) => WireState::Running,
             Some(Move::Prepared { .. } | Move::Busy) => WireState::Prepared,
+        }
+    }
+}
+
+/// A confirmed guest's QEMU after an agent restart: running, or paused on
+/// purpose, or (caught between its record and its resume) resumed now once
+/// its stream is in. An error if it cannot be brought to run.
+async fn bring_up(r: &AdoptedRecord) -> Result<(), String> {
+    let endpoint = Endpoint::Unix(PathBuf::from(&r.spec.qmp));
+    let client =
+        QmpClient::connect(&endpoint, ClientConfig::default()).await.map_err(|e| format!("qmp: {e:#}"))?;
+    let qemu = Migration::new(client);
+    let deadline = tokio::time::Instant::now() + RECOVER_WAIT;
+    loop {
+        let status = qemu.run_status().await.map_err(|e| format!("qmp: {e:#}"))?;
+        if status.running || !r.resume || r.resumed {
+            return Ok(());
+        }
+        match qemu.query().await.map_err(|e| format!("qmp: {e:#}"))?.status.as_str() {
+            "completed" => {
+                qemu.client()
+                    .execute::<serde_json::Value>("cont", None)
+                    .await
+                    .map_err(|e| format!("cont: {e:#}"))?;
+                info!(vm = %r.spec.id, order = r.order_id, "resumed a guest confirmed here before the restart");
+                return Ok(());
+            }
+            "failed" | "cancelled" => return Err("its incoming stream failed".into()),
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(format!("its incoming stream did not complete within {RECOVER_WAIT:?}"))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
@@ -335,8 +418,8 @@ impl MigrationTarget for TargetService {
     }
 
     async fn abort(&self, r: Request<pb::AbortRequest>) -> Result<Response<pb::AbortReply>, Status> {
-        self.0.abort(r.into_inner()).await?;
-        Ok(Response::new(pb::AbortReply {}))
+        let state = self.0.abort(r.into_inner()).await?;
+        Ok(Response::new(pb::AbortReply { state: state as i32 }))
     }
 
     async fn status(&self, r: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
@@ -450,26 +533,99 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
-    #[test]
-    fn recover_adopts_vms_whose_qemu_is_there_and_forgets_the_rest() {
+    /// A scripted QEMU monitor on a Unix socket: answers `query-status` and
+    /// `query-migrate` as told, and counts `cont`s.
+    fn scripted_qmp(
+        path: &Path,
+        running: bool,
+        incoming: &'static str,
+    ) -> Arc<std::sync::atomic::AtomicUsize> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let conts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = conts.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = tokio::io::split(stream);
+            let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
+            write.write_all(format!("{greeting}\r\n").as_bytes()).await.unwrap();
+            let mut lines = BufReader::new(read).lines();
+            let mut running = running;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let ret = match req["execute"].as_str().unwrap() {
+                    "query-status" => {
+                        serde_json::json!({"running": running, "status": if running { "running" } else { "paused" }})
+                    }
+                    "query-migrate" => serde_json::json!({"status": incoming}),
+                    "cont" => {
+                        running = true;
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        serde_json::json!({})
+                    }
+                    _ => serde_json::json!({}),
+                };
+                let reply = serde_json::json!({"return": ret, "id": req["id"]});
+                write.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+            }
+        });
+        conts
+    }
+
+    #[tokio::test]
+    async fn recover_adopts_vms_whose_qemu_is_there_and_forgets_the_rest() {
         let d = dir("recover");
         let t = node(&d);
-        let live = d.join("incoming/5/qmp.sock");
-        std::fs::create_dir_all(live.parent().unwrap()).unwrap();
-        std::fs::write(&live, "").unwrap();
-        t.persist(&spec("kept", &live.to_string_lossy())).unwrap();
-        t.persist(&spec("gone", &d.join("incoming/6/qmp.sock").to_string_lossy())).unwrap();
+        let record = |order, vm: &str, qmp: &Path, resumed| AdoptedRecord {
+            order_id: order,
+            resume: true,
+            resumed,
+            spec: spec(vm, &qmp.to_string_lossy()),
+        };
+        // Runs since its confirm.
+        let live = d.join("incoming/4/qmp.sock");
+        let live_conts = scripted_qmp(&live, true, "completed");
+        t.persist(&record(4, "kept", &live, true)).unwrap();
+        // Confirmed, then the agent died before the resume: resumed now.
+        let held = d.join("incoming/5/qmp.sock");
+        let held_conts = scripted_qmp(&held, false, "completed");
+        t.persist(&record(5, "held", &held, false)).unwrap();
+        // Paused by someone after its resume: stays paused.
+        let paused = d.join("incoming/7/qmp.sock");
+        let paused_conts = scripted_qmp(&paused, false, "completed");
+        t.persist(&record(7, "paused", &paused, true)).unwrap();
+        // Confirmed, but its stream broke before the resume: not taken in.
+        let broken = d.join("incoming/8/qmp.sock");
+        let broken_conts = scripted_qmp(&broken, false, "failed");
+        t.persist(&record(8, "broken", &broken, false)).unwrap();
+        // Its QEMU is gone.
+        t.persist(&record(6, "gone", &d.join("incoming/6/qmp.sock"), true)).unwrap();
         std::fs::create_dir_all(d.join("incoming/6")).unwrap();
-        std::fs::write(d.join("adopted/broken.json"), "{").unwrap();
-        let (adopted, killed) = t.recover();
-        assert_eq!((adopted, killed), (1, 0));
-        let ids: Vec<String> = t.adopted().borrow().iter().map(|s| s.id.clone()).collect();
-        assert_eq!(ids, ["kept"]);
+        std::fs::write(d.join("adopted/broken-record.json"), "{").unwrap();
+
+        let (adopted, killed) = t.recover().await;
+        assert_eq!((adopted, killed), (3, 0));
+        let mut ids: Vec<String> = t.adopted().borrow().iter().map(|s| s.id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["held", "kept", "paused"]);
+        let n = |c: &Arc<std::sync::atomic::AtomicUsize>| c.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((n(&live_conts), n(&held_conts), n(&paused_conts), n(&broken_conts)), (0, 1, 0, 0));
+        // A restarted target still says the guests it took in run here, so
+        // no source resumes them; orders it does not hold are none.
+        for order in [4, 5, 7] {
+            assert_eq!(t.status(order), WireState::Running, "order {order}");
+            assert_eq!(t.abort(pb::AbortRequest { order_id: order }).await.unwrap(), WireState::Running);
+        }
+        for order in [6, 8] {
+            assert_eq!(t.abort(pb::AbortRequest { order_id: order }).await.unwrap(), WireState::None);
+        }
         assert!(!d.join("adopted/gone.json").exists(), "a VM whose QEMU is gone is forgotten");
-        assert!(d.join("incoming/5").exists(), "the adopted VM's directory stays");
+        assert!(!d.join("adopted/broken.json").exists(), "a VM whose stream broke is forgotten");
+        assert!(d.join("incoming/4").exists(), "the adopted VM's directory stays");
         assert!(!d.join("incoming/6").exists(), "an unconfirmed move's directory goes");
         t.forget("kept");
-        assert!(t.adopted().borrow().is_empty());
+        assert_eq!(t.adopted().borrow().len(), 2);
         assert!(!d.join("adopted/kept.json").exists());
         let _ = std::fs::remove_dir_all(&d);
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vmscale_proto::allocator::migration_status::Phase;
 
-use super::target::{Handoff, IncomingTarget};
+use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use super::{MoveError, MoveState};
 use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
 use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
@@ -14,6 +14,10 @@ use crate::qmp::QmpClient;
 
 /// How long the target may take to run the guest after the stream ended.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait between two questions to a target that could not say
+/// whether it runs the guest after a confirm.
+const ASK_AGAIN_MAX: Duration = Duration::from_secs(5);
 
 /// What a finished move did.
 #[derive(Debug, Clone)]
@@ -60,8 +64,9 @@ pub async fn carry_out(
         Ok(_) => run.enter(MoveState::Completed, ""),
         Err(e) => {
             // The target first: once it is gone the source is the only
-            // QEMU that can hold the guest, and may safely run it.
-            target.abort().await;
+            // QEMU that can hold the guest, and may safely run it. (After a
+            // confirm, `attempt` fails only once the target said it is gone.)
+            let _ = target.abort().await;
             let out = Migration::new(source.clone());
             if let Ok(status) = out.run_status().await {
                 if !status.running && status.status == "postmigrate" {
@@ -107,7 +112,18 @@ async fn attempt<R: FnMut(Phase, &str)>(
     run.enter(MoveState::Migrating, "");
     let info = out.wait(config, |_| {}).await?;
     run.enter(MoveState::SwitchedOver, "");
-    target.confirm(CONFIRM_TIMEOUT).await.map_err(MoveError::Switchover)?;
+    match target.confirm(CONFIRM_TIMEOUT).await {
+        Ok(()) => {}
+        Err(e @ ConfirmError::NotDelivered(_)) => return Err(MoveError::Switchover(e.to_string())),
+        // The confirm may have gone through although its answer did not
+        // come back: the source resumes only when the target says it is gone.
+        Err(ConfirmError::Failed(why)) => {
+            if !runs_on_target(order_id, target, &why).await {
+                return Err(MoveError::Switchover(why));
+            }
+            tracing::info!(order = order_id, "the confirm failed ({why}) but the guest runs on the target");
+        }
+    }
     // The guest runs on the target; the paused source QEMU goes. A QEMU
     // that closes the connection while quitting is what we asked for.
     if let Err(e) = source.execute::<serde_json::Value>("quit", None).await {
@@ -116,4 +132,33 @@ async fn attempt<R: FnMut(Phase, &str)>(
         }
     }
     Ok(MoveReport { info, devices })
+}
+
+/// After a failed confirm: asks the target (aborting what has not run) until
+/// it says whether the guest runs there. Meanwhile the guest runs nowhere:
+/// the source's QEMU stays paused, because resuming it while the target may
+/// run the guest would run it twice.
+async fn runs_on_target(order_id: u64, target: &dyn IncomingTarget, confirm_error: &str) -> bool {
+    let mut wait = Duration::from_millis(100);
+    let mut asked = 0u32;
+    loop {
+        match target.abort().await {
+            AfterAbort::Gone => return false,
+            AfterAbort::RunsThere => return true,
+            AfterAbort::Unknown(why) => {
+                asked += 1;
+                // Loud at first, then every minute or so.
+                if asked <= 3 || asked.is_multiple_of(12) {
+                    tracing::error!(
+                        order = order_id,
+                        "the confirm failed ({confirm_error}) and the target cannot say whether it runs the \
+                         guest ({why}); the guest stays paused on the source until it can. If the target \
+                         node is lost for good, make sure its QEMU is gone, then resume the source with QMP `cont`"
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(ASK_AGAIN_MAX);
+    }
 }

@@ -42,10 +42,36 @@ pub trait IncomingTarget: Send + Sync {
     async fn prepare(&self, handoff: &Handoff) -> Result<String, String>;
     /// After the stream completed: resumes the guest on the target and waits
     /// until it runs there. Until this succeeds the target never runs it.
-    async fn confirm(&self, timeout: Duration) -> Result<(), String>;
-    /// Kills the incoming QEMU, if any. Never fails: a target that cannot be
-    /// reached any more has no QEMU we could talk to either.
-    async fn abort(&self);
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError>;
+    /// Kills the incoming QEMU unless the guest runs there, and says which.
+    /// Before a confirm was sent any answer will do (the target never runs
+    /// the guest unconfirmed); after one, only [`AfterAbort::Gone`] lets the
+    /// source resume its own QEMU.
+    async fn abort(&self) -> AfterAbort;
+}
+
+/// A confirm that did not come back as done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfirmError {
+    /// It never left this side (the target agent could not be connected
+    /// to, or the confirm could not be recorded first): the target cannot
+    /// run the guest, and the source may resume it.
+    #[error("{0} (the confirm was not delivered)")]
+    NotDelivered(String),
+    /// It may have reached the target, which may run the guest now.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the target says after an abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterAbort {
+    /// No QEMU of this move runs the guest there, nor can it any more.
+    Gone,
+    /// The confirm went through: the guest runs on the target.
+    RunsThere,
+    /// The target could not say (unreachable, busy confirming): ask again.
+    Unknown(String),
 }
 
 /// A QEMU process this agent started, killed when dropped unless it was
@@ -98,13 +124,15 @@ pub struct LocalIncoming {
     running: Mutex<Option<(Owned, Migration)>>,
     /// Resume the guest on confirm (it ran on the source).
     resume: std::sync::atomic::AtomicBool,
+    /// The guest was confirmed here and its QEMU handed over ([`Self::adopt`]).
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 impl LocalIncoming {
     /// `dir` gets the QMP socket, QEMU's pid file and its log; `listen` is
     /// this node's address for the migration stream.
     pub fn new(binary: PathBuf, dir: PathBuf, listen: SocketAddr) -> Self {
-        Self { binary, dir, listen, running: Mutex::new(None), resume: true.into() }
+        Self { binary, dir, listen, running: Mutex::new(None), resume: true.into(), adopted: false.into() }
     }
 
     /// The QMP endpoint of the incoming QEMU (for the agent to adopt it).
@@ -125,6 +153,11 @@ impl LocalIncoming {
         std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default().trim().to_owned()
     }
 
+    /// Whether confirm resumes the guest here (it ran on the source).
+    pub fn resumes(&self) -> bool {
+        self.resume.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The incoming QEMU's QMP connection (QEMU serves one client at a
     /// time): how the agent that adopts the VM talks to it.
     pub async fn client(&self) -> Option<QmpClient> {
@@ -138,6 +171,7 @@ impl LocalIncoming {
     pub async fn adopt(&self) -> Option<u32> {
         let (owned, migration) = self.running.lock().await.take()?;
         drop(migration);
+        self.adopted.store(true, std::sync::atomic::Ordering::Relaxed);
         owned.release()
     }
 
@@ -206,7 +240,26 @@ impl IncomingTarget for LocalIncoming {
         Ok(tcp_uri(self.listen))
     }
 
-    async fn confirm(&self, timeout: Duration) -> Result<(), String> {
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
+        self.resume_when_in(timeout).await.map_err(ConfirmError::Failed)
+    }
+
+    async fn abort(&self) -> AfterAbort {
+        if let Some((owned, _)) = self.running.lock().await.take() {
+            owned.kill().await;
+        }
+        if self.adopted.load(std::sync::atomic::Ordering::Relaxed) {
+            AfterAbort::RunsThere
+        } else {
+            AfterAbort::Gone
+        }
+    }
+}
+
+impl LocalIncoming {
+    /// Waits for the stream to be in, then resumes the guest (if it ran on
+    /// the source) and waits until it runs.
+    async fn resume_when_in(&self, timeout: Duration) -> Result<(), String> {
         let mut guard = self.running.lock().await;
         let Some((owned, incoming)) = guard.as_mut() else { return Err("no target qemu".into()) };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -237,12 +290,6 @@ impl IncomingTarget for LocalIncoming {
                 return Err(format!("the target does not run the guest after {timeout:?}"));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn abort(&self) {
-        if let Some((owned, _)) = self.running.lock().await.take() {
-            owned.kill().await;
         }
     }
 }
