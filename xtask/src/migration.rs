@@ -247,6 +247,11 @@ pub struct MoveFigures {
     /// including the target's start.
     pub wall_ms: u64,
     pub transferred_bytes: u64,
+    /// How long the guest's vCPUs ran nowhere: from the source's `STOP`
+    /// event to the target's `RESUME` (QEMU's own timestamps, one host
+    /// clock). QEMU's `downtime` ends when the source has sent the last
+    /// state; this also holds the target loading it and being resumed.
+    pub guest_pause_ms: Option<f64>,
 }
 
 impl MoveFigures {
@@ -256,8 +261,33 @@ impl MoveFigures {
             downtime_ms: info.downtime.unwrap_or(0),
             wall_ms: wall.as_millis() as u64,
             transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
+            guest_pause_ms: None,
         }
     }
+}
+
+/// Host-clock microseconds of the last event named `name` that reached
+/// `events` (QEMU stamps each event when it emits it).
+pub fn last_event_us(
+    events: &mut tokio::sync::broadcast::Receiver<vmscale_agent::qmp::QmpEvent>,
+    name: &str,
+) -> Option<i64> {
+    let mut last = None;
+    loop {
+        match events.try_recv() {
+            Ok(e) if e.name == name => {
+                last = e.timestamp.map(|t| t.seconds * 1_000_000 + t.microseconds).or(last);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return last,
+        }
+    }
+}
+
+/// The guest's pause from a source's `STOP` to a target's `RESUME`, ms.
+pub fn pause_ms(stop_us: Option<i64>, resume_us: Option<i64>) -> Option<f64> {
+    let (stop, resume) = (stop_us?, resume_us?);
+    (resume >= stop).then(|| (resume - stop) as f64 / 1000.0)
 }
 
 /// Moves the guest from `source` to node `to`, the way the agents do: the

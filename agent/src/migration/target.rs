@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use crate::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
+use crate::qmp::migrate::{nap, tcp_uri, Migration, MigrationConfig};
 use crate::qmp::migrate_spec::DeviceSpec;
 use crate::qmp::{ClientConfig, Endpoint, QmpClient};
 
@@ -263,6 +263,7 @@ impl LocalIncoming {
         let mut guard = self.running.lock().await;
         let Some((owned, incoming)) = guard.as_mut() else { return Err("no target qemu".into()) };
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = incoming.client().events();
         loop {
             if let Ok(Some(status)) = owned.child().try_wait() {
                 return Err(format!("the target qemu exited with {status}: {}", self.log()));
@@ -289,7 +290,8 @@ impl LocalIncoming {
             if tokio::time::Instant::now() > deadline {
                 return Err(format!("the target does not run the guest after {timeout:?}"));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Woken by the incoming stream's `MIGRATION completed` event.
+            nap(Duration::from_millis(5), &mut events).await;
         }
     }
 }

@@ -6,9 +6,11 @@
 //! part (reading hot-added vCPUs, DIMMs and virtio-mem sizes into command
 //! line arguments) is in [`super::migrate_spec`].
 //!
-//! Waiting is a poll of `query-migrate` rather than MIGRATION events: the
-//! reply carries the figures we report (transferred, remaining, downtime),
-//! and a lost event cannot leave us waiting.
+//! Waiting is a poll of `query-migrate`, woken early by QEMU's `MIGRATION`
+//! and `STOP` events: the reply carries the figures we report (transferred,
+//! remaining, downtime), a lost event cannot leave us waiting, and the
+//! switch-over is seen the moment it happens rather than up to a poll
+//! interval later (the guest runs nowhere until the target is resumed).
 
 use std::time::Duration;
 
@@ -279,6 +281,7 @@ impl Migration {
         config: &MigrationConfig,
         mut progress: impl FnMut(&MigrationInfo),
     ) -> Result<MigrationInfo> {
+        let mut events = self.client.events();
         let started = Instant::now();
         let deadline = started + config.timeout();
         let poll = Duration::from_millis(config.poll_ms);
@@ -332,9 +335,26 @@ impl Migration {
                     status: info.status,
                 });
             }
-            tokio::time::sleep(poll).await;
+            nap(poll, &mut events).await;
         }
     }
+}
+
+/// Sleeps for `max`, or less if a `MIGRATION` (status change) or `STOP`
+/// (switch-over) event comes first.
+pub async fn nap(max: Duration, events: &mut tokio::sync::broadcast::Receiver<super::QmpEvent>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let _ = tokio::time::timeout(max, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.name == "MIGRATION" || e.name == "STOP" => return,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                // The connection is gone: the next query says so.
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
 }
 
 /// `tcp:IP:PORT` for an address, with brackets for IPv6.
