@@ -17,7 +17,10 @@ use vmscale_proto::informant as pb;
 use vmscale_proto::informant::informant_client::InformantClient;
 
 const LIMIT: u64 = 64 << 20;
-const DEADLINE: Duration = Duration::from_secs(30);
+/// Alone, both triggers fire within 10 s (the cgroup's after 3-4 of its
+/// 2 s windows); under the full test run's load the hog stalls less per
+/// window, so the bound is loose: the test is about the events arriving.
+const DEADLINE: Duration = Duration::from_secs(90);
 
 /// A shell that runs `tail /dev/zero` (which grows until the OOM killer
 /// takes it) over and over inside a memory-limited cgroup, and, where the
@@ -27,6 +30,8 @@ struct Hog {
     shell: Child,
     limited: PathBuf,
     unified: Option<PathBuf>,
+    /// The shell's stderr, for a failure's message.
+    errors: PathBuf,
 }
 
 impl Hog {
@@ -53,13 +58,53 @@ impl Hog {
         if let Some(u) = &unified {
             join += &format!(" && echo $$ > {}/cgroup.procs", u.display());
         }
+        let errors = std::env::temp_dir().join(format!("{name}.stderr"));
+        let stderr = std::fs::File::create(&errors).map_err(|e| format!("{}: {e}", errors.display()))?;
         let shell = Command::new("sh")
             .arg("-c")
             .arg(format!("{join} && while :; do tail /dev/zero; done"))
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("cannot start the hog: {e}"))?;
-        Ok(Hog { shell, limited, unified })
+        let mut hog = Hog { shell, limited, unified, errors };
+        // The shell must have joined its cgroups, or nothing below is about it.
+        let t0 = Instant::now();
+        while !hog.joined() {
+            if let Ok(Some(status)) = hog.shell.try_wait() {
+                return Err(format!("the hog exited with {status}: {}", hog.describe()));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!("the hog did not join its cgroups: {}", hog.describe()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(hog)
+    }
+
+    fn joined(&self) -> bool {
+        let pid = self.shell.id().to_string();
+        std::iter::once(&self.limited).chain(&self.unified).all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| p.lines().any(|l| l == pid))
+        })
+    }
+
+    /// What the hog and its cgroups show, for a failure's message.
+    fn describe(&self) -> String {
+        let read =
+            |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| format!("({}: {e})", p.display()));
+        let mut out = format!("stderr: {:?}", read(self.errors.clone()).trim());
+        out += &format!(
+            "; {} procs: {:?}",
+            self.limited.display(),
+            read(self.limited.join("cgroup.procs")).trim()
+        );
+        out += &format!("; failcnt: {}", read(self.limited.join("memory.failcnt")).trim());
+        if let Some(u) = &self.unified {
+            out += &format!("; {} procs: {:?}", u.display(), read(u.join("cgroup.procs")).trim());
+            out += &format!("; memory.pressure: {:?}", read(u.join("memory.pressure")).trim());
+        }
+        out += &format!("; /proc/pressure/memory: {:?}", read(PathBuf::from("/proc/pressure/memory")).trim());
+        out
     }
 }
 
@@ -67,6 +112,7 @@ impl Drop for Hog {
     fn drop(&mut self) {
         let _ = self.shell.kill();
         let _ = self.shell.wait();
+        let _ = std::fs::remove_file(&self.errors);
         for dir in std::iter::once(&self.limited).chain(&self.unified) {
             for _ in 0..100 {
                 if let Ok(pids) = std::fs::read_to_string(dir.join("cgroup.procs")) {
@@ -157,7 +203,7 @@ async fn psi_triggers_fire_under_thrashing_and_reach_the_client() {
         let msg = tokio::time::timeout(left, stream.message()).await;
         let ev = match msg {
             Ok(m) => m.unwrap().expect("stream open"),
-            Err(_) => panic!("no {want:?} event within {DEADLINE:?} of thrashing"),
+            Err(_) => panic!("no {want:?} event within {DEADLINE:?} of thrashing; {}", hog.describe()),
         };
         if let Some(pb::event::Body::Pressure(p)) = &ev.body {
             if let Some(i) = want.iter().position(|k| *k == p.kind()) {
