@@ -66,6 +66,16 @@ pub struct VmNow {
     pub quiet: watch::Receiver<bool>,
 }
 
+/// What became of a report to the allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    Accepted,
+    /// Answered with an error (e.g. the order is no longer open): final.
+    Refused,
+    /// No session for [`REPORT_PATIENCE`]: the next hello tells the truth.
+    GaveUp,
+}
+
 /// How a move ended for the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -144,9 +154,26 @@ impl MoverNode {
         }
     }
 
+    /// Tells the allocator that the VM runs on the target now. If the
+    /// allocator no longer holds the order (it passed its deadline while
+    /// this agent waited for the target's word), it put the VM back on this
+    /// node's ledger: the VM is released here, since it runs on the target
+    /// (whose agent registers it there).
+    pub async fn report_completed(&self, order: u64, vm: &str) {
+        if self.report(order, Phase::Completed, "").await != Heard::Refused {
+            return;
+        }
+        let session = self.session.borrow().clone();
+        let Some(s) = session else { return };
+        match s.call(Body::RemoveVm(pb::RemoveVm { vm_id: vm.to_owned() })).await {
+            Ok(_) => info!(order, vm, "released the moved VM's stale reservation on this node"),
+            Err(e) => warn!(order, vm, "cannot release the moved VM's reservation on this node: {e}"),
+        }
+    }
+
     /// Tells the allocator about an order, retrying while there is no
     /// session; an answer that refuses the report is final.
-    pub async fn report(&self, order: u64, phase: Phase, reason: &str) {
+    pub async fn report(&self, order: u64, phase: Phase, reason: &str) -> Heard {
         let deadline = tokio::time::Instant::now() + REPORT_PATIENCE;
         let mut session = self.session.clone();
         loop {
@@ -158,17 +185,17 @@ impl MoverNode {
                     reason: reason.to_owned(),
                 });
                 match s.call(body).await {
-                    Ok(_) => return,
+                    Ok(_) => return Heard::Accepted,
                     Err(vmscale_allocator::client::ClientError::Request { code, message }) => {
                         warn!(order, ?phase, "the allocator refused the move's report: {code:?}: {message}");
-                        return;
+                        return Heard::Refused;
                     }
                     Err(e) => warn!(order, ?phase, "cannot report the move yet: {e}"),
                 }
             }
             if tokio::time::Instant::now() > deadline {
                 warn!(order, ?phase, "gave up reporting the move; the allocator settles it at its deadline");
-                return;
+                return Heard::GaveUp;
             }
             tokio::select! {
                 _ = session.changed() => {}
@@ -261,8 +288,12 @@ impl MoverNode {
                 if phase == Phase::Started {
                     self.set_status(&order.vm_id, label("migrating"));
                 }
-                if phase != Phase::Failed {
-                    self.report(id, phase, &reason).await;
+                match phase {
+                    Phase::Completed => self.report_completed(id, &order.vm_id).await,
+                    Phase::Failed => {}
+                    _ => {
+                        self.report(id, phase, &reason).await;
+                    }
                 }
             }
         };
@@ -350,7 +381,7 @@ async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Option<En
             let _ = c.execute::<serde_json::Value>("quit", None).await;
         }
         info!(order = r.order_id, vm = %r.vm, to = %r.target_node, "an interrupted move had finished: the VM runs on the target");
-        node.report(r.order_id, Phase::Completed, "").await;
+        node.report_completed(r.order_id, &r.vm).await;
         Ended::MovedAway
     } else {
         if let Some(c) = &source {

@@ -577,7 +577,7 @@ fn a_source_that_no_longer_reports_the_move_fails_the_order() {
 #[test]
 fn orders_past_their_deadline_fail() {
     for started in [false, true] {
-        let (mut c, a, _b, id) = hot_pair();
+        let (mut c, a, b, id) = hot_pair();
         if started {
             c.migration_status(&a, id, OrderState::Started, "", NOW).unwrap();
         }
@@ -593,6 +593,14 @@ fn orders_past_their_deadline_fail() {
         // A late report finds no order.
         let e = fails(&mut c, |c| c.migration_status(&a, id, OrderState::Completed, "", NOW));
         assert_eq!(e.label(), "unknown_order");
+        // The move did land after all (the source waited for the target's
+        // word past the deadline): the source agent releases the VM here,
+        // the target's agent adds it there, and it is counted once.
+        c.remove_vm(&a, "x").unwrap();
+        c.add_vm(&b, vm("x", r(2000, 8))).unwrap();
+        c.check_sums().unwrap();
+        assert_eq!(reserved(&c, "a", "x"), None);
+        assert_eq!(reserved(&c, "b", "x"), Some((r(2000, 8), VmState::Active)));
     }
 }
 
