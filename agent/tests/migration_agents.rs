@@ -7,7 +7,10 @@
 //! - the target QEMU cannot start, the source or the target agent is killed
 //!   mid-move, the migration does not converge in time: each time the VM
 //!   runs in exactly one QEMU, its reservation is on exactly that node, the
-//!   order failed with a reason, and a later order may move it.
+//!   order failed with a reason, and a later order may move it;
+//! - the target agent cannot answer the confirm (frozen with SIGSTOP): the
+//!   guest stays paused on the source, never resumed there while the target
+//!   might run it, and runs in exactly one place once the target answers.
 //!
 //! The guest's RAM is a file of random bytes, so that the stream takes as
 //! long as its bandwidth says (zero pages would cross in no time).
@@ -115,6 +118,13 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP or SIGCONT: an agent that neither answers nor goes away,
+    /// as behind a network partition.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("the agent runs").id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
     }
 
     fn logs(&self) -> String {
@@ -521,4 +531,52 @@ async fn the_target_agent_killed_mid_move_leaves_the_vm_on_the_source() {
     .await;
     // A later order moves the VM, and only its QEMU runs on b.
     w.moved_to_b(&b, &[&a, &b]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_agent_that_cannot_answer_the_confirm_keeps_the_guest_paused_until_it_does() {
+    let _one = SERIAL.lock().await;
+    let Some(mut w) = World::new("target_agent_frozen").await else { return };
+    let b = w.agent_b(&w.qemu());
+    let a = w.agent_a("max_bandwidth_bytes_per_s = 33554432");
+    let logs = || format!("--- a\n{}\n--- b\n{}", a.logs(), b.logs());
+    eventually("the move started", || w.open_order_started(), &logs).await;
+    b.signal("-STOP");
+    // The stream runs QEMU to QEMU without b's agent; then the source
+    // stops the guest and sends the confirm, which gets no answer.
+    let watch = Migration::new(w.watch.clone());
+    let t0 = Instant::now();
+    loop {
+        let done = watch.query().await.is_ok_and(|q| q.status == "completed");
+        if done && !w.source_runs().await {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "the stream did not complete\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Through the confirm's 30 s call timeout and the unanswered aborts
+    // after it (a says why it waits), and a while longer, the guest must not
+    // run on the source for a moment.
+    let switched = Instant::now();
+    let mut said = None;
+    while said.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(5)) {
+        assert!(!w.source_runs().await, "the source resumed while the target could not say\n{}", logs());
+        assert!(w.source_alive(), "the source QEMU quit while the target could not say\n{}", logs());
+        if said.is_none() && a.logs().contains("cannot say whether it runs") {
+            said = Some(Instant::now());
+        }
+        assert!(switched.elapsed() < Duration::from_secs(120), "a never said why it waits\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.signal("-CONT");
+    // Whichever way b took the confirm, the guest runs in one place and the
+    // ledger holds it there alone.
+    eventually("the order ended", || !w.finished().is_empty(), &logs).await;
+    let (state, reason) = w.finished()[0].clone();
+    eprintln!("the move ended {state:?} {reason:?}");
+    let agents: [&Agent; 2] = [&a, &b];
+    match state {
+        OrderState::Completed => w.moved_to_b(&b, &agents).await,
+        _ => w.stayed_on_a(&b, "", &agents).await,
+    }
 }

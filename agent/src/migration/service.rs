@@ -407,13 +407,26 @@ pub struct TargetService(pub Arc<TargetNode>);
 
 #[tonic::async_trait]
 impl MigrationTarget for TargetService {
+    // Prepare and confirm run to their end in a task of their own: the
+    // server drops a call's future when its client gives up (a timeout, a
+    // reset), and a confirm dropped between resuming the guest and noting
+    // it would leave the order busy for good, so the source could never
+    // learn that the guest runs here.
     async fn prepare(&self, r: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareReply>, Status> {
-        let uri = self.0.prepare(r.into_inner()).await?;
+        let node = self.0.clone();
+        let req = r.into_inner();
+        let uri = tokio::spawn(async move { node.prepare(req).await })
+            .await
+            .map_err(|e| Status::internal(format!("prepare: {e}")))??;
         Ok(Response::new(pb::PrepareReply { uri }))
     }
 
     async fn confirm(&self, r: Request<pb::ConfirmRequest>) -> Result<Response<pb::ConfirmReply>, Status> {
-        self.0.confirm(r.into_inner()).await?;
+        let node = self.0.clone();
+        let req = r.into_inner();
+        tokio::spawn(async move { node.confirm(req).await })
+            .await
+            .map_err(|e| Status::internal(format!("confirm: {e}")))??;
         Ok(Response::new(pb::ConfirmReply {}))
     }
 
