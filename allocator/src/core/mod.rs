@@ -229,6 +229,18 @@ impl Cluster {
             }
             ledger.insert(v.id, entry);
         }
+        // VMs leaving this node under open orders that its agent does not
+        // report (a restarted agent holds such a VM back until it has settled
+        // the move, then adds it): they keep their place here meanwhile, or
+        // the room they take would look free and be granted to others.
+        for o in self.orders.values() {
+            if o.source != reg.node || ledger.vms.contains_key(&o.vm) {
+                continue;
+            }
+            if let Some(e) = old.as_ref().and_then(|n| n.vms.get(&o.vm)).filter(|e| e.order() == Some(o.id)) {
+                ledger.insert(o.vm.clone(), e.clone());
+            }
+        }
         // Holds for VMs moving in under open orders, unless the agent already
         // runs them (then its registration counts them). They come from the
         // orders, not from the old ledger: after an allocator restart there is

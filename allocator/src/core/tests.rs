@@ -544,6 +544,26 @@ fn a_reconnected_source_still_runs_its_order() {
 }
 
 #[test]
+fn a_restarted_source_that_holds_the_vm_back_keeps_its_place() {
+    let (mut c, _a, _b, id) = hot_pair();
+    // The source agent restarted mid-move: until it has settled the move it
+    // reports the VM neither as moving nor at all.
+    let a2 = c.open_session(hello("a", vec![vm("big", r(3000, 12)), vm("y", r(2000, 8))]), NOW + 1).unwrap();
+    c.check_sums().unwrap();
+    assert_eq!(reserved(&c, "a", "x"), Some((r(2000, 8), VmState::MigratingOut { order: id })));
+    assert!(a2.reservations.iter().any(|v| v.vm == "x" && v.migrating));
+    // Its room is not free for others meanwhile.
+    assert_eq!(c.node("a").unwrap().reserved(), r(7000, 28));
+    // The move failed: the VM is active on the source again, once.
+    c.migration_status(&a2.session, id, OrderState::Failed, "the source agent restarted mid-move", NOW + 2)
+        .unwrap();
+    assert_eq!(reserved(&c, "a", "x"), Some((r(2000, 8), VmState::Active)));
+    assert_eq!(reserved(&c, "b", "x"), None);
+    assert_eq!(fails(&mut c, |c| c.add_vm(&a2.session, vm("x", r(2000, 8)))).label(), "vm_exists");
+    c.check_sums().unwrap();
+}
+
+#[test]
 fn a_reconnected_target_keeps_its_holds() {
     let (mut c, a, b, id) = hot_pair();
     let b2 = c.open_session(hello("b", vec![]), NOW + 1).unwrap();
