@@ -3,11 +3,12 @@
 //! 1 GiB guest, while a TCP client echoes a line every 100 ms through it.
 //!
 //! Each round moves the guest twice: once by the agent's own move executor
-//! (`vmscale_agent::migration::source::carry_out` with the target side the
-//! target agent runs, `LocalIncoming`, started in the target node's
-//! namespace: the base command line read from the source's /proc, its
-//! devices, capabilities, bandwidth and downtime limits, progress polled
-//! every 50 ms, the target paused until the confirm resumes it) and once as
+//! (`migration::agent_move`: `carry_out` with the target side the target
+//! agent runs, `LocalIncoming`, started in the target node's namespace: the
+//! base command line read from the source's /proc, its devices,
+//! capabilities, bandwidth and downtime limits, progress polled every 50 ms
+//! and woken by QEMU's events, the target paused until the confirm resumes
+//! it) and once as
 //! a bare QEMU-to-QEMU migration (the same bandwidth limit, nothing else
 //! set, polled every 10 ms), so both are measured on the same guest in the
 //! same run. A fresh client connection covers each move, so its
@@ -19,74 +20,17 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmscale_agent::migration::command_line::read_qemu_base_args;
-use vmscale_agent::migration::source::carry_out;
-use vmscale_agent::migration::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget, LocalIncoming};
 use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
-use vmscale_agent::qmp::{ClientConfig, Endpoint, QmpClient};
 
 use crate::echo::{EchoClient, EchoReport};
 use crate::migration::{
-    guest_image, guest_ip, last_event_us, pause_ms, start, GuestVm, MoveFigures, Shape, ECHO_PORT, TAP,
+    agent_move, guest_image, guest_ip, last_event_us, pause_ms, start, MoveFigures, Running, Shape,
+    ECHO_PORT, TAP,
 };
 use crate::netns::Fabric;
 
 /// Where the bare migration's target listens (not the agent's port).
 const BARE_PORT: u16 = 4445;
-/// Where the agent's target side listens for the stream.
-const OURS_PORT: u16 = 4446;
-
-/// The QEMU that runs the guest now: one this harness started, or one the
-/// agent's target side started and handed over (as it does to the agent
-/// that adopts the VM).
-enum Running {
-    Harness(GuestVm),
-    Agent { node: usize, dir: std::path::PathBuf, pid: Option<u32> },
-}
-
-impl Running {
-    fn node(&self) -> usize {
-        match self {
-            Running::Harness(vm) => vm.node,
-            Running::Agent { node, .. } => *node,
-        }
-    }
-
-    async fn client(&self) -> anyhow::Result<QmpClient> {
-        match self {
-            Running::Harness(vm) => vm.client().await,
-            Running::Agent { dir, .. } => {
-                let config =
-                    ClientConfig { command_timeout: Duration::from_secs(30), ..ClientConfig::default() };
-                Ok(QmpClient::connect(&Endpoint::Unix(dir.join("qmp.sock")), config).await?)
-            }
-        }
-    }
-
-    fn logs(&self) -> String {
-        match self {
-            Running::Harness(vm) => vm.logs(),
-            Running::Agent { dir, .. } => std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
-        }
-    }
-
-    fn kill(&mut self) {
-        match self {
-            Running::Harness(vm) => vm.kill(),
-            Running::Agent { pid, .. } => {
-                if let Some(p) = pid.take() {
-                    let _ = std::process::Command::new("kill").args(["-9", &p.to_string()]).status();
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -254,80 +198,6 @@ where
     Ok((vm, Sample { moved, echo }))
 }
 
-/// The agent's target side, with the incoming QEMU's events watched from
-/// the moment it is up (for the `RESUME` that ends the guest's pause).
-struct Watched {
-    inner: LocalIncoming,
-    events: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<vmscale_agent::qmp::QmpEvent>>>,
-}
-
-#[async_trait::async_trait]
-impl IncomingTarget for Watched {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
-        let uri = self.inner.prepare(handoff).await?;
-        let events = self.inner.client().await.map(|c| c.events());
-        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = events;
-        Ok(uri)
-    }
-
-    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
-        self.inner.confirm(timeout).await
-    }
-
-    async fn abort(&self) -> AfterAbort {
-        self.inner.abort().await
-    }
-}
-
-/// The agent's move: `carry_out` from the source to a `LocalIncoming` in
-/// node `to`'s namespace (a wrapper runs QEMU there), the base command line
-/// read from the source QEMU's /proc as the source agent reads it.
-async fn agent_move(
-    fabric: &Fabric,
-    source: &mut Running,
-    to: usize,
-    config: &MigrationConfig,
-    dir: &Path,
-    order: u64,
-) -> anyhow::Result<(Running, MoveFigures)> {
-    let t0 = Instant::now();
-    let client = source.client().await?;
-    let base = read_qemu_base_args(&client, Path::new("/proc")).await.map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(dir)?;
-    let wrapper = dir.join("qemu-in-node");
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n", fabric.nodes[to].ns),
-    )?;
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let target = Watched {
-        inner: LocalIncoming::new(wrapper, dir.to_owned(), (fabric.nodes[to].addr, OURS_PORT).into()),
-        events: std::sync::Mutex::new(None),
-    };
-    let mut source_events = client.events();
-    let done = carry_out(order, "bench", &client, base, &target, config, |_, _| {})
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))
-        .with_context(|| source.logs())?;
-    let stop = last_event_us(&mut source_events, "STOP");
-    let resume = target
-        .events
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_mut()
-        .and_then(|rx| last_event_us(rx, "RESUME"));
-    source.kill();
-    let pid = target.inner.adopt().await;
-    let moved = MoveFigures {
-        total_ms: done.info.total_time_ms.unwrap_or(0),
-        downtime_ms: done.info.downtime.unwrap_or(0),
-        wall_ms: t0.elapsed().as_millis() as u64,
-        transferred_bytes: done.info.ram.as_ref().map_or(0, |r| r.transferred),
-        guest_pause_ms: pause_ms(stop, resume),
-    };
-    Ok((Running::Agent { node: to, dir: dir.to_owned(), pid }, moved))
-}
-
 /// A bare QEMU-to-QEMU migration: target with `-incoming tcp:...`, the same
 /// bandwidth limit on the source and nothing else, `migrate`, poll.
 async fn bare_move(
@@ -364,16 +234,9 @@ async fn bare_move(
         anyhow::ensure!(Instant::now() < deadline, "bare target does not run:\n{}", target.logs());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let moved = MoveFigures {
-        total_ms: info.total_time_ms.unwrap_or(0),
-        downtime_ms: info.downtime.unwrap_or(0),
-        wall_ms: t0.elapsed().as_millis() as u64,
-        transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
-        guest_pause_ms: pause_ms(
-            last_event_us(&mut source_events, "STOP"),
-            last_event_us(&mut target_events, "RESUME"),
-        ),
-    };
+    let pause =
+        pause_ms(last_event_us(&mut source_events, "STOP"), last_event_us(&mut target_events, "RESUME"));
+    let moved = MoveFigures { guest_pause_ms: pause, ..MoveFigures::from_info(&info, t0.elapsed()) };
     Ok((Running::Harness(target), moved))
 }
 

@@ -5,19 +5,23 @@
 //! passes when every line came back, the guest kept its address, and the
 //! target has every vCPU and DIMM the source had.
 //!
-//! The move uses the agent's own migration code (`vmscale_agent::qmp::
-//! migrate`): read the source's devices, start the target in the other
-//! namespace with them and `-incoming defer`, migrate, stop the source.
-//! QEMU announces the guest on the target's tap after the switch-over
-//! (self-announce, on by default), so the bridges learn where it went.
+//! The move is the agent's own executor ([`agent_move`]: `carry_out` to the
+//! target side a target agent runs, started in the other namespace): the
+//! base command line from the source's /proc, its devices, the paused
+//! target resumed by the confirm, the source quit. QEMU announces the guest
+//! on the target's tap after the switch-over (self-announce, on by default),
+//! so the bridges learn where it went. The benchmark and this harness move
+//! the guest the same way.
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig, MigrationInfo};
-use vmscale_agent::qmp::migrate_spec::{read_spec, DeviceSpec};
+use vmscale_agent::migration::command_line::read_qemu_base_args;
+use vmscale_agent::migration::source::carry_out;
+use vmscale_agent::migration::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget, LocalIncoming};
+use vmscale_agent::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
 use vmscale_agent::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
 
 use crate::echo::{EchoClient, EchoReport};
@@ -255,7 +259,7 @@ pub struct MoveFigures {
 }
 
 impl MoveFigures {
-    fn from_info(info: &MigrationInfo, wall: Duration) -> MoveFigures {
+    pub fn from_info(info: &MigrationInfo, wall: Duration) -> MoveFigures {
         MoveFigures {
             total_ms: info.total_time_ms.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(0),
@@ -290,50 +294,127 @@ pub fn pause_ms(stop_us: Option<i64>, resume_us: Option<i64>) -> Option<f64> {
     (resume >= stop).then(|| (resume - stop) as f64 / 1000.0)
 }
 
-/// Moves the guest from `source` to node `to`, the way the agents do: the
-/// target gets the source's devices, both sides the same capabilities and
-/// limits. On success the source QEMU has quit and the target runs.
-pub async fn move_vm(
+/// The QEMU that runs the guest now: one this harness started, or one the
+/// agent's target side started and handed over (as it does to the agent
+/// that adopts the VM).
+pub enum Running {
+    Harness(GuestVm),
+    Agent { node: usize, dir: std::path::PathBuf, pid: Option<u32> },
+}
+
+impl Running {
+    pub fn node(&self) -> usize {
+        match self {
+            Running::Harness(vm) => vm.node,
+            Running::Agent { node, .. } => *node,
+        }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<QmpClient> {
+        match self {
+            Running::Harness(vm) => vm.client().await,
+            Running::Agent { dir, .. } => {
+                let config =
+                    ClientConfig { command_timeout: Duration::from_secs(30), ..ClientConfig::default() };
+                Ok(QmpClient::connect(&Endpoint::Unix(dir.join("qmp.sock")), config).await?)
+            }
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        match self {
+            Running::Harness(vm) => vm.logs(),
+            Running::Agent { dir, .. } => std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        match self {
+            Running::Harness(vm) => vm.kill(),
+            Running::Agent { pid, .. } => {
+                if let Some(p) = pid.take() {
+                    let _ = std::process::Command::new("kill").args(["-9", &p.to_string()]).status();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The agent's target side, with the incoming QEMU's events watched from
+/// the moment it is up (for the `RESUME` that ends the guest's pause).
+pub struct Watched {
+    inner: LocalIncoming,
+    events: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<vmscale_agent::qmp::QmpEvent>>>,
+}
+
+#[async_trait::async_trait]
+impl IncomingTarget for Watched {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+        let uri = self.inner.prepare(handoff).await?;
+        let events = self.inner.client().await.map(|c| c.events());
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = events;
+        Ok(uri)
+    }
+
+    async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
+        self.inner.confirm(timeout).await
+    }
+
+    async fn abort(&self) -> AfterAbort {
+        self.inner.abort().await
+    }
+}
+
+/// The agent's move: `carry_out` from the source to a `LocalIncoming` in
+/// node `to`'s namespace (a wrapper runs QEMU there), the base command line
+/// read from the source QEMU's /proc as the source agent reads it.
+pub async fn agent_move(
     fabric: &Fabric,
-    base: &[String],
-    source: &mut GuestVm,
+    source: &mut Running,
     to: usize,
     config: &MigrationConfig,
     dir: &Path,
-) -> anyhow::Result<(GuestVm, MoveFigures, DeviceSpec)> {
+    order: u64,
+) -> anyhow::Result<(Running, MoveFigures)> {
     let t0 = Instant::now();
-    let out = Migration::new(source.client().await?);
-    let spec = read_spec(out.client()).await.context("reading the source's devices")?;
-    let mut extra = spec.qemu_args();
-    extra.extend(["-incoming".into(), "defer".into()]);
-    let target = start(fabric, to, base, &extra, dir)?;
-    let incoming = Migration::new(target.client().await?);
-    incoming.configure(config).await?;
-    let uri = tcp_uri((fabric.nodes[to].addr, INCOMING_PORT).into());
-    incoming.listen(&uri).await.context("target listening")?;
-    out.configure(config).await?;
-    out.start(&uri).await?;
-    let info = match out.wait(config, |_| {}).await {
-        Ok(info) => info,
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("migration to node {to}:\n{}", target.logs())))
-        }
+    let client = source.client().await?;
+    let base = read_qemu_base_args(&client, Path::new("/proc")).await.map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(dir)?;
+    let wrapper = dir.join("qemu-in-node");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec ip netns exec {} qemu-system-x86_64 \"$@\"\n", fabric.nodes[to].ns),
+    )?;
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let target = Watched {
+        inner: LocalIncoming::new(wrapper, dir.to_owned(), (fabric.nodes[to].addr, INCOMING_PORT).into()),
+        events: std::sync::Mutex::new(None),
     };
-    // The source stays paused in `postmigrate` until it quits.
-    if let Err(e) = out.client().execute::<serde_json::Value>("quit", None).await {
-        if !e.is_disconnected() {
-            return Err(e).context("stopping the source after the move");
-        }
-    }
+    let mut source_events = client.events();
+    let done = carry_out(order, "bench", &client, base, &target, config, |_, _| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))
+        .with_context(|| source.logs())?;
+    let stop = last_event_us(&mut source_events, "STOP");
+    let resume = target
+        .events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .and_then(|rx| last_event_us(rx, "RESUME"));
     source.kill();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !incoming.run_status().await?.running {
-        if Instant::now() > deadline {
-            bail!("the target on node {to} does not run after the move:\n{}", target.logs());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok((target, MoveFigures::from_info(&info, t0.elapsed()), spec))
+    let pid = target.inner.adopt().await;
+    let moved = MoveFigures {
+        guest_pause_ms: pause_ms(stop, resume),
+        ..MoveFigures::from_info(&done.info, t0.elapsed())
+    };
+    Ok((Running::Agent { node: to, dir: dir.to_owned(), pid }, moved))
 }
 
 /// Hot-adds a vCPU, a 128 MiB DIMM and 64 MiB of virtio-mem, as the agent
@@ -349,20 +430,15 @@ pub async fn grow(vm: &GuestVm) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A move to node 1 with its link to the switch down: the migration cannot
-/// connect, our deadline cancels it, the target is killed, and the guest
-/// still runs on the source. The link comes back afterwards.
-async fn cut_network_move(
-    fabric: &Fabric,
-    base: &[String],
-    vm: &mut GuestVm,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let to = (vm.node + 1) % fabric.nodes.len();
+/// A move to the other node with its link to the switch down: the migration
+/// cannot connect, our deadline cancels it, the target is killed, and the
+/// guest still runs on the source. The link comes back afterwards.
+async fn cut_network_move(fabric: &Fabric, vm: &mut Running, dir: &Path) -> anyhow::Result<()> {
+    let to = (vm.node() + 1) % fabric.nodes.len();
     eprintln!("    a move to node {to} with its network cut (must fail)");
     fabric.set_link(to, false)?;
     let config = MigrationConfig { timeout_ms: 3_000, ..MigrationConfig::default() };
-    let attempt = move_vm(fabric, base, vm, to, &config, &dir.join("vm-cut")).await;
+    let attempt = agent_move(fabric, vm, to, &config, &dir.join("vm-cut"), 1).await;
     fabric.set_link(to, true)?;
     match attempt {
         Ok(_) => bail!("a move to node {to} succeeded with its network cut"),
@@ -457,18 +533,20 @@ async fn scenario(
         grow(&vm).await?;
     }
     let before = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;
+    let mut vm = Running::Harness(vm);
     // Let the client run a while on the first node.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let config = MigrationConfig::default();
     if a.break_network {
-        cut_network_move(fabric, &base, &mut vm, dir).await?;
+        cut_network_move(fabric, &mut vm, dir).await?;
     }
     let mut moves = Vec::new();
     for i in 0..a.moves {
-        let to = (vm.node + 1) % fabric.nodes.len();
-        eprintln!("    move {}: node {} -> node {to}", i + 1, vm.node);
-        let (target, figures, _) =
-            move_vm(fabric, &base, &mut vm, to, &config, &dir.join(format!("vm-{}", i + 1))).await?;
+        let to = (vm.node() + 1) % fabric.nodes.len();
+        eprintln!("    move {}: node {} -> node {to}", i + 1, vm.node());
+        let order = u64::from(i) + 2;
+        let (target, figures) =
+            agent_move(fabric, &mut vm, to, &config, &dir.join(format!("vm-{}", i + 1)), order).await?;
         vm = target;
         moves.push(figures);
         let after = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;
