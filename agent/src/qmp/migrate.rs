@@ -329,6 +329,14 @@ impl Migration {
                 if let Err(e) = self.cancel().await {
                     tracing::warn!("cannot cancel a migration past its deadline: {e:#}");
                 }
+                // Not one byte went out: the stream never got going, which
+                // no bandwidth or downtime limit would change.
+                if sent.0 == 0 {
+                    return Err(MigrateError::Stalled {
+                        after: config.timeout(),
+                        remaining_bytes: info.remaining_bytes(),
+                    });
+                }
                 return Err(MigrateError::NotConverged {
                     after: config.timeout(),
                     remaining_bytes: info.remaining_bytes(),
