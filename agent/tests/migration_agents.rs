@@ -554,7 +554,7 @@ async fn a_target_agent_that_cannot_answer_the_confirm_keeps_the_guest_paused_un
         assert!(t0.elapsed() < Duration::from_secs(90), "the stream did not complete\n{}", logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Through the confirm's 30 s call timeout and the unanswered aborts
+    // Through the confirm's 12 s call timeout and the unanswered aborts
     // after it (a says why it waits), and a while longer, the guest must not
     // run on the source for a moment.
     let switched = Instant::now();

@@ -14,6 +14,9 @@ use crate::vms::VmSpec;
 /// How long an abort may take before the source gives up on it.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// What a confirm's answer may take beyond the target's own wait.
+const CONFIRM_SLACK: Duration = Duration::from_secs(2);
+
 /// How long one call to the target agent may take (Prepare starts a QEMU).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,7 +70,10 @@ impl IncomingTarget for RemoteTarget {
 
     async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let req = pb::ConfirmRequest { order_id: self.order_id, timeout_ms: ms };
+        let mut req = tonic::Request::new(pb::ConfirmRequest { order_id: self.order_id, timeout_ms: ms });
+        // The guest runs nowhere while this waits: no longer than the
+        // target's own wait for the resume and a little for the way.
+        req.set_timeout(timeout + CONFIRM_SLACK);
         match self.client.clone().confirm(req).await {
             Ok(_) => Ok(()),
             Err(s) if never_connected(&s) => Err(ConfirmError::NotDelivered(self.why(&s))),
