@@ -141,13 +141,8 @@ pub async fn run(
         held.insert(record.vm.clone());
         let (m, tx) = (mover.clone(), ended_tx.clone());
         tokio::spawn(async move {
-            loop {
-                if let Some(ended) = mover::recover(&m, &record).await {
-                    let _ = tx.send((record.vm.clone(), ended));
-                    return;
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
+            let ended = mover::recover(&m, &record).await;
+            let _ = tx.send((record.vm.clone(), ended));
         });
     }
 

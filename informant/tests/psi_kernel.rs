@@ -17,9 +17,9 @@ use vmscale_proto::informant as pb;
 use vmscale_proto::informant::informant_client::InformantClient;
 
 const LIMIT: u64 = 64 << 20;
-/// Alone, both triggers fire within 10 s (the cgroup's after 3-4 of its
-/// 2 s windows); under the full test run's load the hog stalls less per
-/// window, so the bound is loose: the test is about the events arriving.
+/// Alone, both triggers fire within a few seconds (the cgroup's after one
+/// or a few of its 2 s windows); one full test run once saw no cgroup event
+/// in 30 s, so the bound is loose: the test is about the events arriving.
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// A shell that runs `tail /dev/zero` (which grows until the OOM killer

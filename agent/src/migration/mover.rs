@@ -32,7 +32,7 @@ use vmscale_proto::allocator::migration_status::Phase;
 
 use super::command_line::read_qemu_base_args;
 use super::remote::RemoteTarget;
-use super::source::carry_out;
+use super::source::{carry_out, runs_on_target};
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use crate::allocator_link::{Registry, Session};
 use crate::qmp::migrate::{Migration, MigrationConfig};
@@ -345,10 +345,10 @@ impl IncomingTarget for Recorded<'_> {
     }
 }
 
-/// Settles a move a previous run left unsettled (see the module's table).
-/// Returns how it ended; the record is gone afterwards unless the target
-/// could not be asked (then `None`, and the caller asks again later).
-pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Option<Ended> {
+/// Settles a move a previous run left unsettled (see the module's table);
+/// the record is gone afterwards. After a confirm it waits, asking, until
+/// the target can say whether the guest runs there.
+pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Ended {
     let target = match RemoteTarget::new(&r.target_endpoint, r.order_id, r.spec.clone()) {
         Ok(t) => t,
         Err(e) => {
@@ -356,22 +356,19 @@ pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Option<Ended> {
             return settle(node, r, false).await;
         }
     };
-    let runs_there = match target.abort().await {
-        AfterAbort::RunsThere => true,
-        AfterAbort::Gone => false,
+    let runs_there = if r.confirm_sent {
+        runs_on_target(r.order_id, &target, "the source agent restarted after sending it").await
+    } else {
         // Before the confirm the target never runs the guest: whatever it
         // says, the source may resume (an unreachable target kills its
         // unconfirmed QEMU by itself).
-        AfterAbort::Unknown(_) if !r.confirm_sent => false,
-        AfterAbort::Unknown(e) => {
-            warn!(order = r.order_id, vm = %r.vm, "cannot ask the target whether it runs the guest: {e}");
-            return None;
-        }
+        let _ = target.abort().await;
+        false
     };
     settle(node, r, runs_there).await
 }
 
-async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Option<Ended> {
+async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Ended {
     let source = match r.qmp.parse() {
         Ok(ep) => QmpClient::connect(&ep, crate::qmp::ClientConfig::default()).await.ok(),
         Err(_) => None,
@@ -411,5 +408,5 @@ async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Option<En
         Ended::Stayed
     };
     drop_record(&node.state_dir, &r.vm);
-    Some(ended)
+    ended
 }
