@@ -138,7 +138,27 @@ impl Contention {
             let _ = wake_rx.recv();
         }));
         let sleeper = tid_rx.recv().unwrap();
+        // It sent its id before it blocked; on the crowded CPU it may still
+        // be queued (preempted) between the two, and that wait would count
+        // once it runs. Hand it over only once it sleeps for good.
+        wait_until_sleeping(sleeper);
         Contention { stop, threads, waker, wakeups, sleeper, busy, sleeper_wake: Some(wake_tx) }
+    }
+}
+
+/// Waits until thread `tid` of this process is blocked (state `S`).
+fn wait_until_sleeping(tid: u32) {
+    let path = format!("/proc/self/task/{tid}/stat");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(&path).unwrap();
+        // The state follows the command name, which ends with the last ')'.
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+        if state == Some("S") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "thread {tid} never blocked: {stat}");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
