@@ -103,6 +103,9 @@ async fn connect(addr: &str) -> Result<InformantClient<Channel>, LinkError> {
     for s in hs.sources.iter().filter(|s| !s.available) {
         info!(%addr, source = %s.name, reason = %s.reason, "informant runs without a source");
     }
+    for note in &hs.guest_notes {
+        warn!(%addr, %note, "a guest kernel setting makes scaling worse");
+    }
     Ok(c)
 }
 

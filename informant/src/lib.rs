@@ -5,7 +5,8 @@
 //! - Sources, each behind [`source::Source`]: [`psi`], [`cgroup_events`],
 //!   [`sampler`] (and eBPF, wired in [`sources`]), reading [`procfs`] texts.
 //! - [`hub`] merges them and fans out to the one subscribed agent.
-//! - [`downscale`] decides purely; [`guest`] reads and writes sysfs.
+//! - [`downscale`] decides purely; [`guest`] reads and writes sysfs;
+//!   [`hotplug_settings`] says which guest kernel settings make scaling worse.
 //! - [`convert`], [`service`] and [`server`] are the gRPC edge.
 
 pub mod cgroup_events;
@@ -16,6 +17,7 @@ pub mod ebpf;
 pub mod event;
 pub mod fake;
 pub mod guest;
+pub mod hotplug_settings;
 pub mod hub;
 pub mod procfs;
 pub mod psi;

@@ -7,6 +7,7 @@ use crate::convert::{version_range, UpscaleTarget};
 use crate::downscale::{self, DownscaleTarget, Policy};
 use crate::event::monotonic_ns;
 use crate::guest::{Guest, GuestResources};
+use crate::hotplug_settings::HotplugSettings;
 use crate::hub::{EndReason, Hub, Subscription};
 use crate::source::SourceStatus;
 use futures::Stream;
@@ -25,6 +26,8 @@ pub struct InformantService {
     statuses: Vec<SourceStatus>,
     guest: Guest,
     cpu_mode: CpuMode,
+    /// Guest kernel settings that make scaling worse, for the handshake.
+    guest_notes: Vec<String>,
     policy: Policy,
     upscale_wait: Duration,
     /// Serialises sysfs changes: an upscale and a downscale never interleave.
@@ -39,11 +42,16 @@ impl InformantService {
         statuses: Vec<SourceStatus>,
         shutdown: CancellationToken,
     ) -> Self {
+        let guest_notes = HotplugSettings::read(&config.sys_root).notes();
+        for note in &guest_notes {
+            warn!(%note, "a guest kernel setting makes scaling worse");
+        }
         InformantService {
             hub,
             statuses,
             guest: Guest::new(&config.proc_root, &config.sys_root),
             cpu_mode: config.cpu_mode,
+            guest_notes,
             policy: Policy::from(&config.downscale),
             upscale_wait: Duration::from_millis(config.upscale_wait_ms),
             guest_lock: tokio::sync::Mutex::new(()),
@@ -103,6 +111,7 @@ impl Informant for InformantService {
             sources: self.statuses.iter().map(pb::SourceStatus::from).collect(),
             informant_version: env!("CARGO_PKG_VERSION").to_owned(),
             cpu_sysfs_mode: self.cpu_mode == CpuMode::Sysfs,
+            guest_notes: self.guest_notes.clone(),
         }))
     }
 

@@ -112,6 +112,29 @@ async fn handshake_negotiates_and_reports_sources() {
     r.stop().await;
 }
 
+/// The handshake names the guest kernel settings that make scaling worse:
+/// the fake tree's kernel has no memmap_on_memory; one with it set and
+/// memory onlined movable gets no note.
+#[tokio::test]
+async fn handshake_names_guest_kernel_settings_that_are_off() {
+    let mut r = start(|_, _| {}).await;
+    let h = r.client.handshake(handshake(1, 1)).await.unwrap().into_inner();
+    assert_eq!(h.guest_notes.len(), 1, "{:?}", h.guest_notes);
+    assert!(h.guest_notes[0].contains("CONFIG_MHP_MEMMAP_ON_MEMORY"), "{:?}", h.guest_notes);
+    r.stop().await;
+
+    let mut r = start(|g, _| {
+        let params = g.sys().join("module/memory_hotplug/parameters");
+        std::fs::create_dir_all(&params).unwrap();
+        std::fs::write(params.join("memmap_on_memory"), "Y\n").unwrap();
+        std::fs::write(g.memory_dir().join("auto_online_blocks"), "online_movable\n").unwrap();
+    })
+    .await;
+    let h = r.client.handshake(handshake(1, 1)).await.unwrap().into_inner();
+    assert!(h.guest_notes.is_empty(), "{:?}", h.guest_notes);
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn subscribers_get_samples_and_pressure_and_a_new_one_replaces_the_old() {
     let mut r = start(|_, _| {}).await;

@@ -227,6 +227,18 @@ impl Vm {
         plan: &VmPlan,
         informant_args: &[&str],
     ) -> anyhow::Result<Vm> {
+        Vm::boot_with_kernel_args(image, dir, plan, informant_args, &[])
+    }
+
+    /// [`Vm::boot_with`] with more kernel command line words after the
+    /// image's own (a later word wins), e.g. `memory_hotplug.memmap_on_memory=0`.
+    pub fn boot_with_kernel_args(
+        image: &Image,
+        dir: &Path,
+        plan: &VmPlan,
+        informant_args: &[&str],
+        kernel_args: &[String],
+    ) -> anyhow::Result<Vm> {
         let informant_port = free_port()?;
         let agent_qmp = dir.join(format!("{}.qmp", plan.id));
         let watch_qmp = dir.join(format!("{}.watch.qmp", plan.id));
@@ -250,7 +262,8 @@ impl Vm {
         }
         let mut informant = vec!["--cpu-mode", "sysfs"];
         informant.extend_from_slice(informant_args);
-        let mut extra_cmdline = vec![format!("vmscale.informant={}", informant.join(","))];
+        let mut extra_cmdline = kernel_args.to_vec();
+        extra_cmdline.push(format!("vmscale.informant={}", informant.join(",")));
         if let Some(w) = &plan.workload {
             workload_visible(dir)?;
             extra_cmdline.push(format!("vmscale.workload={w}"));

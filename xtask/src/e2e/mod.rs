@@ -11,6 +11,7 @@
 //! first checks that this watch runs, so "no OOM kill" is never a blind spot.
 
 mod cpu;
+mod full;
 mod memory;
 mod migrate;
 mod restart;
@@ -52,6 +53,10 @@ pub enum Scenario {
     /// network cut mid-stream and fails, a later one lands. The guest keeps
     /// its hot-added vCPU and DIMM and a TCP client loses no line.
     Migrate,
+    /// The guest's boot memory is filled, then 10 DIMMs are plugged over
+    /// QMP and 8 new processes take 96 MiB each: the full guest uses the
+    /// new memory, no OOM kill (the image's memmap_on_memory at work).
+    FullBootMemory,
 }
 
 impl Scenario {
@@ -64,6 +69,7 @@ impl Scenario {
             Scenario::AgentRestart => "agent-restart",
             Scenario::AllocatorRestart => "allocator-restart",
             Scenario::Migrate => "migrate",
+            Scenario::FullBootMemory => "full-boot-memory",
         }
     }
 }
@@ -75,6 +81,15 @@ pub struct Args {
     /// Seconds the scenario may take once the VM is booted (builds excluded).
     #[arg(long, default_value_t = 360)]
     pub timeout: u64,
+    /// A word for the guest kernel's command line after the image's own (a
+    /// later word wins), e.g. `memory_hotplug.memmap_on_memory=0` to see what
+    /// a setting is worth. Repeatable.
+    #[arg(long = "guest-arg", value_name = "WORD")]
+    pub guest_args: Vec<String>,
+    /// full-boot-memory only: the size of each DIMM plugged (1280 MiB in
+    /// all), e.g. 256 to see a DIMM larger than the guest's memory block.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(128..=1280))]
+    pub dimm_mib: u64,
 }
 
 /// What every scenario gets.
@@ -86,11 +101,19 @@ struct Ctx {
     ramp: String,
     /// `cpu.pl` in `dir`.
     cpu: String,
+    /// `full.pl` in `dir`.
+    full: String,
+    /// More guest kernel command line words (`--guest-arg`).
+    kernel_args: Vec<String>,
+    /// `--dimm-mib`.
+    dimm_mib: u64,
     timeout: Duration,
 }
 
 /// The CPU workload (see its header).
 const CPU_PL: &str = include_str!("cpu.pl");
+/// The full-guest workload (see its header).
+const FULL_PL: &str = include_str!("full.pl");
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut steps = Steps::new(crate::guest::step_count(&Default::default()) + 2);
@@ -113,11 +136,36 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     fs::write(&ramp, cluster::RAMP_PL)?;
     let cpu = dir.join("cpu.pl");
     fs::write(&cpu, CPU_PL)?;
-    let (ramp, cpu) = (ramp.display().to_string(), cpu.display().to_string());
+    let full = dir.join("full.pl");
+    fs::write(&full, FULL_PL)?;
+    let (ramp, cpu, full) =
+        (ramp.display().to_string(), cpu.display().to_string(), full.display().to_string());
     ensure!(!ramp.contains([',', ' ']), "the workspace path {ramp} holds a comma or space");
-    let ctx = Ctx { root, image, dir: dir.clone(), ramp, cpu, timeout: Duration::from_secs(a.timeout) };
+    ensure!(
+        a.dimm_mib.is_multiple_of(128) && 1280 % a.dimm_mib == 0,
+        "--dimm-mib {}: a multiple of 128 MiB that divides 1280 MiB",
+        a.dimm_mib
+    );
+    if let Some(w) = a.guest_args.iter().find(|w| w.is_empty() || w.contains(char::is_whitespace)) {
+        anyhow::bail!("--guest-arg {w:?}: one kernel command line word, without spaces");
+    }
+    let ctx = Ctx {
+        root,
+        image,
+        dir: dir.clone(),
+        ramp,
+        cpu,
+        full,
+        kernel_args: a.guest_args,
+        dimm_mib: a.dimm_mib,
+        timeout: Duration::from_secs(a.timeout),
+    };
     let mut result = None;
-    steps.call(&format!("scenario {name} (QEMU under TCG, real informant, allocator and agent)"), || {
+    let parts = match a.scenario {
+        Scenario::FullBootMemory => "QEMU under TCG, real informant; the harness plugs over QMP",
+        _ => "QEMU under TCG, real informant, allocator and agent",
+    };
+    steps.call(&format!("scenario {name} ({parts})"), || {
         result = Some(match a.scenario {
             Scenario::MemoryRamp => memory::memory_ramp(&ctx),
             Scenario::DeniedDownscale => memory::denied_downscale(&ctx),
@@ -126,6 +174,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Scenario::AgentRestart => restart::agent_restart(&ctx),
             Scenario::AllocatorRestart => restart::allocator_restart(&ctx),
             Scenario::Migrate => migrate::migrate(&ctx),
+            Scenario::FullBootMemory => full::full_boot_memory(&ctx),
         });
         Ok(())
     })?;

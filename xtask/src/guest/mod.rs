@@ -41,9 +41,14 @@ pub const GUEST_DIR: &str = "target/guest";
 /// The informant's TCP port inside the guest (`vmscale.port=` changes it).
 pub const INFORMANT_PORT: u16 = 7080;
 /// Kernel command line: serial console; hot-added memory online at once and
-/// movable (so it can be unplugged again); reboot at once on a panic, which
+/// movable (so it can be unplugged again), its memory map (`struct page`s,
+/// 2 MiB of each 128 MiB DIMM) inside the DIMM itself rather than taken from
+/// the boot memory a full guest has none of (without it, a guest whose boot
+/// memory was full OOM-killed with 1.2 GiB of new memory free: see
+/// `cargo xtask e2e full-boot-memory`); reboot at once on a panic, which
 /// QEMU's `-no-reboot` turns into an exit; no kernel chatter on the console.
-pub const CMDLINE: &str = "console=ttyS0 memhp_default_state=online_movable panic=-1 quiet";
+pub const CMDLINE: &str =
+    "console=ttyS0 memhp_default_state=online_movable memory_hotplug.memmap_on_memory=1 panic=-1 quiet";
 /// Host packages: QEMU for the smoke test and the demo, stress-ng for
 /// workloads run from the host's root through the 9p share; zstd and xz
 /// to pack the initramfs and unpack the kernel.
