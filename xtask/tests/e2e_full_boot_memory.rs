@@ -2,7 +2,8 @@
 //! xtask/src/e2e/full.rs). A guest whose boot memory is full gets DIMMs and
 //! uses them: new processes get their memory, nothing is OOM-killed, and
 //! each DIMM's memory map lies inside it (the image's
-//! `memory_hotplug.memmap_on_memory=1`).
+//! `memory_hotplug.memmap_on_memory=1`) without pinning it: the last DIMM
+//! unplugs once the processes are gone.
 
 mod e2e_support;
 

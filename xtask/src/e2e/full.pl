@@ -15,8 +15,11 @@
 #   full: go t=T waited=S total=M avail=M zones=...
 #   full: child N done t=T                              (one per child)
 #   full: end t=T children=N total=M avail=M zones=...
-# then it holds everything until it is killed. An OOM kill shows as /init's
-# "oom:" line and as fewer children done.
+# An OOM kill shows as /init's "oom:" line and as fewer children done. Once
+# GO_FILE.free exists, the children are killed (their memory, in the plugged
+# DIMMs, is free again for an unplug):
+#   full: freed t=T total=M avail=M zones=...
+# then it holds the rest until it is killed.
 use strict;
 use warnings;
 
@@ -68,9 +71,10 @@ print "full: go t=" . uptime() . ' waited=' . sprintf('%.2f', uptime() - $since)
 
 # Each child says "done" on the pipe, then holds its memory.
 pipe(my $r, my $w) or die "pipe: $!";
+my @pids;
 for my $i (1 .. $children) {
     my $pid = fork() // die "fork: $!";
-    next if $pid;
+    if ($pid) { push @pids, $pid; next; }
     close $r;
     my @mine;
     push @mine, 'y' x (4 << 20) for 1 .. $mib_each / 4;
@@ -89,4 +93,8 @@ while ($done < $children) {
     $done++;
 }
 print "full: end t=" . uptime() . " children=$done " . state() . "\n";
+nap(0.05) until -e "$go.free";
+kill 'KILL', @pids;
+waitpid($_, 0) for @pids;
+print "full: freed t=" . uptime() . ' ' . state() . "\n";
 sleep 1 while 1;

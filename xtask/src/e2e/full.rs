@@ -3,7 +3,8 @@
 //! 128 MiB over QMP, and 8 new processes allocate 96 MiB each. The guest must
 //! use the new memory: every process gets its memory and nothing is
 //! OOM-killed, and each DIMM's memory map lies inside the DIMM (the new
-//! zone manages less than was plugged). Without
+//! zone manages less than was plugged). Once the processes are gone, the
+//! last DIMM unplugs: the maps inside do not pin it. Without
 //! `memory_hotplug.memmap_on_memory=1` (guest/mod.rs's CMDLINE) the same
 //! guest OOM-kills here with 1.2 GiB of new memory free: the maps filled
 //! what the boot memory had left, and the kernel's own allocations (page
@@ -18,7 +19,7 @@
 use anyhow::{ensure, Context};
 use serde_json::json;
 use std::fs;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{value, Console, Ctx};
 use crate::cluster::qmp::Qmp;
@@ -148,12 +149,29 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
          (2 MiB each) came out of the boot memory (memory_hotplug.memmap_on_memory off?)"
     );
     let (t_go, t_end) = (value(&went, "t").unwrap_or(0.0), value(&end, "t").unwrap_or(0.0));
+
+    // The maps inside must not pin the DIMMs: with the processes gone, the
+    // last DIMM unplugs (the guest offlines and ejects it, QEMU drops it).
+    fs::write(ctx.dir.join("go.free"), "free\n")?;
+    cluster::wait_for("the processes to free their memory", left(), || {
+        seen(&mut console, &mut vm, "full: freed")
+    })?;
+    let last = format!("full-dimm{}", dimms - 1);
+    let unplug_at = Instant::now();
+    qmp.execute("device_del", json!({ "id": last }))?;
+    cluster::wait_for("the guest to let the last DIMM go", left().min(Duration::from_secs(60)), || {
+        vm.check()?;
+        let (ids, _) = qmp.memory()?;
+        Ok((!ids.contains(&last)).then_some(()))
+    })?;
+    let unplug_s = unplug_at.elapsed().as_secs_f64();
     Ok(format!(
         "boot memory full ({:.0} MiB held, {:.0} MiB free in the kernel's zones); {dimms} DIMMs of {dimm_mib} MiB \
          plugged in {plug_s:.2} s (QEMU {} MiB), all online {:.2} s after the go file: MemTotal {total_full:.0} -> \
          {total_go:.0} MiB, the kernel's zones {:.0} MiB free, Movable manages {movable_managed:.0} MiB \
          ({movable_free:.0} free: the memory maps lie inside the DIMMs); {CHILDREN} new processes got {CHILD_MIB} \
-         MiB each in {:.1} s, the kernel's zones kept {:.0} MiB free; OOM kills 0",
+         MiB each in {:.1} s, the kernel's zones kept {:.0} MiB free; OOM kills 0; once they were gone the last \
+         DIMM unplugged in {unplug_s:.2} s",
         value(&filled, "held").unwrap_or(0.0),
         kernel_free(&filled),
         qemu_bytes / cluster::MIB,
