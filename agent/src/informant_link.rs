@@ -80,7 +80,9 @@ pub fn to_guest_event(e: &pb::Event) -> Option<GuestEvent> {
     }
 }
 
-async fn connect(addr: &str) -> Result<InformantClient<Channel>, LinkError> {
+/// Connects and shakes hands; the client and the guest's notes on its
+/// kernel settings (logged here, shown in the VM's status).
+async fn connect(addr: &str) -> Result<(InformantClient<Channel>, Vec<String>), LinkError> {
     let ep = Endpoint::from_shared(addr.to_owned())
         .map_err(|source| LinkError::Address { addr: addr.to_owned(), source })?
         .tcp_nodelay(true)
@@ -106,21 +108,24 @@ async fn connect(addr: &str) -> Result<InformantClient<Channel>, LinkError> {
     for note in &hs.guest_notes {
         warn!(%addr, %note, "a guest kernel setting makes scaling worse");
     }
-    Ok(c)
+    Ok((c, hs.guest_notes))
 }
 
-/// Keeps one VM's informant connection until `cancel`.
+/// Keeps one VM's informant connection until `cancel`; `notes_tx` gets the
+/// guest's notes on its kernel settings at each connection.
 pub async fn run(
     addr: String,
     events: mpsc::Sender<GuestEvent>,
     client_tx: watch::Sender<Client>,
+    notes_tx: watch::Sender<Vec<String>>,
     cancel: CancellationToken,
 ) {
     let mut failures: u32 = 0;
     loop {
         let attempt = async {
-            let mut c = connect(&addr).await?;
+            let (mut c, notes) = connect(&addr).await?;
             let stream = c.subscribe(pb::SubscribeRequest {}).await?.into_inner();
+            notes_tx.send_replace(notes);
             Ok::<_, LinkError>((c, stream))
         };
         let r = tokio::select! {

@@ -38,6 +38,9 @@ pub struct VmStatus {
     pub stuck: bool,
     /// A live migration under way, e.g. `to node-b (order 7): migrating`.
     pub migration: Option<String>,
+    /// Guest kernel settings that make scaling worse, as the informant
+    /// named them at its last handshake (e.g. memmap_on_memory off).
+    pub guest_notes: Vec<String>,
 }
 
 pub type StatusMap = Arc<Mutex<BTreeMap<String, VmStatus>>>;
@@ -150,8 +153,9 @@ pub async fn run(
     // The guest's side.
     let (ev_tx, mut ev_rx) = mpsc::channel::<GuestEvent>(1024);
     let (inf_tx, mut inf_rx) = watch::channel::<informant_link::Client>(None);
+    let (notes_tx, notes_rx) = watch::channel(Vec::new());
     if let Some(addr) = spec.informant.clone() {
-        tokio::spawn(informant_link::run(addr, ev_tx, inf_tx, cancel.child_token()));
+        tokio::spawn(informant_link::run(addr, ev_tx, inf_tx, notes_tx, cancel.child_token()));
     } else {
         drop(ev_tx);
     }
@@ -201,7 +205,7 @@ pub async fn run(
                 let _ = tx.send((action, input, started.elapsed(), err)).await;
             });
         }
-        update_status(&node, &vm, &core, now);
+        update_status(&node, &vm, &core, now, &notes_rx.borrow());
         publish(&core);
         gate.quiet.send_replace(core.migrating && core.in_flight().is_none());
         if let Some(r) = &node.reporter {
@@ -352,7 +356,7 @@ async fn add_vm(s: &vmscale_allocator::client::SessionClient, vm: &str, core: &V
     }
 }
 
-fn update_status(node: &Node, vm: &str, core: &VmCore, now: u64) {
+fn update_status(node: &Node, vm: &str, core: &VmCore, now: u64, guest_notes: &[String]) {
     let goal = core.goal_cus(now);
     let desired = Size::of_cus(goal, core.cu);
     let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -370,6 +374,9 @@ fn update_status(node: &Node, vm: &str, core: &VmCore, now: u64) {
     e.stuck = core.is_stuck();
     e.informant_connected = core.informant_up;
     e.allocator_connected = core.allocator_up;
+    if e.guest_notes != guest_notes {
+        e.guest_notes = guest_notes.to_vec();
+    }
 }
 
 /// One action's execution context: a snapshot taken when it started.

@@ -23,6 +23,9 @@ use vmscale_allocator::service::Shared;
 use vmscale_proto::informant as ipb;
 use vmscale_proto::informant::informant_server::{Informant, InformantServer};
 
+/// What the scripted informant says of its guest's kernel settings.
+const SCRIPTED_NOTE: &str = "memory_hotplug.memmap_on_memory is off (scripted)";
+
 /// A scripted informant: the test pushes events; answers are recorded.
 #[derive(Clone, Default)]
 struct Scripted {
@@ -41,7 +44,11 @@ impl Informant for Scripted {
         &self,
         _: tonic::Request<ipb::HandshakeRequest>,
     ) -> Result<tonic::Response<ipb::HandshakeResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ipb::HandshakeResponse { version: 1, ..Default::default() }))
+        Ok(tonic::Response::new(ipb::HandshakeResponse {
+            version: 1,
+            guest_notes: vec![SCRIPTED_NOTE.into()],
+            ..Default::default()
+        }))
     }
 
     async fn subscribe(
@@ -290,6 +297,10 @@ async fn pressure_grows_the_vm_through_permit_plug_and_notice_and_survives_an_ag
     .await;
     let st = agent.handles.status.lock().unwrap().get("pg-1").cloned().unwrap();
     assert_eq!(st.current, Size::new(1000, 512 * MIB), "size read back from QEMU");
+    eventually("the informant's guest notes in the VM's status", || {
+        agent.handles.status.lock().unwrap().get("pg-1").is_some_and(|s| s.guest_notes == [SCRIPTED_NOTE])
+    })
+    .await;
     let node = shared.lock().cluster.node("node-a").map(|n| n.reserved()).unwrap();
     assert_eq!((node.milli_cpu, node.memory_bytes), (1000, 512 * MIB), "one VM, counted once");
     agent.stop.cancel();
