@@ -21,6 +21,7 @@ mod qmp_support;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +40,24 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const VM: &str = "vm1";
 const RAM_MIB: u64 = 256;
 
+/// A port for an agent to listen on. Not one from bind(0): that goes back to
+/// the kernel's ephemeral pool when the probe closes, where the other tests
+/// of this binary (they run at once) and any outgoing connection can get it
+/// before the agent binds it (seen once in CI: "cannot listen for HTTP ...
+/// Address already in use"). These come from below the ephemeral range
+/// (32768 up by default), one number per call from a per-process counter
+/// (a start that differs by process), checked free.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 400) * 25;
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(20_000 + (start + n) % 10_000).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-29999 on 127.0.0.1");
 }
 
 async fn start_allocator() -> (String, Arc<Shared>, CancellationToken) {

@@ -133,9 +133,22 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A port on 127.0.0.1 for a daemon or QEMU to listen on. Not one from
+/// bind(0): that goes back to the kernel's ephemeral pool when the probe
+/// closes, where any outgoing connection may take it before the daemon binds
+/// it. These come from below the ephemeral range (32768 up by default), one
+/// number per call (a start that differs by process), checked free.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(l.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = (std::process::id() % 400) * 25;
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(20_000 + (start + n) % 10_000)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000-29999 on 127.0.0.1")
 }
 
 /// `GET path` over HTTP/1.0 on 127.0.0.1:port; the body.

@@ -35,11 +35,9 @@ const CHILD_MIB: u64 = 96;
 /// One zone's free and managed MiB, from a `zones=Name:free/managed,...` word.
 fn zone(line: &str, name: &str) -> Option<(f64, f64)> {
     let zones = line.split_whitespace().find_map(|w| w.strip_prefix("zones="))?;
-    zones.split(',').find_map(|z| {
-        let (n, rest) = z.split_once(':')?;
-        let (free, managed) = rest.split_once('/')?;
-        (n == name).then(|| Some((free.parse().ok()?, managed.parse().ok()?)))?
-    })
+    let (_, rest) = zones.split(',').filter_map(|z| z.split_once(':')).find(|(n, _)| *n == name)?;
+    let (free, managed) = rest.split_once('/')?;
+    Some((free.parse().ok()?, managed.parse().ok()?))
 }
 
 /// Free MiB of the zones the kernel's own allocations may use (all but Movable).
@@ -54,7 +52,7 @@ fn seen(console: &mut Console, vm: &mut Vm, pat: &str) -> anyhow::Result<Option<
     console.drain(vm);
     if console.has("workload exited") {
         // /init's OOM watch reports a kill up to 0.6 s after it.
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(2));
         console.drain(vm);
     }
     ensure!(
