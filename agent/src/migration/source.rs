@@ -135,9 +135,9 @@ async fn attempt<R: FnMut(Phase, &str)>(
 }
 
 /// After a failed confirm (or an agent restart after one): asks the target
-/// (aborting what has not run) until it says whether the guest runs there. Meanwhile the guest runs nowhere:
-/// the source's QEMU stays paused, because resuming it while the target may
-/// run the guest would run it twice.
+/// (aborting what has not run) until it says whether the guest runs there.
+/// Meanwhile the guest runs nowhere: the source's QEMU stays paused, because
+/// resuming it while the target may run the guest would run it twice.
 pub(super) async fn runs_on_target(order_id: u64, target: &dyn IncomingTarget, confirm_error: &str) -> bool {
     let mut wait = Duration::from_millis(100);
     let mut asked = 0u32;

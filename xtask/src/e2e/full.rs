@@ -21,7 +21,7 @@ use serde_json::json;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use super::{value, Console, Ctx};
+use super::{guest_healthy, value, Console, Ctx};
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Vm, VmPlan};
 
@@ -45,24 +45,11 @@ fn kernel_free(line: &str) -> f64 {
     ["DMA", "DMA32", "Normal"].iter().filter_map(|z| zone(line, z)).map(|(free, _)| free).sum()
 }
 
-/// The first console line holding `pat`, once there; fails on a dead QEMU,
-/// an OOM kill or a workload that exited.
+/// The first console line holding `pat`, once there; fails as
+/// [`guest_healthy`] does.
 fn seen(console: &mut Console, vm: &mut Vm, pat: &str) -> anyhow::Result<Option<String>> {
-    vm.check()?;
-    console.drain(vm);
-    if console.has("workload exited") {
-        // /init's OOM watch reports a kill up to 0.6 s after it.
-        std::thread::sleep(Duration::from_secs(2));
-        console.drain(vm);
-    }
-    ensure!(
-        console.oom_kills() == 0,
-        "OOM kill in the guest ({} in all); console {}",
-        console.oom_kills(),
-        vm.console_log.display()
-    );
-    ensure!(!console.has("workload exited"), "the workload exited; console {}", vm.console_log.display());
-    Ok(console.lines.iter().find(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()))
+    guest_healthy(vm, console)?;
+    Ok(console.find_from(0, pat).map(|i| console.lines[i].1.clone()))
 }
 
 pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
