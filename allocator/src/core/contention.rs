@@ -8,7 +8,7 @@
 use super::error::{CoreError, Result};
 use super::vm::check_id;
 use super::{Cluster, SessionRef};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Longest interval a report may cover: an hour. More is a unit mix-up.
@@ -17,7 +17,7 @@ pub const MAX_INTERVAL_MS: u64 = 3_600_000;
 pub const MAX_DELAY_US: u64 = 3_600_000_000;
 
 /// One VM's run-queue delay over a report's interval, µs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmContention {
     pub p50_us: u64,
     pub p99_us: u64,
@@ -76,7 +76,7 @@ impl ContentionReport {
 }
 
 /// A node's latest report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeContention {
     /// The core's clock when it arrived.
     pub at_ms: u64,

@@ -4,10 +4,10 @@
 use super::contention::NodeContention;
 use super::units::{ComputeUnit, Resources};
 use super::vm::{VmEntry, VmState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeLedger {
     /// What the agent reported for the node.
     pub capacity: Resources,

@@ -20,13 +20,13 @@ mod tests;
 use error::{CoreError, Result};
 use ledger::{Grant, NodeLedger};
 use migration::{Order, OrderState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use units::Resources;
 use vm::{check_id, VmEntry, VmRegistration, VmState};
 
 /// Policy knobs of the core. Defaults are in `crate::config`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoreConfig {
     /// Kept back on every node for the host; never granted.
     pub system_reserve: Resources,
@@ -97,7 +97,7 @@ pub fn move_retry_wait_ms(failures: u32) -> u64 {
 }
 
 /// A VM whose moves failed: how often in a row, and until when it waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveBackoff {
     pub failures: u32,
     pub until_ms: u64,
@@ -106,7 +106,7 @@ pub struct MoveBackoff {
 /// How many finished orders the state dump remembers.
 const FINISHED_ORDERS_KEPT: usize = 256;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cluster {
     pub config: CoreConfig,
     #[serde(serialize_with = "sorted_nodes")]

@@ -1,7 +1,7 @@
 //! Typed resource amounts. CPU is counted in milli-vCPU and memory in bytes on the
 //! wire and in the ledger; compute units only ever appear as a step size.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Largest CPU amount accepted from anyone: one million vCPUs. Anything above is
@@ -12,7 +12,7 @@ pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 
 /// An amount of CPU and memory. Every value that enters the core has passed
 /// [`Resources::checked`], so sums of a few million of them cannot overflow u64.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     pub milli_cpu: u64,
     pub memory_bytes: u64,
@@ -121,7 +121,7 @@ impl fmt::Display for Resources {
 
 /// The step in which increases are granted, e.g. 250 milli-vCPU + 1 GiB.
 /// Both dimensions are non-zero: a CU of zero would make "whole CUs" meaningless.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComputeUnit(Resources);
 
 impl ComputeUnit {

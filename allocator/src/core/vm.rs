@@ -2,10 +2,10 @@
 
 use super::error::{CoreError, Result};
 use super::units::{ComputeUnit, Resources};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The least and the most a VM may have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bounds {
     pub min: Resources,
     pub max: Resources,
@@ -77,7 +77,7 @@ impl VmRegistration {
 }
 
 /// Where a VM stands in the ledger of one node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum VmState {
     Active,
@@ -91,7 +91,7 @@ pub enum VmState {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEntry {
     pub reserved: Resources,
     pub bounds: Bounds,
