@@ -1,11 +1,11 @@
 //! The agent's configuration: a TOML file (unknown keys are errors) plus flags.
 
 use crate::core::policy::Policy;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This node's name, as the allocator knows it. Default: the host name.
@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// The Kubernetes VM source (see `vms::kube` for the annotation contract).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesConfig {
     /// Label key that marks a VM pod. Default `vmscale.io/autoscale`.

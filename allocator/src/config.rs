@@ -3,11 +3,11 @@
 
 use crate::core::units::Resources;
 use crate::core::CoreConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// gRPC address agents connect to.
@@ -39,7 +39,7 @@ pub struct Config {
 }
 
 /// `[kubernetes]`: see `crate::leader` and `crate::capacity`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// Name of the `coordination.k8s.io/v1` Lease the replicas elect a leader

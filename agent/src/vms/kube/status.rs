@@ -13,7 +13,7 @@ use crate::core::policy::Size;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -110,7 +110,7 @@ pub fn status_annotations(s: &VmStatus) -> BTreeMap<String, String> {
 }
 
 /// Rate limit and retries of the write-back.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StatusConfig {
     /// At most one patch per pod in this long, ms; newer sizes wait, and the
