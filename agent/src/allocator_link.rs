@@ -11,8 +11,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vmscale_allocator::client::{channel, ClientError, SessionClient};
+use vmscale_allocator_client::{channel, ClientError, SessionClient};
 use vmscale_proto::allocator as pb;
+use vmscale_proto::allocator::agent_message::Body;
+use vmscale_proto::allocator::allocator_message::Body as Reply;
 
 /// What the allocator must hear about one VM when the node registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +113,40 @@ pub struct LinkConfig {
     pub retry_max: Duration,
 }
 
+/// The allocator session as the node, the VM loops and the mover use it: one
+/// request, one answer. A trait so that their shells can be unit-tested
+/// against [`fake::ScriptedSession`] instead of a gRPC server.
+#[async_trait::async_trait]
+pub trait AllocatorSession: Send + Sync + std::fmt::Debug {
+    /// Sends one request and waits for its answer; a `RequestError` answer
+    /// is an error.
+    async fn call(&self, body: Body) -> Result<Reply, ClientError>;
+
+    /// Asks for a reservation of `target`; the answer's permit may be less.
+    async fn reserve(&self, vm: &str, target: Size) -> Result<pb::Permit, ClientError> {
+        let body = Body::Reserve(pb::Reserve { vm_id: vm.to_owned(), target: res(target) });
+        match self.call(body).await? {
+            Reply::Permit(p) => Ok(p),
+            other => Err(ClientError::Unexpected(format!("{other:?} instead of a permit"))),
+        }
+    }
+
+    /// Tells of a decrease already carried out.
+    async fn release(&self, vm: &str, new_size: Size) -> Result<(), ClientError> {
+        let body = Body::Release(pb::Release { vm_id: vm.to_owned(), new_size: res(new_size) });
+        self.call(body).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl AllocatorSession for SessionClient {
+    async fn call(&self, body: Body) -> Result<Reply, ClientError> {
+        SessionClient::call(self, body).await
+    }
+}
+
 /// The live session, if any.
-pub type Session = Option<Arc<SessionClient>>;
+pub type Session = Option<Arc<dyn AllocatorSession>>;
 
 /// Keeps a session open until `cancel`; publishes it on `session_tx` and
 /// forwards pushed messages (migration orders) to `pushed_tx`.
@@ -134,6 +168,7 @@ pub async fn run(
                 failures = 0;
                 info!(allocator = %cfg.addr, session = client.welcome.session_id, "registered with the allocator");
                 let mut pushed = std::mem::replace(&mut client.pushed, mpsc::unbounded_channel().1);
+                let ended = Arc::clone(&client.ended);
                 session_tx.send_replace(Some(Arc::new(client)));
                 // Until the session ends: forward what the allocator pushes.
                 loop {
@@ -148,10 +183,10 @@ pub async fn run(
                         }
                     }
                 }
-                let why = session_tx
-                    .borrow()
-                    .as_ref()
-                    .and_then(|c| c.ended.lock().ok().and_then(|e| e.clone()))
+                let why = ended
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
                     .map(|s| format!("{:?}: {}", s.code(), s.message()))
                     .unwrap_or_default();
                 session_tx.send_replace(None);
@@ -195,6 +230,59 @@ fn backoff(cfg: &LinkConfig, failures: u32) -> Duration {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let quarter = base / 4;
     base.saturating_sub(quarter.mul_f64(f64::from(nanos % 1000) / 1000.0))
+}
+
+/// A session that answers from a script, for the shells' unit tests.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+
+    type Answer = Box<dyn Fn(&Body) -> Result<Reply, ClientError> + Send + Sync>;
+
+    /// Records every request and answers each with `answer`.
+    pub struct ScriptedSession {
+        pub calls: Mutex<Vec<Body>>,
+        answer: Answer,
+    }
+
+    impl std::fmt::Debug for ScriptedSession {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ScriptedSession").field("calls", &self.calls).finish_non_exhaustive()
+        }
+    }
+
+    impl ScriptedSession {
+        pub fn new(answer: impl Fn(&Body) -> Result<Reply, ClientError> + Send + Sync + 'static) -> Arc<Self> {
+            Arc::new(ScriptedSession { calls: Mutex::new(Vec::new()), answer: Box::new(answer) })
+        }
+
+        /// Grants every reservation in full and acknowledges everything else.
+        pub fn granting() -> Arc<Self> {
+            Self::new(|b| {
+                Ok(match b {
+                    Body::Reserve(r) => Reply::Permit(pb::Permit {
+                        vm_id: r.vm_id.clone(),
+                        permitted: r.target,
+                        ..Default::default()
+                    }),
+                    _ => Reply::Ack(pb::Ack::default()),
+                })
+            })
+        }
+
+        pub fn calls(&self) -> Vec<Body> {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl AllocatorSession for ScriptedSession {
+        async fn call(&self, body: Body) -> Result<Reply, ClientError> {
+            let answer = (self.answer)(&body);
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+            answer
+        }
+    }
 }
 
 #[cfg(test)]

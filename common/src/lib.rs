@@ -1,0 +1,17 @@
+//! The plumbing every vmscale daemon shares, written once.
+//!
+//! - [`backoff`]: exponential retry delays with seeded jitter (pure).
+//! - [`error`]: printing an error with its whole `source()` chain.
+//! - [`shutdown`]: SIGTERM or Ctrl-C, for every daemon's `main`.
+//! - [`durable`]: a JSON record that survives a crash (temp, fsync, rename).
+//! - [`config`]: reading a TOML config file with errors that name the file.
+//! - [`net`]: a free TCP port that another process cannot take meanwhile.
+//! - [`sync`]: a mutex lock that outlives a panicked holder.
+
+pub mod backoff;
+pub mod config;
+pub mod durable;
+pub mod error;
+pub mod net;
+pub mod shutdown;
+pub mod sync;

@@ -1,0 +1,33 @@
+//! How every daemon learns it should stop: SIGTERM (what Kubernetes and
+//! systemd send) or Ctrl-C. A daemon that waits only for Ctrl-C is killed
+//! mid-operation by every rollout, after the grace period.
+
+/// Resolves at the first SIGTERM or SIGINT; names which.
+pub async fn signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        // No signal handling at all (it cannot be installed): wait forever
+        // rather than stop at once.
+        _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn sigterm_is_seen() {
+        let waiting = tokio::spawn(super::signal());
+        // Let the handlers be installed before the signal is sent.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // SAFETY: raise only sends a signal to this process; the handler
+        // installed above turns it into a wake-up instead of termination.
+        let rc = unsafe { libc::raise(libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let which = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+        assert_eq!(which, "SIGTERM");
+    }
+}
