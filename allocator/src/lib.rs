@@ -6,7 +6,6 @@
 //! - [`service`] and [`session`] are the gRPC edge; [`server`] binds listeners.
 
 pub mod capacity;
-pub mod client;
 pub mod config;
 pub mod convert;
 pub mod core;

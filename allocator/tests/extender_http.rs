@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use vmscale_allocator::capacity::VmLabel;
-use vmscale_allocator::client::{channel, SessionClient};
 use vmscale_allocator::config::Config;
 use vmscale_allocator::server::{serve_with, Extras};
 use vmscale_allocator::service::Shared;
+use vmscale_allocator_client::{channel, SessionClient};
 use vmscale_proto::allocator as pb;
 
 const GIB: u64 = 1 << 30;

@@ -8,10 +8,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use vmscale_allocator::client::{channel, ClientError, SessionClient};
 use vmscale_allocator::config::Config;
 use vmscale_allocator::server::{serve_with, Extras};
 use vmscale_allocator::service::Shared;
+use vmscale_allocator_client::{channel, ClientError, SessionClient};
 use vmscale_proto::allocator as pb;
 
 async fn http_get(addr: &str, path: &str) -> String {

@@ -186,7 +186,7 @@ impl MoverNode {
                 });
                 match s.call(body).await {
                     Ok(_) => return Heard::Accepted,
-                    Err(vmscale_allocator::client::ClientError::Request { code, message }) => {
+                    Err(vmscale_allocator_client::ClientError::Request { code, message }) => {
                         warn!(order, ?phase, "the allocator refused the move's report: {code:?}: {message}");
                         return Heard::Refused;
                     }

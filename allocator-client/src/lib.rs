@@ -2,6 +2,9 @@
 //! answers by request id), and hands pushed migration orders to the caller.
 //! The agent's reconnecting client builds on it; tests and benchmarks use it
 //! as is.
+//!
+//! A crate of its own so that the agent links the client only, not the
+//! allocator's server, leader election and scheduler extender.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
