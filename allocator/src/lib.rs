@@ -1,9 +1,15 @@
 //! The allocator: the one central service that hands out CPU and memory on each
 //! node and never over-commits it.
 //!
-//! - [`core`] decides, purely: ledgers, permits, migration plans.
-//! - [`convert`] turns wire types into domain types, rejecting bad values.
-//! - [`service`] and [`session`] are the gRPC edge; [`server`] binds listeners.
+//! - [`core`]: the pure decisions: ledgers, permits, sessions, migration orders and plans.
+//! - [`convert`]: wire types into domain types, rejecting bad values.
+//! - [`session`]: one agent's gRPC stream; [`requests`]: one function per request kind.
+//! - [`shared`]: the state sessions, planner and HTTP endpoints share, under one lock.
+//! - [`server`]: binds the gRPC and HTTP listeners and runs the planner loop.
+//! - [`config`]: the config file and its validation; [`metrics`]: Prometheus.
+//! - [`leader`]: leader election on a Lease (Kubernetes mode).
+//! - [`capacity`]: node capacities from the cluster (Kubernetes mode).
+//! - [`extender`]: the kube-scheduler extender (filter and prioritize VM pods).
 
 pub mod capacity;
 pub mod config;
@@ -12,6 +18,7 @@ pub mod core;
 pub mod extender;
 pub mod leader;
 pub mod metrics;
+pub mod requests;
 pub mod server;
-pub mod service;
 pub mod session;
+pub mod shared;

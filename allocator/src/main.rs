@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         },
     };
     let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-    let shared = vmscale_allocator::service::Shared::new(config, shutdown.clone());
+    let shared = vmscale_allocator::shared::Shared::new(config, shutdown.clone());
     let election = tokio::spawn({
         let (client, stop) = (client.clone(), shutdown.clone());
         async move {

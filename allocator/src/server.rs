@@ -3,8 +3,8 @@
 //! on port 0 and stop it when they like.
 
 use crate::config::Config;
-use crate::service::Shared;
 use crate::session::AllocatorService;
+use crate::shared::Shared;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -4,7 +4,7 @@
 
 use crate::convert::status_of;
 use crate::core::{NodeRegistration, SessionRef};
-use crate::service::Shared;
+use crate::shared::Shared;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use vmscale_allocator::capacity::VmLabel;
 use vmscale_allocator::config::Config;
 use vmscale_allocator::server::{serve_with, Extras};
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 use vmscale_allocator_client::{channel, SessionClient};
 use vmscale_proto::allocator as pb;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vmscale_allocator::config::Config;
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 use vmscale_allocator_client::{channel, ClientError, SessionClient};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;

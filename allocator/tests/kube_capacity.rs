@@ -21,7 +21,7 @@ use vmscale_allocator::capacity::VmLabel;
 use vmscale_allocator::config::Config;
 use vmscale_allocator::core::units::Resources;
 use vmscale_allocator::core::NodeRegistration;
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 type Reply = SendResponse<Response<Body>>;

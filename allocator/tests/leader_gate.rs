@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use vmscale_allocator::config::Config;
 use vmscale_allocator::server::{serve_with, Extras};
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 use vmscale_allocator_client::{channel, ClientError, SessionClient};
 use vmscale_proto::allocator as pb;
 

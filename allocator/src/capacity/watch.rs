@@ -5,7 +5,7 @@
 
 use super::{CapacityTable, VmLabel};
 use crate::core::units::Resources;
-use crate::service::Shared;
+use crate::shared::Shared;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::watcher::{self, Event};

@@ -6,6 +6,7 @@ use super::planner::{plan, Move};
 use super::units::{ComputeUnit, Resources};
 use super::vm::{Bounds, VmRegistration, VmState};
 use super::*;
+use std::collections::HashMap;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;

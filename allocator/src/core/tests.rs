@@ -2,9 +2,10 @@
 //! coming and going, migration orders and re-registration after a restart.
 //! Every failing call is checked to leave the whole state as it was.
 
-use super::error::{CoreError, ErrorKind};
+use super::error::{CoreError, ErrorKind, Result};
 use super::ledger::Outcome;
 use super::migration::OrderState;
+use super::orders::FINISHED_ORDERS_KEPT;
 use super::units::{ComputeUnit, Resources, MAX_MEMORY_BYTES, MAX_MILLI_CPU};
 use super::vm::{Bounds, VmRegistration, VmState};
 use super::*;

@@ -5,7 +5,7 @@
 
 use super::{filter, prioritize, ExtenderArgs, ExtenderFilterResult, HostPriority};
 use crate::capacity::VmLabel;
-use crate::service::Shared;
+use crate::shared::Shared;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use axum::{Json, Router};

@@ -1,15 +1,14 @@
-//! The gRPC edge: one bidirectional session per node. Requests are decided by
-//! the core under one short lock (never held across an await); answers and
-//! pushed migration orders go out through the session's queue.
+//! [`Shared`]: what the sessions, the planner and the HTTP endpoints share:
+//! the core's [`Cluster`] and each live session's queue under one short lock
+//! (never held across an await), the metrics and the config. Requests are
+//! decided in `crate::requests`; answers and pushed migration orders go out
+//! through the session's queue.
 
 use crate::config::Config;
-use crate::convert::{self, EdgeError};
-use crate::core::contention::ContentionReport;
+use crate::convert;
 use crate::core::error::CoreError;
-use crate::core::ledger::Outcome;
-use crate::core::vm::VmRegistration;
 use crate::core::{Cluster, NodeRegistration, SessionRef};
-use crate::metrics::{ErrorLabels, Metrics, RequestLabels};
+use crate::metrics::{Metrics, RequestLabels};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -18,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 use vmscale_proto::allocator as pb;
-use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
 
 type Outgoing = Result<pb::AllocatorMessage, Status>;
@@ -140,118 +138,6 @@ impl Shared {
                     warn!(order = o.id, %node, "could not push migration order: session queue full or gone");
                 }
             }
-        }
-    }
-
-    /// Decides one request of a live session.
-    pub fn handle(&self, s: &SessionRef, m: pb::AgentMessage) -> pb::AllocatorMessage {
-        let rid = m.request_id;
-        let t0 = Instant::now();
-        let (kind, result) = self.decide(s, m);
-        self.metrics.decision_seconds.observe(t0.elapsed().as_secs_f64());
-        let body = match result {
-            Ok((outcome, body)) => {
-                self.metrics.requests.get_or_create(&RequestLabels { kind, outcome }).inc();
-                body
-            }
-            Err(e) => {
-                self.metrics.requests.get_or_create(&RequestLabels { kind, outcome: "error" }).inc();
-                self.metrics.errors.get_or_create(&ErrorLabels { kind, error: e.label() }).inc();
-                warn!(node = %s.node, request = rid, kind, "request refused: {e}");
-                Reply::Error(pb::RequestError { code: e.code() as i32, message: e.to_string() })
-            }
-        };
-        pb::AllocatorMessage { request_id: rid, body: Some(body) }
-    }
-
-    fn decide(
-        &self,
-        s: &SessionRef,
-        m: pb::AgentMessage,
-    ) -> (&'static str, Result<(&'static str, Reply), EdgeError>) {
-        let ack = || Ok(("ok", Reply::Ack(pb::Ack {})));
-        if !m.node.is_empty() && m.node != s.node {
-            let e = CoreError::NotOwnNode { own: s.node.clone(), requested: m.node };
-            return ("any", Err(e.into()));
-        }
-        let Some(body) = m.body else {
-            return (
-                "empty",
-                Err(CoreError::invalid(
-                    "message",
-                    "empty: set one of add_vm, remove_vm, reserve, release, migration_status, \
-                     node_contention, ping",
-                )
-                .into()),
-            );
-        };
-        match body {
-            Body::Hello(_) => (
-                "hello",
-                Err(CoreError::invalid(
-                    "hello",
-                    "only the first message of a session may be hello; open a new session to re-register",
-                )
-                .into()),
-            ),
-            Body::Ping(_) => ("ping", ack()),
-            Body::AddVm(a) => (
-                "add_vm",
-                (|| {
-                    let reg = VmRegistration::try_from(a.vm.ok_or(EdgeError::Missing("add_vm.vm"))?)?;
-                    self.lock().cluster.add_vm(s, reg)?;
-                    ack()
-                })(),
-            ),
-            Body::RemoveVm(r) => (
-                "remove_vm",
-                (|| {
-                    self.lock().cluster.remove_vm(s, &r.vm_id)?;
-                    ack()
-                })(),
-            ),
-            Body::Reserve(r) => (
-                "reserve",
-                (|| {
-                    let target = convert::resources(r.target, "reserve.target")?;
-                    let grant = self.lock().cluster.reserve(s, &r.vm_id, target)?;
-                    if grant.outcome != Outcome::Granted {
-                        self.plan_now.notify_one();
-                    }
-                    Ok((grant.outcome.label(), Reply::Permit(convert::permit(r.vm_id, &grant))))
-                })(),
-            ),
-            Body::Release(r) => (
-                "release",
-                (|| {
-                    let size = convert::resources(r.new_size, "release.new_size")?;
-                    self.lock().cluster.release(s, &r.vm_id, size)?;
-                    ack()
-                })(),
-            ),
-            Body::NodeContention(c) => (
-                "node_contention",
-                (|| {
-                    let report = ContentionReport::try_from(c)?;
-                    let now = self.now_ms();
-                    self.lock().cluster.record_contention(s, report, now)?;
-                    ack()
-                })(),
-            ),
-            Body::MigrationStatus(st) => (
-                "migration_status",
-                (|| {
-                    let phase = convert::phase(st.phase)?;
-                    let now = self.now_ms();
-                    self.lock().cluster.migration_status(s, st.order_id, phase, &st.reason, now)?;
-                    info!(node = %s.node, order = st.order_id, phase = phase.name(), reason = %st.reason, "migration status");
-                    self.metrics
-                        .orders
-                        .get_or_create(&RequestLabels { kind: "migration", outcome: phase.name() })
-                        .inc();
-                    ack()
-                })(),
-            ),
         }
     }
 }

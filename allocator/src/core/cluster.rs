@@ -1,0 +1,211 @@
+//! [`Cluster`]: every node's ledger and the orders between them, and the
+//! requests an agent makes about its own VMs (add, remove, reserve,
+//! release). Sessions are opened and closed in `sessions`, orders are
+//! created and finished in `orders`.
+
+use super::error::{CoreError, Result};
+use super::ledger::{Grant, NodeLedger};
+use super::migration::Order;
+use super::orders::MoveBackoff;
+use super::sessions::{Reservation, SessionRef};
+use super::units::Resources;
+use super::vm::{VmEntry, VmRegistration, VmState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Policy knobs of the core. Defaults are in `crate::config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoreConfig {
+    /// Kept back on every node for the host; never granted.
+    pub system_reserve: Resources,
+    /// Fraction (0, 1] of the usable capacity above which moves are planned.
+    pub watermark: f64,
+    /// A migration not finished after this long is failed.
+    pub order_timeout_ms: u64,
+    /// At most this many moves are planned per round across the cluster.
+    pub max_moves_per_round: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cluster {
+    pub config: CoreConfig,
+    #[serde(serialize_with = "sorted_nodes")]
+    pub nodes: HashMap<String, NodeLedger>,
+    pub orders: BTreeMap<u64, Order>,
+    pub finished_orders: VecDeque<Order>,
+    /// Node capacities from the cluster (Kubernetes mode), which win over
+    /// what agents report; see [`cluster_capacity`].
+    pub cluster_capacity: BTreeMap<String, Resources>,
+    /// VMs whose last move failed, by id (see [`MOVE_RETRY_BASE_MS`]).
+    pub move_backoff: BTreeMap<String, MoveBackoff>,
+    pub(super) next_session: u64,
+    pub(super) next_order: u64,
+}
+
+fn sorted_nodes<S: serde::Serializer>(
+    m: &HashMap<String, NodeLedger>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    let ordered: BTreeMap<_, _> = m.iter().collect();
+    serde::Serialize::serialize(&ordered, s)
+}
+
+impl Cluster {
+    pub fn new(config: CoreConfig) -> Self {
+        Cluster {
+            config,
+            nodes: HashMap::new(),
+            orders: BTreeMap::new(),
+            finished_orders: VecDeque::new(),
+            cluster_capacity: BTreeMap::new(),
+            move_backoff: BTreeMap::new(),
+            next_session: 1,
+            next_order: 1,
+        }
+    }
+
+    /// Starts this run's order ids at `base`. The server passes a value from
+    /// the wall clock (ms << 16) so that an allocator that restarted never
+    /// reuses an id an agent may still hold from the previous run.
+    pub fn with_order_ids_from(mut self, base: u64) -> Self {
+        self.next_order = self.next_order.max(base);
+        self
+    }
+
+    /// Starts a session for a node: checks the whole registration first, then
+    /// replaces the node's ledger with what the agent reports. A session that
+    pub(super) fn owned(&self, s: &SessionRef) -> Result<&NodeLedger> {
+        let n = self.nodes.get(&s.node).ok_or_else(|| CoreError::UnknownNode(s.node.clone()))?;
+        if n.session != Some(s.id) {
+            return Err(CoreError::StaleSession { node: s.node.clone(), session: s.id });
+        }
+        Ok(n)
+    }
+
+    pub(super) fn owned_vm<'a>(&'a self, s: &SessionRef, vm: &str) -> Result<(&'a NodeLedger, &'a VmEntry)> {
+        let n = self.owned(s)?;
+        match n.vms.get(vm) {
+            Some(e) => Ok((n, e)),
+            None => Err(self.missing_vm(s, vm)),
+        }
+    }
+
+    pub(super) fn missing_vm(&self, s: &SessionRef, vm: &str) -> CoreError {
+        // Only on the error path: say where the VM is, if anywhere.
+        let owner = self
+            .nodes
+            .iter()
+            .find(|(name, n)| **name != s.node && n.vms.contains_key(vm))
+            .map(|(name, _)| name.clone());
+        match owner {
+            Some(owner) => CoreError::VmOnOtherNode { node: s.node.clone(), vm: vm.to_owned(), owner },
+            None => CoreError::UnknownVm { node: s.node.clone(), vm: vm.to_owned() },
+        }
+    }
+
+    pub(super) fn not_moving(vm: &str, e: &VmEntry, orders: &BTreeMap<u64, Order>) -> Result<()> {
+        match e.order() {
+            None => Ok(()),
+            Some(order) => Err(CoreError::Migrating {
+                vm: vm.to_owned(),
+                order,
+                target: orders.get(&order).map(|o| o.target.clone()).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// A VM started on the node during the session.
+    pub fn add_vm(&mut self, s: &SessionRef, reg: VmRegistration) -> Result<Reservation> {
+        let n = self.owned(s)?;
+        if n.vms.contains_key(&reg.id) {
+            return Err(CoreError::VmExists(reg.id));
+        }
+        if reg.migration.is_some() {
+            return Err(CoreError::invalid(
+                "add_vm",
+                "a migration in progress can only be reported in the session's hello",
+            ));
+        }
+        let reserved = reg.reservation();
+        let entry = VmEntry {
+            reserved,
+            bounds: reg.bounds,
+            cu: reg.cu,
+            unmet: Resources::ZERO,
+            state: VmState::Active,
+        };
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.insert(reg.id.clone(), entry);
+        }
+        Ok(Reservation { vm: reg.id, reserved, migrating: false })
+    }
+
+    /// The VM stopped: its reservation is released.
+    pub fn remove_vm(&mut self, s: &SessionRef, vm: &str) -> Result<()> {
+        let (_, e) = self.owned_vm(s, vm)?;
+        Self::not_moving(vm, e, &self.orders)?;
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.remove(vm);
+        }
+        Ok(())
+    }
+
+    /// An increase request: grants whole CUs as far as the node has room.
+    pub fn reserve(&mut self, s: &SessionRef, vm: &str, target: Resources) -> Result<Grant> {
+        let target = target.checked("reserve target")?;
+        let (n, e) = self.owned_vm(s, vm)?;
+        Self::not_moving(vm, e, &self.orders)?;
+        if !target.fits_in(e.bounds.max) {
+            return Err(CoreError::invalid(
+                "reserve target",
+                format!("{target} for vm {vm:?} is above its maximum {}", e.bounds.max),
+            ));
+        }
+        let grant = n.decide_increase(e.reserved, target, e.cu);
+        let unmet = grant.requested.saturating_sub(grant.permitted);
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.update(vm, grant.permitted, unmet);
+        }
+        Ok(grant)
+    }
+
+    /// A decrease the agent has already carried out: applied at once.
+    pub fn release(&mut self, s: &SessionRef, vm: &str, new_size: Resources) -> Result<()> {
+        let new_size = new_size.checked("release size")?;
+        let (_, e) = self.owned_vm(s, vm)?;
+        Self::not_moving(vm, e, &self.orders)?;
+        if !new_size.fits_in(e.reserved) {
+            return Err(CoreError::invalid(
+                "release size",
+                format!(
+                    "{new_size} for vm {vm:?} is above its reservation {}; ask for increases with reserve",
+                    e.reserved
+                ),
+            ));
+        }
+        if !e.bounds.min.fits_in(new_size) {
+            return Err(CoreError::invalid(
+                "release size",
+                format!("{new_size} for vm {vm:?} is below its minimum {}", e.bounds.min),
+            ));
+        }
+        if let Some(n) = self.nodes.get_mut(&s.node) {
+            n.update(vm, new_size, Resources::ZERO);
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeLedger> {
+        self.nodes.get(name)
+    }
+
+    /// Checks the cached sums against a recount; for tests and debug builds.
+    pub fn check_sums(&self) -> std::result::Result<(), String> {
+        for (name, n) in &self.nodes {
+            if (n.reserved(), n.unmet()) != n.recount() {
+                return Err(format!("node {name}: cached sums differ from recount"));
+            }
+        }
+        Ok(())
+    }
+}
