@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use vmscale_allocator_client::{channel, ClientError, SessionClient};
+use vmscale_common::backoff::{clock_seed, Backoff};
+use vmscale_common::error::Chain;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
@@ -194,7 +196,7 @@ pub async fn run(
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                warn!(allocator = %cfg.addr, failures, "cannot register with the allocator: {e:#}");
+                warn!(allocator = %cfg.addr, failures, "cannot register with the allocator: {}", Chain(&e));
             }
         }
         let wait = backoff(&cfg, failures);
@@ -221,15 +223,12 @@ async fn open(cfg: &LinkConfig, registry: &Registry) -> Result<SessionClient, Cl
     SessionClient::open(ch, hello).await
 }
 
-/// Exponential backoff with up to a quarter of jitter, so that agents of a
-/// restarted allocator don't all come back in the same millisecond.
+/// The wait before the next attempt: exponential from `retry_base` (also
+/// after a session that ended, `failures` = 0), with jitter from the clock so
+/// that the agents of a restarted allocator don't all come back in the same
+/// millisecond.
 fn backoff(cfg: &LinkConfig, failures: u32) -> Duration {
-    let exp = failures.min(16);
-    let base = cfg.retry_base.saturating_mul(1 << exp).min(cfg.retry_max);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let quarter = base / 4;
-    base.saturating_sub(quarter.mul_f64(f64::from(nanos % 1000) / 1000.0))
+    Backoff::new(cfg.retry_base, cfg.retry_max).jittered(failures.saturating_add(1), clock_seed())
 }
 
 /// A session that answers from a script, for the shells' unit tests.
@@ -252,7 +251,9 @@ pub mod fake {
     }
 
     impl ScriptedSession {
-        pub fn new(answer: impl Fn(&Body) -> Result<Reply, ClientError> + Send + Sync + 'static) -> Arc<Self> {
+        pub fn new(
+            answer: impl Fn(&Body) -> Result<Reply, ClientError> + Send + Sync + 'static,
+        ) -> Arc<Self> {
             Arc::new(ScriptedSession { calls: Mutex::new(Vec::new()), answer: Box::new(answer) })
         }
 

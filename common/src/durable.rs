@@ -14,7 +14,8 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?;
+    let name =
+        path.file_name().ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = dir.join(tmp_name);

@@ -6,7 +6,7 @@ use std::fmt;
 
 /// Displays `top: cause: root cause`.
 #[derive(Debug, Clone, Copy)]
-pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+pub struct Chain<'a>(pub &'a dyn std::error::Error);
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -21,7 +21,7 @@ impl fmt::Display for Chain<'_> {
 }
 
 /// The chain as a `String`, for error fields and status messages.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     Chain(e).to_string()
 }
 

@@ -7,6 +7,7 @@
 //! - [`config`]: reading a TOML config file with errors that name the file.
 //! - [`net`]: a free TCP port that another process cannot take meanwhile.
 //! - [`sync`]: a mutex lock that outlives a panicked holder.
+//! - [`testing`]: how a test that cannot run here says so (and fails in CI).
 
 pub mod backoff;
 pub mod config;
@@ -15,3 +16,4 @@ pub mod error;
 pub mod net;
 pub mod shutdown;
 pub mod sync;
+pub mod testing;

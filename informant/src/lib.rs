@@ -36,23 +36,6 @@ pub fn informant_versions() -> std::ops::RangeInclusive<u32> {
 }
 
 /// An error and its sources as one line: `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
-/// For tests that need something this machine may lack: under `CI=true` the
-/// test fails, elsewhere it prints why it skips. Returns whether to skip.
-pub fn skip_unless_ci(reason: &str) -> bool {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("cannot run under CI=true: {reason}");
-    }
-    eprintln!("skipping: {reason}");
-    true
-}
+pub use vmscale_common::error::chain as error_chain;
+/// For tests that need something this machine may lack (fails under `CI=true`).
+pub use vmscale_common::testing::skip_unless_ci;

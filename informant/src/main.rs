@@ -100,26 +100,11 @@ fn main() -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down");
+            let which = vmscale_common::shutdown::signal().await;
+            tracing::info!(signal = which, "shutting down");
             stop.cancel();
         });
         vmscale_informant::run(config, shutdown).await
     })?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

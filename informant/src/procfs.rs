@@ -1,5 +1,15 @@
 //! Pure parsers for the kernel's text files the informant reads. Each takes the
 //! file's contents, so tests feed them strings and the readers stay thin.
+//!
+//! `/proc` files are parsed by the `procfs-core` crate (PSI lines, load
+//! average) except `/proc/meminfo`: the watermark reads it every 10 ms, and
+//! the crate's parser (every field into a `HashMap` of owned keys) takes
+//! 14 us a read against 2.3 us for the two fields read here, six times the
+//! cost on the hottest path (`cargo run --release -p vmscale-informant
+//! --example meminfo_parse`; figures in BENCHMARKS.md). cgroup v2 files and
+//! sysfs CPU lists are outside what the crate covers.
+
+use procfs_core::FromRead;
 
 /// One line of a PSI file (`some ...` or `full ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -23,24 +33,18 @@ pub fn parse_psi(text: &str) -> Option<Psi> {
     let mut some = None;
     let mut full = None;
     for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let slot = match words.next() {
+        let slot = match line.split_whitespace().next() {
             Some("some") => &mut some,
             Some("full") => &mut full,
             _ => continue,
         };
-        let mut l = PsiLine::default();
-        for kv in words {
-            let Some((k, v)) = kv.split_once('=') else { continue };
-            match k {
-                "avg10" => l.avg10 = v.parse().ok()?,
-                "avg60" => l.avg60 = v.parse().ok()?,
-                "avg300" => l.avg300 = v.parse().ok()?,
-                "total" => l.total_us = v.parse().ok()?,
-                _ => {}
-            }
-        }
-        *slot = Some(l);
+        let r = procfs_core::parse_pressure_record(line).ok()?;
+        *slot = Some(PsiLine {
+            avg10: f64::from(r.avg10),
+            avg60: f64::from(r.avg60),
+            avg300: f64::from(r.avg300),
+            total_us: r.total,
+        });
     }
     Some(Psi { some: some?, full })
 }
@@ -76,10 +80,8 @@ pub fn parse_meminfo(text: &str) -> Option<MemInfo> {
 
 /// The 1- and 5-minute load averages of `/proc/loadavg`.
 pub fn parse_loadavg(text: &str) -> Option<(f64, f64)> {
-    let mut words = text.split_whitespace();
-    let one = words.next()?.parse().ok()?;
-    let five = words.next()?.parse().ok()?;
-    Some((one, five))
+    let l = procfs_core::LoadAverage::from_read(text.as_bytes()).ok()?;
+    Some((f64::from(l.one), f64::from(l.five)))
 }
 
 /// A kernel CPU list (`0-3,5,7-8`), as in `/sys/devices/system/cpu/online`.
@@ -165,7 +167,8 @@ mod tests {
 
     #[test]
     fn loadavg_parses() {
-        assert_eq!(parse_loadavg("0.52 0.30 0.10 1/123 4567\n"), Some((0.52, 0.30)));
+        let (one, five) = parse_loadavg("0.52 0.30 0.10 1/123 4567\n").unwrap();
+        assert!((one - 0.52).abs() < 1e-6 && (five - 0.30).abs() < 1e-6, "{one} {five}");
         assert_eq!(parse_loadavg("x"), None);
     }
 

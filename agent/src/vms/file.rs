@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use vmscale_common::error::Chain;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,7 +88,7 @@ impl FileSource {
                         tracing::info!(path = %self.path.display(), vms = vms.len(), "VM list changed");
                         tx.send_replace(vms);
                     }
-                    Err(e) => tracing::warn!("keeping the last good VM list: {:#}", anyhow_chain(&e)),
+                    Err(e) => tracing::warn!("keeping the last good VM list: {}", Chain(&e)),
                 }
             }
         });
@@ -97,18 +98,6 @@ impl FileSource {
 
 fn modified(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The error and its sources on one line.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
@@ -155,7 +144,7 @@ memory = { kind = "dimm", dimm_bytes = 268435456 }
         assert!(matches!(e, FileError::Parse { .. }));
         let e = parse(&GOOD.replace("min_cus = 1\nmax_cus = 4", "min_cus = 1\nmax_cus = 4\ncolour = 1"), "v")
             .unwrap_err();
-        assert!(anyhow_chain(&e).contains("unknown field"), "{}", anyhow_chain(&e));
+        assert!(Chain(&e).to_string().contains("unknown field"), "{}", Chain(&e));
         assert!(matches!(load(Path::new("/nonexistent/vms.toml")), Err(FileError::Read { .. })));
     }
 

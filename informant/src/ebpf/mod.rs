@@ -214,7 +214,7 @@ impl Source for EbpfSource {
         tokio::spawn(async move {
             let reader = reader::Reader { ring, state, window, stats, tx };
             if let Err(e) = reader.run(cancel).await {
-                tracing::error!("eBPF source stopped: {e:#}");
+                tracing::error!("eBPF source stopped: {}", vmscale_common::error::Chain(&e));
             }
             // Detaches the programs only now that reading is over.
             drop(ebpf);
