@@ -74,8 +74,8 @@ impl Default for KubernetesConfig {
             renew_interval_ms: 2_000,
             renew_deadline_ms: 7_000,
             capacity_from_nodes: true,
-            autoscale_label_key: "vmscale.io/autoscale".into(),
-            autoscale_label_value: "true".into(),
+            autoscale_label_key: vmscale_contract::keys::DEFAULT_LABEL_KEY.into(),
+            autoscale_label_value: vmscale_contract::keys::DEFAULT_LABEL_VALUE.into(),
         }
     }
 }

@@ -19,32 +19,10 @@
 //!
 //! # Annotation contract
 //!
-//! Set by the pod's owner (all values are strings, as annotations are):
-//!
-//! | annotation | required | value |
-//! |---|---|---|
-//! | `vmscale.io/qmp` | yes | QMP endpoint as the agent sees it: a unix socket path or `tcp:HOST:PORT` |
-//! | `vmscale.io/informant` | no | the informant's gRPC endpoint (`http://HOST:PORT`, `vsock://CID:PORT`); none: memory never shrinks |
-//! | `vmscale.io/cu-milli-cpu` | yes | CPU of one compute unit, milli-vCPU (`250`) |
-//! | `vmscale.io/cu-memory-bytes` | yes | memory of one compute unit, bytes (`1073741824` or `1Gi`; `Ki` `Mi` `Gi` `Ti` only) |
-//! | `vmscale.io/min-cus` | yes | smallest size, compute units, at least 1 |
-//! | `vmscale.io/max-cus` | yes | largest size, compute units, at least `min-cus` |
-//! | `vmscale.io/memory` | yes | `dimm:<bytes>` (pc-dimm size) or `virtio-mem:<device id>` |
-//! | `vmscale.io/cpu-mode` | no | `sysfs` (default) or `hotplug` |
-//! | `vmscale.io/vm-id` | no | the VM's id for the allocator; default `<namespace>/<pod name>` |
-//! | `vmscale.io/policy` | no | JSON object overriding the agent's policy fields (`{"cpu_target": 0.6}`) |
-//!
-//! Written by the agent ([`status`]; ignored when read):
-//!
-//! | annotation | value |
-//! |---|---|
-//! | `vmscale.io/current-milli-cpu`, `vmscale.io/current-memory-bytes` | the size QEMU reports now |
-//! | `vmscale.io/approved-milli-cpu`, `vmscale.io/approved-memory-bytes` | the allocator's permit: what the VM may grow to without asking |
-//! | `vmscale.io/updated-at` | when the agent observed these sizes, RFC 3339 UTC |
-//!
-//! Any other `vmscale.io/` annotation is an error (a typo would otherwise be
-//! silently ignored), except keys starting with `current-`, `approved-` or
-//! `updated-at`, which are left to the agent's write-back.
+//! The annotations a pod's owner sets and those the agent writes back
+//! ([`status`]) are `vmscale_contract`'s: the table of keys and values is in
+//! that crate's documentation, and its parser is the one the scheduler
+//! extender uses too, so a pod placed there is a pod this agent scales.
 //!
 //! # RBAC
 //!
@@ -101,11 +79,11 @@ pub struct KubeSourceConfig {
 }
 
 fn default_label_key() -> String {
-    "vmscale.io/autoscale".into()
+    vmscale_contract::keys::DEFAULT_LABEL_KEY.into()
 }
 
 fn default_label_value() -> String {
-    "true".into()
+    vmscale_contract::keys::DEFAULT_LABEL_VALUE.into()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,6 @@
 //! [`CapacityTable`] folds watcher events purely; [`watch`] feeds it from the
 //! API server and hands each change to the ledger.
 
-pub mod quantity;
 pub mod watch;
 
 use crate::core::units::Resources;
@@ -16,13 +15,10 @@ use k8s_openapi::api::core::v1::{Node, Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::watcher::Event;
 use std::collections::BTreeMap;
+use vmscale_contract::quantity;
 
-/// Which pods are autoscaled VMs (left out of the sum).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmLabel {
-    pub key: String,
-    pub value: String,
-}
+/// Which pods are autoscaled VMs (left out of the sum): the contract's label.
+pub use vmscale_contract::VmLabel;
 
 /// A pod as the sum needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,8 +137,7 @@ fn counted(p: &Pod, label: &VmLabel) -> Option<Counted> {
     if matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
-    let labels = p.metadata.labels.as_ref();
-    if labels.and_then(|l| l.get(&label.key)) == Some(&label.value) {
+    if label.matches(p.metadata.labels.as_ref()) {
         return None;
     }
     let sum = spec

@@ -18,13 +18,10 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::List;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use vmscale_contract::annotations::default_vm_id;
 
 /// The highest score an extender may give (kube-scheduler's `MaxExtenderPriority`).
 pub const MAX_SCORE: i64 = 10;
-
-pub const CU_MILLI_CPU: &str = "vmscale.io/cu-milli-cpu";
-pub const CU_MEMORY_BYTES: &str = "vmscale.io/cu-memory-bytes";
-pub const MIN_CUS: &str = "vmscale.io/min-cus";
 
 /// `ExtenderArgs`: the pod and its candidate nodes, as full objects
 /// (`nodeCacheCapable: false`) or names (`true`).
@@ -77,22 +74,20 @@ impl ExtenderArgs {
 
 /// What a VM pod needs on its node to start: its smallest size.
 /// `Ok(None)`: not an autoscaled VM. `Err`: its annotations are wrong, so
-/// no node is right for it (the message says which).
+/// no node is right for it (the message says which). The annotations are
+/// checked by the contract's one parser, the agent's too: a pod placed here
+/// is never one the agent then refuses to scale.
 pub fn demand(pod: &Pod, label: &VmLabel) -> Result<Option<Resources>, String> {
-    let labels = pod.metadata.labels.as_ref();
-    if labels.and_then(|l| l.get(&label.key)) != Some(&label.value) {
+    if !label.matches(pod.metadata.labels.as_ref()) {
         return Ok(None);
     }
     let empty = BTreeMap::new();
-    let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    let get = |k: &str, parse: fn(&str) -> Option<u64>| {
-        let v = ann.get(k).ok_or_else(|| format!("the VM pod has no {k} annotation"))?;
-        parse(v).ok_or_else(|| format!("the VM pod's {k}={v:?} is not a valid amount"))
-    };
-    let cpu = get(CU_MILLI_CPU, |s| s.parse().ok())?;
-    let mem = get(CU_MEMORY_BYTES, crate::capacity::quantity::bytes)?;
-    let min = get(MIN_CUS, |s| s.parse().ok())?;
-    let need = Resources::new(cpu.saturating_mul(min), mem.saturating_mul(min));
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let meta = &pod.metadata;
+    let id = default_vm_id(meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""));
+    let vm = vmscale_contract::parse(annotations, &id).map_err(|e| format!("the VM pod's {e}"))?;
+    let (milli_cpu, memory_bytes) = vm.smallest();
+    let need = Resources::new(milli_cpu, memory_bytes);
     need.checked("the VM's smallest size").map(Some).map_err(|e| e.to_string())
 }
 
@@ -179,6 +174,7 @@ fn score(l: &NodeLedger, need: Resources) -> i64 {
 mod tests {
     use super::*;
     use serde_json::json;
+    use vmscale_contract::keys::{CU_MEMORY_BYTES, CU_MILLI_CPU, MAX_CUS, MEMORY, MIN_CUS, QMP};
 
     const GI: u64 = 1 << 30;
 
@@ -190,7 +186,10 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": {
                 "name": "pg", "namespace": "db", "labels": {"vmscale.io/autoscale": "true"},
-                "annotations": {CU_MILLI_CPU: "250", CU_MEMORY_BYTES: "1Gi", MIN_CUS: min_cus},
+                "annotations": {
+                    QMP: "/run/vmscale/pg/qmp.sock", MEMORY: "dimm:256Mi",
+                    CU_MILLI_CPU: "250", CU_MEMORY_BYTES: "1Gi", MIN_CUS: min_cus, MAX_CUS: "16",
+                },
             },
             "spec": {"containers": [{"name": "qemu"}]},
         }))
@@ -234,6 +233,13 @@ mod tests {
         assert_eq!(demand(&other, &label()), Ok(None));
         let e = demand(&vm_pod("four"), &label()).unwrap_err();
         assert!(e.contains("vmscale.io/min-cus=\"four\""), "{e}");
+        // What the agent could not run is refused here too (the contract's rules).
+        let e = demand(&vm_pod("0"), &label()).unwrap_err();
+        assert!(e.contains("vmscale.io/min-cus=\"0\" must be at least 1"), "{e}");
+        let mut decimal = vm_pod("4");
+        decimal.metadata.annotations.as_mut().unwrap().insert(CU_MEMORY_BYTES.into(), "1G".into());
+        let e = demand(&decimal, &label()).unwrap_err();
+        assert!(e.contains("did you mean 1Gi?"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,116 @@
+//! One pod, one verdict: the scheduler extender (which places a VM pod) and
+//! the agent (which scales its VM) accept or refuse each pod alike, because
+//! both read its annotations with `vmscale_contract`. Before, a pod with
+//! `vmscale.io/cu-memory-bytes: 1G` was placed and then never scaled.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+use vmscale_agent::vms::kube::annotations::{pod_vm, PodVm};
+use vmscale_agent::vms::kube::Selector;
+use vmscale_allocator::capacity::VmLabel;
+use vmscale_allocator::extender::demand;
+
+const NODE: &str = "node-a";
+
+/// A running VM pod on [`NODE`] with good annotations, changed by `changes`
+/// (`None` removes the key).
+fn pod(changes: &[(&str, Option<&str>)]) -> Pod {
+    let mut annotations = json!({
+        "vmscale.io/qmp": "/run/vmscale/pg-0/qmp.sock",
+        "vmscale.io/cu-milli-cpu": "250",
+        "vmscale.io/cu-memory-bytes": "1Gi",
+        "vmscale.io/min-cus": "1",
+        "vmscale.io/max-cus": "8",
+        "vmscale.io/memory": "dimm:256Mi",
+    });
+    for (k, v) in changes {
+        match v {
+            Some(v) => annotations[*k] = json!(v),
+            None => drop(annotations.as_object_mut().map(|m| m.remove(*k))),
+        }
+    }
+    serde_json::from_value(json!({
+        "metadata": {
+            "namespace": "db", "name": "pg-0",
+            "labels": {"vmscale.io/autoscale": "true"},
+            "annotations": annotations,
+        },
+        "spec": {"nodeName": NODE, "containers": [{"name": "qemu"}]},
+        "status": {"phase": "Running"},
+    }))
+    .expect("a pod")
+}
+
+/// (extender accepts, agent accepts, the agent's reason if it refuses).
+fn verdicts(p: &Pod) -> (bool, bool, String) {
+    let placed = demand(p, &VmLabel::default());
+    assert!(!matches!(placed, Ok(None)), "the extender must see a VM pod");
+    let sel = Selector {
+        node_name: NODE.into(),
+        label_key: "vmscale.io/autoscale".into(),
+        label_value: "true".into(),
+    };
+    let (scaled, why) = match pod_vm(p, &sel) {
+        PodVm::Vm(_) => (true, String::new()),
+        PodVm::Bad(e) => (false, e.to_string()),
+        PodVm::Ineligible(why) => panic!("the agent must see a VM pod, not one {why}"),
+    };
+    (placed.is_ok(), scaled, why)
+}
+
+#[test]
+fn extender_and_agent_accept_and_refuse_the_same_pods() {
+    // (annotation changes, accepted by both)
+    type Case = (Vec<(&'static str, Option<&'static str>)>, bool);
+    let cases: Vec<Case> = vec![
+        (vec![], true),
+        (vec![("vmscale.io/cu-memory-bytes", Some("1.5Gi"))], true),
+        (vec![("vmscale.io/cu-memory-bytes", Some("1073741824"))], true),
+        (vec![("vmscale.io/memory", Some("virtio-mem:vm0"))], true),
+        (vec![("vmscale.io/cpu-mode", Some("hotplug")), ("vmscale.io/vm-id", Some("pg"))], true),
+        (vec![("vmscale.io/policy", Some(r#"{"cpu_target": 0.6}"#))], true),
+        (vec![("vmscale.io/current-milli-cpu", Some("500"))], true),
+        // 10^9 bytes: no guest hotplugs that; placed and then skipped before.
+        (vec![("vmscale.io/cu-memory-bytes", Some("1G"))], false),
+        (vec![("vmscale.io/cu-memory-bytes", Some("129e6"))], false),
+        (vec![("vmscale.io/cu-memory-bytes", Some("500m"))], false),
+        (vec![("vmscale.io/cu-memory-bytes", Some("lots"))], false),
+        (vec![("vmscale.io/min-cus", Some("0"))], false),
+        (vec![("vmscale.io/min-cus", Some("four"))], false),
+        (vec![("vmscale.io/min-cus", Some("9"))], false),
+        (vec![("vmscale.io/max-cus", Some("4000000000"))], false),
+        (vec![("vmscale.io/cu-milli-cpu", Some("0"))], false),
+        (vec![("vmscale.io/cu-milli-cpu", Some("0.25"))], false),
+        (vec![("vmscale.io/qmp", None)], false),
+        (vec![("vmscale.io/memory", None)], false),
+        (vec![("vmscale.io/memory", Some("dimm:100Mi"))], false),
+        (
+            vec![
+                ("vmscale.io/memory", Some("virtio-mem:vm0")),
+                ("vmscale.io/cu-memory-bytes", Some("100Mi")),
+            ],
+            false,
+        ),
+        (vec![("vmscale.io/cpu-mode", Some("kvm"))], false),
+        (vec![("vmscale.io/vm-id", Some(" "))], false),
+        (vec![("vmscale.io/policy", Some("[1]"))], false),
+        (vec![("vmscale.io/min-cu", Some("1"))], false),
+        (vec![("vmscale.io/cu-milli-cpu", Some("\u{0}garbage\u{7f}"))], false),
+    ];
+    for (changes, want) in cases {
+        let (placed, scaled, why) = verdicts(&pod(&changes));
+        assert_eq!(placed, scaled, "{changes:?}: extender {placed}, agent {scaled} ({why})");
+        assert_eq!(placed, want, "{changes:?}: {why}");
+    }
+}
+
+/// The one difference left: the fields of a per-VM policy are the agent's
+/// (`vmscale_agent::core::policy::Policy`), which the allocator does not
+/// link, so the extender checks only that the policy is a JSON object. When
+/// the policy's rules move into the contract this test fails: make the
+/// table above cover it instead.
+#[test]
+fn known_gap_policy_fields_are_checked_by_the_agent_only() {
+    let (placed, scaled, why) = verdicts(&pod(&[("vmscale.io/policy", Some(r#"{"cpu_target": 2.0}"#))]));
+    assert_eq!((placed, scaled), (true, false), "{why}");
+}
