@@ -28,6 +28,17 @@ pub struct Config {
     pub order_timeout_ms: u64,
     /// Moves planned per round across the cluster. Default 16.
     pub max_moves_per_round: usize,
+    /// A node whose worst VM's run-queue delay p99 is at least this, in µs,
+    /// is contended: it takes a VM only when no calm node has room. Default
+    /// 5000: 5 ms of waiting per wake-up is already felt in a database's tail
+    /// latency, and far above what a calm host shows (tens of µs).
+    pub contended_p99_us: u64,
+    /// After a VM's move fails it is not planned again for this long, in ms,
+    /// so a broken target or network is not hammered with moves. Default 5000.
+    pub move_retry_base_ms: u64,
+    /// The wait doubles after each further failure in a row up to this, in
+    /// ms. Default 300000 (5 minutes).
+    pub move_retry_max_ms: u64,
     /// How long a new session may take to send its hello, in milliseconds. Default 10000.
     pub hello_timeout_ms: u64,
     /// Messages queued towards one agent before the session is considered stuck. Default 4096.
@@ -91,6 +102,9 @@ impl Default for Config {
             plan_interval_ms: 1000,
             order_timeout_ms: 600_000,
             max_moves_per_round: 16,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
             hello_timeout_ms: 10_000,
             session_queue: 4096,
             kubernetes: None,
@@ -147,6 +161,23 @@ impl Config {
         if self.session_queue == 0 {
             return bad("session_queue", "0".into(), "must be at least 1");
         }
+        if self.contended_p99_us == 0 {
+            return bad(
+                "contended_p99_us",
+                "0".into(),
+                "must be at least 1 (µs); 0 would make every node contended",
+            );
+        }
+        if self.move_retry_base_ms == 0 {
+            return bad("move_retry_base_ms", "0".into(), "must be at least 1");
+        }
+        if self.move_retry_max_ms < self.move_retry_base_ms {
+            return bad(
+                "move_retry_max_ms",
+                self.move_retry_max_ms.to_string(),
+                "must be at least move_retry_base_ms",
+            );
+        }
         if Resources::new(self.system_reserve_milli_cpu, self.system_reserve_memory_bytes)
             .checked("system reserve")
             .is_err()
@@ -169,6 +200,9 @@ impl Config {
             watermark: self.watermark,
             order_timeout_ms: self.order_timeout_ms,
             max_moves_per_round: self.max_moves_per_round,
+            contended_p99_us: self.contended_p99_us,
+            move_retry_base_ms: self.move_retry_base_ms,
+            move_retry_max_ms: self.move_retry_max_ms,
         }
     }
 }
@@ -237,6 +271,10 @@ mod tests {
         assert!(e.to_string().contains("(0, 1]"), "{e}");
         let e = Config::parse("system_reserve_memory_bytes = 9223372036854775807", "t").unwrap_err();
         assert!(e.to_string().contains("units"), "{e}");
+        let e = Config::parse("contended_p99_us = 0", "t").unwrap_err();
+        assert!(e.to_string().contains("contended_p99_us"), "{e}");
+        let e = Config::parse("move_retry_base_ms = 10000\nmove_retry_max_ms = 5000", "t").unwrap_err();
+        assert!(e.to_string().contains("move_retry_max_ms"), "{e}");
     }
 
     #[test]
@@ -246,6 +284,11 @@ mod tests {
         assert_eq!(c.watermark, 0.8);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.core().watermark, 0.8);
+        let c =
+            Config::parse("contended_p99_us = 2000\nmove_retry_base_ms = 100\nmove_retry_max_ms = 400", "t")
+                .unwrap();
+        assert_eq!(c.core().contended_p99_us, 2000);
+        assert_eq!([1, 2, 3, 4].map(|n| c.core().move_retry_wait_ms(n)), [100, 200, 400, 400]);
     }
 
     #[test]

@@ -5,12 +5,14 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vmscale_allocator::capacity::VmLabel;
-use vmscale_allocator::config::Config;
+use vmscale_allocator::config::{Config, KubernetesConfig};
 use vmscale_allocator::leader::lease::LeaseConfig;
 use vmscale_allocator::leader::Timing;
 use vmscale_allocator::server::Extras;
+use vmscale_allocator::shared::Shared;
 
 /// The central allocator: per-node ledgers, permits that never over-commit a
 /// node, migration plans when a node passes its watermark.
@@ -44,6 +46,29 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(args.log.as_str()).with_writer(std::io::stderr).init();
+    let config = config(&args)?;
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let which = vmscale_common::shutdown::signal().await;
+        tracing::info!(signal = which, "shutting down");
+        stop.cancel();
+    });
+    match config.kubernetes.clone() {
+        None => vmscale_allocator::server::run(config, grpc, http, shutdown).await?,
+        Some(k) => in_kubernetes(args, config, k, (grpc, http), shutdown).await?,
+    }
+    Ok(())
+}
+
+/// The file's config with the flags' overrides, validated.
+fn config(args: &Args) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -58,47 +83,24 @@ async fn main() -> anyhow::Result<()> {
         config.watermark = w;
     }
     config.validate()?;
+    Ok(config)
+}
 
-    let grpc = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;
-    let http = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    let Some(k) = config.kubernetes.clone() else {
-        vmscale_allocator::server::run(config, grpc, http, shutdown).await?;
-        return Ok(());
-    };
-
-    // Kubernetes mode: serve only while holding the Lease.
+/// Kubernetes mode: serve only while holding the Lease; node capacities from
+/// the cluster once leading; the scheduler extender beside `/metrics`.
+async fn in_kubernetes(
+    args: Args,
+    config: Config,
+    k: KubernetesConfig,
+    (grpc, http): (TcpListener, TcpListener),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let identity = match args.identity {
-        Some(i) => i,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .context("no --identity (POD_NAME) and no host name to use instead")?,
-    };
-    let lease = LeaseConfig {
-        namespace: k.lease_namespace.clone().unwrap_or(args.namespace),
-        name: k.lease_name.clone(),
-        identity,
-        timing: Timing {
-            lease_duration: Duration::from_millis(k.lease_duration_ms),
-            renew_interval: Duration::from_millis(k.renew_interval_ms),
-            renew_deadline: Duration::from_millis(k.renew_deadline_ms),
-        },
-    };
+    let lease = lease(args, &k)?;
     let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
-    let shared = vmscale_allocator::shared::Shared::new(config, shutdown.clone());
+    let shared = Shared::new(config, shutdown.clone());
     let election = tokio::spawn({
         let (client, stop) = (client.clone(), shutdown.clone());
         async move {
@@ -125,17 +127,22 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+/// This replica's place in the leader election.
+fn lease(args: Args, k: &KubernetesConfig) -> anyhow::Result<LeaseConfig> {
+    let identity = match args.identity {
+        Some(i) => i,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .context("no --identity (POD_NAME) and no host name to use instead")?,
+    };
+    Ok(LeaseConfig {
+        namespace: k.lease_namespace.clone().unwrap_or(args.namespace),
+        name: k.lease_name.clone(),
+        identity,
+        timing: Timing {
+            lease_duration: Duration::from_millis(k.lease_duration_ms),
+            renew_interval: Duration::from_millis(k.renew_interval_ms),
+            renew_deadline: Duration::from_millis(k.renew_deadline_ms),
+        },
+    })
 }

@@ -215,6 +215,9 @@ mod tests {
             watermark: 0.9,
             order_timeout_ms: 1000,
             max_moves_per_round: 1,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
         });
         let mut n = NodeLedger::new(Resources::new(4000, 1 << 34), Resources::ZERO, 0.9);
         let v = |p99_us| VmContention { p50_us: 10, p99_us, mean_us: 20, max_us: 5000, samples: 9 };

@@ -208,6 +208,9 @@ impl World {
             watermark,
             order_timeout_ms: TIMEOUT_MS,
             max_moves_per_round: max_moves,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
         };
         let mut w = World {
             cluster: Cluster::new(config.clone()),

@@ -12,8 +12,10 @@ use super::units::Resources;
 use super::vm::{VmEntry, VmRegistration, VmState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use vmscale_common::backoff::Backoff;
 
-/// Policy knobs of the core. Defaults are in `crate::config`.
+/// Policy knobs of the core. Defaults, units and validation are in
+/// `crate::config`, beside the file's keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CoreConfig {
     /// Kept back on every node for the host; never granted.
@@ -24,6 +26,20 @@ pub struct CoreConfig {
     pub order_timeout_ms: u64,
     /// At most this many moves are planned per round across the cluster.
     pub max_moves_per_round: usize,
+    /// A node whose worst VM's run-queue delay p99 is at least this (µs) is
+    /// contended: it takes a VM only when no calm node has room.
+    pub contended_p99_us: u64,
+    /// After a VM's move fails it is not planned again for this long (ms),
+    /// doubled after each further failure in a row up to `move_retry_max_ms`.
+    pub move_retry_base_ms: u64,
+    pub move_retry_max_ms: u64,
+}
+
+impl CoreConfig {
+    /// How long a VM waits after `failures` failed moves in a row (at least one).
+    pub fn move_retry_wait_ms(&self, failures: u32) -> u64 {
+        Backoff::from_ms(self.move_retry_base_ms, self.move_retry_max_ms).delay_ms(failures)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,7 +52,7 @@ pub struct Cluster {
     /// Node capacities from the cluster (Kubernetes mode), which win over
     /// what agents report; see [`cluster_capacity`].
     pub cluster_capacity: BTreeMap<String, Resources>,
-    /// VMs whose last move failed, by id (see [`MOVE_RETRY_BASE_MS`]).
+    /// VMs whose last move failed, by id (see [`CoreConfig::move_retry_base_ms`]).
     pub move_backoff: BTreeMap<String, MoveBackoff>,
     pub(super) next_session: u64,
     pub(super) next_order: u64,

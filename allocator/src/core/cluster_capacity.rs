@@ -34,6 +34,9 @@ mod tests {
             watermark: 0.9,
             order_timeout_ms: 1000,
             max_moves_per_round: 0,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
         })
     }
 

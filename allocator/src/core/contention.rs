@@ -129,6 +129,9 @@ mod tests {
             watermark: 0.9,
             order_timeout_ms: 60_000,
             max_moves_per_round: 1,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
         });
         let cu = ComputeUnit::new(Resources::new(250, GIB)).unwrap();
         let bounds = Bounds::new(Resources::new(250, GIB), Resources::new(4000, 16 * GIB)).unwrap();

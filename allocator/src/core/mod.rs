@@ -30,5 +30,5 @@ mod planner_tests;
 mod tests;
 
 pub use cluster::{Cluster, CoreConfig};
-pub use orders::{move_retry_wait_ms, MoveBackoff, MOVE_RETRY_BASE_MS, MOVE_RETRY_MAX_MS};
+pub use orders::MoveBackoff;
 pub use sessions::{NodeRegistration, Opened, Reservation, SessionRef};

@@ -13,16 +13,6 @@ use super::vm::{VmEntry, VmState};
 use super::Cluster;
 use serde::{Deserialize, Serialize};
 
-/// After a VM's move fails it is not planned again for this long, doubled
-/// after each further failure in a row up to [`MOVE_RETRY_MAX_MS`].
-pub const MOVE_RETRY_BASE_MS: u64 = 5_000;
-pub const MOVE_RETRY_MAX_MS: u64 = 300_000;
-
-/// How long a VM waits after `failures` failed moves in a row (at least one).
-pub fn move_retry_wait_ms(failures: u32) -> u64 {
-    MOVE_RETRY_BASE_MS.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(MOVE_RETRY_MAX_MS)
-}
-
 /// A VM whose moves failed: how often in a row, and until when it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveBackoff {
@@ -140,7 +130,7 @@ impl Cluster {
                     .entry(order.vm.clone())
                     .or_insert(MoveBackoff { failures: 0, until_ms: 0 });
                 b.failures = b.failures.saturating_add(1);
-                b.until_ms = now_ms.saturating_add(move_retry_wait_ms(b.failures));
+                b.until_ms = now_ms.saturating_add(self.config.move_retry_wait_ms(b.failures));
                 if let Some(dst) = self.nodes.get_mut(&order.target) {
                     if dst.vms.get(&order.vm).is_some_and(is_ours) {
                         dst.remove(&order.vm);

@@ -23,6 +23,9 @@ fn config(max_moves_per_round: usize) -> CoreConfig {
         watermark: 0.8,
         order_timeout_ms: 60_000,
         max_moves_per_round,
+        contended_p99_us: 5_000,
+        move_retry_base_ms: 5_000,
+        move_retry_max_ms: 300_000,
     }
 }
 
@@ -256,7 +259,7 @@ fn in_flight_orders_count_on_both_ends() {
 
 #[test]
 fn a_failed_move_is_planned_again_after_a_wait_that_grows() {
-    use super::{MOVE_RETRY_BASE_MS as BASE, MOVE_RETRY_MAX_MS as MAX};
+    let (base, max) = (config(0).move_retry_base_ms, config(0).move_retry_max_ms);
     let a: &[(&str, Resources)] = &[("a1", r(5000, 20)), ("a2", r(4000, 16))];
     let mut w = World::new(4, &[("a", a), ("b", &[])]);
     assert_eq!(w.round(), vec![mv("a2", "a", "b")]);
@@ -267,18 +270,19 @@ fn a_failed_move_is_planned_again_after_a_wait_that_grows() {
     w.finish_all(OrderState::Failed);
     assert!(w.round().is_empty(), "both wait");
     // Both waits end: the smallest covering VM goes again.
-    assert_eq!(w.round_at(NOW + BASE), vec![mv("a2", "a", "b")]);
+    assert_eq!(w.round_at(NOW + base), vec![mv("a2", "a", "b")]);
     w.finish_all(OrderState::Failed);
     // Its second failure in a row doubles its wait.
-    assert_eq!(w.c.move_backoff["a2"].until_ms, NOW + 2 * BASE);
-    assert!(!w.c.backing_off("a2", NOW + 2 * BASE));
+    assert_eq!(w.c.move_backoff["a2"].until_ms, NOW + 2 * base);
+    assert!(!w.c.backing_off("a2", NOW + 2 * base));
     // A completed move clears the VM's record.
-    assert_eq!(w.round_at(NOW + 2 * BASE - 1), vec![mv("a1", "a", "b")]);
+    assert_eq!(w.round_at(NOW + 2 * base - 1), vec![mv("a1", "a", "b")]);
     w.finish_all(OrderState::Completed);
     assert!(!w.c.move_backoff.contains_key("a1"));
     // The wait doubles per failure in a row and never passes the cap.
-    let waits: Vec<u64> = [1, 2, 3, 7, 40, u32::MAX].into_iter().map(super::move_retry_wait_ms).collect();
-    assert_eq!(waits, vec![BASE, 2 * BASE, 4 * BASE, MAX.min(64 * BASE), MAX, MAX]);
+    let waits: Vec<u64> =
+        [1, 2, 3, 7, 40, u32::MAX].into_iter().map(|n| config(0).move_retry_wait_ms(n)).collect();
+    assert_eq!(waits, vec![base, 2 * base, 4 * base, max.min(64 * base), max, max]);
 }
 
 #[test]
@@ -345,10 +349,10 @@ fn a_contended_node_takes_a_vm_only_when_no_calm_node_has_room() {
     assert_eq!(plan(&w.c, NOW)[0].target, "b", "calm nodes: the most headroom wins");
     let report = |p99| ContentionReport::new(5000, vec![("b1".into(), slow(p99))]).unwrap();
     // Just under the threshold is still calm.
-    w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US - 1), NOW)
-        .unwrap();
+    let contended = w.c.config.contended_p99_us;
+    w.c.record_contention(&w.sessions["b"].clone(), report(contended - 1), NOW).unwrap();
     assert_eq!(plan(&w.c, NOW)[0].target, "b");
-    w.c.record_contention(&w.sessions["b"].clone(), report(super::planner::CONTENDED_P99_US), NOW).unwrap();
+    w.c.record_contention(&w.sessions["b"].clone(), report(contended), NOW).unwrap();
     assert_eq!(w.round(), vec![mv("a2", "a", "c")], "the calm node, though it has less headroom");
     w.finish_all(OrderState::Completed);
     // Now only the contended node has room for a VM from "c" (made hot):

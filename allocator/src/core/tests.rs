@@ -29,6 +29,9 @@ fn config() -> CoreConfig {
         watermark: 0.8,
         order_timeout_ms: TIMEOUT,
         max_moves_per_round: 4,
+        contended_p99_us: 5_000,
+        move_retry_base_ms: 5_000,
+        move_retry_max_ms: 300_000,
     }
 }
 
@@ -633,7 +636,7 @@ fn finished_orders_are_remembered_up_to_a_bound() {
         // Fail the move; the node is still hot, so a move is planned again
         // (once the VM's wait after the failure is over, or another VM).
         c.migration_status(&a, id, OrderState::Failed, "", now).unwrap();
-        now += super::MOVE_RETRY_MAX_MS;
+        now += c.config.move_retry_max_ms;
         let orders = c.plan_and_order(now);
         assert_eq!(orders.len(), 1);
         assert!(orders[0].id > id);
