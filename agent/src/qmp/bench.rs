@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::client::{ClientConfig, Endpoint, QmpClient};
-use super::hypervisor::{HotplugConfig, Hypervisor};
+use super::hypervisor::{Hotplug, HotplugConfig};
 use super::process::{QemuOptions, QemuProcess};
 use super::vm::QmpVm;
 
@@ -47,15 +47,15 @@ pub struct BenchReport {
     pub cpu_device_add_ms_p50: f64,
     /// `query-hotpluggable-cpus` on the same QEMU, the op's extra step.
     pub cpu_slot_query_ms_p50: f64,
-    /// [`Hypervisor::plug_vcpu`]: slot query plus `device_add`.
+    /// [`Hotplug::plug_vcpu`]: slot query plus `device_add`.
     pub qmp_cpu_plug_ms: f64,
     pub dimm_plugs: usize,
     pub dimm_bytes: u64,
     /// The bare `object-add` plus `device_add pc-dimm`.
     pub dimm_add_ms_p50: f64,
-    /// [`Hypervisor::plug_dimm`]: leftover check, `object-add`, `device_add`.
+    /// [`Hotplug::plug_dimm`]: leftover check, `object-add`, `device_add`.
     pub qmp_mem_plug_ms: f64,
-    /// `qom-set requested-size` on virtio-mem through [`Hypervisor`].
+    /// `qom-set requested-size` on virtio-mem through [`Hotplug`].
     pub virtio_mem_resize_ms_p50: f64,
 }
 
@@ -107,7 +107,7 @@ pub async fn run(binary: &Path, dir: &Path, plan: BenchPlan) -> BenchResult<Benc
     }
     drop((vm, qemu));
 
-    // vCPUs: half bare device_add, half through the Hypervisor op.
+    // vCPUs: half bare device_add, half through the Hotplug op.
     let qemu = QemuProcess::spawn(&options, &phase_dir(dir, "cpu")?).await?;
     let vm = QmpVm::new(QmpClient::connect(qemu.endpoint(), config.clone()).await?, HotplugConfig::default());
     let (mut cpu_raw, mut cpu_op, mut cpu_query) = (Vec::new(), Vec::new(), Vec::new());
@@ -149,7 +149,7 @@ pub async fn run(binary: &Path, dir: &Path, plan: BenchPlan) -> BenchResult<Benc
 
     Ok(BenchReport {
         qemu_version,
-        accel: options.accel.clone(),
+        accel: options.accel.name().to_owned(),
         roundtrips: plan.roundtrips,
         raw_roundtrip_ms_p50: percentile_ms(&mut raw.clone(), 0.5),
         qmp_roundtrip_ms_p50: percentile_ms(&mut ours, 0.5),

@@ -1,6 +1,6 @@
 //! Starting a QEMU with hotplug room and a QMP socket, for tests, benchmarks
 //! and the demo. The command line is the one that worked on this machine
-//! (see DESIGN.md); no guest kernel is needed for QMP work.
+//! (ARCHITECTURE.md, "What this machine can and cannot run"); no guest kernel is needed for QMP work.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use super::client::Endpoint;
+use super::qemu_args::{Accel, QemuArgs, VirtioMem};
 
 /// The Debian package that provides `qemu-system-x86_64`.
 pub const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -29,8 +30,8 @@ pub fn find_qemu() -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct QemuOptions {
     pub binary: PathBuf,
-    /// `tcg` here (no usable KVM); `kvm` where it works.
-    pub accel: String,
+    /// TCG here (no usable KVM); KVM where it works.
+    pub accel: Accel,
     pub cpus: u32,
     pub max_cpus: u32,
     pub memory_mib: u64,
@@ -51,7 +52,7 @@ impl QemuOptions {
     pub fn new(binary: PathBuf) -> Self {
         Self {
             binary,
-            accel: "tcg".into(),
+            accel: Accel::Tcg,
             cpus: 1,
             max_cpus: 8,
             memory_mib: 256,
@@ -67,40 +68,15 @@ impl QemuOptions {
 
     /// The arguments after the binary, with QMP at `endpoint`.
     pub fn args(&self, endpoint: &Endpoint) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "-accel",
-            &self.accel,
-            "-M",
-            "pc",
-            "-nodefaults",
-            "-nographic",
-            "-smp",
-            &format!("{},maxcpus={}", self.cpus, self.max_cpus),
-            "-m",
-            &format!("{}M,slots={},maxmem={}M", self.memory_mib, self.dimm_slots, self.max_memory_mib),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(mib) = self.virtio_mem_mib {
-            let backend = if self.memfd { "memory-backend-memfd,share=on" } else { "memory-backend-ram" };
-            args.push("-object".into());
-            args.push(format!("{backend},id=vmem0,size={mib}M"));
-            args.push("-device".into());
-            // node=0 works without -numa on QEMU 7.2.
-            args.push("virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".into());
-        }
-        let qmp = match endpoint {
-            Endpoint::Unix(path) => format!("unix:{},server=on,wait=off", path.display()),
-            Endpoint::Tcp(addr) => format!("tcp:{addr},server=on,wait=off"),
-        };
-        args.push("-qmp".into());
-        args.push(qmp);
-        if self.paused {
-            args.push("-S".into());
-        }
-        args.extend(self.extra_args.iter().cloned());
-        args
+        let mut q = QemuArgs::new(self.accel, self.cpus, self.max_cpus, self.memory_mib);
+        q.dimm_slots = self.dimm_slots;
+        q.max_memory_mib = self.max_memory_mib;
+        q.virtio_mem = self.virtio_mem_mib.map(|size_mib| VirtioMem { size_mib, memfd: self.memfd });
+        q.qmp = Some(endpoint.clone());
+        q.paused = self.paused;
+        q.nographic = true;
+        q.extra = self.extra_args.clone();
+        q.to_args()
     }
 }
 
@@ -117,9 +93,10 @@ impl QemuProcess {
     /// until QMP accepts connections.
     pub async fn spawn(options: &QemuOptions, dir: &Path) -> std::io::Result<Self> {
         let endpoint = if options.tcp {
-            // Take a free port from the kernel; QEMU binds it right after.
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            Endpoint::Tcp(listener.local_addr()?)
+            // A port from bind(0) goes back to the kernel's pool before QEMU
+            // binds it, and a parallel test may take it meanwhile.
+            let ip = std::net::Ipv4Addr::LOCALHOST;
+            Endpoint::Tcp((ip, vmscale_common::net::free_port(ip.into())?).into())
         } else {
             Endpoint::Unix(dir.join("qmp.sock"))
         };
