@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::qmp::Hypervisor;
+use crate::qmp::VcpuThreads;
 
 /// The CFS period the agent sets with a quota: the kernel's default, 100 ms.
 pub const DEFAULT_PERIOD_US: u64 = 100_000;
@@ -307,7 +307,7 @@ pub struct Applied {
 
 /// Caps the VM's QEMU process at `milli_cpu`: finds the process from its
 /// vCPU threads, its cpu cgroup, and writes the limit.
-pub async fn apply(hv: &dyn Hypervisor, proc_root: &Path, milli_cpu: u64) -> Result<Applied> {
+pub async fn apply(hv: &dyn VcpuThreads, proc_root: &Path, milli_cpu: u64) -> Result<Applied> {
     let threads = hv.vcpu_threads().await.map_err(Error::Qmp)?;
     let tid = threads
         .iter()

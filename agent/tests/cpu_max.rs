@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use vmscale_agent::cpu_max::{self, limit_for, CpuCgroup, CpuLimit, Version, DEFAULT_PERIOD_US};
 use vmscale_agent::qmp::types::{CpuProps, VcpuThread};
-use vmscale_agent::qmp::{CpuDevice, DimmDevice, Hypervisor, VmSize};
+use vmscale_agent::qmp::VcpuThreads;
 
 fn skip_unless_ci(reason: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -99,33 +99,8 @@ impl Drop for Jailed {
 #[derive(Debug)]
 struct OneThread(u32);
 
-fn not_here() -> vmscale_agent::qmp::Error {
-    vmscale_agent::qmp::Error::Disconnected { reason: "not part of this test".into() }
-}
-
 #[async_trait]
-impl Hypervisor for OneThread {
-    async fn read_size(&self) -> vmscale_agent::qmp::Result<VmSize> {
-        Err(not_here())
-    }
-    async fn plug_vcpu(&self) -> vmscale_agent::qmp::Result<CpuDevice> {
-        Err(not_here())
-    }
-    async fn unplug_vcpu(&self) -> vmscale_agent::qmp::Result<CpuDevice> {
-        Err(not_here())
-    }
-    async fn plug_dimm(&self, _bytes: u64) -> vmscale_agent::qmp::Result<DimmDevice> {
-        Err(not_here())
-    }
-    async fn unplug_dimm(&self) -> vmscale_agent::qmp::Result<DimmDevice> {
-        Err(not_here())
-    }
-    async fn set_virtio_mem_size(&self, _requested_bytes: u64) -> vmscale_agent::qmp::Result<()> {
-        Err(not_here())
-    }
-    async fn wait_virtio_mem_plugged(&self, _timeout: Duration) -> vmscale_agent::qmp::Result<u64> {
-        Err(not_here())
-    }
+impl VcpuThreads for OneThread {
     async fn vcpu_threads(&self) -> vmscale_agent::qmp::Result<Vec<VcpuThread>> {
         Ok(vec![VcpuThread {
             cpu_index: 0,

@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use qmp_support::{client_config, qemu_or_skip, random_ram, TempDir, MIB};
 use tokio_util::sync::CancellationToken;
-use vmscale_agent::qmp::migrate::Migration;
+use vmscale_agent::qmp::migrate::{Migration, MigrationStatus};
 use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
-use vmscale_agent::qmp::{Endpoint, Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{Endpoint, Hotplug, QmpClient, QmpVm};
 use vmscale_allocator::core::migration::OrderState;
 use vmscale_allocator::core::vm::VmState;
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 
 /// One test at a time: each runs three QEMUs and two agents on 2 cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -564,7 +564,7 @@ async fn a_target_agent_that_cannot_answer_the_confirm_keeps_the_guest_paused_un
     let watch = Migration::new(w.watch.clone());
     let t0 = Instant::now();
     loop {
-        let done = watch.query().await.is_ok_and(|q| q.status == "completed");
+        let done = watch.query().await.is_ok_and(|q| q.status == MigrationStatus::Completed);
         if done && !w.source_runs().await {
             break;
         }

@@ -12,12 +12,12 @@ use std::time::Duration;
 use vmscale_agent::migration::command_line::read_base_args;
 use vmscale_agent::migration::source::carry_out;
 use vmscale_agent::migration::target::{
-    kill_unconfirmed, AfterAbort, ConfirmError, Handoff, IncomingTarget, LocalIncoming,
+    kill_unconfirmed, AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
 };
 use vmscale_agent::migration::MoveError;
 use vmscale_agent::qmp::migrate::{Migration, MigrationConfig};
 use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
-use vmscale_agent::qmp::{Endpoint, Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{Endpoint, Hotplug, QmpClient, QmpVm};
 use vmscale_proto::allocator::migration_status::Phase;
 
 use qmp_support::{client_config, hotplug_config, qemu_or_skip, TempDir, MIB};
@@ -183,7 +183,7 @@ struct LossyLink {
 
 #[async_trait::async_trait]
 impl IncomingTarget for LossyLink {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError> {
         self.inner.prepare(handoff).await
     }
 
@@ -192,7 +192,11 @@ impl IncomingTarget for LossyLink {
             self.inner.confirm(timeout).await?;
             self.inner.adopt().await;
         }
-        Err(ConfirmError::Failed("connection reset before the answer".into()))
+        Err(ConfirmError::Failed(IncomingError::Remote {
+            endpoint: "lossy link".into(),
+            code: tonic::Code::Unavailable,
+            message: "connection reset before the answer".into(),
+        }))
     }
 
     async fn abort(&self) -> AfterAbort {

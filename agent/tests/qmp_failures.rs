@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vmscale_agent::qmp::{
-    ClientConfig, Endpoint, Error, EventKind, HotplugConfig, Hypervisor, QmpClient, QmpVm,
+    ClientConfig, Endpoint, Error, EventKind, Hotplug, HotplugConfig, QmpClient, QmpVm,
 };
 
 use qmp_support::{client_config, TestQemu, MIB};

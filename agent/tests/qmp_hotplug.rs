@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmscale_agent::qmp::types::Memdev;
-use vmscale_agent::qmp::{DimmBackend, Error, HotplugConfig, Hypervisor, QmpVm};
+use vmscale_agent::qmp::{DimmBackend, Error, Hotplug, HotplugConfig, QmpVm, VcpuThreads};
 
 use qmp_support::{hotplug_config, TestQemu, GIB, MIB};
 

@@ -7,10 +7,10 @@ mod qmp_support;
 
 use std::time::Duration;
 
-use vmscale_agent::qmp::migrate::{tcp_uri, MigrateError, Migration, MigrationConfig, Progress};
+use vmscale_agent::qmp::migrate::{tcp_uri, MigrateError, Migration, MigrationConfig, Progress, RunState};
 use vmscale_agent::qmp::migrate_spec::read_spec;
 use vmscale_agent::qmp::process::{QemuOptions, QemuProcess};
-use vmscale_agent::qmp::{Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{Hotplug, QmpClient, QmpVm};
 
 use qmp_support::{client_config, hotplug_config, qemu_or_skip, TempDir, MIB};
 
@@ -82,7 +82,7 @@ async fn a_vm_with_hot_added_cpu_dimm_and_virtio_mem_moves_and_keeps_them() {
     assert_eq!(spec.dimms.len(), 2, "{spec:?}");
     let addr = free_addr();
     let (mut target, _dir, incoming) = start_target(&source, spec.qemu_args(), addr).await;
-    assert_eq!(incoming.run_status().await.unwrap().status, "inmigrate");
+    assert_eq!(incoming.run_status().await.unwrap().status, RunState::InMigrate);
 
     let out = Migration::new(vm.client().clone());
     let config = MigrationConfig { timeout_ms: 60_000, ..MigrationConfig::default() };
@@ -93,7 +93,7 @@ async fn a_vm_with_hot_added_cpu_dimm_and_virtio_mem_moves_and_keeps_them() {
     assert_eq!(info.progress(), Progress::Completed);
     assert!(info.downtime.is_some() && info.total_time_ms.is_some(), "{info:?}");
     assert!(readings >= 1);
-    assert_eq!(out.run_status().await.unwrap().status, "postmigrate");
+    assert_eq!(out.run_status().await.unwrap().status, RunState::PostMigrate);
 
     // The target runs the guest now, with the same devices and sizes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -122,7 +122,7 @@ async fn a_vm_with_hot_added_cpu_dimm_and_virtio_mem_moves_and_keeps_them() {
     incoming.start(&tcp_uri(addr)).await.unwrap();
     let info = incoming.wait(&config, |_| {}).await.unwrap();
     assert!(info.total_time_ms.is_some_and(|t| t > 0), "{info:?}");
-    assert_eq!(incoming.run_status().await.unwrap().status, "postmigrate");
+    assert_eq!(incoming.run_status().await.unwrap().status, RunState::PostMigrate);
     let third_vm = QmpVm::new(incoming3.client().clone(), hotplug_config());
     assert_eq!(third_vm.read_size().await.unwrap(), grown);
     target.kill().await.unwrap();

@@ -9,7 +9,26 @@
 //! (ours are named `vmscale-cpu<N>`, `vmscale-dimm<N>` and
 //! `vmscale-dimm<N>-mem`, see [`crate::qmp::cpu`] and [`crate::qmp::dimm`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why the base command line could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandLineError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is empty: the process is gone", path.display())]
+    Empty { path: PathBuf },
+    #[error("cannot list the vm's vcpu threads")]
+    Threads(#[source] crate::qmp::Error),
+    #[error("qemu reports no vcpu thread")]
+    NoThread,
+    #[error("cannot find the qemu process")]
+    Process(#[source] crate::cpu_max::Error),
+}
 
 /// Options that take a value and belong to the process, not the VM.
 /// (A QMP set up with `-chardev` and `-mon` is not recognised: ours use `-qmp`.)
@@ -57,16 +76,19 @@ pub fn base_args(args: &[String]) -> Vec<String> {
 
 /// Reads `/proc/<pid>/cmdline` (under `proc_root`) and returns the base
 /// arguments without the program.
-pub fn read_base_args(proc_root: &Path, pid: u32) -> Result<Vec<String>, String> {
+pub fn read_base_args(proc_root: &Path, pid: u32) -> Result<Vec<String>, CommandLineError> {
     let path = proc_root.join(pid.to_string()).join("cmdline");
-    let raw = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let raw = match std::fs::read(&path) {
+        Ok(raw) => raw,
+        Err(source) => return Err(CommandLineError::Read { path, source }),
+    };
     let args: Vec<String> = raw
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     if args.is_empty() {
-        return Err(format!("{} is empty: the process is gone", path.display()));
+        return Err(CommandLineError::Empty { path });
     }
     Ok(base_args(&args[1..]))
 }
@@ -76,13 +98,13 @@ pub fn read_base_args(proc_root: &Path, pid: u32) -> Result<Vec<String>, String>
 pub async fn read_qemu_base_args(
     client: &crate::qmp::QmpClient,
     proc_root: &Path,
-) -> Result<Vec<String>, String> {
-    use crate::qmp::Hypervisor;
+) -> Result<Vec<String>, CommandLineError> {
+    use crate::qmp::VcpuThreads;
     let vm = crate::qmp::QmpVm::new(client.clone(), crate::qmp::HotplugConfig::default());
-    let threads = vm.vcpu_threads().await.map_err(|e| format!("cannot list the VM's vCPU threads: {e}"))?;
+    let threads = vm.vcpu_threads().await.map_err(CommandLineError::Threads)?;
     let tid =
-        threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).ok_or("QEMU reports no vCPU thread")?;
-    let pid = crate::cpu_max::process_of_thread(proc_root, tid).map_err(|e| e.to_string())?;
+        threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).ok_or(CommandLineError::NoThread)?;
+    let pid = crate::cpu_max::process_of_thread(proc_root, tid).map_err(CommandLineError::Process)?;
     read_base_args(proc_root, pid)
 }
 
@@ -126,7 +148,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("42")).expect("mkdir");
         std::fs::write(dir.path().join("42/cmdline"), b"qemu-system-x86_64\0-M\0pc\0-qmp\0unix:x\0")
             .expect("write");
-        assert_eq!(read_base_args(dir.path(), 42), Ok(v("-M pc")));
-        assert!(read_base_args(dir.path(), 43).unwrap_err().contains("43/cmdline"));
+        assert_eq!(read_base_args(dir.path(), 42).expect("reads"), v("-M pc"));
+        let e = read_base_args(dir.path(), 43).expect_err("no such process");
+        assert!(e.to_string().contains("43/cmdline"), "{e}");
     }
 }

@@ -20,13 +20,17 @@
 //!   the move out, report every phase to the allocator until it is heard.
 //! - [`settings`]: the `[migration]` config section.
 
+pub mod adopted;
 pub mod command_line;
 pub mod mover;
+pub mod recovery;
 pub mod remote;
 pub mod service;
 pub mod settings;
 pub mod source;
 pub mod target;
+pub mod target_node;
+pub mod target_state;
 
 use crate::qmp::migrate::MigrateError;
 use vmscale_proto::allocator::migration_status::Phase;
@@ -88,17 +92,26 @@ impl MoveState {
     }
 }
 
-/// Why a move failed; the message goes to the allocator as the reason.
+/// Why a move failed; the message and its sources ([`reason`]) go to the
+/// allocator as the reason.
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
-    #[error("cannot read the source vm's command line: {0}")]
-    CommandLine(String),
-    #[error("the target qemu did not start: {0}")]
-    TargetStart(String),
+    #[error("the vm's last scaling action did not finish within {0:?}")]
+    NotQuiet(std::time::Duration),
+    #[error("cannot read the source vm's command line")]
+    CommandLine(#[from] command_line::CommandLineError),
+    #[error("cannot ask the source qemu whether the guest runs")]
+    SourceStatus(#[source] MigrateError),
+    #[error("no way to the target agent")]
+    Target(#[source] target::IncomingError),
+    #[error("cannot record the move: {0}")]
+    NotRecorded(String),
+    #[error("the target qemu did not start")]
+    TargetStart(#[source] target::IncomingError),
     #[error("migration")]
     Migrate(#[from] MigrateError),
-    #[error("the target did not take the guest over: {0}")]
-    Switchover(String),
+    #[error("the target did not take the guest over")]
+    Switchover(#[source] target::ConfirmError),
 }
 
 /// A file name for a VM's records: its id with every byte outside
@@ -118,17 +131,9 @@ pub fn file_name(vm: &str, ext: &str) -> String {
     out
 }
 
-/// An error and its sources on one line, for the allocator's order reason.
-pub fn reason(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+/// An error and its sources on one line, for the allocator's order reason
+/// and the target's status messages (the workspace's one chain printer).
+pub use vmscale_common::error::chain as reason;
 
 #[cfg(test)]
 mod tests {

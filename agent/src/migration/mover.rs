@@ -5,19 +5,10 @@
 //! A move is recorded on disk (`<state_dir>/moves/<vm>.json`) from before
 //! the stream starts until it is settled, with whether the confirm was
 //! sent: an agent that died mid-move decides from it, when it starts again,
-//! whether its paused QEMU may resume ([`recover`]).
-//!
-//! | record says          | target says | the VM then runs on                    |
-//! |----------------------|-------------|----------------------------------------|
-//! | confirm not sent     | (any)       | source: target aborted, source resumed |
-//! | confirm sent         | running     | target: source QEMU quits              |
-//! | confirm sent         | none        | source: target aborted, source resumed |
-//! | confirm sent         | can't say   | nowhere yet: asked again until it says |
-//!
-//! "Target says" is its answer to an abort: it kills its QEMU unless the
-//! guest runs there, and says which. The same rule holds while the agent
-//! runs ([`super::source`]): after a confirm, the source resumes only when
-//! the target says none.
+//! whether its paused QEMU may resume ([`recover`], by the table in
+//! [`super::recovery`]). The same rule holds while the agent runs
+//! ([`super::source`]): after a confirm, the source resumes only when the
+//! target says its QEMU is gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,11 +22,13 @@ use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::migration_status::Phase;
 
 use super::command_line::read_qemu_base_args;
+use super::recovery::{recovery, QemuSays, Step, TargetSays};
 use super::remote::RemoteTarget;
-use super::source::{carry_out, runs_on_target};
-use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
+use super::source::{carry_out, AskAgain};
+use super::target::{AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget};
+use super::MoveError;
 use crate::allocator_link::{Registry, Session};
-use crate::qmp::migrate::{Migration, MigrationConfig};
+use crate::qmp::migrate::{Migration, MigrationConfig, Progress};
 use crate::qmp::QmpClient;
 use crate::vm_loop::StatusMap;
 use crate::vms::VmSpec;
@@ -44,6 +37,12 @@ use crate::vms::VmSpec;
 const QUIET_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a phase report is retried while the allocator is away.
 const REPORT_PATIENCE: Duration = Duration::from_secs(300);
+/// How often a report is tried again while there is no session.
+const REPORT_RETRY: Duration = Duration::from_millis(250);
+/// How long a restarted agent lets a cancelled stream settle.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+/// How often it looks whether the stream has settled.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
 
 /// What the node shares with its moves.
 #[derive(Debug, Clone)]
@@ -197,9 +196,11 @@ impl MoverNode {
                 warn!(order, ?phase, "gave up reporting the move; the allocator settles it at its deadline");
                 return Heard::GaveUp;
             }
+            // A link that is gone for good (its sender dropped) only
+            // leaves the retry, not a busy loop.
             tokio::select! {
-                _ = session.changed() => {}
-                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                Ok(()) = session.changed() => {}
+                () = tokio::time::sleep(REPORT_RETRY) => {}
             }
         }
     }
@@ -225,8 +226,8 @@ impl MoverNode {
         let t0 = std::time::Instant::now();
         let ended = match self.attempt(order, &vm, &label).await {
             Ok(()) => Ended::MovedAway,
-            Err(why) => {
-                self.report(id, Phase::Failed, &why).await;
+            Err(e) => {
+                self.report(id, Phase::Failed, &super::reason(&e)).await;
                 Ended::Stayed
             }
         };
@@ -253,20 +254,18 @@ impl MoverNode {
         order: &pb::MigrationOrder,
         vm: &VmNow,
         label: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), MoveError> {
         let id = order.order_id;
         vm.moving.send_replace(true);
         let mut quiet = vm.quiet.clone();
         if tokio::time::timeout(QUIET_TIMEOUT, quiet.wait_for(|q| *q)).await.is_err() {
-            return Err(format!("the VM's last scaling action did not finish within {QUIET_TIMEOUT:?}"));
+            return Err(MoveError::NotQuiet(QUIET_TIMEOUT));
         }
         let base = read_qemu_base_args(&vm.client, &self.proc_root).await?;
-        let source_running = Migration::new(vm.client.clone())
-            .run_status()
-            .await
-            .map_err(|e| format!("cannot ask the source qemu whether the guest runs: {e:#}"))?
-            .running;
-        let target = RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone())?;
+        let source_running =
+            Migration::new(vm.client.clone()).run_status().await.map_err(MoveError::SourceStatus)?.running;
+        let target =
+            RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone()).map_err(MoveError::Target)?;
         let record = MoveRecord {
             order_id: id,
             vm: order.vm_id.clone(),
@@ -277,7 +276,7 @@ impl MoverNode {
             confirm_sent: false,
             source_running,
         };
-        write_record(&self.state_dir, &record).map_err(|e| format!("cannot record the move: {e}"))?;
+        write_record(&self.state_dir, &record).map_err(MoveError::NotRecorded)?;
         // The confirm is the one step that lets the target run the guest:
         // recorded before it goes out.
         let recorded =
@@ -306,14 +305,10 @@ impl MoverNode {
             r
         };
         let (result, ()) = tokio::join!(mover, reporter);
-        match result {
-            Ok(done) => {
-                info!(order = id, vm = %order.vm_id, to = %order.target_node, total_ms = ?done.info.total_time_ms,
-                    downtime_ms = ?done.info.downtime, "the VM moved away");
-                Ok(())
-            }
-            Err(e) => Err(super::reason(&e)),
-        }
+        let done = result?;
+        info!(order = id, vm = %order.vm_id, to = %order.target_node, total_ms = ?done.info.total_time_ms,
+            downtime_ms = ?done.info.downtime, "the VM moved away");
+        Ok(())
     }
 }
 
@@ -326,7 +321,7 @@ struct Recorded<'a> {
 
 #[async_trait::async_trait]
 impl IncomingTarget for Recorded<'_> {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError> {
         self.inner.prepare(handoff).await
     }
 
@@ -335,7 +330,7 @@ impl IncomingTarget for Recorded<'_> {
             let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
             r.confirm_sent = true;
             write_record(self.state_dir, &r)
-                .map_err(|e| ConfirmError::NotDelivered(format!("cannot record the confirm: {e}")))?;
+                .map_err(|e| ConfirmError::NotDelivered(IncomingError::NotRecorded(e)))?;
         }
         self.inner.confirm(timeout).await
     }
@@ -345,68 +340,100 @@ impl IncomingTarget for Recorded<'_> {
     }
 }
 
-/// Settles a move a previous run left unsettled (see the module's table);
-/// the record is gone afterwards. After a confirm it waits, asking, until
-/// the target can say whether the guest runs there.
+/// Settles a move a previous run left unsettled, step by step as
+/// [`recovery`] says; the record is gone afterwards. After a confirm it
+/// waits, asking, until the target can say whether the guest runs there.
 pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Ended {
     let target = match RemoteTarget::new(&r.target_endpoint, r.order_id, r.spec.clone()) {
-        Ok(t) => t,
+        Ok(t) => Some(t),
         Err(e) => {
-            warn!(order = r.order_id, "bad target endpoint in the move record: {e}");
-            return settle(node, r, false).await;
+            warn!(order = r.order_id, "bad target endpoint in the move record: {}", super::reason(&e));
+            None
         }
     };
-    let runs_there = if r.confirm_sent {
-        runs_on_target(r.order_id, &target, "the source agent restarted after sending it").await
-    } else {
-        // Before the confirm the target never runs the guest: whatever it
-        // says, the source may resume (an unreachable target kills its
-        // unconfirmed QEMU by itself).
-        let _ = target.abort().await;
-        false
-    };
-    settle(node, r, runs_there).await
-}
-
-async fn settle(node: &MoverNode, r: &MoveRecord, runs_there: bool) -> Ended {
-    let source = match r.qmp.parse() {
-        Ok(ep) => QmpClient::connect(&ep, crate::qmp::ClientConfig::default()).await.ok(),
-        Err(_) => None,
-    };
-    let ended = if runs_there {
-        if let Some(c) = &source {
-            let _ = c.execute::<serde_json::Value>("quit", None).await;
-        }
-        info!(order = r.order_id, vm = %r.vm, to = %r.target_node, "an interrupted move had finished: the VM runs on the target");
-        node.report_completed(r.order_id, &r.vm).await;
-        Ended::MovedAway
-    } else {
-        if let Some(c) = &source {
-            // A stream still flowing goes first (the target's QEMU is gone
-            // or going): then the source's state is final.
-            let out = Migration::new(c.clone());
-            if out.query().await.is_ok_and(|i| i.status == "active" || i.status == "setup") {
-                let _ = out.cancel().await;
-                let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    let busy = ["active", "setup", "cancelling", "device", "pre-switchover"];
-                    while out.query().await.is_ok_and(|i| busy.contains(&i.status.as_str())) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-                .await;
-            }
-            let status = out.run_status().await;
-            if r.source_running && status.is_ok_and(|s| !s.running) {
-                if let Err(e) = c.execute::<serde_json::Value>("cont", None).await {
-                    warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {e:#}");
+    let mut says = TargetSays::NotAsked;
+    let mut qemu = QemuSays::NotAsked;
+    let mut source = None;
+    let mut again = AskAgain::new(r.order_id, "the source agent restarted after sending it");
+    let ended = loop {
+        match recovery(r, &says, &qemu) {
+            Step::AskTarget => says = ask_target(target.as_ref()).await,
+            Step::AskAgain => {
+                if let TargetSays::CannotSay(why) = &says {
+                    again.wait(why).await;
                 }
+                says = ask_target(target.as_ref()).await;
+            }
+            Step::AskQemu => {
+                source = connect(r).await;
+                qemu = ask_qemu(source.as_ref(), false).await;
+            }
+            Step::CancelStream => {
+                if let Some(out) = &source {
+                    cancel_stream(out).await;
+                }
+                qemu = ask_qemu(source.as_ref(), true).await;
+            }
+            Step::MoveAway => {
+                if let Some(out) = connect(r).await {
+                    let _ = out.quit().await;
+                }
+                info!(order = r.order_id, vm = %r.vm, to = %r.target_node, "an interrupted move had finished: the VM runs on the target");
+                node.report_completed(r.order_id, &r.vm).await;
+                break Ended::MovedAway;
+            }
+            Step::Stay { resume } => {
+                if let (true, Some(out)) = (resume, &source) {
+                    if let Err(e) = out.cont().await {
+                        warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {e:#}");
+                    }
+                }
+                let why = "the source agent restarted mid-move; the VM stays on the source";
+                info!(order = r.order_id, vm = %r.vm, "{why}");
+                node.report(r.order_id, Phase::Failed, why).await;
+                break Ended::Stayed;
             }
         }
-        let why = "the source agent restarted mid-move; the VM stays on the source";
-        info!(order = r.order_id, vm = %r.vm, "{why}");
-        node.report(r.order_id, Phase::Failed, why).await;
-        Ended::Stayed
     };
     drop_record(&node.state_dir, &r.vm);
     ended
 }
+
+async fn ask_target(target: Option<&RemoteTarget>) -> TargetSays {
+    let Some(target) = target else { return TargetSays::NoEndpoint };
+    match target.abort().await {
+        AfterAbort::Gone => TargetSays::Gone,
+        AfterAbort::RunsThere => TargetSays::RunsThere,
+        AfterAbort::Unknown(why) => TargetSays::CannotSay(why),
+    }
+}
+
+/// The source QEMU of the record, if it answers on its QMP endpoint.
+async fn connect(r: &MoveRecord) -> Option<Migration> {
+    let endpoint = r.qmp.parse().ok()?;
+    let client = QmpClient::connect(&endpoint, crate::qmp::ClientConfig::default()).await.ok()?;
+    Some(Migration::new(client))
+}
+
+async fn ask_qemu(source: Option<&Migration>, cancelled: bool) -> QemuSays {
+    let Some(out) = source else { return QemuSays::Unreachable };
+    let sending = out.query().await.is_ok_and(|i| i.is_sending());
+    let running = out.run_status().await.ok().map(|s| s.running);
+    QemuSays::Answered { sending, running, cancelled }
+}
+
+/// Cancels the source's stream and waits (a while) until it has settled,
+/// so that what the source says next is final.
+async fn cancel_stream(out: &Migration) {
+    let _ = out.cancel().await;
+    let _ = tokio::time::timeout(CANCEL_WAIT, async {
+        while out.query().await.is_ok_and(|i| i.progress() == Progress::Running) {
+            tokio::time::sleep(CANCEL_POLL).await;
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+#[path = "mover_tests.rs"]
+mod tests;

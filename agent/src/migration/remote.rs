@@ -8,7 +8,7 @@ use tonic::transport::Channel;
 use vmscale_proto::migration as pb;
 use vmscale_proto::migration::migration_target_client::MigrationTargetClient;
 
-use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
+use super::target::{AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget};
 use crate::vms::VmSpec;
 
 /// How long an abort may take before the source gives up on it.
@@ -32,9 +32,9 @@ pub struct RemoteTarget {
 
 impl RemoteTarget {
     /// Connects lazily: a target that cannot be reached fails `prepare`.
-    pub fn new(endpoint: &str, order_id: u64, spec: VmSpec) -> Result<Self, String> {
+    pub fn new(endpoint: &str, order_id: u64, spec: VmSpec) -> Result<Self, IncomingError> {
         let channel = Channel::from_shared(endpoint.to_owned())
-            .map_err(|e| format!("target endpoint {endpoint:?}: {e}"))?
+            .map_err(|source| IncomingError::BadEndpoint { endpoint: endpoint.to_owned(), source })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(CALL_TIMEOUT)
             .connect_lazy();
@@ -46,8 +46,12 @@ impl RemoteTarget {
         })
     }
 
-    fn why(&self, s: &tonic::Status) -> String {
-        format!("target agent at {}: {:?}: {}", self.endpoint, s.code(), s.message())
+    fn why(&self, s: &tonic::Status) -> IncomingError {
+        IncomingError::Remote {
+            endpoint: self.endpoint.clone(),
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
     }
 }
 
@@ -60,9 +64,9 @@ pub struct WireHandoff {
 
 #[async_trait]
 impl IncomingTarget for RemoteTarget {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError> {
         let wire = WireHandoff { handoff: handoff.clone(), vm: self.spec.clone() };
-        let handoff_json = serde_json::to_string(&wire).map_err(|e| e.to_string())?;
+        let handoff_json = serde_json::to_string(&wire).map_err(IncomingError::Encode)?;
         let req = pb::PrepareRequest { order_id: self.order_id, vm_id: handoff.vm_id.clone(), handoff_json };
         let r = self.client.clone().prepare(req).await.map_err(|s| self.why(&s))?;
         Ok(r.into_inner().uri)
@@ -92,7 +96,7 @@ impl IncomingTarget for RemoteTarget {
                 pb::status_reply::State::Running => return AfterAbort::RunsThere,
                 other => format!("target agent at {} answered the abort with {other:?}", self.endpoint),
             },
-            Ok(Err(s)) => self.why(&s),
+            Ok(Err(s)) => self.why(&s).to_string(),
             Err(_) => {
                 format!("target agent at {} did not answer the abort within {ABORT_TIMEOUT:?}", self.endpoint)
             }

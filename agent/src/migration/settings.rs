@@ -6,7 +6,26 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qmp::migrate::MigrationConfig;
+use crate::qmp::migrate::{ConfigError as TransferError, MigrationConfig};
+
+/// A `[migration]` setting that cannot work; the message names the setting
+/// and what would.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error(
+        "migration.listen = {0} is a wildcard address: set migration.advertise (the URL other agents dial) \
+         and migration.stream_address (this node's address for the stream)"
+    )]
+    WildcardListen(SocketAddr),
+    #[error("migration.advertise = {0:?} must be an http:// or https:// URL")]
+    AdvertiseNotUrl(String),
+    #[error("migration.advertise needs migration.listen")]
+    AdvertiseWithoutListen,
+    #[error("migration.confirm_grace_ms must be above zero")]
+    NoConfirmGrace,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -48,26 +67,23 @@ impl Default for MigrationSettings {
 }
 
 impl MigrationSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingsError> {
         self.transfer.validate()?;
         if let Some(l) = self.listen {
             if l.ip().is_unspecified() && (self.advertise.is_none() || self.stream_address.is_none()) {
-                return Err(format!(
-                    "migration.listen = {l} is a wildcard address: set migration.advertise (the URL other \
-                     agents dial) and migration.stream_address (this node's address for the stream)"
-                ));
+                return Err(SettingsError::WildcardListen(l));
             }
         }
         if let Some(a) = &self.advertise {
             if !(a.starts_with("http://") || a.starts_with("https://")) {
-                return Err(format!("migration.advertise = {a:?} must be an http:// or https:// URL"));
+                return Err(SettingsError::AdvertiseNotUrl(a.clone()));
             }
             if self.listen.is_none() {
-                return Err("migration.advertise needs migration.listen".into());
+                return Err(SettingsError::AdvertiseWithoutListen);
             }
         }
         if self.confirm_grace_ms == 0 {
-            return Err("migration.confirm_grace_ms must be above zero".into());
+            return Err(SettingsError::NoConfirmGrace);
         }
         Ok(())
     }
@@ -116,7 +132,7 @@ mod tests {
     #[test]
     fn a_wildcard_listen_needs_what_others_dial() {
         let e = parse("listen = \"0.0.0.0:7073\"").validate().unwrap_err();
-        assert!(e.contains("migration.advertise"), "{e}");
+        assert!(e.to_string().contains("migration.advertise"), "{e}");
         let ok = parse(
             "listen = \"0.0.0.0:7073\"\nadvertise = \"http://10.0.0.2:7073\"\nstream_address = \"10.0.0.2\"",
         );
@@ -127,7 +143,11 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let e = parse("listen = \"10.0.0.2:7073\"\nadvertise = \"10.0.0.2:7073\"").validate().unwrap_err();
-        assert!(e.contains("http://"), "{e}");
+        assert!(e.to_string().contains("http://"), "{e}");
+        let e = parse("confirm_grace_ms = 0").validate().unwrap_err();
+        assert_eq!(e, SettingsError::NoConfirmGrace);
+        let e = parse("[transfer]\nmax_bandwidth_bytes_per_s = 0").validate().unwrap_err();
+        assert_eq!(e.to_string(), "migration max_bandwidth_bytes_per_s must be above zero");
         assert!(toml::from_str::<MigrationSettings>("lissen = \"x\"").is_err());
     }
 }

@@ -8,7 +8,7 @@ use vmscale_proto::allocator::migration_status::Phase;
 
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use super::{MoveError, MoveState};
-use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
+use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo, RunState};
 use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
 use crate::qmp::QmpClient;
 
@@ -69,8 +69,8 @@ pub async fn carry_out(
             let _ = target.abort().await;
             let out = Migration::new(source.clone());
             if let Ok(status) = out.run_status().await {
-                if !status.running && status.status == "postmigrate" {
-                    if let Err(e) = source.execute::<serde_json::Value>("cont", None).await {
+                if !status.running && status.status == RunState::PostMigrate {
+                    if let Err(e) = out.cont().await {
                         tracing::error!(
                             order = order_id,
                             "cannot resume the source after a failed move: {e:#}"
@@ -114,19 +114,20 @@ async fn attempt<R: FnMut(Phase, &str)>(
     run.enter(MoveState::SwitchedOver, "");
     match target.confirm(CONFIRM_TIMEOUT).await {
         Ok(()) => {}
-        Err(e @ ConfirmError::NotDelivered(_)) => return Err(MoveError::Switchover(e.to_string())),
+        Err(e @ ConfirmError::NotDelivered(_)) => return Err(MoveError::Switchover(e)),
         // The confirm may have gone through although its answer did not
         // come back: the source resumes only when the target says it is gone.
-        Err(ConfirmError::Failed(why)) => {
+        Err(ConfirmError::Failed(e)) => {
+            let why = super::reason(&e);
             if !runs_on_target(order_id, target, &why).await {
-                return Err(MoveError::Switchover(why));
+                return Err(MoveError::Switchover(ConfirmError::Failed(e)));
             }
             tracing::info!(order = order_id, "the confirm failed ({why}) but the guest runs on the target");
         }
     }
     // The guest runs on the target; the paused source QEMU goes. A QEMU
     // that closes the connection while quitting is what we asked for.
-    if let Err(e) = source.execute::<serde_json::Value>("quit", None).await {
+    if let Err(e) = out.quit().await {
         if !e.is_disconnected() {
             tracing::warn!(order = order_id, "the source qemu did not quit: {e:#}; it stays paused");
         }
@@ -134,31 +135,48 @@ async fn attempt<R: FnMut(Phase, &str)>(
     Ok(MoveReport { info, devices })
 }
 
-/// After a failed confirm (or an agent restart after one): asks the target
-/// (aborting what has not run) until it says whether the guest runs there.
-/// Meanwhile the guest runs nowhere: the source's QEMU stays paused, because
-/// resuming it while the target may run the guest would run it twice.
+/// After a failed confirm: asks the target (aborting what has not run)
+/// until it says whether the guest runs there. Meanwhile the guest runs
+/// nowhere: the source's QEMU stays paused, because resuming it while the
+/// target may run the guest would run it twice.
 pub(super) async fn runs_on_target(order_id: u64, target: &dyn IncomingTarget, confirm_error: &str) -> bool {
-    let mut wait = Duration::from_millis(100);
-    let mut asked = 0u32;
+    let mut again = AskAgain::new(order_id, confirm_error);
     loop {
         match target.abort().await {
             AfterAbort::Gone => return false,
             AfterAbort::RunsThere => return true,
-            AfterAbort::Unknown(why) => {
-                asked += 1;
-                // Loud at first, then every minute or so.
-                if asked <= 3 || asked.is_multiple_of(12) {
-                    tracing::error!(
-                        order = order_id,
-                        "the confirm failed ({confirm_error}) and the target cannot say whether it runs the \
-                         guest ({why}); the guest stays paused on the source until it can. If the target \
-                         node is lost for good, make sure its QEMU is gone, then resume the source with QMP `cont`"
-                    );
-                }
-            }
+            AfterAbort::Unknown(why) => again.wait(&why).await,
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(ASK_AGAIN_MAX);
+    }
+}
+
+/// The pause between two questions to a target that could not say whether
+/// it runs the guest, growing to [`ASK_AGAIN_MAX`], with a log a person can
+/// act on: loud at first, then every minute or so.
+pub(super) struct AskAgain<'a> {
+    order_id: u64,
+    confirm_error: &'a str,
+    wait: Duration,
+    asked: u32,
+}
+
+impl<'a> AskAgain<'a> {
+    pub(super) fn new(order_id: u64, confirm_error: &'a str) -> Self {
+        Self { order_id, confirm_error, wait: Duration::from_millis(100), asked: 0 }
+    }
+
+    pub(super) async fn wait(&mut self, why: &str) {
+        self.asked += 1;
+        if self.asked <= 3 || self.asked.is_multiple_of(12) {
+            tracing::error!(
+                order = self.order_id,
+                "the confirm failed ({}) and the target cannot say whether it runs the guest ({why}); the \
+                 guest stays paused on the source until it can. If the target node is lost for good, make \
+                 sure its QEMU is gone, then resume the source with QMP `cont`",
+                self.confirm_error
+            );
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(ASK_AGAIN_MAX);
     }
 }

@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use crate::qmp::migrate::{nap, tcp_uri, Migration, MigrationConfig};
+use crate::qmp::migrate::{nap, tcp_uri, MigrateError, Migration, MigrationConfig, Progress};
 use crate::qmp::migrate_spec::DeviceSpec;
 use crate::qmp::{ClientConfig, Endpoint, QmpClient};
+
+/// How long a starting target QEMU may take to open its QMP socket.
+const QMP_WAIT: Duration = Duration::from_secs(15);
 
 /// What the source hands the target: enough to start the same VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +42,7 @@ fn running_by_default() -> bool {
 #[async_trait]
 pub trait IncomingTarget: Send + Sync {
     /// Starts the QEMU and returns the URI it listens on for the stream.
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String>;
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError>;
     /// After the stream completed: resumes the guest on the target and waits
     /// until it runs there. Until this succeeds the target never runs it.
     async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError>;
@@ -50,17 +53,72 @@ pub trait IncomingTarget: Send + Sync {
     async fn abort(&self) -> AfterAbort;
 }
 
+/// How the target's QEMU, or the agent that runs it, failed a request.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("a target qemu for this move runs already")]
+    AlreadyRunning,
+    #[error("cannot set up {}", path.display())]
+    Files {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the target qemu exited with {status}: {log}")]
+    Exited { status: std::process::ExitStatus, log: String },
+    #[error("no qmp from the target qemu within {after:?}: {log}")]
+    NoQmp { after: Duration, log: String },
+    #[error("the target qemu does not listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: MigrateError,
+    },
+    #[error("no target qemu")]
+    NotStarted,
+    #[error("the target qemu does not answer")]
+    Qmp(#[source] MigrateError),
+    #[error("the target qemu does not resume the guest")]
+    Resume(#[source] MigrateError),
+    #[error("the incoming stream failed")]
+    StreamFailed,
+    #[error("the target does not run the guest after {0:?}")]
+    NotRunning(Duration),
+    /// The target agent answered a call with an error, or could not be
+    /// reached; `code` and `message` are its gRPC status.
+    #[error("target agent at {endpoint}: {code:?}: {message}")]
+    Remote { endpoint: String, code: tonic::Code, message: String },
+    #[error("the target endpoint {endpoint:?} is not a url")]
+    BadEndpoint {
+        endpoint: String,
+        #[source]
+        source: tonic::codegen::http::uri::InvalidUri,
+    },
+    #[error("cannot encode the handoff")]
+    Encode(#[source] serde_json::Error),
+    /// The source could not write down that it sends the confirm, so it
+    /// does not send it.
+    #[error("cannot record the confirm: {0}")]
+    NotRecorded(String),
+}
+
 /// A confirm that did not come back as done.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfirmError {
     /// It never left this side (the target agent could not be connected
     /// to, or the confirm could not be recorded first): the target cannot
     /// run the guest, and the source may resume it.
-    #[error("{0} (the confirm was not delivered)")]
-    NotDelivered(String),
+    #[error("the confirm was not delivered")]
+    NotDelivered(#[source] IncomingError),
     /// It may have reached the target, which may run the guest now.
-    #[error("{0}")]
-    Failed(String),
+    #[error("the confirm failed")]
+    Failed(#[source] IncomingError),
 }
 
 /// What the target says after an abort.
@@ -175,12 +233,16 @@ impl LocalIncoming {
         owned.release()
     }
 
-    async fn start(&self, handoff: &Handoff) -> Result<(Owned, Migration), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+    async fn start(&self, handoff: &Handoff) -> Result<(Owned, Migration), IncomingError> {
+        fn files(path: &Path) -> impl FnOnce(std::io::Error) -> IncomingError + '_ {
+            move |source| IncomingError::Files { path: path.to_owned(), source }
+        }
+        std::fs::create_dir_all(&self.dir).map_err(files(&self.dir))?;
         let qmp = self.dir.join("qmp.sock");
         let _ = std::fs::remove_file(&qmp);
-        let log = std::fs::File::create(self.dir.join("qemu.log")).map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let log_path = self.dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(files(&log_path))?;
+        let log2 = log.try_clone().map_err(files(&log_path))?;
         // -S: the guest stays paused after the stream until confirm resumes
         // it, so the target never runs it unless the source agent says so.
         let child = Command::new(&self.binary)
@@ -195,12 +257,12 @@ impl LocalIncoming {
             .stderr(log2)
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.binary.display()))?;
+            .map_err(|source| IncomingError::Spawn { binary: self.binary.clone(), source })?;
         let mut owned = Owned { child: Some(child) };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + QMP_WAIT;
         let client = loop {
             if let Ok(Some(status)) = owned.child().try_wait() {
-                return Err(format!("qemu exited with {status}: {}", self.log()));
+                return Err(IncomingError::Exited { status, log: self.log() });
             }
             if qmp.exists() {
                 if let Ok(c) = QmpClient::connect(&Endpoint::Unix(qmp.clone()), ClientConfig::default()).await
@@ -210,7 +272,7 @@ impl LocalIncoming {
             }
             if tokio::time::Instant::now() > deadline {
                 owned.kill().await;
-                return Err(format!("no qmp from the target qemu within 15 s: {}", self.log()));
+                return Err(IncomingError::NoQmp { after: QMP_WAIT, log: self.log() });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -219,9 +281,9 @@ impl LocalIncoming {
             incoming.configure(&handoff.config).await?;
             incoming.listen(&tcp_uri(self.listen)).await
         };
-        if let Err(e) = listen.await {
+        if let Err(source) = listen.await {
             owned.kill().await;
-            return Err(format!("the target qemu does not listen on {}: {e:#}", self.listen));
+            return Err(IncomingError::Listen { addr: self.listen, source });
         }
         Ok((owned, incoming))
     }
@@ -229,10 +291,10 @@ impl LocalIncoming {
 
 #[async_trait]
 impl IncomingTarget for LocalIncoming {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError> {
         let mut running = self.running.lock().await;
         if running.is_some() {
-            return Err("a target qemu for this move runs already".into());
+            return Err(IncomingError::AlreadyRunning);
         }
         let started = self.start(handoff).await?;
         self.resume.store(handoff.source_running, std::sync::atomic::Ordering::Relaxed);
@@ -259,36 +321,29 @@ impl IncomingTarget for LocalIncoming {
 impl LocalIncoming {
     /// Waits for the stream to be in, then resumes the guest (if it ran on
     /// the source) and waits until it runs.
-    async fn resume_when_in(&self, timeout: Duration) -> Result<(), String> {
+    async fn resume_when_in(&self, timeout: Duration) -> Result<(), IncomingError> {
         let mut guard = self.running.lock().await;
-        let Some((owned, incoming)) = guard.as_mut() else { return Err("no target qemu".into()) };
+        let Some((owned, incoming)) = guard.as_mut() else { return Err(IncomingError::NotStarted) };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut events = incoming.client().events();
         loop {
             if let Ok(Some(status)) = owned.child().try_wait() {
-                return Err(format!("the target qemu exited with {status}: {}", self.log()));
+                return Err(IncomingError::Exited { status, log: self.log() });
             }
             let resume = self.resume.load(std::sync::atomic::Ordering::Relaxed);
-            match incoming.run_status().await {
-                Ok(s) if s.running => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("the target qemu: {e:#}")),
+            if incoming.run_status().await.map_err(IncomingError::Qmp)?.running {
+                return Ok(());
             }
-            match incoming.query().await.map(|q| q.status) {
+            match incoming.query().await.map_err(IncomingError::Qmp)?.incoming() {
                 // The stream is in and the guest paused (-S): resume it,
                 // unless it was paused on the source too.
-                Ok(s) if s == "completed" && !resume => return Ok(()),
-                Ok(s) if s == "completed" => {
-                    if let Err(e) = incoming.client().execute::<serde_json::Value>("cont", None).await {
-                        return Err(format!("the target qemu does not resume the guest: {e:#}"));
-                    }
-                }
-                Ok(s) if s == "failed" => return Err("the incoming stream failed".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("the target qemu: {e:#}")),
+                Progress::Completed if !resume => return Ok(()),
+                Progress::Completed => incoming.cont().await.map_err(IncomingError::Resume)?,
+                Progress::Failed => return Err(IncomingError::StreamFailed),
+                Progress::NotStarted | Progress::Running | Progress::Cancelled => {}
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("the target does not run the guest after {timeout:?}"));
+                return Err(IncomingError::NotRunning(timeout));
             }
             // Woken by the incoming stream's `MIGRATION completed` event.
             nap(Duration::from_millis(5), &mut events).await;

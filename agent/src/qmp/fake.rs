@@ -1,4 +1,4 @@
-//! An in-memory [`Hypervisor`] for executor tests: it keeps a [`VmSize`],
+//! An in-memory [`Hypervisor`] (both roles) for executor tests: it keeps a [`VmSize`],
 //! records each call, and fails the next call when told to.
 
 use std::sync::{Mutex, MutexGuard};
@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::error::{Error, Result};
-use super::hypervisor::{CpuDevice, DimmDevice, Hypervisor};
+use super::hypervisor::{CpuDevice, DimmDevice, Hotplug, Hypervisor, VcpuThreads};
 use super::size::VmSize;
 use super::types::VcpuThread;
 
@@ -48,7 +48,7 @@ impl FakeHypervisor {
 }
 
 #[async_trait]
-impl Hypervisor for FakeHypervisor {
+impl Hotplug for FakeHypervisor {
     async fn read_size(&self) -> Result<VmSize> {
         Ok(self.call("read_size".into())?.size.clone())
     }
@@ -127,7 +127,10 @@ impl Hypervisor for FakeHypervisor {
             after: timeout,
         })
     }
+}
 
+#[async_trait]
+impl VcpuThreads for FakeHypervisor {
     async fn vcpu_threads(&self) -> Result<Vec<VcpuThread>> {
         let state = self.call("vcpu_threads".into())?;
         Ok((0..state.size.vcpus_present)

@@ -72,10 +72,10 @@ impl Default for HotplugConfig {
     }
 }
 
-/// What an executor may do to one VM. Every call reads QEMU's state first, so
-/// it behaves the same after an agent restart as before it.
+/// What an executor may do to one VM's size. Every call reads QEMU's state
+/// first, so it behaves the same after an agent restart as before it.
 #[async_trait]
-pub trait Hypervisor: Send + Sync {
+pub trait Hotplug: Send + Sync {
     /// The VM's size as QEMU sees it now.
     async fn read_size(&self) -> Result<VmSize>;
 
@@ -100,7 +100,19 @@ pub trait Hypervisor: Send + Sync {
     /// Waits until the guest's virtio-mem driver has plugged what was
     /// requested; returns the plugged size.
     async fn wait_virtio_mem_plugged(&self, timeout: Duration) -> Result<u64>;
+}
 
-    /// Host thread ids of the vCPUs, for run-queue delay accounting.
+/// The host threads that run a VM's vCPUs: all that run-queue accounting
+/// ([`crate::contention`]) and `cpu.max` ([`crate::cpu_max`]) ask of QEMU.
+#[async_trait]
+pub trait VcpuThreads: Send + Sync {
+    /// Host thread ids of the vCPUs.
     async fn vcpu_threads(&self) -> Result<Vec<VcpuThread>>;
 }
+
+/// Both roles, for the per-VM loop that sizes a VM and caps its threads.
+/// Anything that has both is one; code that needs only one role asks for
+/// that trait, so its test fakes only that.
+pub trait Hypervisor: Hotplug + VcpuThreads {}
+
+impl<T: Hotplug + VcpuThreads + ?Sized> Hypervisor for T {}

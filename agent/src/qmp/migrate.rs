@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::client::QmpClient;
 use super::error::Error as QmpError;
+pub use super::types::{MigrationStatus, RunState};
 
 /// What can go wrong moving a VM.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +41,7 @@ pub enum MigrateError {
         "migration did not complete within {after:?} ({remaining_bytes} bytes left, status {status}); \
          raise the bandwidth or downtime limit, or move a quieter VM"
     )]
-    NotConverged { after: Duration, status: String, remaining_bytes: u64 },
+    NotConverged { after: Duration, status: MigrationStatus, remaining_bytes: u64 },
     /// Nothing was sent for a while: the target or the way to it is gone.
     #[error(
         "the migration stream made no progress for {after:?} ({remaining_bytes} bytes left): the network to \
@@ -97,20 +98,36 @@ impl Default for MigrationConfig {
     }
 }
 
+/// A [`MigrationConfig`] value that cannot work; the message names the
+/// field and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("migration max_bandwidth_bytes_per_s must be above zero")]
+    NoBandwidth,
+    #[error("migration downtime_limit_ms must be 1..={MAX_DOWNTIME_LIMIT_MS}")]
+    DowntimeLimit,
+    #[error("migration poll_ms must be above zero and at most timeout_ms")]
+    Poll,
+    #[error("migration stall_timeout_ms must be at least poll_ms")]
+    Stall,
+}
+
+/// QEMU refuses a downtime limit above 2000 s.
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
 impl MigrationConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         if self.max_bandwidth_bytes_per_s == 0 {
-            return Err("migration max_bandwidth_bytes_per_s must be above zero".into());
+            return Err(ConfigError::NoBandwidth);
         }
-        // QEMU refuses a downtime limit above 2000 s.
-        if self.downtime_limit_ms == 0 || self.downtime_limit_ms > 2_000_000 {
-            return Err("migration downtime_limit_ms must be 1..=2000000".into());
+        if self.downtime_limit_ms == 0 || self.downtime_limit_ms > MAX_DOWNTIME_LIMIT_MS {
+            return Err(ConfigError::DowntimeLimit);
         }
         if self.poll_ms == 0 || self.timeout_ms < self.poll_ms {
-            return Err("migration poll_ms must be above zero and at most timeout_ms".into());
+            return Err(ConfigError::Poll);
         }
         if self.stall_timeout_ms < self.poll_ms {
-            return Err("migration stall_timeout_ms must be at least poll_ms".into());
+            return Err(ConfigError::Stall);
         }
         Ok(())
     }
@@ -143,8 +160,8 @@ pub struct RamStats {
 /// any migration the reply is `{}` and `status` is absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationInfo {
-    #[serde(default = "none_status")]
-    pub status: String,
+    #[serde(default)]
+    pub status: MigrationStatus,
     /// Milliseconds since the migration started (final once completed).
     #[serde(rename = "total-time", default)]
     pub total_time_ms: Option<u64>,
@@ -159,10 +176,6 @@ pub struct MigrationInfo {
     pub ram: Option<RamStats>,
     #[serde(rename = "error-desc", default)]
     pub error_desc: Option<String>,
-}
-
-fn none_status() -> String {
-    "none".into()
 }
 
 /// Where a migration stands, from `status`.
@@ -180,16 +193,30 @@ impl MigrationInfo {
     /// reports its incoming migration as `completed` (without `total-time`)
     /// until a new outgoing one has connected: that is not this one done.
     pub fn progress(&self) -> Progress {
-        match self.status.as_str() {
-            "none" => Progress::NotStarted,
-            "completed" if self.total_time_ms.is_none() => Progress::NotStarted,
-            "completed" => Progress::Completed,
-            "failed" => Progress::Failed,
-            "cancelled" => Progress::Cancelled,
+        match self.status {
+            MigrationStatus::Completed if self.total_time_ms.is_none() => Progress::NotStarted,
+            _ => self.incoming(),
+        }
+    }
+
+    /// As a migration target sees its incoming stream: `completed` is the
+    /// stream in.
+    pub fn incoming(&self) -> Progress {
+        match self.status {
+            MigrationStatus::None => Progress::NotStarted,
+            MigrationStatus::Completed => Progress::Completed,
+            MigrationStatus::Failed => Progress::Failed,
+            MigrationStatus::Cancelled => Progress::Cancelled,
             // setup, active, device, pre-switchover, cancelling, postcopy-*,
-            // wait-unplug, colo: still going.
+            // wait-unplug, colo, and any a newer QEMU adds: still going.
             _ => Progress::Running,
         }
+    }
+
+    /// Whether the source is sending (set up or copying memory, the guest
+    /// still running there): a stream that a cancel stops cleanly.
+    pub fn is_sending(&self) -> bool {
+        matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active)
     }
 
     pub fn remaining_bytes(&self) -> u64 {
@@ -197,11 +224,10 @@ impl MigrationInfo {
     }
 }
 
-/// `query-status`: whether the guest's vCPUs run, and QEMU's run state
-/// (`running`, `inmigrate`, `postmigrate`, `paused`, `prelaunch`, ...).
+/// `query-status`: whether the guest's vCPUs run, and QEMU's run state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunStatus {
-    pub status: String,
+    pub status: RunState,
     pub running: bool,
 }
 
@@ -271,6 +297,21 @@ impl Migration {
 
     pub async fn run_status(&self) -> Result<RunStatus> {
         Ok(self.client.execute("query-status", None).await?)
+    }
+
+    /// `cont`: runs the guest's vCPUs (a target after its stream is in, or
+    /// a source after a failed move).
+    pub async fn cont(&self) -> Result<()> {
+        self.client.execute::<Value>("cont", None).await?;
+        Ok(())
+    }
+
+    /// `quit`: ends the QEMU process (a source whose guest runs on the
+    /// target now). QEMU may close the connection before it answers: see
+    /// [`MigrateError::is_disconnected`].
+    pub async fn quit(&self) -> Result<()> {
+        self.client.execute::<Value>("quit", None).await?;
+        Ok(())
     }
 
     /// Polls until the migration completes, fails, or `config`'s timeout
@@ -395,6 +436,10 @@ mod tests {
         let incoming_done: MigrationInfo =
             serde_json::from_value(json!({"status": "completed"})).expect("parses");
         assert_eq!(incoming_done.progress(), Progress::NotStarted);
+        assert_eq!(incoming_done.incoming(), Progress::Completed);
+        assert!(active.is_sending() && !done.is_sending() && !empty.is_sending());
+        let newer: MigrationInfo = serde_json::from_value(json!({"status": "teleporting"})).expect("parses");
+        assert_eq!((newer.progress(), newer.incoming()), (Progress::Running, Progress::Running));
         let failed: MigrationInfo =
             serde_json::from_value(json!({"status": "failed", "error-desc": "Connection refused"}))
                 .expect("parses");
@@ -406,9 +451,14 @@ mod tests {
     fn config_defaults_are_valid_and_bad_ones_say_which_field() {
         assert_eq!(MigrationConfig::default().validate(), Ok(()));
         let zero_bw = MigrationConfig { max_bandwidth_bytes_per_s: 0, ..Default::default() };
-        assert!(zero_bw.validate().unwrap_err().contains("max_bandwidth"));
+        assert!(zero_bw.validate().unwrap_err().to_string().contains("max_bandwidth"));
         let no_poll = MigrationConfig { poll_ms: 0, ..Default::default() };
-        assert!(no_poll.validate().unwrap_err().contains("poll_ms"));
+        assert!(no_poll.validate().unwrap_err().to_string().contains("poll_ms"));
+        let long = MigrationConfig { downtime_limit_ms: 2_000_001, ..Default::default() };
+        assert_eq!(
+            long.validate().unwrap_err().to_string(),
+            "migration downtime_limit_ms must be 1..=2000000"
+        );
         let caps = MigrationConfig::default().capabilities();
         assert!(caps.contains(&("events", true)));
     }

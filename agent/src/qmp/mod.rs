@@ -3,8 +3,9 @@
 //!
 //! - [`client`]: connection, handshake, commands matched by id with
 //!   per-command timeouts, events on a broadcast channel.
-//! - [`Hypervisor`]: the narrow trait executors depend on; [`QmpVm`]
-//!   implements it over QMP (vCPUs in [`cpu`], DIMMs in [`dimm`], virtio-mem
+//! - [`Hotplug`] (resize a VM) and [`VcpuThreads`] (its host threads): the
+//!   narrow traits executors depend on, [`Hypervisor`] both; [`QmpVm`]
+//!   implements them over QMP (vCPUs in [`cpu`], DIMMs in [`dimm`], virtio-mem
 //!   in [`virtio_mem`]) and [`read_size`] rebuilds the VM's size from QEMU.
 //! - [`process`]: starts a QEMU with hotplug room, for tests and benchmarks.
 //!
@@ -27,6 +28,7 @@ pub mod hypervisor;
 pub mod migrate;
 pub mod migrate_spec;
 pub mod process;
+pub mod qemu_args;
 pub mod size;
 pub mod types;
 pub mod virtio_mem;
@@ -36,6 +38,6 @@ pub mod wire;
 pub use client::{ClientConfig, Endpoint, QmpClient};
 pub use error::{Error, Result};
 pub use event::{EventKind, QmpEvent};
-pub use hypervisor::{CpuDevice, DimmBackend, DimmDevice, HotplugConfig, Hypervisor};
+pub use hypervisor::{CpuDevice, DimmBackend, DimmDevice, Hotplug, HotplugConfig, Hypervisor, VcpuThreads};
 pub use size::{read_size, VmSize};
 pub use vm::QmpVm;

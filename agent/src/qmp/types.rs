@@ -1,4 +1,5 @@
-//! Serde types for the query replies the agent reads. Field names follow
+//! Serde types for the query replies the agent reads, and QEMU's migration
+//! and run states as enums (no status string leaves this module). Field names follow
 //! QEMU's QAPI schema (7.2); fields we do not use are left out, so newer
 //! QEMUs that add fields still parse.
 
@@ -157,6 +158,188 @@ pub struct MachineSmp {
     pub maxcpus: u32,
 }
 
+/// QEMU's `MigrationStatus`: `query-migrate`'s `status` and the `MIGRATION`
+/// event's. A status a newer QEMU adds is kept as [`MigrationStatus::Other`]
+/// rather than refused, so a reply still parses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(from = "String", into = "String")]
+pub enum MigrationStatus {
+    /// No migration yet (also what an empty `query-migrate` reply means).
+    #[default]
+    None,
+    Setup,
+    Cancelling,
+    Cancelled,
+    Active,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecoverSetup,
+    PostcopyRecover,
+    Completed,
+    Failed,
+    Colo,
+    PreSwitchover,
+    Device,
+    WaitUnplug,
+    Other(String),
+}
+
+impl MigrationStatus {
+    pub fn as_str(&self) -> &str {
+        use MigrationStatus::*;
+        match self {
+            None => "none",
+            Setup => "setup",
+            Cancelling => "cancelling",
+            Cancelled => "cancelled",
+            Active => "active",
+            PostcopyActive => "postcopy-active",
+            PostcopyPaused => "postcopy-paused",
+            PostcopyRecoverSetup => "postcopy-recover-setup",
+            PostcopyRecover => "postcopy-recover",
+            Completed => "completed",
+            Failed => "failed",
+            Colo => "colo",
+            PreSwitchover => "pre-switchover",
+            Device => "device",
+            WaitUnplug => "wait-unplug",
+            Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for MigrationStatus {
+    fn from(s: String) -> Self {
+        use MigrationStatus::*;
+        match s.as_str() {
+            "none" => None,
+            "setup" => Setup,
+            "cancelling" => Cancelling,
+            "cancelled" => Cancelled,
+            "active" => Active,
+            "postcopy-active" => PostcopyActive,
+            "postcopy-paused" => PostcopyPaused,
+            "postcopy-recover-setup" => PostcopyRecoverSetup,
+            "postcopy-recover" => PostcopyRecover,
+            "completed" => Completed,
+            "failed" => Failed,
+            "colo" => Colo,
+            "pre-switchover" => PreSwitchover,
+            "device" => Device,
+            "wait-unplug" => WaitUnplug,
+            _ => Other(s),
+        }
+    }
+}
+
+impl From<MigrationStatus> for String {
+    fn from(s: MigrationStatus) -> Self {
+        match s {
+            MigrationStatus::Other(s) => s,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// QEMU's `RunState`: `query-status`'s `status`. One a newer QEMU adds is
+/// kept as [`RunState::Other`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(from = "String", into = "String")]
+pub enum RunState {
+    Debug,
+    /// Started with `-incoming`, waiting for or loading the stream.
+    InMigrate,
+    InternalError,
+    IoError,
+    Paused,
+    /// A migration source after the switch-over: paused with the guest's
+    /// final state.
+    PostMigrate,
+    /// Started with `-S` and never run.
+    Prelaunch,
+    FinishMigrate,
+    RestoreVm,
+    Running,
+    SaveVm,
+    Shutdown,
+    Suspended,
+    Watchdog,
+    GuestPanicked,
+    Colo,
+    Other(String),
+}
+
+impl RunState {
+    pub fn as_str(&self) -> &str {
+        use RunState::*;
+        match self {
+            Debug => "debug",
+            InMigrate => "inmigrate",
+            InternalError => "internal-error",
+            IoError => "io-error",
+            Paused => "paused",
+            PostMigrate => "postmigrate",
+            Prelaunch => "prelaunch",
+            FinishMigrate => "finish-migrate",
+            RestoreVm => "restore-vm",
+            Running => "running",
+            SaveVm => "save-vm",
+            Shutdown => "shutdown",
+            Suspended => "suspended",
+            Watchdog => "watchdog",
+            GuestPanicked => "guest-panicked",
+            Colo => "colo",
+            Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for RunState {
+    fn from(s: String) -> Self {
+        use RunState::*;
+        match s.as_str() {
+            "debug" => Debug,
+            "inmigrate" => InMigrate,
+            "internal-error" => InternalError,
+            "io-error" => IoError,
+            "paused" => Paused,
+            "postmigrate" => PostMigrate,
+            "prelaunch" => Prelaunch,
+            "finish-migrate" => FinishMigrate,
+            "restore-vm" => RestoreVm,
+            "running" => Running,
+            "save-vm" => SaveVm,
+            "shutdown" => Shutdown,
+            "suspended" => Suspended,
+            "watchdog" => Watchdog,
+            "guest-panicked" => GuestPanicked,
+            "colo" => Colo,
+            _ => Other(s),
+        }
+    }
+}
+
+impl From<RunState> for String {
+    fn from(s: RunState) -> Self {
+        match s {
+            RunState::Other(s) => s,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Strips `/objects/` from a backend's QOM path, giving the id that
 /// `object-del` takes.
 pub fn backend_id(memdev_path: &str) -> &str {
@@ -232,6 +415,63 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(smp.maxcpus, 8);
+    }
+
+    #[test]
+    fn migration_and_run_states_round_trip_and_keep_unknown_ones() {
+        use MigrationStatus as M;
+        let known = [
+            M::None,
+            M::Setup,
+            M::Cancelling,
+            M::Cancelled,
+            M::Active,
+            M::PostcopyActive,
+            M::PostcopyPaused,
+            M::PostcopyRecoverSetup,
+            M::PostcopyRecover,
+            M::Completed,
+            M::Failed,
+            M::Colo,
+            M::PreSwitchover,
+            M::Device,
+            M::WaitUnplug,
+        ];
+        for m in known {
+            let wire = serde_json::to_string(&m).expect("serialises");
+            assert_eq!(serde_json::from_str::<M>(&wire).expect("parses"), m, "{wire}");
+            assert!(!matches!(M::from(m.as_str().to_owned()), M::Other(_)), "{m}");
+        }
+        assert_eq!(
+            serde_json::from_str::<M>(r#""postcopy-fancy""#).expect("parses"),
+            M::Other("postcopy-fancy".into())
+        );
+        use RunState as R;
+        let known = [
+            R::Debug,
+            R::InMigrate,
+            R::InternalError,
+            R::IoError,
+            R::Paused,
+            R::PostMigrate,
+            R::Prelaunch,
+            R::FinishMigrate,
+            R::RestoreVm,
+            R::Running,
+            R::SaveVm,
+            R::Shutdown,
+            R::Suspended,
+            R::Watchdog,
+            R::GuestPanicked,
+            R::Colo,
+        ];
+        for r in known {
+            let wire = serde_json::to_string(&r).expect("serialises");
+            assert_eq!(serde_json::from_str::<R>(&wire).expect("parses"), r, "{wire}");
+            assert!(!matches!(R::from(r.as_str().to_owned()), R::Other(_)), "{r}");
+        }
+        assert_eq!(R::from("napping".to_owned()), R::Other("napping".into()));
+        assert_eq!(R::Other("napping".into()).to_string(), "napping");
     }
 
     #[test]

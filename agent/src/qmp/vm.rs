@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::client::QmpClient;
 use super::error::{Error, Result};
 use super::event::QmpEvent;
-use super::hypervisor::{CpuDevice, DimmDevice, HotplugConfig, Hypervisor};
+use super::hypervisor::{CpuDevice, DimmDevice, Hotplug, HotplugConfig, VcpuThreads};
 use super::size::{read_size, VmSize};
 use super::types::{HotpluggableCpu, MachineMemory, Memdev, MemoryDevice, MemorySizeSummary, VcpuThread};
 
@@ -136,7 +136,7 @@ impl QmpVm {
 }
 
 #[async_trait]
-impl Hypervisor for QmpVm {
+impl Hotplug for QmpVm {
     async fn read_size(&self) -> Result<VmSize> {
         // Sent together: QEMU still runs them one by one, but reads them in
         // one wake-up and answers back to back, saving round trips.
@@ -172,7 +172,10 @@ impl Hypervisor for QmpVm {
     async fn wait_virtio_mem_plugged(&self, timeout: Duration) -> Result<u64> {
         self.wait_virtio_mem_inner(timeout).await
     }
+}
 
+#[async_trait]
+impl VcpuThreads for QmpVm {
     async fn vcpu_threads(&self) -> Result<Vec<VcpuThread>> {
         self.client.execute("query-cpus-fast", None).await
     }
