@@ -8,6 +8,7 @@ pub mod config;
 pub mod contention;
 pub mod core;
 pub mod cpu_max;
+pub mod daemon;
 pub mod ebpf;
 pub mod executor;
 pub mod http;

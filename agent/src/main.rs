@@ -1,18 +1,10 @@
-//! `vmscale-agent`: the thin binary over the library.
+//! `vmscale-agent`: the thin binary over the library. It reads its flags and
+//! config, then runs [`vmscale_agent::daemon::run`] until SIGTERM or Ctrl-C.
 
-use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use vmscale_agent::allocator_link::LinkConfig;
-use vmscale_agent::config::{host_capacity, Config};
-use vmscale_agent::core::policy::Size;
-use vmscale_agent::node::{NodeConfig, NodeHandles};
-use vmscale_agent::vms::file::FileSource;
-use vmscale_agent::vms::kube::status::{KubeStatusWriter, StatusReporter};
-use vmscale_agent::vms::kube::{KubeSource, KubeSourceConfig};
+use vmscale_agent::config::Config;
 
 /// The node agent: one scaling loop per VM, a permit from the allocator before
 /// any growth, vCPU and memory hotplug over QMP.
@@ -39,98 +31,35 @@ struct Args {
     log: String,
 }
 
+impl Args {
+    /// The config file (or the defaults) with the flags laid over it.
+    fn config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        c.node = self.node.unwrap_or(c.node);
+        c.allocator = self.allocator.unwrap_or(c.allocator);
+        c.vms_file = self.vms.unwrap_or(c.vms_file);
+        c.http_listen = self.http_listen.unwrap_or(c.http_listen);
+        Ok(c)
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tracing_subscriber::fmt().with_env_filter(a.log.as_str()).with_writer(std::io::stderr).init();
-    let mut c = match &a.config {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
-    if let Some(v) = a.node {
-        c.node = v;
-    }
-    if let Some(v) = a.allocator {
-        c.allocator = v;
-    }
-    if let Some(v) = a.vms {
-        c.vms_file = v;
-    }
-    if let Some(v) = a.http_listen {
-        c.http_listen = v;
-    }
-    c.validate()?;
-    let (host_cpu, host_mem) = host_capacity(&c.proc_root).map_err(anyhow::Error::msg)?;
-    let capacity = Size::new(
-        if c.capacity_milli_cpu > 0 { c.capacity_milli_cpu } else { host_cpu },
-        if c.capacity_memory_bytes > 0 { c.capacity_memory_bytes } else { host_mem },
-    );
-
+    let c = a.config()?;
     let cancel = CancellationToken::new();
-    let (vms, reporter) = match &c.kubernetes {
-        None => {
-            let interval = Duration::from_millis(c.vms_file_interval_ms);
-            let vms = FileSource { path: c.vms_file.clone(), interval }
-                .start(cancel.clone())
-                .context("cannot start the VM source")?;
-            (vms, None)
-        }
-        Some(k) => {
-            let client = kube::Client::try_default()
-                .await
-                .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            let source = KubeSource {
-                config: KubeSourceConfig {
-                    node_name: c.node.clone(),
-                    label_key: k.label_key.clone(),
-                    label_value: k.label_value.clone(),
-                    namespace: k.namespace.clone(),
-                },
-            };
-            let out = source.start(client.clone(), cancel.clone())?;
-            let writer = KubeStatusWriter::new(client);
-            let reporter = StatusReporter::start(writer, out.pods.clone(), k.status.clone(), cancel.clone());
-            (out.vms, Some(reporter))
-        }
-    };
-    let (session_tx, session_rx) = tokio::sync::watch::channel(None);
-    let handles = NodeHandles {
-        metrics: Arc::default(),
-        status: Arc::default(),
-        registry: Arc::default(),
-        session: session_rx,
-        reporter,
-    };
-    let http = tokio::net::TcpListener::bind(c.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", c.http_listen))?;
-    tokio::spawn(vmscale_agent::http::serve(http, handles.clone(), cancel.clone()));
-    let cfg = NodeConfig {
-        link: LinkConfig {
-            addr: c.allocator.clone(),
-            node: c.node.clone(),
-            capacity,
-            migration_endpoint: c.migration.endpoint(),
-            retry_base: Duration::from_millis(c.allocator_retry_base_ms),
-            retry_max: Duration::from_millis(c.allocator_retry_max_ms),
-        },
-        policy: c.policy.clone(),
-        qmp: vmscale_agent::qmp::ClientConfig {
-            command_timeout: Duration::from_millis(c.qmp_timeout_ms),
-            ..Default::default()
-        },
-        unplug_timeout: Duration::from_millis(c.unplug_timeout_ms),
-        contention: c.contention.clone(),
-        proc_root: c.proc_root.clone(),
-        migration: c.migration.clone(),
-    };
-    tracing::info!(node = %c.node, allocator = %c.allocator, ?capacity, "agent starting");
     let stop = cancel.clone();
+    // A DaemonSet rollout sends SIGTERM: the loops end before the grace
+    // period runs out, instead of being killed mid-operation.
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+        let which = vmscale_common::shutdown::signal().await;
+        tracing::info!("{which}: shutting down");
         stop.cancel();
     });
-    vmscale_agent::node::run(cfg, vms, handles, session_tx, cancel).await;
+    vmscale_agent::daemon::run(c, cancel).await?;
     Ok(())
 }

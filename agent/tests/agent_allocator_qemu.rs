@@ -14,9 +14,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use vmscale_agent::allocator_link::LinkConfig;
+use vmscale_agent::config::Config;
 use vmscale_agent::core::policy::{Cu, Policy, Size};
-use vmscale_agent::node::{self, NodeConfig, NodeHandles};
+use vmscale_agent::daemon;
+use vmscale_agent::node::{self, NodeHandles};
 use vmscale_agent::qmp::Hypervisor;
 use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
 use vmscale_allocator::service::Shared;
@@ -189,29 +190,19 @@ struct Agent {
 
 fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) -> Agent {
     let (session_tx, session_rx) = watch::channel(None);
-    let handles = NodeHandles {
-        metrics: Arc::default(),
-        status: Arc::default(),
-        registry: Arc::default(),
-        session: session_rx,
-        reporter: None,
-    };
-    let cfg = NodeConfig {
-        link: LinkConfig {
-            addr: allocator.to_owned(),
-            node: "node-a".into(),
-            capacity,
-            migration_endpoint: String::new(),
-            retry_base: Duration::from_millis(50),
-            retry_max: Duration::from_millis(500),
-        },
+    let handles = NodeHandles::new(session_rx, None);
+    // The node as the binary builds it from its config.
+    let config = Config {
+        node: "node-a".into(),
+        allocator: allocator.to_owned(),
+        allocator_retry_base_ms: 50,
+        allocator_retry_max_ms: 500,
+        qmp_timeout_ms: 5000,
+        unplug_timeout_ms: 300,
         policy,
-        qmp: qmp_support::client_config(),
-        unplug_timeout: Duration::from_millis(300),
-        contention: Default::default(),
-        proc_root: "/proc".into(),
-        migration: vmscale_agent::migration::settings::MigrationSettings::default(),
+        ..Config::default()
     };
+    let cfg = daemon::node_config(&config, capacity);
     let (_vms_tx, vms_rx) = watch::channel(vec![spec]);
     let stop = CancellationToken::new();
     let h = handles.clone();

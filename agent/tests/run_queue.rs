@@ -402,7 +402,7 @@ async fn qemu_vcpu_threads_are_watched_across_a_hotplug() {
 /// (here 1 vCPU, a whole one: the quota a launcher left is lifted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_agent_reports_contention_and_sets_the_quota() {
-    use vmscale_agent::node::{self, NodeConfig, NodeHandles};
+    use vmscale_agent::node::{self, NodeHandles};
     use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
     let Some(cfg) = prerequisites() else { return };
     let Some(q) = qmp_support::TestQemu::start("the_node_agent_reports_contention", |_| {}).await else {
@@ -425,34 +425,25 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
     let server = tokio::spawn(vmscale_allocator::server::serve(shared.clone(), grpc, http));
 
     let (session_tx, session_rx) = watch::channel(None);
-    let handles = NodeHandles {
-        metrics: Arc::default(),
-        status: Arc::default(),
-        registry: Arc::default(),
-        session: session_rx,
-        reporter: None,
-    };
+    let handles = NodeHandles::new(session_rx, None);
     let policy = vmscale_agent::core::policy::Policy { cpu_max_cgroup: true, ..Default::default() };
-    let node_cfg = NodeConfig {
-        link: vmscale_agent::allocator_link::LinkConfig {
-            addr,
-            node: "node-a".into(),
-            capacity: Size::new(2000, 4 << 30),
-            migration_endpoint: String::new(),
-            retry_base: Duration::from_millis(50),
-            retry_max: Duration::from_millis(500),
-        },
+    // The node as the binary builds it from its config.
+    let config = vmscale_agent::config::Config {
+        node: "node-a".into(),
+        allocator: addr,
+        allocator_retry_base_ms: 50,
+        allocator_retry_max_ms: 500,
+        qmp_timeout_ms: 5000,
+        unplug_timeout_ms: 300,
         policy: policy.clone(),
-        qmp: qmp_support::client_config(),
-        unplug_timeout: Duration::from_millis(300),
         contention: ContentionConfig {
             interval_ms: 200,
             ebpf_object: cfg.object.clone(),
             ..Default::default()
         },
-        proc_root: "/proc".into(),
-        migration: vmscale_agent::migration::settings::MigrationSettings::default(),
+        ..Default::default()
     };
+    let node_cfg = vmscale_agent::daemon::node_config(&config, Size::new(2000, 4 << 30));
     let spec = VmSpec {
         id: "pg-1".into(),
         qmp: q.qemu.endpoint().to_string(),

@@ -1,0 +1,114 @@
+//! The agent daemon: what `vmscale-agent` does once it has its config, as a
+//! library function so that the binary stays a thin flag reader and tests
+//! build the node the way the binary does. It runs until its token is
+//! cancelled (the binary cancels it on SIGTERM or Ctrl-C).
+
+use crate::allocator_link::LinkConfig;
+use crate::config::{host_capacity, Config, ConfigError};
+use crate::core::policy::Size;
+use crate::node::{self, NodeConfig, NodeHandles};
+use crate::vms::file::{FileError, FileSource};
+use crate::vms::kube::status::{KubeStatusWriter, StatusReporter};
+use crate::vms::kube::{KubeSource, KubeSourceConfig, KubeSourceError};
+use crate::vms::VmSpec;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The host's `/proc` could not be read (the message names the file).
+    #[error("{0}")]
+    Capacity(String),
+    #[error("cannot start the VM source")]
+    VmFile(#[from] FileError),
+    #[error("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")]
+    Kube(#[source] kube::Error),
+    #[error(transparent)]
+    KubeSource(#[from] KubeSourceError),
+    #[error("cannot listen for HTTP on {addr}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the agent described by `c` until `cancel`.
+pub async fn run(c: Config, cancel: CancellationToken) -> Result<(), DaemonError> {
+    c.validate()?;
+    let capacity = capacity(&c)?;
+    let (vms, reporter) = start_vm_source(&c, &cancel).await?;
+    let (session_tx, session_rx) = watch::channel(None);
+    let handles = NodeHandles::new(session_rx, reporter);
+    let http = tokio::net::TcpListener::bind(c.http_listen)
+        .await
+        .map_err(|source| DaemonError::Http { addr: c.http_listen, source })?;
+    tokio::spawn(crate::http::serve(http, handles.clone(), cancel.clone()));
+    tracing::info!(node = %c.node, allocator = %c.allocator, ?capacity, "agent starting");
+    node::run(node_config(&c, capacity), vms, handles, session_tx, cancel).await;
+    Ok(())
+}
+
+/// What this node offers the allocator: the configured capacity, or the
+/// host's where the config leaves it at zero.
+pub fn capacity(c: &Config) -> Result<Size, DaemonError> {
+    let (host_cpu, host_mem) = host_capacity(&c.proc_root).map_err(DaemonError::Capacity)?;
+    Ok(Size::new(
+        if c.capacity_milli_cpu > 0 { c.capacity_milli_cpu } else { host_cpu },
+        if c.capacity_memory_bytes > 0 { c.capacity_memory_bytes } else { host_mem },
+    ))
+}
+
+/// The node supervisor's settings from the agent's config.
+pub fn node_config(c: &Config, capacity: Size) -> NodeConfig {
+    NodeConfig {
+        link: LinkConfig {
+            addr: c.allocator.clone(),
+            node: c.node.clone(),
+            capacity,
+            migration_endpoint: c.migration.endpoint(),
+            retry_base: Duration::from_millis(c.allocator_retry_base_ms),
+            retry_max: Duration::from_millis(c.allocator_retry_max_ms),
+        },
+        policy: c.policy.clone(),
+        qmp: crate::qmp::ClientConfig {
+            command_timeout: Duration::from_millis(c.qmp_timeout_ms),
+            ..Default::default()
+        },
+        unplug_timeout: Duration::from_millis(c.unplug_timeout_ms),
+        contention: c.contention.clone(),
+        proc_root: c.proc_root.clone(),
+        migration: c.migration.clone(),
+    }
+}
+
+/// The VMs to scale, from the VM file or (with a `kubernetes` section) the
+/// pods bound to this node, whose status then gets the VMs' sizes.
+async fn start_vm_source(
+    c: &Config,
+    cancel: &CancellationToken,
+) -> Result<(watch::Receiver<Vec<VmSpec>>, Option<StatusReporter>), DaemonError> {
+    let Some(k) = &c.kubernetes else {
+        let interval = Duration::from_millis(c.vms_file_interval_ms);
+        let vms = FileSource { path: c.vms_file.clone(), interval }.start(cancel.clone())?;
+        return Ok((vms, None));
+    };
+    let client = kube::Client::try_default().await.map_err(DaemonError::Kube)?;
+    let source = KubeSource {
+        config: KubeSourceConfig {
+            node_name: c.node.clone(),
+            label_key: k.label_key.clone(),
+            label_value: k.label_value.clone(),
+            namespace: k.namespace.clone(),
+        },
+    };
+    let out = source.start(client.clone(), cancel.clone())?;
+    let writer = KubeStatusWriter::new(client);
+    let reporter = StatusReporter::start(writer, out.pods.clone(), k.status.clone(), cancel.clone());
+    Ok((out.vms, Some(reporter)))
+}
