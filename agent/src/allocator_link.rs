@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use vmscale_allocator_client::{channel, ClientError, SessionClient};
 use vmscale_common::backoff::{clock_seed, Backoff};
 use vmscale_common::error::Chain;
+use vmscale_common::sync::lock;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
@@ -42,21 +43,21 @@ pub struct Registry {
 
 impl Registry {
     pub fn set(&self, vm: &str, r: Registered) {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner()).insert(vm.to_owned(), r);
+        lock(&self.vms).insert(vm.to_owned(), r);
     }
 
     pub fn remove(&self, vm: &str) {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
+        lock(&self.vms).remove(vm);
         self.set_moving(vm, None);
     }
 
     pub fn snapshot(&self) -> Vec<(String, Registered)> {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), *v)).collect()
+        lock(&self.vms).iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Marks (or clears) a move of `vm` away from this node.
     pub fn set_moving(&self, vm: &str, m: Option<Moving>) {
-        let mut moving = self.moving.lock().unwrap_or_else(|p| p.into_inner());
+        let mut moving = lock(&self.moving);
         match m {
             Some(m) => moving.insert(vm.to_owned(), m),
             None => moving.remove(vm),
@@ -64,7 +65,7 @@ impl Registry {
     }
 
     pub fn moving(&self, vm: &str) -> Option<Moving> {
-        self.moving.lock().unwrap_or_else(|p| p.into_inner()).get(vm).cloned()
+        lock(&self.moving).get(vm).cloned()
     }
 
     /// Each VM's registration as the hello carries it.
@@ -272,7 +273,7 @@ pub mod fake {
         }
 
         pub fn calls(&self) -> Vec<Body> {
-            self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            lock(&self.calls).clone()
         }
     }
 
@@ -280,7 +281,7 @@ pub mod fake {
     impl AllocatorSession for ScriptedSession {
         async fn call(&self, body: Body) -> Result<Reply, ClientError> {
             let answer = (self.answer)(&body);
-            self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(body);
+            lock(&self.calls).push(body);
             answer
         }
     }

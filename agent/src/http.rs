@@ -7,6 +7,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use vmscale_common::sync::lock;
 
 pub async fn serve(
     listener: TcpListener,
@@ -29,7 +30,7 @@ async fn metrics(State(h): State<NodeHandles>) -> impl IntoResponse {
 }
 
 async fn state(State(h): State<NodeHandles>) -> impl IntoResponse {
-    let vms = h.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let vms = lock(&h.status).clone();
     let body = serde_json::json!({
         "allocator_connected": h.session.borrow().is_some(),
         "vms": vms,

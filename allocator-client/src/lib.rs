@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use vmscale_common::sync::lock;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_client::AllocatorClient;
@@ -88,7 +89,7 @@ impl SessionClient {
                         let _ = push_tx.send(m);
                     }
                     Ok(Some(m)) => {
-                        let waiter = p.lock().unwrap_or_else(|x| x.into_inner()).remove(&m.request_id);
+                        let waiter = lock(&p).remove(&m.request_id);
                         if let (Some(w), Some(body)) = (waiter, m.body) {
                             let _ = w.send(Ok(body));
                         }
@@ -98,8 +99,8 @@ impl SessionClient {
                 }
             };
             let msg = format!("{:?}: {}", status.code(), status.message());
-            *e.lock().unwrap_or_else(|x| x.into_inner()) = Some(status);
-            for (_, w) in p.lock().unwrap_or_else(|x| x.into_inner()).drain() {
+            *lock(&e) = Some(status);
+            for (_, w) in lock(&p).drain() {
                 let _ = w.send(Err(ClientError::Ended(msg.clone())));
             }
         });
@@ -116,9 +117,9 @@ impl SessionClient {
     pub async fn call_as(&self, node: String, body: Body) -> Result<Reply, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (w, r) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|x| x.into_inner()).insert(id, w);
+        lock(&self.pending).insert(id, w);
         if self.tx.send(pb::AgentMessage { request_id: id, node, body: Some(body) }).await.is_err() {
-            self.pending.lock().unwrap_or_else(|x| x.into_inner()).remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(ClientError::Ended("request stream closed".into()));
         }
         match r.await {

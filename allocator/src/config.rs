@@ -112,40 +112,23 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid")]
-    Parse {
-        path: String,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-    #[error("config value {field} = {value} is invalid: {reason}")]
-    Invalid { field: &'static str, value: String, reason: &'static str },
-}
+pub use vmscale_common::config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::parse(&text, &path.display().to_string())
+        let c: Config = vmscale_common::config::load(path)?;
+        c.validate()?;
+        Ok(c)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), source: Box::new(e) })?;
+        let c: Config = vmscale_common::config::parse(text, origin)?;
         c.validate()?;
         Ok(c)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, value: String, reason| Err(ConfigError::Invalid { field, value, reason });
+        let bad = |field: &str, value: String, reason: &str| Err(ConfigError::invalid(field, value, reason));
         if !(self.watermark > 0.0 && self.watermark <= 1.0) {
             return bad("watermark", self.watermark.to_string(), "must be in (0, 1]");
         }
@@ -209,7 +192,7 @@ impl Config {
 
 impl KubernetesConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, value: String, reason| Err(ConfigError::Invalid { field, value, reason });
+        let bad = |field: &str, value: String, reason: &str| Err(ConfigError::invalid(field, value, reason));
         let dns = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
+use vmscale_common::sync::lock;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
 
@@ -76,7 +77,7 @@ impl Shared {
     /// Locks the state. The core never panics while holding it, but if a bug
     /// ever did, the ledger is still the best truth we have: keep serving.
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Registers a node for a new session and installs its queue, replacing
