@@ -15,6 +15,7 @@
 //! longest silence and lost lines belong to that move. Which kind goes first
 //! alternates by round, and one uncounted move after boot goes first of all.
 
+use crate::harness::{loadavg, now_utc};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -303,21 +304,6 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
     s.push_str(&verdicts.join("; "));
     s.push_str(".\n");
     s
-}
-
-/// The machine's load: TCG guests share two cores with whatever else runs.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn now_utc() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -2,6 +2,7 @@
 //! crates' benchmark programs (release builds), keep their JSON in
 //! `target/bench/<name>.json`, and record a section in `BENCHMARKS.md`.
 
+use crate::harness::{loadavg, now_utc};
 use crate::steps::{cargo, Steps};
 use anyhow::Context;
 use serde_json::Value;
@@ -19,20 +20,6 @@ fn bench_dir() -> anyhow::Result<PathBuf> {
 fn target_dir() -> PathBuf {
     let root = crate::workspace_root();
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
-}
-
-fn now_utc() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn f(v: &Value, k: &str) -> f64 {

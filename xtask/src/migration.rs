@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use vmscale_agent::migration::command_line::read_qemu_base_args;
 use vmscale_agent::migration::source::carry_out;
-use vmscale_agent::migration::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget, LocalIncoming};
+use vmscale_agent::migration::target::{
+    AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
+};
 use vmscale_agent::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
-use vmscale_agent::qmp::{ClientConfig, Endpoint, HotplugConfig, Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{ClientConfig, Endpoint, Hotplug, HotplugConfig, QmpClient, QmpVm};
 
 use crate::echo::{EchoClient, EchoReport};
 use crate::guest::Image;
@@ -355,7 +357,7 @@ pub struct Watched {
 
 #[async_trait::async_trait]
 impl IncomingTarget for Watched {
-    async fn prepare(&self, handoff: &Handoff) -> Result<String, String> {
+    async fn prepare(&self, handoff: &Handoff) -> Result<String, IncomingError> {
         let uri = self.inner.prepare(handoff).await?;
         let events = self.inner.client().await.map(|c| c.events());
         *self.events.lock().unwrap_or_else(|p| p.into_inner()) = events;

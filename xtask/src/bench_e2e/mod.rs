@@ -1,7 +1,7 @@
 //! `cargo xtask bench e2e`: how soon memory arrives when a workload needs it,
 //! event-driven against a polling-only agent like Neon's autoscaler, with
 //! every part real: the release allocator and agent, QEMU under TCG, the
-//! informant in the guest, and a memory ramp (`bench_e2e/ramp.pl`) timing
+//! informant in the guest, and a memory ramp (`cluster/ramp.pl`) timing
 //! itself by the guest's clock.
 //!
 //! Each run is a fresh 512 MiB guest (CUs of 128 MiB, up to 16) whose
@@ -22,15 +22,19 @@ use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use vmscale_agent::core::policy::Policy;
+use vmscale_agent::core::pressure::{PressureKind, PressureKinds};
+use vmscale_agent::polling::Polling;
 
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};
+use crate::console::{value, Console};
+use crate::harness::{loadavg, now_utc};
 use crate::steps::Steps;
 
 mod report;
 mod split;
 
-const RAMP_PL: &str = include_str!("ramp.pl");
 const BOOT_MIB: u64 = 512;
 const CU_MIB: u64 = 128;
 const MAX_CUS: u32 = 16;
@@ -66,13 +70,19 @@ impl Mode {
         }
     }
 
-    /// The agent's `[policy]` lines: the defaults, plus polling for the
+    /// The agent's policy at `target`: the defaults, plus polling for the
     /// comparison (Neon: 100 ms samples, 500 ms average, agent loop 5 s).
-    fn policy(self) -> &'static str {
+    fn policy(self, target: Target) -> Policy {
+        let base = Policy { memory_target: target.value(), ..Policy::default() };
         match self {
-            Mode::Events | Mode::NoLead => "",
-            Mode::MemoryEvents => "ignore_pressure = [\"psi_cpu\"]",
-            Mode::Polling => "[policy.polling]\nloop_interval_ms = 5000\nsample_average_ms = 500",
+            Mode::Events | Mode::NoLead => base,
+            Mode::MemoryEvents => {
+                Policy { ignore_pressure: PressureKinds::of(&[PressureKind::PsiCpu]), ..base }
+            }
+            Mode::Polling => Policy {
+                polling: Some(Box::new(Polling { loop_interval_ms: 5000, sample_average_ms: 500 })),
+                ..base
+            },
         }
     }
 
@@ -155,56 +165,11 @@ struct Run {
     pressure_kinds: Vec<(String, u64)>,
 }
 
-/// Console lines as they arrived.
-#[derive(Debug, Default)]
-struct Console {
-    lines: Vec<(Instant, String)>,
-}
-
-impl Console {
-    fn drain(&mut self, vm: &Vm) {
-        while let Ok(l) = vm.qemu.console.try_recv() {
-            self.lines.push(l);
-        }
-    }
-    fn bench(&self, what: &str) -> impl Iterator<Item = &(Instant, String)> {
-        let prefix = format!("bench: {what} ");
-        self.lines.iter().filter(move |(_, l)| l.contains(&prefix))
-    }
-    fn count(&self, what: &str) -> usize {
-        self.bench(what).count()
-    }
-    /// The informant's watermark events: (ahead of the line, at it).
-    fn watermark_events(&self) -> (usize, usize) {
-        let ev = || self.lines.iter().filter(|(_, l)| l.contains("usage watermark event"));
-        let at = ev().filter(|(_, l)| l.contains("at_line=true")).count();
-        (ev().count() - at, at)
-    }
-    fn has(&self, s: &str) -> bool {
-        self.lines.iter().any(|(_, l)| l.contains(s))
-    }
-    /// Kernel OOM kills: "Out of memory: Killed process PID (NAME) ...".
-    fn oom_victims(&self) -> Vec<String> {
-        self.lines
-            .iter()
-            .filter_map(|(_, l)| l.split("Killed process ").nth(1))
-            .map(|rest| rest.split(')').next().unwrap_or(rest).to_owned() + ")")
-            .collect()
-    }
-}
-
-/// `key=NUMBER` in a line.
-fn value(line: &str, key: &str) -> Option<f64> {
-    let pat = format!(" {key}=");
-    let rest = &line[line.find(&pat)? + pat.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// Each 90% crossing paired with the first growth after it (guest clock,
 /// s); and how many crossings there were.
 fn relief_pairs(c: &Console) -> (usize, Vec<(f64, f64)>) {
-    let grew: Vec<f64> = c.bench("grew").filter_map(|(_, l)| value(l, "t")).collect();
-    let crosses: Vec<f64> = c.bench("cross90").filter_map(|(_, l)| value(l, "t")).collect();
+    let grew: Vec<f64> = c.ramp("grew").filter_map(|(_, l)| value(l, "t")).collect();
+    let crosses: Vec<f64> = c.ramp("cross90").filter_map(|(_, l)| value(l, "t")).collect();
     let out = crosses.iter().filter_map(|x| grew.iter().find(|g| **g >= *x).map(|g| (*x, *g))).collect();
     (crosses.len(), out)
 }
@@ -225,20 +190,6 @@ fn pct(v: &[f64], p: f64) -> Option<f64> {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     let rank = ((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len());
     Some(s[rank - 1])
-}
-
-fn now_utc() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 pub fn run(quick: bool) -> anyhow::Result<()> {
@@ -264,7 +215,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let ramp = dir.join("ramp.pl");
-    fs::write(&ramp, RAMP_PL)?;
+    fs::write(&ramp, cluster::RAMP_PL)?;
     let ramp_s = ramp.display().to_string();
     anyhow::ensure!(!ramp_s.contains([',', ' ']), "the path {ramp_s} holds a comma or space");
 
@@ -312,7 +263,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     )?;
     let load_after = loadavg();
     let minutes = started.elapsed().as_secs_f64() / 60.0;
-    let (v, md) = report::summarize(&runs, quick, &date, &load_before, &load_after, minutes);
+    let session =
+        report::Session { quick, date: &date, load_before: &load_before, load_after: &load_after, minutes };
+    let (v, md) = report::summarize(&runs, &session);
     let json_path = target.join("bench/e2e.json");
     fs::write(&json_path, serde_json::to_string_pretty(&v)?)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -380,24 +333,13 @@ fn one_run(
     };
     let mut vm = Vm::boot_with(image, &run_dir, &plan, mode.informant_args())?;
     let mut console = Console::default();
-    cluster::wait_for("the guest's workload to start", Duration::from_secs(180), || {
+    crate::harness::wait_for("the guest's workload to start", Duration::from_secs(180), || {
         vm.check()?;
         console.drain(&vm);
-        Ok((console.count("ready") > 0).then_some(()))
+        Ok((console.ramp_count("ready") > 0).then_some(()))
     })?;
     let floor_ms = floor(&mut vm, &mut console)?;
-
-    // `memory_target` first: it belongs to `[policy]`, before any sub-table.
-    let policy = format!("memory_target = {}\n{}", step.target.value(), mode.policy());
-    let node_plan = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy };
-    let mut node = Node::start(root, &run_dir, &node_plan, &[&vm])?;
-    cluster::wait_for("the agent to hold the allocator and the informant", Duration::from_secs(120), || {
-        vm.check()?;
-        node.check()?;
-        let Some(s) = node.agent_vm(&plan.id) else { return Ok(None) };
-        let up = |k: &str| s.get(k).and_then(Value::as_bool) == Some(true);
-        Ok((up("informant_connected") && up("allocator_connected")).then_some(()))
-    })?;
+    let mut node = start_node(root, &run_dir, mode, step, &mut vm)?;
     // The polling agent ticks every 5 s from when its loop started; the ramp
     // starts after its first tick, at a phase spread over the interval from
     // run to run (1.7 s apart), as a workload's start would fall anywhere.
@@ -406,6 +348,34 @@ fn one_run(
         std::thread::sleep(Duration::from_millis(5000 + phase));
     }
     fs::write(&go, "go\n")?;
+    ramp_until_settled(&mut vm, &mut node, &mut console, step)?;
+    figures(mode, step, &vm, &node, &console, floor_ms)
+}
+
+/// The node for the booted `vm` in `mode` at `step`'s memory target, once
+/// the agent holds the allocator and the informant.
+fn start_node(root: &Path, run_dir: &Path, mode: Mode, step: Step, vm: &mut Vm) -> anyhow::Result<Node> {
+    let node_plan =
+        NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: mode.policy(step.target) };
+    let mut node = Node::start(root, run_dir, &node_plan, &[&*vm])?;
+    let id = vm.plan.id.clone();
+    crate::harness::wait_for(
+        "the agent to hold the allocator and the informant",
+        Duration::from_secs(120),
+        || {
+            vm.check()?;
+            node.check()?;
+            let Some(s) = node.agent_vm(&id) else { return Ok(None) };
+            let up = |k: &str| s.get(k).and_then(Value::as_bool) == Some(true);
+            Ok((up("informant_connected") && up("allocator_connected")).then_some(()))
+        },
+    )?;
+    Ok(node)
+}
+
+/// Until the ramp is done (or the workload gone) and every crossing has
+/// its relief, or a few seconds after.
+fn ramp_until_settled(vm: &mut Vm, node: &mut Node, console: &mut Console, step: Step) -> anyhow::Result<()> {
     // Long enough for the slowest rate, plus the polling agent's last tick.
     let budget = Duration::from_secs(TARGET_MIB.checked_div(step.rate).map_or(60, |s| s + 40));
     let t0 = Instant::now();
@@ -413,34 +383,45 @@ fn one_run(
     loop {
         vm.check()?;
         node.check()?;
-        console.drain(&vm);
+        console.drain(vm);
         let oom = !console.oom_victims().is_empty();
-        if done_at.is_none() && (console.count("done") > 0 || oom || console.has("workload exited")) {
+        if done_at.is_none() && (console.ramp_count("done") > 0 || oom || console.has("workload exited")) {
             done_at = Some(Instant::now());
         }
         if let Some(d) = done_at {
             // A crossing still waiting for memory gets until the polling
             // agent's next tick and its plug; once everything is paired (or
             // the workload is gone), a moment for lines in flight.
-            let (crosses, relieved) = relief(&console);
+            let (crosses, relieved) = relief(console);
             let settled = crosses == relieved.len() || oom || console.has("workload exited");
             if (settled && d.elapsed() > Duration::from_secs(2)) || d.elapsed() > Duration::from_secs(8) {
-                break;
+                return Ok(());
             }
         } else if t0.elapsed() > budget {
             bail!("the ramp did not finish in {} s; console {}", budget.as_secs(), vm.console_log.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (crossings, pairs) = relief_pairs(&console);
+}
+
+/// What the run gave, from the console, the agent's log and state, and QEMU.
+fn figures(
+    mode: Mode,
+    step: Step,
+    vm: &Vm,
+    node: &Node,
+    console: &Console,
+    floor_ms: Vec<f64>,
+) -> anyhow::Result<Run> {
+    let (crossings, pairs) = relief_pairs(console);
     let relief_ms: Vec<f64> = pairs.iter().map(|(x, g)| (g - x) * 1000.0).collect();
     let split = split::splits(&fs::read_to_string(&node.agent.log).unwrap_or_default(), &pairs);
-    let start_t = console.bench("start").find_map(|(_, l)| value(l, "t"));
-    let done = console.bench("done").find_map(|(_, l)| Some((value(l, "t")?, value(l, "held")?)));
+    let start_t = console.ramp("start").find_map(|(_, l)| value(l, "t"));
+    let done = console.ramp("done").find_map(|(_, l)| Some((value(l, "t")?, value(l, "held")?)));
     let achieved = start_t.zip(done).map(|(s, (t, held))| held / (t - s).max(1e-3));
     let mut qmp = Qmp::connect(&vm.watch_qmp)?;
     let (dimms, _) = qmp.memory()?;
-    let state = node.agent_vm(&plan.id).unwrap_or_default();
+    let state = node.agent_vm(&vm.plan.id).unwrap_or_default();
     let pressure_events = state.get("pressure_events").and_then(Value::as_u64).unwrap_or(0);
     let pressure_kinds = state
         .get("pressure_kinds")
@@ -482,26 +463,27 @@ fn floor(vm: &mut Vm, console: &mut Console) -> anyhow::Result<Vec<f64>> {
     for k in 0..FLOOR_PLUGS {
         let (dev, mem) = (format!("floor-dimm{k}"), format!("floor-dimm{k}-mem"));
         console.drain(vm);
-        let (grew0, shrank0) = (console.count("grew"), console.count("shrank"));
+        let (grew0, shrank0) = (console.ramp_count("grew"), console.ramp_count("shrank"));
         let t = Instant::now();
         qmp.execute(
             "object-add",
             json!({"qom-type": "memory-backend-ram", "id": mem, "size": CU_MIB * MIB}),
         )?;
         qmp.execute("device_add", json!({"driver": "pc-dimm", "id": dev, "memdev": mem}))?;
-        let seen = cluster::wait_for("the guest to online a plugged DIMM", Duration::from_secs(20), || {
-            vm.check()?;
-            console.drain(vm);
-            Ok(console.bench("grew").nth(grew0).map(|(at, _)| *at))
-        })?;
+        let seen =
+            crate::harness::wait_for("the guest to online a plugged DIMM", Duration::from_secs(20), || {
+                vm.check()?;
+                console.drain(vm);
+                Ok(console.ramp("grew").nth(grew0).map(|(at, _)| *at))
+            })?;
         out.push(seen.duration_since(t).as_secs_f64() * 1000.0);
         // Out again before the agent starts: it must find the VM at its boot size.
         qmp.execute("device_del", json!({ "id": dev }))?;
-        cluster::wait_for("the guest to release the DIMM", Duration::from_secs(20), || {
+        crate::harness::wait_for("the guest to release the DIMM", Duration::from_secs(20), || {
             vm.check()?;
             console.drain(vm);
             let (ids, _) = qmp.memory()?;
-            Ok((!ids.contains(&dev) && console.count("shrank") > shrank0).then_some(()))
+            Ok((!ids.contains(&dev) && console.ramp_count("shrank") > shrank0).then_some(()))
         })?;
         qmp.execute("object-del", json!({ "id": mem }))?;
     }

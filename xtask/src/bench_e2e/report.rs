@@ -19,84 +19,161 @@ fn kinds(rs: &[&Run]) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
-/// The figures (JSON) and the BENCHMARKS.md section.
-#[allow(clippy::too_many_lines)]
-pub(super) fn summarize(
-    runs: &[Run],
-    quick: bool,
-    date: &str,
-    load_before: &str,
-    load_after: &str,
-    minutes: f64,
-) -> (Value, String) {
-    let of = |m: Mode| runs.iter().filter(move |r| r.mode == m);
-    let at = |m: Mode, step: Step| of(m).filter(move |r| r.step == step);
-    let relief_of = |rs: &mut dyn Iterator<Item = &Run>| {
-        rs.flat_map(|r| r.relief_ms.iter().copied()).collect::<Vec<f64>>()
-    };
-    let relief_e = relief_of(&mut of(Mode::Events));
-    let relief_p = relief_of(&mut of(Mode::Polling));
-    let relief_m = relief_of(&mut of(Mode::MemoryEvents));
-    let relief_n = relief_of(&mut of(Mode::NoLead));
-    let split_e = split_p50(&of(Mode::Events).collect::<Vec<_>>());
-    let split_n = split_p50(&of(Mode::NoLead).collect::<Vec<_>>());
-    let oom_n: usize = of(Mode::NoLead).map(|r| r.oom_kills).sum();
-    let ahead_e: usize = of(Mode::Events).map(|r| r.watermark_ahead).sum();
-    let at_line_e: usize = of(Mode::Events).map(|r| r.watermark_at_line).sum();
-    let crossings_e: usize = of(Mode::Events).map(|r| r.crossings).sum();
-    let oom_m: usize = of(Mode::MemoryEvents).map(|r| r.oom_kills).sum();
-    let floors: Vec<f64> = runs.iter().flat_map(|r| r.floor_ms.iter().copied()).collect();
-    let floor_p50 = pct(&floors, 50.0);
-    let e_p50 = pct(&relief_e, 50.0);
-    let e_p99 = pct(&relief_e, 99.0);
-    let p_p99 = pct(&relief_p, 99.0);
-    let oom_e: usize = of(Mode::Events).map(|r| r.oom_kills).sum();
-    let oom_p: usize = of(Mode::Polling).map(|r| r.oom_kills).sum();
-    let mut steps: Vec<Step> = Vec::new();
-    for r in runs {
-        if !steps.contains(&r.step) {
-            steps.push(r.step);
-        }
+/// When and how the runs were made.
+pub(super) struct Session<'a> {
+    pub quick: bool,
+    pub date: &'a str,
+    pub load_before: &'a str,
+    pub load_after: &'a str,
+    pub minutes: f64,
+}
+
+/// The runs summed up: what the JSON and the Markdown both say.
+struct Figures<'a> {
+    runs: &'a [Run],
+    /// The steps in the order they ran.
+    steps: Vec<Step>,
+    relief_e: Vec<f64>,
+    relief_p: Vec<f64>,
+    relief_m: Vec<f64>,
+    relief_n: Vec<f64>,
+    split_e: Value,
+    split_n: Value,
+    oom_e: usize,
+    oom_p: usize,
+    oom_m: usize,
+    oom_n: usize,
+    ahead_e: usize,
+    at_line_e: usize,
+    crossings_e: usize,
+    floors: Vec<f64>,
+    floor_p50: Option<f64>,
+    e_p50: Option<f64>,
+    e_p99: Option<f64>,
+    p_p99: Option<f64>,
+    /// Per target: the fastest ramp without OOM kill, event-driven.
+    max_shipped: Option<f64>,
+    max_watermark: Option<f64>,
+    /// Steps where the event-driven runs saw no OOM kill and polling did.
+    split: Vec<Step>,
+    relief_met: Option<bool>,
+}
+
+impl<'a> Figures<'a> {
+    fn of(&self, m: Mode) -> impl Iterator<Item = &'a Run> {
+        self.runs.iter().filter(move |r| r.mode == m)
     }
-    let oom_at = |m: Mode, step: Step| at(m, step).map(|r| r.oom_kills).sum::<usize>();
-    // Per target: the fastest step whose event-driven runs saw no OOM kill,
-    // as the slowest of those runs reached.
-    let max_ok = |target: Target| {
-        steps
+
+    fn at(&self, m: Mode, step: Step) -> impl Iterator<Item = &'a Run> {
+        self.of(m).filter(move |r| r.step == step)
+    }
+
+    fn oom_at(&self, m: Mode, step: Step) -> usize {
+        self.at(m, step).map(|r| r.oom_kills).sum()
+    }
+
+    fn new(runs: &'a [Run]) -> Figures<'a> {
+        let of = |m: Mode| runs.iter().filter(move |r| r.mode == m);
+        let sum = |m: Mode, f: fn(&Run) -> usize| of(m).map(f).sum::<usize>();
+        let mut steps: Vec<Step> = Vec::new();
+        for r in runs {
+            if !steps.contains(&r.step) {
+                steps.push(r.step);
+            }
+        }
+        let relief_e = relief_of(of(Mode::Events));
+        let relief_p = relief_of(of(Mode::Polling));
+        let floors: Vec<f64> = runs.iter().flat_map(|r| r.floor_ms.iter().copied()).collect();
+        let mut f = Figures {
+            runs,
+            relief_m: relief_of(of(Mode::MemoryEvents)),
+            relief_n: relief_of(of(Mode::NoLead)),
+            split_e: split_p50(&of(Mode::Events).collect::<Vec<_>>()),
+            split_n: split_p50(&of(Mode::NoLead).collect::<Vec<_>>()),
+            oom_e: sum(Mode::Events, |r| r.oom_kills),
+            oom_p: sum(Mode::Polling, |r| r.oom_kills),
+            oom_m: sum(Mode::MemoryEvents, |r| r.oom_kills),
+            oom_n: sum(Mode::NoLead, |r| r.oom_kills),
+            ahead_e: sum(Mode::Events, |r| r.watermark_ahead),
+            at_line_e: sum(Mode::Events, |r| r.watermark_at_line),
+            crossings_e: sum(Mode::Events, |r| r.crossings),
+            floor_p50: pct(&floors, 50.0),
+            e_p50: pct(&relief_e, 50.0),
+            e_p99: pct(&relief_e, 99.0),
+            p_p99: pct(&relief_p, 99.0),
+            floors,
+            relief_e,
+            relief_p,
+            steps,
+            max_shipped: None,
+            max_watermark: None,
+            split: Vec::new(),
+            relief_met: None,
+        };
+        f.max_shipped = f.max_ok(Target::Shipped);
+        f.max_watermark = f.max_ok(Target::Watermark);
+        f.split = f
+            .steps
             .iter()
-            .filter(|s| s.target == target && oom_at(Mode::Events, **s) == 0)
-            .filter_map(|&s| at(Mode::Events, s).filter_map(|r| r.achieved).reduce(f64::min))
+            .copied()
+            .filter(|&s| f.oom_at(Mode::Events, s) == 0 && f.oom_at(Mode::Polling, s) > 0)
+            .collect();
+        f.relief_met = f.e_p99.zip(f.floor_p50).map(|(p, fl)| p <= RELIEF_TARGET_X * fl);
+        f
+    }
+
+    /// The fastest step at `target` whose event-driven runs saw no OOM
+    /// kill, as the slowest of those runs reached.
+    fn max_ok(&self, target: Target) -> Option<f64> {
+        self.steps
+            .iter()
+            .filter(|s| s.target == target && self.oom_at(Mode::Events, **s) == 0)
+            .filter_map(|&s| self.at(Mode::Events, s).filter_map(|r| r.achieved).reduce(f64::min))
             .reduce(f64::max)
-    };
-    let max_shipped = max_ok(Target::Shipped);
-    let max_watermark = max_ok(Target::Watermark);
-    let split: Vec<Step> = steps
-        .iter()
-        .copied()
-        .filter(|&s| oom_at(Mode::Events, s) == 0 && oom_at(Mode::Polling, s) > 0)
-        .collect();
-    let relief_met = e_p99.zip(floor_p50).map(|(p, f)| p <= RELIEF_TARGET_X * f);
-    let steps_json: Vec<Value> = steps
+    }
+}
+
+/// Every relief sample of `rs`, ms.
+fn relief_of<'a>(rs: impl Iterator<Item = &'a Run>) -> Vec<f64> {
+    rs.flat_map(|r| r.relief_ms.iter().copied()).collect()
+}
+
+/// The figures (JSON) and the BENCHMARKS.md section.
+pub(super) fn summarize(runs: &[Run], session: &Session<'_>) -> (Value, String) {
+    let f = Figures::new(runs);
+    let mut md = String::new();
+    md_header(&f, session, &mut md);
+    md_figures(&f, &mut md);
+    md_method(&f, &mut md);
+    md_steps(&f, &mut md);
+    (json_figures(&f, session), md)
+}
+
+/// One step's figures for one mode, as JSON.
+fn step_json(rs: &[&Run]) -> Value {
+    let rel = relief_of(rs.iter().copied());
+    json!({
+        "runs": rs.len(),
+        "achieved_mib_per_s": rs.iter().map(|r| r.achieved).collect::<Vec<_>>(),
+        "oom_kills": rs.iter().map(|r| r.oom_kills).sum::<usize>(),
+        "crossings": rs.iter().map(|r| r.crossings).sum::<usize>(),
+        "watermark_events_ahead": rs.iter().map(|r| r.watermark_ahead).sum::<usize>(),
+        "watermark_events_at_line": rs.iter().map(|r| r.watermark_at_line).sum::<usize>(),
+        "relief_samples": rel.len(),
+        "relief_p50_ms": pct(&rel, 50.0),
+        "relief_max_ms": pct(&rel, 100.0),
+        "pressure_events": rs.iter().map(|r| r.pressure_events).collect::<Vec<_>>(),
+        "pressure_kinds": kinds(rs),
+        "dimms_at_end": rs.iter().map(|r| r.dimms).collect::<Vec<_>>(),
+    })
+}
+
+fn json_figures(f: &Figures<'_>, session: &Session<'_>) -> Value {
+    let steps_json: Vec<Value> = f
+        .steps
         .iter()
         .map(|&step| {
-            let per = |m: Mode| {
-                let rs: Vec<&Run> = at(m, step).collect();
-                let rel = relief_of(&mut rs.iter().copied());
-                json!({
-                    "runs": rs.len(),
-                    "achieved_mib_per_s": rs.iter().map(|r| r.achieved).collect::<Vec<_>>(),
-                    "oom_kills": rs.iter().map(|r| r.oom_kills).sum::<usize>(),
-                    "crossings": rs.iter().map(|r| r.crossings).sum::<usize>(),
-                    "watermark_events_ahead": rs.iter().map(|r| r.watermark_ahead).sum::<usize>(),
-                    "watermark_events_at_line": rs.iter().map(|r| r.watermark_at_line).sum::<usize>(),
-                    "relief_samples": rel.len(),
-                    "relief_p50_ms": pct(&rel, 50.0),
-                    "relief_max_ms": pct(&rel, 100.0),
-                    "pressure_events": rs.iter().map(|r| r.pressure_events).collect::<Vec<_>>(),
-                    "pressure_kinds": kinds(&rs),
-                    "dimms_at_end": rs.iter().map(|r| r.dimms).collect::<Vec<_>>(),
-                })
-            };
+            let per = |m: Mode| step_json(&f.at(m, step).collect::<Vec<_>>());
             json!({
                 "memory_target": step.target.value(),
                 "rate_mib_per_s": step.rate,
@@ -108,66 +185,68 @@ pub(super) fn summarize(
             })
         })
         .collect();
-    let v = json!({
-        "date": date,
-        "quick": quick,
-        "load_before": load_before,
-        "load_after": load_after,
-        "minutes": minutes,
+    json!({
+        "date": session.date,
+        "quick": session.quick,
+        "load_before": session.load_before,
+        "load_after": session.load_after,
+        "minutes": session.minutes,
         "guest": { "boot_mib": BOOT_MIB, "cu_mib": CU_MIB, "max_cus": MAX_CUS, "ramp_to_mib": TARGET_MIB },
-        "relief_p50_ms": e_p50,
-        "relief_p99_ms": e_p99,
-        "relief_samples": relief_e.len(),
-        "watermark_events_ahead_event_driven": ahead_e,
-        "watermark_events_at_line_event_driven": at_line_e,
-        "crossings_event_driven": crossings_e,
-        "relief_p50_ms_no_lead": pct(&relief_n, 50.0),
-        "relief_p99_ms_no_lead": pct(&relief_n, 99.0),
-        "relief_samples_no_lead": relief_n.len(),
-        "relief_split_p50_ms": split_e,
-        "relief_split_p50_ms_no_lead": split_n,
-        "oom_kills_no_lead": oom_n,
-        "relief_p50_ms_memory_events_only": pct(&relief_m, 50.0),
-        "relief_p99_ms_memory_events_only": pct(&relief_m, 99.0),
-        "relief_samples_memory_events_only": relief_m.len(),
-        "oom_kills_memory_events_only": oom_m,
-        "relief_p50_ms_polling": pct(&relief_p, 50.0),
-        "relief_p99_ms_polling": p_p99,
-        "relief_samples_polling": relief_p.len(),
-        "hotplug_floor_ms": floor_p50,
-        "hotplug_floor_p99_ms": pct(&floors, 99.0),
-        "hotplug_floor_samples": floors.len(),
-        "oom_kills_event_driven": oom_e,
-        "oom_kills_polling": oom_p,
-        "ramp_mib_per_s_max": max_shipped,
-        "ramp_mib_per_s_max_target_0_9": max_watermark,
-        "steps_event_driven_clean_polling_oom": split.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "relief_p50_ms": f.e_p50,
+        "relief_p99_ms": f.e_p99,
+        "relief_samples": f.relief_e.len(),
+        "watermark_events_ahead_event_driven": f.ahead_e,
+        "watermark_events_at_line_event_driven": f.at_line_e,
+        "crossings_event_driven": f.crossings_e,
+        "relief_p50_ms_no_lead": pct(&f.relief_n, 50.0),
+        "relief_p99_ms_no_lead": pct(&f.relief_n, 99.0),
+        "relief_samples_no_lead": f.relief_n.len(),
+        "relief_split_p50_ms": f.split_e,
+        "relief_split_p50_ms_no_lead": f.split_n,
+        "oom_kills_no_lead": f.oom_n,
+        "relief_p50_ms_memory_events_only": pct(&f.relief_m, 50.0),
+        "relief_p99_ms_memory_events_only": pct(&f.relief_m, 99.0),
+        "relief_samples_memory_events_only": f.relief_m.len(),
+        "oom_kills_memory_events_only": f.oom_m,
+        "relief_p50_ms_polling": pct(&f.relief_p, 50.0),
+        "relief_p99_ms_polling": f.p_p99,
+        "relief_samples_polling": f.relief_p.len(),
+        "hotplug_floor_ms": f.floor_p50,
+        "hotplug_floor_p99_ms": pct(&f.floors, 99.0),
+        "hotplug_floor_samples": f.floors.len(),
+        "oom_kills_event_driven": f.oom_e,
+        "oom_kills_polling": f.oom_p,
+        "ramp_mib_per_s_max": f.max_shipped,
+        "ramp_mib_per_s_max_target_0_9": f.max_watermark,
+        "steps_event_driven_clean_polling_oom": f.split.iter().map(|s| s.name()).collect::<Vec<_>>(),
         "targets": {
-            "relief_p99_within_1_5x_floor": relief_met,
-            "zero_oom_event_driven_where_polling_has_some": !split.is_empty(),
+            "relief_p99_within_1_5x_floor": f.relief_met,
+            "zero_oom_event_driven_where_polling_has_some": !f.split.is_empty(),
         },
         "steps": steps_json,
-    });
+    })
+}
 
-    let ms = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.0} ms"));
-    let verdict = |ok: Option<bool>| match ok {
+fn ms(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |x| format!("{x:.0} ms"))
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
         Some(true) => "met",
         Some(false) => "MISSED",
         // No sample: use never passed 90% (memory came first), or no run.
         None => "not shown: no crossing",
-    };
-    let mibs = |x: Option<f64>| x.map_or("none".into(), |x| format!("{x:.0} MiB/s"));
-    let rate_list = {
-        let mut names: Vec<String> = Vec::new();
-        for s in &steps {
-            if !names.contains(&s.rate_name()) {
-                names.push(s.rate_name());
-            }
-        }
-        names.join("; ")
-    };
-    let reps = runs.len() / (MODES.len() * steps.len()).max(1);
-    let mut md = String::new();
+    }
+}
+
+/// How many runs each mode had at each step.
+fn reps(f: &Figures<'_>) -> usize {
+    f.runs.len() / (MODES.len() * f.steps.len()).max(1)
+}
+
+fn md_header(f: &Figures<'_>, session: &Session<'_>, md: &mut String) {
+    let quick = session.quick;
     md.push_str("## End to end: relief under a memory ramp, event-driven against polling\n\n");
     md.push_str(&format!(
         "Command: `cargo xtask bench e2e{}` (figures also in `target/bench/e2e.json`).{}\n\n",
@@ -175,79 +254,105 @@ pub(super) fn summarize(
         if quick { " **Quick run**: one run per mode and step, fewer rates." } else { "" }
     ));
     md.push_str(&format!(
-        "Run {date} on 2 cores, QEMU under TCG; {minutes:.1} minutes, {} runs; load average before {load_before} \
-         and after {load_after} (1, 5, 15 min).\n\n",
-        runs.len()
+        "Run {} on 2 cores, QEMU under TCG; {:.1} minutes, {} runs; load average before {} \
+         and after {} (1, 5, 15 min).\n\n",
+        session.date,
+        session.minutes,
+        f.runs.len(),
+        session.load_before,
+        session.load_after
     ));
+}
+
+/// The summary table: one figure a row.
+fn md_figures(f: &Figures<'_>, md: &mut String) {
+    let mibs = |x: Option<f64>| x.map_or("none".into(), |x| format!("{x:.0} MiB/s"));
+    let mut rate_names: Vec<String> = Vec::new();
+    for s in &f.steps {
+        if !rate_names.contains(&s.rate_name()) {
+            rate_names.push(s.rate_name());
+        }
+    }
+    let rate_list = rate_names.join("; ");
+    let (relief_n, relief_m, relief_p) = (&f.relief_n, &f.relief_m, &f.relief_p);
+    let (ahead_e, at_line_e, crossings_e) = (f.ahead_e, f.at_line_e, f.crossings_e);
+    let (oom_e, oom_p, oom_m, oom_n) = (f.oom_e, f.oom_p, f.oom_m, f.oom_n);
     md.push_str("| figure | value | target | |\n|---|---:|---|---|\n");
     md.push_str(&format!(
         "| `relief_p50_ms`: use past 90% to new memory online, guest clock, event-driven | {} ({} samples) | | |\n",
-        ms(e_p50),
-        relief_e.len()
+        ms(f.e_p50),
+        f.relief_e.len()
     ));
     md.push_str(&format!(
         "| `relief_p99_ms`, event-driven | {} | ≤ {RELIEF_TARGET_X}x floor = {} | {} |\n",
-        ms(e_p99),
-        ms(floor_p50.map(|f| f * RELIEF_TARGET_X)),
-        verdict(relief_met)
+        ms(f.e_p99),
+        ms(f.floor_p50.map(|fl| fl * RELIEF_TARGET_X)),
+        verdict(f.relief_met)
     ));
     md.push_str(&format!(
         "| event-driven: usage watermark events sent ahead of the line, at it; crossings of 90% | {ahead_e}, {at_line_e}; {crossings_e} | | |\n"
     ));
     md.push_str(&format!(
         "| relief p99 (p50), event-driven with no lead (watermark event at the line) | {} ({}; {} samples) | | |\n",
-        ms(pct(&relief_n, 99.0)),
-        ms(pct(&relief_n, 50.0)),
+        ms(pct(relief_n, 99.0)),
+        ms(pct(relief_n, 50.0)),
         relief_n.len()
     ));
-    let split_cell = |v: &Value| {
-        let f = |k: &str| v.get(k).and_then(Value::as_f64).map_or("-".into(), |x| format!("{x:.0}"));
-        match v.get("samples").and_then(Value::as_u64) {
-            Some(n) if n > 0 => format!(
-                "{}; {}; {}; {} ms ({n} samples)",
-                f("event_vs_cross_ms"),
-                f("to_agent_ms"),
-                f("to_plugged_ms"),
-                f("plugged_to_online_ms")
-            ),
-            _ => "n/a".into(),
-        }
-    };
     md.push_str(&format!(
         "| where relief went, p50 per part: event stamp less crossing; to the agent; to the DIMM plugged; plugged to online (agent's log against the console), event-driven / no lead | {} / {} | | |\n",
-        split_cell(&split_e),
-        split_cell(&split_n)
+        split_cell(&f.split_e),
+        split_cell(&f.split_n)
     ));
     md.push_str(&format!(
         "| relief p99 (p50), memory events only: CPU pressure not acted on | {} ({}; {} samples) | | |\n",
-        ms(pct(&relief_m, 99.0)),
-        ms(pct(&relief_m, 50.0)),
+        ms(pct(relief_m, 99.0)),
+        ms(pct(relief_m, 50.0)),
         relief_m.len()
     ));
     md.push_str(&format!(
         "| `relief_p99_ms_polling` (p50 {}) | {} ({} samples) | | |\n",
-        ms(pct(&relief_p, 50.0)),
-        ms(p_p99),
+        ms(pct(relief_p, 50.0)),
+        ms(f.p_p99),
         relief_p.len()
     ));
     md.push_str(&format!(
         "| `hotplug_floor_ms`: raw QMP DIMM plug to the guest's MemTotal grown, p50 (p99 {}) | {} ({} samples) | | |\n",
-        ms(pct(&floors, 99.0)),
-        ms(floor_p50),
-        floors.len()
+        ms(pct(&f.floors, 99.0)),
+        ms(f.floor_p50),
+        f.floors.len()
     ));
     md.push_str(&format!(
         "| `oom_kills_event_driven`, `oom_kills_polling` (no lead: {oom_n}; memory events only: {oom_m}), all runs at {rate_list} | {oom_e}, {oom_p} | 0 event-driven where polling has some | {} |\n",
-        verdict(Some(!split.is_empty()))
+        verdict(Some(!f.split.is_empty()))
     ));
     md.push_str(&format!(
         "| `ramp_mib_per_s_max`: fastest ramp without OOM kill, event-driven, as reached (target 0.75; at 0.9) | {} ({}) | | |\n\n",
-        mibs(max_shipped),
-        mibs(max_watermark)
+        mibs(f.max_shipped),
+        mibs(f.max_watermark)
     ));
+}
+
+/// A `split_p50` as one table cell.
+fn split_cell(v: &Value) -> String {
+    let f = |k: &str| v.get(k).and_then(Value::as_f64).map_or("-".into(), |x| format!("{x:.0}"));
+    match v.get("samples").and_then(Value::as_u64) {
+        Some(n) if n > 0 => format!(
+            "{}; {}; {}; {} ms ({n} samples)",
+            f("event_vs_cross_ms"),
+            f("to_agent_ms"),
+            f("to_plugged_ms"),
+            f("plugged_to_online_ms")
+        ),
+        _ => "n/a".into(),
+    }
+}
+
+/// How the runs were made.
+fn md_method(f: &Figures<'_>, md: &mut String) {
+    let reps = reps(f);
     md.push_str(&format!(
         "Each run boots a fresh guest of {BOOT_MIB} MiB (CUs of 1/8 vCPU and {CU_MIB} MiB, pc-dimm, at most \
-         {MAX_CUS} CUs) on a node of 4 vCPU and 4 GiB; its workload (`xtask/src/bench_e2e/ramp.pl`, perl in the \
+         {MAX_CUS} CUs) on a node of 4 vCPU and 4 GiB; its workload (`xtask/src/cluster/ramp.pl`, perl in the \
          guest's workload cgroup) fills anonymous memory in 4 MiB chunks up to {TARGET_MIB} MiB from one or \
          more processes while a watcher reads `/proc/meminfo` every 5 ms. A relief sample is each time use \
          (MemTotal - MemAvailable) passes 90% of MemTotal, to the first MemTotal growth after it, both by the \
@@ -265,15 +370,19 @@ pub(super) fn summarize(
          the four modes at each step ({reps} per mode and step); per target the rates rise until the \
          event-driven agent sees an OOM kill. OOM kills are the guest kernel's.\n\n"
     ));
+}
+
+/// Every step, every mode: one row each.
+fn md_steps(f: &Figures<'_>, md: &mut String) {
     md.push_str(
         "| target | rate asked | mode | reached MiB/s | OOM kills | 90% crossings | watermark events ahead, at the line | relief p50 | relief max | pressure events (all runs) | DIMMs at end |\n\
          |---|---|---|---|---|---|---|---:|---:|---|---|\n",
     );
-    for &step in &steps {
+    for &step in &f.steps {
         for m in MODES {
-            let rs: Vec<&Run> = at(m, step).collect();
-            let rel = relief_of(&mut rs.iter().copied());
-            let join = |f: &dyn Fn(&Run) -> String| rs.iter().map(|r| f(r)).collect::<Vec<_>>().join(", ");
+            let rs: Vec<&Run> = f.at(m, step).collect();
+            let rel = relief_of(rs.iter().copied());
+            let join = |g: &dyn Fn(&Run) -> String| rs.iter().map(|r| g(r)).collect::<Vec<_>>().join(", ");
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 step.target.value(),
@@ -290,7 +399,6 @@ pub(super) fn summarize(
             ));
         }
     }
-    (v, md)
 }
 
 /// The median of each part of the runs' relief samples (`split.rs`), with

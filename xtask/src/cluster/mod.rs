@@ -14,10 +14,16 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::guest::qemu::{self, VmSpec};
+use vmscale_agent::config::Config as AgentConfig;
+use vmscale_agent::core::policy::{Cu, Policy};
+use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_allocator::core::Cluster;
+
+use crate::guest::qemu;
 use crate::guest::Image;
+use crate::harness::free_port;
 use crate::steps::{cargo, Steps};
 
 pub const MIB: u64 = 1 << 20;
@@ -133,24 +139,6 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A port on 127.0.0.1 for a daemon or QEMU to listen on. Not one from
-/// bind(0): that goes back to the kernel's ephemeral pool when the probe
-/// closes, where any outgoing connection may take it before the daemon binds
-/// it. These come from below the ephemeral range (32768 up by default), one
-/// number per call (a start that differs by process), checked free.
-pub fn free_port() -> anyhow::Result<u16> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let start = (std::process::id() % 400) * 25;
-    for _ in 0..10_000 {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = u16::try_from(20_000 + (start + n) % 10_000)?;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port in 20000-29999 on 127.0.0.1")
-}
-
 /// `GET path` over HTTP/1.0 on 127.0.0.1:port; the body.
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
@@ -172,6 +160,28 @@ pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Str
 
 pub fn http_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(&http_get(port, path)?)?)
+}
+
+/// The allocator's `/state` (its whole core, typed) from its HTTP port on
+/// 127.0.0.1; `None` while it does not answer.
+pub fn allocator_state(port: u16) -> Option<Cluster> {
+    serde_json::from_str(&http_get(port, "/state").ok()?).ok()
+}
+
+/// An agent's config file from its own type, as the daemon reads it.
+pub fn write_agent_config(path: &Path, config: &AgentConfig) -> anyhow::Result<()> {
+    fs::write(path, toml::to_string(config).context("encoding the agent's config")?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// An agent's VM file (`[[vm]]` entries) from the agent's own type.
+pub fn write_vms_file(path: &Path, vms: &[VmSpec]) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct VmFile<'a> {
+        vm: &'a [VmSpec],
+    }
+    fs::write(path, toml::to_string(&VmFile { vm: vms }).context("encoding the VM file")?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The allocator and the agent of one node.
@@ -281,7 +291,7 @@ impl Vm {
             workload_visible(dir)?;
             extra_cmdline.push(format!("vmscale.workload={w}"));
         }
-        let spec = VmSpec {
+        let spec = qemu::VmSpec {
             accel: "tcg",
             cpus: plan.cpus,
             max_cpus: plan.max_cpus,
@@ -300,21 +310,19 @@ impl Vm {
     }
 
     /// This VM's `[[vm]]` entry for the agent.
-    pub fn agent_entry(&self) -> String {
+    pub fn agent_spec(&self) -> VmSpec {
         let p = &self.plan;
-        format!(
-            "[[vm]]\nid = \"{}\"\nqmp = \"{}\"\ninformant = \"http://127.0.0.1:{}\"\n\
-             cu = {{ milli_cpu = {}, memory_bytes = {} }}\nmin_cus = {}\nmax_cus = {}\n\
-             cpu_mode = \"sysfs\"\nmemory = {{ kind = \"dimm\", dimm_bytes = {} }}\n\n",
-            p.id,
-            self.agent_qmp.display(),
-            self.informant_port,
-            p.cu_milli_cpu,
-            p.cu_mib * MIB,
-            p.min_cus,
-            p.max_cus,
-            p.cu_mib * MIB
-        )
+        VmSpec {
+            id: p.id.clone(),
+            qmp: self.agent_qmp.display().to_string(),
+            informant: Some(format!("http://127.0.0.1:{}", self.informant_port)),
+            cu: Cu { milli_cpu: p.cu_milli_cpu, memory_bytes: p.cu_mib * MIB },
+            min_cus: p.min_cus,
+            max_cus: p.max_cus,
+            cpu_mode: CpuMode::Sysfs,
+            memory: MemoryMode::Dimm { dimm_bytes: p.cu_mib * MIB },
+            policy: None,
+        }
     }
 
     /// The QEMU process has stopped.
@@ -331,13 +339,12 @@ impl Vm {
     }
 }
 
-/// What the node is given: capacity and the agent's `[policy]` lines.
+/// What the node is given: capacity and the agent's policy.
 #[derive(Debug, Clone)]
 pub struct NodePlan {
     pub capacity_milli_cpu: u64,
     pub capacity_mib: u64,
-    /// TOML lines under `[policy]` of the agent's config.
-    pub policy: String,
+    pub policy: Policy,
 }
 
 impl Node {
@@ -358,21 +365,23 @@ impl Node {
             dir.join("allocator.log"),
         )?;
         let vms_file = dir.join("vms.toml");
-        let entries: String = vms.iter().map(|v| v.agent_entry()).collect();
-        fs::write(&vms_file, entries)?;
+        write_vms_file(&vms_file, &vms.iter().map(|v| v.agent_spec()).collect::<Vec<_>>())?;
         let config = dir.join("agent.toml");
-        fs::write(
+        write_agent_config(
             &config,
-            format!(
-                "node = \"{NODE}\"\nallocator = \"http://127.0.0.1:{grpc}\"\nvms_file = \"{}\"\n\
-                 vms_file_interval_ms = 500\nhttp_listen = \"127.0.0.1:{agent_http}\"\n\
-                 capacity_milli_cpu = {}\ncapacity_memory_bytes = {}\nallocator_retry_base_ms = 100\n\
-                 allocator_retry_max_ms = 1000\n[policy]\n{}\n",
-                vms_file.display(),
-                plan.capacity_milli_cpu,
-                plan.capacity_mib * MIB,
-                plan.policy
-            ),
+            &AgentConfig {
+                node: NODE.into(),
+                allocator: format!("http://127.0.0.1:{grpc}"),
+                vms_file,
+                vms_file_interval_ms: 500,
+                http_listen: ([127, 0, 0, 1], agent_http).into(),
+                capacity_milli_cpu: plan.capacity_milli_cpu,
+                capacity_memory_bytes: plan.capacity_mib * MIB,
+                allocator_retry_base_ms: 100,
+                allocator_retry_max_ms: 1000,
+                policy: plan.policy.clone(),
+                ..AgentConfig::default()
+            },
         )?;
         let agent = Daemon::spawn(
             "agent",
@@ -400,28 +409,9 @@ impl Node {
 
     /// The allocator's reservation for `vm`: (milli-vCPU, bytes).
     pub fn reserved(&self, vm: &str) -> Option<(u64, u64)> {
-        let s = http_json(self.allocator_http, "/state").ok()?;
-        let r = s.get("nodes")?.get(NODE)?.get("vms")?.get(vm)?.get("reserved")?;
-        Some((r.get("milli_cpu")?.as_u64()?, r.get("memory_bytes")?.as_u64()?))
-    }
-}
-
-/// Waits up to `timeout` for `f` to give `Some`; `f` fails fast (when a
-/// process died, say) with an error.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if t0.elapsed() > timeout {
-            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        let s = allocator_state(self.allocator_http)?;
+        let r = s.nodes.get(NODE)?.vms.get(vm)?.reserved;
+        Some((r.milli_cpu, r.memory_bytes))
     }
 }
 
@@ -439,5 +429,66 @@ mod tests {
             workload_visible(here).is_ok(),
             !["/tmp", "/run", "/dev/shm"].iter().any(|h| here.starts_with(h))
         );
+    }
+
+    #[test]
+    fn the_agents_config_and_vm_file_read_back_as_written() {
+        let dir = std::env::temp_dir().join(format!("xtask-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let config = AgentConfig {
+            node: NODE.into(),
+            vms_file: dir.join("vms.toml"),
+            http_listen: ([127, 0, 0, 1], 20_001).into(),
+            policy: Policy {
+                memory_target: 0.9,
+                polling: Some(Box::new(vmscale_agent::polling::Polling::default())),
+                ..Policy::default()
+            },
+            ..AgentConfig::default()
+        };
+        write_agent_config(&dir.join("agent.toml"), &config).unwrap();
+        assert_eq!(AgentConfig::load(&dir.join("agent.toml")).unwrap(), config);
+        let vm = VmSpec {
+            id: "a".into(),
+            qmp: "/tmp/a.qmp".into(),
+            informant: Some("http://127.0.0.1:20002".into()),
+            cu: Cu { milli_cpu: 125, memory_bytes: 128 * MIB },
+            min_cus: 8,
+            max_cus: 16,
+            cpu_mode: CpuMode::Sysfs,
+            memory: MemoryMode::Dimm { dimm_bytes: 128 * MIB },
+            policy: None,
+        };
+        write_vms_file(&dir.join("vms.toml"), std::slice::from_ref(&vm)).unwrap();
+        assert_eq!(vmscale_agent::vms::file::load(&dir.join("vms.toml")).unwrap(), [vm]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_allocators_state_reads_back_with_its_own_figures() {
+        use vmscale_allocator::core::ledger::NodeLedger;
+        use vmscale_allocator::core::units::{ComputeUnit, Resources};
+        use vmscale_allocator::core::vm::{Bounds, VmEntry, VmState};
+        let gib = 1 << 30;
+        let mut node = NodeLedger::new(Resources::new(4000, 4 * gib), Resources::new(0, gib), 0.9);
+        let cu = ComputeUnit::new(Resources::new(125, 128 * MIB)).unwrap();
+        let bounds = Bounds::new(Resources::new(125, 128 * MIB), Resources::new(2000, 2 * gib)).unwrap();
+        let entry = VmEntry {
+            reserved: Resources::new(1000, gib),
+            bounds,
+            cu,
+            unmet: Resources::new(0, 2 * gib),
+            state: VmState::Active,
+        };
+        node.insert("vm".into(), entry);
+        let mut cluster = Cluster::new(vmscale_allocator::config::Config::default().core());
+        cluster.nodes.insert(NODE.into(), node.clone());
+        let back: Cluster = serde_json::from_str(&serde_json::to_string_pretty(&cluster).unwrap()).unwrap();
+        let n = &back.nodes[NODE];
+        // The sums the planner compares are the allocator's, not recounted here.
+        assert_eq!(n.wanted(), node.wanted());
+        assert_eq!(n.watermark_level(), node.watermark_level());
+        assert!(!n.wanted().fits_in(n.watermark_level()));
+        assert_eq!(n.vms["vm"].reserved, Resources::new(1000, gib));
     }
 }

@@ -9,18 +9,21 @@
 
 use anyhow::{bail, Context};
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{Daemon, MIB};
-use crate::netns::Fabric;
+use vmscale_agent::config::Config as AgentConfig;
+use vmscale_agent::core::policy::Policy;
+use vmscale_agent::migration::settings::MigrationSettings;
+use vmscale_agent::qmp::migrate::MigrationConfig;
+use vmscale_agent::vms::VmSpec;
+use vmscale_allocator::config::Config as AllocatorConfig;
+use vmscale_allocator::core::Cluster;
 
-/// A free TCP port on `ip` (which must be an address of this namespace).
-pub fn free_port_on(ip: Ipv4Addr) -> anyhow::Result<u16> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("binding a free port on {ip}"))?;
-    Ok(l.local_addr()?.port())
-}
+use super::{write_agent_config, write_vms_file, Daemon, MIB};
+use crate::harness::{free_port, free_port_on};
+use crate::netns::Fabric;
 
 /// The allocator in the host's namespace, gRPC on the fabric's host address.
 #[derive(Debug)]
@@ -33,19 +36,29 @@ pub struct Allocator {
 }
 
 impl Allocator {
-    /// `config` is the allocator's TOML file body (watermark, plan interval...).
-    pub fn start(root: &Path, dir: &Path, fabric: &Fabric, config: &str) -> anyhow::Result<Allocator> {
+    /// `config` is the allocator's config (watermark, plan interval...);
+    /// its addresses are this run's.
+    pub fn start(
+        root: &Path,
+        dir: &Path,
+        fabric: &Fabric,
+        config: AllocatorConfig,
+    ) -> anyhow::Result<Allocator> {
         let host = fabric.gateway();
         let grpc = free_port_on(host)?;
-        let http = super::free_port()?;
+        let http = free_port()?;
+        let config = AllocatorConfig {
+            listen: (host, grpc).into(),
+            http_listen: ([127, 0, 0, 1], http).into(),
+            ..config
+        };
         let file = dir.join("allocator.toml");
-        fs::write(&file, config)?;
+        fs::write(&file, toml::to_string(&config).context("encoding the allocator's config")?)?;
         let daemon = Daemon::spawn(
             "allocator",
             Command::new(root.join("target/release/vmscale-allocator"))
                 .arg("--config")
                 .arg(&file)
-                .args(["--listen", &format!("{host}:{grpc}"), "--http-listen", &format!("127.0.0.1:{http}")])
                 .env("RUST_LOG", "info")
                 .env("NO_COLOR", "1"),
             dir.join("allocator.log"),
@@ -53,8 +66,8 @@ impl Allocator {
         Ok(Allocator { daemon, url: format!("http://{host}:{grpc}"), http })
     }
 
-    pub fn state(&self) -> Option<serde_json::Value> {
-        super::http_json(self.http, "/state").ok()
+    pub fn state(&self) -> Option<Cluster> {
+        super::allocator_state(self.http)
     }
 }
 
@@ -65,10 +78,9 @@ pub struct AgentPlan {
     pub name: String,
     pub capacity_milli_cpu: u64,
     pub capacity_mib: u64,
-    /// TOML lines under `[policy]`.
-    pub policy: String,
-    /// TOML lines under `[migration.transfer]` (bandwidth, timeout...).
-    pub transfer: String,
+    pub policy: Policy,
+    /// `[migration.transfer]`: bandwidth, timeout...
+    pub transfer: MigrationConfig,
     /// `confirm_grace_ms` of `[migration]`.
     pub confirm_grace_ms: u64,
 }
@@ -85,8 +97,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent of `node` with `vms` (`[[vm]]` entries) in its VM
-    /// file; it takes VMs in on the node's address.
+    /// Starts the agent of `node` with `vms` in its VM file; it takes VMs
+    /// in on the node's address.
     pub fn start(
         root: &Path,
         dir: &Path,
@@ -94,7 +106,7 @@ impl Agent {
         node: usize,
         allocator: &str,
         plan: &AgentPlan,
-        vms: &str,
+        vms: &[VmSpec],
     ) -> anyhow::Result<Agent> {
         let addr = fabric.nodes[node].addr;
         let name = &plan.name;
@@ -106,26 +118,31 @@ impl Agent {
         let state_dir = dir.join(format!("{name}-state"));
         fs::create_dir_all(&state_dir)?;
         let vms_file = dir.join(format!("{name}-vms.toml"));
-        fs::write(&vms_file, vms)?;
+        write_vms_file(&vms_file, vms)?;
         let config = dir.join(format!("{name}.toml"));
-        fs::write(
-            &config,
-            format!(
-                "node = \"{name}\"\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 500\n\
-                 http_listen = \"{http}\"\ncapacity_milli_cpu = {}\ncapacity_memory_bytes = {}\n\
-                 allocator_retry_base_ms = 100\nallocator_retry_max_ms = 1000\n[policy]\n{}\n\
-                 [contention]\nenabled = false\n\
-                 [migration]\nlisten = \"{listen}\"\nqemu = \"qemu-system-x86_64\"\nstate_dir = \"{}\"\n\
-                 confirm_grace_ms = {}\n[migration.transfer]\n{}\n",
-                vms_file.display(),
-                plan.capacity_milli_cpu,
-                plan.capacity_mib * MIB,
-                plan.policy,
-                state_dir.display(),
-                plan.confirm_grace_ms,
-                plan.transfer,
-            ),
-        )?;
+        let mut agent = AgentConfig {
+            node: name.clone(),
+            allocator: allocator.into(),
+            vms_file,
+            vms_file_interval_ms: 500,
+            http_listen: http,
+            capacity_milli_cpu: plan.capacity_milli_cpu,
+            capacity_memory_bytes: plan.capacity_mib * MIB,
+            allocator_retry_base_ms: 100,
+            allocator_retry_max_ms: 1000,
+            policy: plan.policy.clone(),
+            migration: MigrationSettings {
+                listen: Some(listen),
+                qemu: "qemu-system-x86_64".into(),
+                state_dir: state_dir.clone(),
+                confirm_grace_ms: plan.confirm_grace_ms,
+                transfer: plan.transfer.clone(),
+                ..MigrationSettings::default()
+            },
+            ..AgentConfig::default()
+        };
+        agent.contention.enabled = false;
+        write_agent_config(&config, &agent)?;
         let mut cmd =
             fabric.command_in(node, &root.join("target/release/vmscale-agent").display().to_string());
         cmd.arg("--config").arg(&config).env("RUST_LOG", "info").env("NO_COLOR", "1");

@@ -44,11 +44,12 @@ pub struct Args {
     pub one_node: bool,
 }
 
-/// The busy VM's workload: a memory ramp (32 MiB/s to 900 MiB, held), then
+/// The busy VM's workload: a memory ramp (32 MiB/s to 900 MiB, held, its
+/// use shown every 8 MiB it grows, about as often as the view asks), then
 /// a CPU burst: two perl loops spinning for 20 s by the guest's clock. (It
 /// was stress-ng, which aborts at once in the guest: its temporary files go
 /// to the working directory, here the host's root shared read-only.)
-const BUSY_SH: &str = "perl \"$1/ramp.pl\" 32 900 \"$1/go\" &\n\
+const BUSY_SH: &str = "perl \"$1/ramp.pl\" 32 900 \"$1/go\" 1 8 &\n\
                        while [ ! -e \"$1/go\" ]; do sleep 0.5; done\n\
                        sleep 35\n\
                        echo 'demo: CPU burst (2 busy loops, 20 s)'\n\
@@ -96,7 +97,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
             let busy = Vm::boot(&image, &dir, &busy_plan)?;
             let idle = Vm::boot(&image, &dir, &plan("idle", 16, None))?;
-            let node = NodePlan { capacity_milli_cpu: 8000, capacity_mib: 6144, policy: String::new() };
+            let node = NodePlan { capacity_milli_cpu: 8000, capacity_mib: 6144, policy: Default::default() };
             let node = Node::start(&root, &dir, &node, &[&busy, &idle])?;
             eprintln!(
                 "    allocator: http://127.0.0.1:{}/state, agent: http://127.0.0.1:{}/state; Ctrl-C stops the demo",
@@ -113,18 +114,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// The live view until Ctrl-C or the duration; then the timeline.
 fn show(a: &Args, dir: &Path, stop: Arc<AtomicBool>, mut busy: Vm, mut setup: Setup) -> anyhow::Result<()> {
-    let ids = ["busy", "idle"];
-    let t0 = Instant::now();
-    let mut points = Vec::new();
-    let mut used_mib = 0.0;
-    let mut go = false;
-    let mut console = Vec::new();
-    // Orders as last seen: id -> state; each change is an event.
-    let mut orders: BTreeMap<u64, String> = BTreeMap::new();
-    let mut events: Vec<(f64, String)> = Vec::new();
-    // A line every 100 ms to the idle VM and back, across its move.
-    let mut echo: Option<EchoClient> = None;
-    while !stop.load(Ordering::SeqCst) && a.duration.is_none_or(|s| t0.elapsed() < Duration::from_secs(s)) {
+    let mut live = Live::new();
+    while !stop.load(Ordering::SeqCst)
+        && a.duration.is_none_or(|s| live.t0.elapsed() < Duration::from_secs(s))
+    {
         std::thread::sleep(Duration::from_secs(1));
         // Ctrl-C in a terminal reaches the whole process group: QEMU, the
         // allocator and the agent stop on it too. That is the stop asked
@@ -134,42 +127,98 @@ fn show(a: &Args, dir: &Path, stop: Arc<AtomicBool>, mut busy: Vm, mut setup: Se
         }
         setup.check()?;
         busy.check()?;
-        let now = t0.elapsed().as_secs_f64();
+        live.tick(dir, &busy, &setup)?;
+    }
+    live.finish(dir, setup, busy)
+}
+
+/// The VMs the view shows, busy first.
+const IDS: [&str; 2] = ["busy", "idle"];
+
+/// What the live view has seen so far.
+struct Live {
+    t0: Instant,
+    points: Vec<Point>,
+    /// The busy VM's use, from its ramp's lines.
+    used_mib: f64,
+    /// Whether the ramp was started.
+    go: bool,
+    /// Notable lines (the workload's, the allocator's orders), stamped.
+    console: Vec<String>,
+    /// Orders as last seen: id -> state; each change is an event.
+    orders: BTreeMap<u64, String>,
+    events: Vec<(f64, String)>,
+    /// A line every 100 ms to the idle VM and back, across its move.
+    echo: Option<EchoClient>,
+}
+
+impl Live {
+    fn new() -> Live {
+        Live {
+            t0: Instant::now(),
+            points: Vec::new(),
+            used_mib: 0.0,
+            go: false,
+            console: Vec::new(),
+            orders: BTreeMap::new(),
+            events: Vec::new(),
+            echo: None,
+        }
+    }
+
+    /// One second: read what changed, start what is due, print the view.
+    fn tick(&mut self, dir: &Path, busy: &Vm, setup: &Setup) -> anyhow::Result<()> {
+        let now = self.t0.elapsed().as_secs_f64();
         while let Ok((_, l)) = busy.qemu.console.try_recv() {
-            if let Some(u) = l.split("used=").nth(1).and_then(|r| r.split_whitespace().next()) {
-                used_mib = u.parse().unwrap_or(used_mib);
-            }
+            self.used_mib = crate::console::value(&l, "used").unwrap_or(self.used_mib);
             if l.starts_with("demo:") || l.contains("Killed process") {
-                console.push(format!("{now:5.1}s {l}"));
+                self.console.push(format!("{now:5.1}s {l}"));
             }
         }
         let vms = setup.vms();
-        if !go && ids.iter().all(|id| vms.get(*id).is_some_and(|v| v.1["informant_connected"] == true)) {
+        let connected = |id: &str| vms.get(id).is_some_and(|v| v.1["informant_connected"] == true);
+        if !self.go && IDS.iter().all(|id| connected(id)) {
             fs::write(dir.join("go"), "go\n")?;
-            go = true;
-            console.push(format!("{now:5.1}s demo: memory ramp started"));
+            self.go = true;
+            self.console.push(format!("{now:5.1}s demo: memory ramp started"));
         }
-        if let (None, Setup::TwoNodes { echo: addr, .. }) = (&echo, &setup) {
-            if vms.get("idle").is_some_and(|v| v.1["informant_connected"] == true) {
+        if let (None, Setup::TwoNodes { echo: addr, .. }) = (&self.echo, setup) {
+            if connected("idle") {
                 if let Ok(c) = std::net::TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
-                    echo = EchoClient::start(c, Duration::from_millis(100)).ok();
-                    if echo.is_some() {
-                        console.push(format!("{now:5.1}s demo: echo client to idle ({addr}) started"));
+                    self.echo = EchoClient::start(c, Duration::from_millis(100)).ok();
+                    if self.echo.is_some() {
+                        self.console.push(format!("{now:5.1}s demo: echo client to idle ({addr}) started"));
                     }
                 }
             }
         }
         let alloc = setup.allocator_state();
-        for c in order_changes(alloc.as_ref(), &mut orders) {
-            console.push(format!("{now:5.1}s allocator: {}", c.long));
-            events.push((now, c.short));
+        for c in order_changes(alloc.as_ref(), &mut self.orders) {
+            self.console.push(format!("{now:5.1}s allocator: {}", c.long));
+            self.events.push((now, c.short));
         }
-        let mut p = Point { t: now, used_mib, ..Point::default() };
+        let mut p = Point { t: now, used_mib: self.used_mib, ..Point::default() };
         let mut view = format!("\n--- {now:.0} s ---\n");
         if let Some(s) = &alloc {
             view.push_str(&nodes_view(s));
         }
-        for (i, id) in ids.iter().enumerate() {
+        self.vms_view(&vms, &mut p, &mut view);
+        for l in self.console.iter().rev().take(4).rev() {
+            let _ = writeln!(view, "  {l}");
+        }
+        eprint!("{view}");
+        self.points.push(p);
+        Ok(())
+    }
+
+    /// One line per VM into `view`; its size and pressure into `p`.
+    fn vms_view(
+        &self,
+        vms: &BTreeMap<String, (String, serde_json::Value)>,
+        p: &mut Point,
+        view: &mut String,
+    ) {
+        for (i, id) in IDS.iter().enumerate() {
             let Some((node, v)) = vms.get(*id) else {
                 let _ = writeln!(view, "{id:<5} (no agent has it yet)");
                 continue;
@@ -178,7 +227,7 @@ fn show(a: &Args, dir: &Path, stop: Arc<AtomicBool>, mut busy: Vm, mut setup: Se
             let mem = v["current"]["memory_bytes"].as_u64().unwrap_or(0);
             p.memory_mib[i] = (mem / MIB) as f64;
             p.pressure[i] = v["pressure_events"].as_u64().unwrap_or(0);
-            let use_s = if i == 0 { format!("{used_mib:.0} MiB") } else { "idle".into() };
+            let use_s = if i == 0 { format!("{:.0} MiB", self.used_mib) } else { "idle".into() };
             let _ = writeln!(
                 view,
                 "{id:<5} vCPUs {:.2}  memory {:>5} MiB  use {:>9}  pressure events {:>4}  last {} ({} ms)  on {node}{}{}",
@@ -192,33 +241,32 @@ fn show(a: &Args, dir: &Path, stop: Arc<AtomicBool>, mut busy: Vm, mut setup: Se
                 if v["informant_connected"] == true { "" } else { "  (informant not yet connected)" },
             );
         }
-        for l in console.iter().rev().take(4).rev() {
-            let _ = writeln!(view, "  {l}");
-        }
-        eprint!("{view}");
-        points.push(p);
     }
-    let moved = events.iter().filter(|e| e.1.ends_with(": completed")).count();
-    let echo = match echo.map(|e| e.finish(Duration::from_secs(2))) {
-        Some(Ok(r)) => format!(
-            " The echo client to the idle VM: {} lines sent, {} lost, longest gap {:.0} ms.",
-            r.sent, r.lost, r.max_gap_ms
-        ),
-        Some(Err(e)) => format!(" The echo client to the idle VM failed: {e:#}."),
-        None => String::new(),
-    };
-    drop(setup);
-    drop(busy);
-    let svg = dir.join("timeline.svg");
-    fs::write(&svg, timeline(&points, &events))?;
-    let upscales = points.windows(2).filter(|w| w[1].memory_mib[0] > w[0].memory_mib[0]).count();
-    println!(
-        "demo stopped after {:.0} s; everything it started is stopped. {upscales} memory upscales of the busy VM, \
-         {moved} live migration(s); timeline: {}.{echo}",
-        t0.elapsed().as_secs_f64(),
-        svg.display()
-    );
-    Ok(())
+
+    /// Stops everything, writes the timeline and says what happened.
+    fn finish(self, dir: &Path, setup: Setup, busy: Vm) -> anyhow::Result<()> {
+        let moved = self.events.iter().filter(|e| e.1.ends_with(": completed")).count();
+        let echo = match self.echo.map(|e| e.finish(Duration::from_secs(2))) {
+            Some(Ok(r)) => format!(
+                " The echo client to the idle VM: {} lines sent, {} lost, longest gap {:.0} ms.",
+                r.sent, r.lost, r.max_gap_ms
+            ),
+            Some(Err(e)) => format!(" The echo client to the idle VM failed: {e:#}."),
+            None => String::new(),
+        };
+        drop(setup);
+        drop(busy);
+        let svg = dir.join("timeline.svg");
+        fs::write(&svg, timeline(&self.points, &self.events))?;
+        let upscales = self.points.windows(2).filter(|w| w[1].memory_mib[0] > w[0].memory_mib[0]).count();
+        println!(
+            "demo stopped after {:.0} s; everything it started is stopped. {upscales} memory upscales of the busy VM, \
+             {moved} live migration(s); timeline: {}.{echo}",
+            self.t0.elapsed().as_secs_f64(),
+            svg.display()
+        );
+        Ok(())
+    }
 }
 
 /// Sets `stop` on the first SIGINT. The handler is installed before this

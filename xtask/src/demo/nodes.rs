@@ -5,6 +5,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use vmscale_agent::core::policy::Cu;
+use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_allocator::config::Config as AllocatorConfig;
+use vmscale_allocator::core::Cluster;
+
 use crate::cluster::{self, net, Node, Vm, VmPlan, MIB};
 use crate::migration::{self, GuestVm, Shape, TAP};
 use crate::netns::Fabric;
@@ -59,9 +64,9 @@ impl Setup {
         out
     }
 
-    pub(super) fn allocator_state(&self) -> Option<serde_json::Value> {
+    pub(super) fn allocator_state(&self) -> Option<Cluster> {
         match self {
-            Setup::Single { node, .. } => cluster::http_json(node.allocator_http, "/state").ok(),
+            Setup::Single { node, .. } => cluster::allocator_state(node.allocator_http),
             Setup::TwoNodes { allocator, .. } => allocator.state(),
         }
     }
@@ -102,7 +107,8 @@ pub(super) fn two_nodes(
     let fabric = Fabric::new(2)?;
     fabric.add_tap(0, TAP)?;
     fabric.add_tap(1, TAP)?;
-    let allocator = net::Allocator::start(root, dir, &fabric, "watermark = 0.9\nplan_interval_ms = 1000\n")?;
+    let config = AllocatorConfig { watermark: 0.9, plan_interval_ms: 1000, ..Default::default() };
+    let allocator = net::Allocator::start(root, dir, &fabric, config)?;
     let shape = Shape {
         cpus: 2,
         max_cpus: 2,
@@ -117,31 +123,27 @@ pub(super) fn two_nodes(
         migration::start(&fabric, 0, &shape.base_args(image, &fabric), &["-qmp".into(), qmp_arg], &idle_dir)?;
     // The busy VM's informant is forwarded on the host's loopback only;
     // node a's agent reaches it through the fabric's host address.
-    let forward = SocketAddr::from((fabric.gateway(), net::free_port_on(fabric.gateway())?));
+    let forward = SocketAddr::from((fabric.gateway(), crate::harness::free_port_on(fabric.gateway())?));
     net::forward(forward, SocketAddr::from(([127, 0, 0, 1], busy.informant_port)))?;
-    let busy_entry = busy
-        .agent_entry()
-        .replace(&format!("http://127.0.0.1:{}", busy.informant_port), &format!("http://{forward}"));
+    let busy_spec = VmSpec { informant: Some(format!("http://{forward}")), ..busy.agent_spec() };
     let idle_plan = plan("idle", 12, None);
-    let idle_entry = format!(
-        "[[vm]]\nid = \"idle\"\nqmp = \"{}\"\ninformant = \"http://{}:{}\"\n\
-         cu = {{ milli_cpu = {}, memory_bytes = {} }}\nmin_cus = {}\nmax_cus = {}\ncpu_mode = \"sysfs\"\n\
-         memory = {{ kind = \"dimm\", dimm_bytes = {} }}\n",
-        qmp.display(),
-        migration::guest_ip(&fabric),
-        crate::guest::INFORMANT_PORT,
-        idle_plan.cu_milli_cpu,
-        idle_plan.cu_mib * MIB,
-        idle_plan.min_cus,
-        idle_plan.max_cus,
-        idle_plan.cu_mib * MIB
-    );
+    let idle_spec = VmSpec {
+        id: "idle".into(),
+        qmp: qmp.display().to_string(),
+        informant: Some(format!("http://{}:{}", migration::guest_ip(&fabric), crate::guest::INFORMANT_PORT)),
+        cu: Cu { milli_cpu: idle_plan.cu_milli_cpu, memory_bytes: idle_plan.cu_mib * MIB },
+        min_cus: idle_plan.min_cus,
+        max_cus: idle_plan.max_cus,
+        cpu_mode: CpuMode::Sysfs,
+        memory: MemoryMode::Dimm { dimm_bytes: idle_plan.cu_mib * MIB },
+        policy: None,
+    };
     let agent = |name: &str, cpu: u64, mib: u64| net::AgentPlan {
         name: name.into(),
         capacity_milli_cpu: cpu,
         capacity_mib: mib,
-        policy: String::new(),
-        transfer: String::new(),
+        policy: Default::default(),
+        transfer: Default::default(),
         confirm_grace_ms: 10_000,
     };
     let a = net::Agent::start(
@@ -151,9 +153,9 @@ pub(super) fn two_nodes(
         0,
         &allocator.url,
         &agent(A, 8000, 2304),
-        &(busy_entry + &idle_entry),
+        &[busy_spec, idle_spec],
     )?;
-    let b = net::Agent::start(root, dir, &fabric, 1, &allocator.url, &agent(B, 4000, 1152), "")?;
+    let b = net::Agent::start(root, dir, &fabric, 1, &allocator.url, &agent(B, 4000, 1152), &[])?;
     eprintln!(
         "    allocator: http://127.0.0.1:{}/state, agents: http://{}/state, http://{}/state; Ctrl-C stops the demo",
         allocator.http, a.http, b.http

@@ -2,34 +2,22 @@
 
 use anyhow::{ensure, Context};
 use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{agent_current, agent_ops, healthy, start, value, Console, Ctx, Ledger};
+use super::{agent_current, agent_ops, healthy, start, Console, Ctx, Ledger};
 use crate::cluster::qmp::Qmp;
-use crate::cluster::{self, NodePlan, Vm, VmPlan, MIB};
-
-impl Console {
-    /// The index of the first line at or after `from` holding `pat`.
-    pub(super) fn find_from(&self, from: usize, pat: &str) -> Option<usize> {
-        self.lines.iter().skip(from).position(|(_, l)| l.contains(pat)).map(|i| i + from)
-    }
-    /// Line `i`'s `key=` value.
-    pub(super) fn value_at(&self, i: usize, key: &str) -> Option<f64> {
-        value(&self.lines.get(i)?.1, key)
-    }
-}
+use crate::cluster::{Node, NodePlan, Vm, VmPlan, MIB};
+use vmscale_agent::core::policy::Policy;
 
 const BUSY_S: u64 = 30;
 const WORKERS: u32 = 4;
 
-pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
-    let timeout = ctx.timeout;
-    let t0 = Instant::now();
-    let go = ctx.dir.join("go");
-    // CUs of half a vCPU and 128 MiB, 1 to 4: two vCPUs are 4 CUs, one is
-    // 2. The VM boots with 512 MiB, which nothing can unplug, so its memory
-    // covers every size up to 4 CUs and only the CPU moves.
-    let plan = VmPlan {
+/// CUs of half a vCPU and 128 MiB, 1 to 4: two vCPUs are 4 CUs, one is
+/// 2. The VM boots with 512 MiB, which nothing can unplug, so its memory
+/// covers every size up to 4 CUs and only the CPU moves.
+fn cpu_plan(ctx: &Ctx, go: &Path) -> VmPlan {
+    VmPlan {
         id: "e2e-cpu".into(),
         cu_milli_cpu: 500,
         cu_mib: 128,
@@ -40,12 +28,62 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
         cpus: 2,
         max_cpus: 2,
         workload: Some(format!("perl,{},{},{BUSY_S},{WORKERS}", ctx.cpu, go.display())),
-    };
+    }
+}
+
+/// Idle: the agent takes the second vCPU away (the informant offlines it),
+/// and the agent's size follows. The console line where it went offline.
+fn idle_offline(
+    vm: &mut Vm,
+    n: &mut Node,
+    console: &mut Console,
+    id: &str,
+    left: Duration,
+) -> anyhow::Result<usize> {
+    let idle_off = crate::harness::wait_for("the idle guest's second vCPU to go offline", left, || {
+        healthy(vm, n, console)?;
+        Ok(console.find_from(0, "cpu: online=0 n=1"))
+    })?;
+    // The guest offlines the vCPU when it approves; the agent's size follows
+    // once its unplug step has run.
+    crate::harness::wait_for(
+        "the agent's size to follow the guest (one vCPU)",
+        Duration::from_secs(15),
+        || {
+            healthy(vm, n, console)?;
+            Ok(agent_current(n, id).filter(|c| c.0 <= 1000))
+        },
+    )
+    .with_context(|| format!("one vCPU online in the guest but the agent says {:?}", agent_current(n, id)))?;
+    Ok(idle_off)
+}
+
+/// After the load: the release reaches the allocator. The ledger and the
+/// agent's size once they match.
+fn settle(
+    vm: &mut Vm,
+    n: &mut Node,
+    console: &mut Console,
+    id: &str,
+) -> anyhow::Result<(Ledger, (u64, u64))> {
+    crate::harness::wait_for("the ledger to match the agent's size", Duration::from_secs(20), || {
+        healthy(vm, n, console)?;
+        let (Some(l), Some(c)) = (Ledger::read(n), agent_current(n, id)) else { return Ok(None) };
+        Ok((l.vms.get(id) == Some(&c) && c.0 <= 1000).then_some((l, c)))
+    })
+    .with_context(|| format!("ledger {:?}, agent {:?}", Ledger::read(n), agent_current(n, id)))
+}
+
+pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
+    let timeout = ctx.timeout;
+    let t0 = Instant::now();
+    let go = ctx.dir.join("go");
+    let plan = cpu_plan(ctx, &go);
     // The CPU goal follows the 1-minute load average (target 0.7 per vCPU):
     // four spinning workers pass 0.7 after about 12 s, and 30 s of them
     // (load ~1.6) take about 50 s to fall back under it.
-    let policy = "downscale_after_ms = 4000\ndownscale_step_ms = 2000";
-    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: policy.into() };
+    let policy = Policy { downscale_after_ms: 4000, downscale_step_ms: 2000, ..Policy::default() };
+    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy };
     // A guest under TCG on a host that steals CPU from this machine feels
     // CPU pressure while idle (97 psi_cpu events in 6 min were seen), and
     // the informant's default 60 s cooldown after pressure then denied every
@@ -58,35 +96,22 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
     let left = || timeout.saturating_sub(t0.elapsed());
     let id = plan.id.clone();
 
-    // Idle: the agent takes the second vCPU away (the informant offlines it).
-    let idle_off = cluster::wait_for("the idle guest's second vCPU to go offline", left(), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(console.find_from(0, "cpu: online=0 n=1"))
-    })?;
+    let idle_off = idle_offline(&mut vm, &mut n, &mut console, &id, left())?;
     let idle_off_s = connected.elapsed().as_secs_f64();
-    // The guest offlines the vCPU when it approves; the agent's size follows
-    // once its unplug step has run.
-    cluster::wait_for("the agent's size to follow the guest (one vCPU)", Duration::from_secs(15), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(agent_current(&n, &id).filter(|c| c.0 <= 1000))
-    })
-    .with_context(|| {
-        format!("one vCPU online in the guest but the agent says {:?}", agent_current(&n, &id))
-    })?;
     let mut qmp = Qmp::connect(&vm.watch_qmp)?;
     let (_, mem_before) = qmp.memory()?;
     let plugs_before = agent_ops(&n, "plug");
 
     fs::write(&go, "go\n")?;
-    let load_start = cluster::wait_for("the CPU load to start", left(), || {
+    let load_start = crate::harness::wait_for("the CPU load to start", left(), || {
         healthy(&mut vm, &mut n, &mut console)?;
         Ok(console.find_from(idle_off, "load: start"))
     })?;
-    let on = cluster::wait_for("a second vCPU to come online under load", left(), || {
+    let on = crate::harness::wait_for("a second vCPU to come online under load", left(), || {
         healthy(&mut vm, &mut n, &mut console)?;
         Ok(console.find_from(load_start, "cpu: online=0-1 n=2"))
     })?;
-    let load_end = cluster::wait_for("the CPU load to end", left(), || {
+    let load_end = crate::harness::wait_for("the CPU load to end", left(), || {
         healthy(&mut vm, &mut n, &mut console)?;
         Ok(console.find_from(load_start, "load: end"))
     })?;
@@ -101,21 +126,13 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
     ensure!(plugs >= 1, "the guest onlined a vCPU but the agent plugged nothing");
 
     // After the load: the vCPU goes offline again, once the load average has fallen.
-    let off = cluster::wait_for("the second vCPU to go offline after the load", left(), || {
+    let off = crate::harness::wait_for("the second vCPU to go offline after the load", left(), || {
         healthy(&mut vm, &mut n, &mut console)?;
         Ok(console.find_from(load_end, "cpu: online=0 n=1"))
     })?;
     let t_off = t(&console, off)?;
     let load_at_off = console.value_at(off, "load").unwrap_or(f64::NAN);
-    // Settle: the release reaches the allocator.
-    let settled =
-        cluster::wait_for("the ledger to match the agent's size", std::time::Duration::from_secs(20), || {
-            healthy(&mut vm, &mut n, &mut console)?;
-            let (Some(l), Some(c)) = (Ledger::read(&n), agent_current(&n, &id)) else { return Ok(None) };
-            Ok((l.vms.get(&id) == Some(&c) && c.0 <= 1000).then_some((l, c)))
-        })
-        .with_context(|| format!("ledger {:?}, agent {:?}", Ledger::read(&n), agent_current(&n, &id)))?;
-    let (ledger, cur) = settled;
+    let (ledger, cur) = settle(&mut vm, &mut n, &mut console, &id)?;
     ledger.within_capacity()?;
     let (dimms, mem_after) = qmp.memory()?;
     ensure!(

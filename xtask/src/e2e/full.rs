@@ -19,11 +19,13 @@
 use anyhow::{ensure, Context};
 use serde_json::json;
 use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{guest_healthy, value, Console, Ctx};
+use super::{guest_healthy, Console, Ctx};
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Vm, VmPlan};
+use crate::console::value;
 
 const BOOT_MIB: u64 = 512;
 /// What the harness plugs in all, in DIMMs of `--dimm-mib` (128 MiB, one
@@ -52,17 +54,12 @@ fn seen(console: &mut Console, vm: &mut Vm, pat: &str) -> anyhow::Result<Option<
     Ok(console.find_from(0, pat).map(|i| console.lines[i].1.clone()))
 }
 
-pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
-    let timeout = ctx.timeout;
-    let t0 = Instant::now();
-    let left = || timeout.saturating_sub(t0.elapsed());
-    let go = ctx.dir.join("go");
-    let dimm_mib = ctx.dimm_mib;
-    let dimms = PLUGGED_MIB / dimm_mib;
-    let plan = VmPlan {
+/// The guest: `BOOT_MIB` of boot memory, DIMMs of `--dimm-mib`, the full workload.
+fn full_plan(ctx: &Ctx, go: &Path) -> VmPlan {
+    VmPlan {
         id: "e2e-fullboot".into(),
         cu_milli_cpu: 125,
-        cu_mib: dimm_mib,
+        cu_mib: ctx.dimm_mib,
         min_cus: 4,
         max_cus: 16, // QEMU's DIMM slots
         boot_mib: BOOT_MIB,
@@ -70,17 +67,12 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
         cpus: 2,
         max_cpus: 2,
         workload: Some(format!("perl,{},{},{CHILDREN},{CHILD_MIB}", ctx.full, go.display())),
-    };
-    let mut vm = Vm::boot_with_kernel_args(&ctx.image, &ctx.dir, &plan, &[], &ctx.kernel_args)?;
-    let mut console = Console::default();
-    let filled = cluster::wait_for("the guest's boot memory to fill", left(), || {
-        seen(&mut console, &mut vm, "full: filled")
-    })?;
-    console.require_oom_watch(&vm)?;
-    let total_full = value(&filled, "total").context("no total= in the filled line")?;
+    }
+}
 
-    // The agent's plug, as it does it (backend, then DIMM), once per DIMM.
-    let mut qmp = Qmp::connect(&vm.watch_qmp)?;
+/// The agent's plug, as it does it (backend, then DIMM), once per DIMM;
+/// how long QEMU took for them all, s.
+fn plug(qmp: &mut Qmp, dimms: u64, dimm_mib: u64) -> anyhow::Result<f64> {
     let plugged_at = Instant::now();
     for i in 0..dimms {
         let mem = format!("full-mem{i}");
@@ -93,7 +85,51 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
             json!({"driver": "pc-dimm", "id": format!("full-dimm{i}"), "memdev": mem}),
         )?;
     }
-    let plug_s = plugged_at.elapsed().as_secs_f64();
+    Ok(plugged_at.elapsed().as_secs_f64())
+}
+
+/// The maps inside must not pin the DIMMs: with the processes gone, the
+/// last DIMM unplugs (the guest offlines and ejects it, QEMU drops it).
+/// How long that took, s.
+fn unplug_last(
+    ctx: &Ctx,
+    (vm, console, qmp): (&mut Vm, &mut Console, &mut Qmp),
+    dimms: u64,
+    left: Duration,
+) -> anyhow::Result<f64> {
+    fs::write(ctx.dir.join("go.free"), "free\n")?;
+    crate::harness::wait_for("the processes to free their memory", left, || {
+        seen(console, vm, "full: freed")
+    })?;
+    let last = format!("full-dimm{}", dimms - 1);
+    let unplug_at = Instant::now();
+    qmp.execute("device_del", json!({ "id": last }))?;
+    crate::harness::wait_for("the guest to let the last DIMM go", left.min(Duration::from_secs(60)), || {
+        vm.check()?;
+        let (ids, _) = qmp.memory()?;
+        Ok((!ids.contains(&last)).then_some(()))
+    })?;
+    Ok(unplug_at.elapsed().as_secs_f64())
+}
+
+pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
+    let timeout = ctx.timeout;
+    let t0 = Instant::now();
+    let left = || timeout.saturating_sub(t0.elapsed());
+    let go = ctx.dir.join("go");
+    let dimm_mib = ctx.dimm_mib;
+    let dimms = PLUGGED_MIB / dimm_mib;
+    let plan = full_plan(ctx, &go);
+    let mut vm = Vm::boot_with_kernel_args(&ctx.image, &ctx.dir, &plan, &[], &ctx.kernel_args)?;
+    let mut console = Console::default();
+    let filled = crate::harness::wait_for("the guest's boot memory to fill", left(), || {
+        seen(&mut console, &mut vm, "full: filled")
+    })?;
+    console.require_oom_watch(&vm)?;
+    let total_full = value(&filled, "total").context("no total= in the filled line")?;
+
+    let mut qmp = Qmp::connect(&vm.watch_qmp)?;
+    let plug_s = plug(&mut qmp, dimms, dimm_mib)?;
     let (ids, qemu_bytes) = qmp.memory()?;
     ensure!(ids.len() as u64 == dimms, "QEMU holds {} DIMMs, not {dimms}", ids.len());
     let plugged_mib = PLUGGED_MIB as f64;
@@ -105,8 +141,9 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
     let tmp = ctx.dir.join("go.tmp");
     fs::write(&tmp, format!("{want:.0}\n"))?;
     fs::rename(&tmp, &go)?;
-    let went =
-        cluster::wait_for("the processes to start", left(), || seen(&mut console, &mut vm, "full: go"))?;
+    let went = crate::harness::wait_for("the processes to start", left(), || {
+        seen(&mut console, &mut vm, "full: go")
+    })?;
     let total_go = value(&went, "total").context("no total= in the go line")?;
     ensure!(
         total_go >= want,
@@ -114,7 +151,7 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
         total_go - total_full,
         vm.console_log.display()
     );
-    let end = cluster::wait_for("every process to get its memory", left(), || {
+    let end = crate::harness::wait_for("every process to get its memory", left(), || {
         seen(&mut console, &mut vm, "full: end")
     })?;
     let children = value(&end, "children").context("no children= in the end line")? as usize;
@@ -135,21 +172,7 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
     );
     let (t_go, t_end) = (value(&went, "t").unwrap_or(0.0), value(&end, "t").unwrap_or(0.0));
 
-    // The maps inside must not pin the DIMMs: with the processes gone, the
-    // last DIMM unplugs (the guest offlines and ejects it, QEMU drops it).
-    fs::write(ctx.dir.join("go.free"), "free\n")?;
-    cluster::wait_for("the processes to free their memory", left(), || {
-        seen(&mut console, &mut vm, "full: freed")
-    })?;
-    let last = format!("full-dimm{}", dimms - 1);
-    let unplug_at = Instant::now();
-    qmp.execute("device_del", json!({ "id": last }))?;
-    cluster::wait_for("the guest to let the last DIMM go", left().min(Duration::from_secs(60)), || {
-        vm.check()?;
-        let (ids, _) = qmp.memory()?;
-        Ok((!ids.contains(&last)).then_some(()))
-    })?;
-    let unplug_s = unplug_at.elapsed().as_secs_f64();
+    let unplug_s = unplug_last(ctx, (&mut vm, &mut console, &mut qmp), dimms, left())?;
     Ok(format!(
         "boot memory full ({:.0} MiB held, {:.0} MiB free in the kernel's zones); {dimms} DIMMs of {dimm_mib} MiB \
          plugged in {plug_s:.2} s (QEMU {} MiB), all online {:.2} s after the go file: MemTotal {total_full:.0} -> \

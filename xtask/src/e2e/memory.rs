@@ -5,9 +5,11 @@ use anyhow::{bail, ensure, Context};
 use std::fs;
 use std::time::{Duration, Instant};
 
-use super::{healthy, log_lines, ms, plan, start, value, Console, Ctx};
+use super::{healthy, log_lines, ms, plan, start, Console, Ctx};
 use crate::cluster::qmp::Qmp;
-use crate::cluster::{self, NodePlan, Vm, MIB};
+use crate::cluster::{NodePlan, Vm, MIB};
+use crate::console::value;
+use vmscale_agent::core::policy::Policy;
 
 pub(super) fn memory_ramp(ctx: &Ctx) -> anyhow::Result<String> {
     let (ramp, timeout) = (&ctx.ramp, ctx.timeout);
@@ -15,14 +17,14 @@ pub(super) fn memory_ramp(ctx: &Ctx) -> anyhow::Result<String> {
     let go = ctx.dir.join("go");
     let (boot_mib, target_mib) = (1024, 1200);
     let plan = plan("e2e-ramp", boot_mib, 0, format!("perl,{ramp},32,{target_mib},{}", go.display()));
-    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: String::new() };
+    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: Policy::default() };
     let vm = Vm::boot(&ctx.image, &ctx.dir, &plan)?;
     let mut console = Console::default();
     let (mut vm, mut n) = start(ctx, vm, &mut console, &node, timeout)?;
     let booted = t0.elapsed();
     eprintln!("    agent connected {:.1} s after QEMU started; starting the ramp", booted.as_secs_f64());
     fs::write(&go, "go\n")?;
-    cluster::wait_for("the ramp to reach its target", timeout.saturating_sub(t0.elapsed()), || {
+    crate::harness::wait_for("the ramp to reach its target", timeout.saturating_sub(t0.elapsed()), || {
         vm.check()?;
         n.check()?;
         console.drain(&vm);
@@ -42,24 +44,18 @@ pub(super) fn memory_ramp(ctx: &Ctx) -> anyhow::Result<String> {
     let (dimms, total) = qmp.memory()?;
     ensure!(!dimms.is_empty(), "no DIMM plugged in QEMU, yet the workload holds {target_mib} MiB");
     ensure!(total == (boot_mib + 128 * dimms.len() as u64) * MIB, "QEMU's memory {total} does not add up");
-    let reserved =
-        cluster::wait_for("the allocator's ledger to hold the VM's size", Duration::from_secs(15), || {
+    let reserved = crate::harness::wait_for(
+        "the allocator's ledger to hold the VM's size",
+        Duration::from_secs(15),
+        || {
             n.check()?;
             Ok(n.reserved(&plan.id).filter(|r| r.1 == total))
-        })
-        .with_context(|| {
-            format!("QEMU has {} MiB; the ledger says {:?}", total / MIB, n.reserved(&plan.id))
-        })?;
+        },
+    )
+    .with_context(|| format!("QEMU has {} MiB; the ledger says {:?}", total / MIB, n.reserved(&plan.id)))?;
     let start_t = console.ramp_value("start", "t");
     let cross = console.ramp_value("cross90", "t");
-    let grew = |after: f64| {
-        console
-            .lines
-            .iter()
-            .filter(|(_, l)| l.contains("ramp: grew"))
-            .filter_map(|(_, l)| value(l, "t"))
-            .find(|t| *t >= after)
-    };
+    let grew = |after: f64| console.ramp("grew").filter_map(|(_, l)| value(l, "t")).find(|t| *t >= after);
     let first_grew = start_t.and_then(grew);
     let relief = cross.and_then(|c| grew(c).map(|g| g - c));
     Ok(format!(
@@ -87,14 +83,19 @@ pub(super) fn denied_downscale(ctx: &Ctx) -> anyhow::Result<String> {
     // memory_target 0.95: the agent's goal (use / 0.95, about 6 CUs) sits
     // below the VM's 8 CUs, so it asks for 7; the informant keeps a 256 MiB
     // buffer on top of what is used (about 700 MiB), which 7 CUs can't hold.
-    let policy = "memory_target = 0.95\ndownscale_after_ms = 3000\ndownscale_step_ms = 2000\n\
-                  downscale_denied_cooldown_ms = 3000";
-    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy: policy.into() };
+    let policy = Policy {
+        memory_target: 0.95,
+        downscale_after_ms: 3000,
+        downscale_step_ms: 2000,
+        downscale_denied_cooldown_ms: 3000,
+        ..Policy::default()
+    };
+    let node = NodePlan { capacity_milli_cpu: 4000, capacity_mib: 4096, policy };
     // The agent starts once the workload holds its memory: before, use is
     // low and a downscale would rightly be approved.
     let mut vm = Vm::boot(&ctx.image, &ctx.dir, &plan)?;
     let mut console = Console::default();
-    cluster::wait_for("the workload to take its memory", timeout, || {
+    crate::harness::wait_for("the workload to take its memory", timeout, || {
         vm.check()?;
         console.drain(&vm);
         Ok(console.has("ramp: done").then_some(()))
@@ -105,7 +106,7 @@ pub(super) fn denied_downscale(ctx: &Ctx) -> anyhow::Result<String> {
     let denials = || log_lines(&agent_log, "informant denied a downscale");
     let first = {
         let (vm, n, console) = (&mut vm, &mut n, &mut console);
-        cluster::wait_for(
+        crate::harness::wait_for(
             "the informant to deny a downscale while the workload holds its memory",
             timeout.saturating_sub(t0.elapsed()),
             || {

@@ -19,13 +19,21 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vmscale_agent::core::policy::Cu;
+use vmscale_agent::qmp::migrate::MigrationConfig;
+use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_allocator::config::Config as AllocatorConfig;
+use vmscale_allocator::core::migration::{Order, OrderState};
+use vmscale_allocator::core::vm::VmState;
+
 use vmscale_agent::qmp::migrate::Migration;
-use vmscale_agent::qmp::{ClientConfig, HotplugConfig, Hypervisor, QmpClient, QmpVm};
+use vmscale_agent::qmp::{ClientConfig, Hotplug, HotplugConfig, QmpClient, QmpVm};
 
 use super::Ctx;
 use crate::cluster::net::{self, Agent, AgentPlan, Allocator};
 use crate::cluster::MIB;
-use crate::echo::EchoClient;
+use crate::echo::{EchoClient, EchoReport};
+use crate::harness::until;
 use crate::migration::{self, GuestVm, Shape, ECHO_PORT, TAP};
 use crate::netns::Fabric;
 
@@ -51,66 +59,32 @@ pub(super) fn migrate(ctx: &Ctx) -> anyhow::Result<String> {
     r
 }
 
-/// Polls `f` every 50 ms until it gives `Some`, fails fast on its error.
-async fn until<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if t0.elapsed() > timeout {
-            bail!("timed out after {} s waiting for {what}", timeout.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Orders for the VM, open and finished.
+fn orders(alloc: &Allocator) -> Vec<Order> {
+    let Some(s) = alloc.state() else { return Vec::new() };
+    s.orders.into_values().chain(s.finished_orders).filter(|o| o.vm == VM).collect()
 }
 
-/// Orders for the VM, open and finished: (id, state, reason).
-fn orders(alloc: &Allocator) -> Vec<(u64, String, String)> {
-    let Some(s) = alloc.state() else { return Vec::new() };
-    let open = s["orders"].as_object().map(|m| m.values().cloned().collect::<Vec<_>>()).unwrap_or_default();
-    let done = s["finished_orders"].as_array().cloned().unwrap_or_default();
-    open.iter()
-        .chain(done.iter())
-        .filter(|o| o["vm"] == VM)
-        .map(|o| {
-            let id = o["id"].as_u64().unwrap_or(0);
-            let state = o["state"].as_str().unwrap_or("").to_owned();
-            (id, state, o["reason"].as_str().unwrap_or("").to_owned())
-        })
-        .collect()
+/// The first order for the VM in `state`.
+fn order_in(alloc: &Allocator, state: OrderState) -> Option<Order> {
+    orders(alloc).into_iter().find(|o| o.state == state)
 }
 
 /// Where the ledger holds the VM: (node, state) per node.
-fn held(alloc: &Allocator) -> Vec<(String, String)> {
+fn held(alloc: &Allocator) -> Vec<(String, VmState)> {
     let Some(s) = alloc.state() else { return Vec::new() };
-    let mut out = Vec::new();
-    for node in [A, B] {
-        if let Some(e) = s["nodes"][node]["vms"].get(VM) {
-            out.push((node.to_owned(), e["state"]["state"].as_str().unwrap_or("?").to_owned()));
-        }
-    }
-    out
+    [A, B]
+        .into_iter()
+        .filter_map(|node| Some((node.to_owned(), s.nodes.get(node)?.vms.get(VM)?.state)))
+        .collect()
 }
 
 /// Whether a node's wants (reservations plus unmet demand) are within its
-/// watermark, as the planner sees it; None while the allocator doesn't know.
+/// watermark level, by the allocator's own figures; None while the
+/// allocator doesn't know the node.
 fn under_watermark(alloc: &Allocator, node: &str) -> Option<bool> {
-    let s = alloc.state()?;
-    let n = &s["nodes"][node];
-    let w = n["watermark"].as_f64()?;
-    let get = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
-    let (mut cpu, mut mem) = (0, 0);
-    for e in n["vms"].as_object()?.values() {
-        cpu += get(&e["reserved"], "milli_cpu") + get(&e["unmet"], "milli_cpu");
-        mem += get(&e["reserved"], "memory_bytes") + get(&e["unmet"], "memory_bytes");
-    }
-    let usable = |k: &str| get(&n["capacity"], k).saturating_sub(get(&n["system_reserve"], k)) as f64;
-    Some(cpu as f64 <= w * usable("milli_cpu") && mem as f64 <= w * usable("memory_bytes"))
+    let n = alloc.state()?.nodes.remove(node)?;
+    Some(n.wanted().fits_in(n.watermark_level()))
 }
 
 fn qmp_config() -> ClientConfig {
@@ -127,20 +101,70 @@ fn logs(dir: &Path) -> String {
     format!("logs in {} (allocator.log, {A}.log, {B}.log, vm-a/console.log)", dir.display())
 }
 
+/// What runs while the scenario does: the allocator, the guest's first
+/// QEMU on node a and the TCP client through it, the agents once started.
+struct Scene<'a> {
+    ctx: &'a Ctx,
+    fabric: &'a Fabric,
+    t0: Instant,
+    alloc: Allocator,
+    source: GuestVm,
+    echo: EchoClient,
+    /// The agent's QMP socket of the source QEMU.
+    agent_qmp: std::path::PathBuf,
+}
+
+/// How the cut move ended.
+struct CutMove {
+    order: u64,
+    reason: String,
+    /// From the cut to the order's failure.
+    fail_s: f64,
+}
+
+/// How the later move ended.
+struct Moved {
+    order: u64,
+    /// From the link's return to the order's completion.
+    moved_s: f64,
+    /// The namespace the guest's one QEMU runs in.
+    ns: String,
+}
+
 async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
+    let mut scene = boot(ctx, fabric).await?;
+    let (mut a, mut b) = start_agents(&mut scene).await?;
+    let cut = cut_move(&mut scene, &mut a, &mut b).await?;
+    let moved = later_move(&mut scene, &mut a, &mut b).await?;
+    // The client goes on a little on b, then reports.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let Scene { echo, .. } = scene;
+    let report = tokio::task::block_in_place(|| echo.finish(Duration::from_secs(5)))?;
+    ensure!(
+        report.lost == 0 && report.wrong == 0,
+        "the connection did not survive intact: {report:?}; {}",
+        logs(&ctx.dir)
+    );
+    a.daemon.check()?;
+    b.daemon.check()?;
+    Ok(summary(&a, &cut, &moved, &report))
+}
+
+/// The allocator; the guest on node a (1 vCPU of 4, 256 MiB, no virtio-mem,
+/// no 9p) with one more vCPU and one 256 MiB DIMM hot-added, as the agent
+/// would have; the TCP client through it.
+async fn boot<'a>(ctx: &'a Ctx, fabric: &'a Fabric) -> anyhow::Result<Scene<'a>> {
     let dir = &ctx.dir;
     let t0 = Instant::now();
-    let left = || ctx.timeout.saturating_sub(t0.elapsed());
     fabric.add_tap(0, TAP)?;
     fabric.add_tap(1, TAP)?;
-    let alloc = Allocator::start(
-        &ctx.root,
-        dir,
-        fabric,
-        "watermark = 0.9\nplan_interval_ms = 500\norder_timeout_ms = 90000\n",
-    )?;
-
-    // The guest on node a: 1 vCPU of 4, 256 MiB; no virtio-mem, no 9p.
+    let config = AllocatorConfig {
+        watermark: 0.9,
+        plan_interval_ms: 500,
+        order_timeout_ms: 90_000,
+        ..Default::default()
+    };
+    let alloc = Allocator::start(&ctx.root, dir, fabric, config)?;
     let shape = Shape {
         virtio_mem_mib: 0,
         extra_cmdline: vec!["vmscale.informant=--cpu-mode,sysfs".into()],
@@ -151,7 +175,6 @@ async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
     let agent_qmp = vm_dir.join("agent.qmp");
     let qmp_arg = format!("unix:{},server=on,wait=off", agent_qmp.display());
     let mut source = migration::start(fabric, 0, &base, &["-qmp".into(), qmp_arg], &vm_dir)?;
-    // One more vCPU and one 256 MiB DIMM, as the agent would have added.
     {
         let qmp = QmpVm::new(source.client().await?, HotplugConfig::default());
         qmp.plug_vcpu().await.context("hot-adding a vCPU")?;
@@ -159,80 +182,116 @@ async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
         let size = qmp.read_size().await?;
         ensure!(size.vcpus_present == 2, "the guest has {} vCPUs after the hot-add", size.vcpus_present);
     }
-    let guest_ip = migration::guest_ip(fabric);
-    let addr: SocketAddr = (guest_ip, ECHO_PORT).into();
+    let addr: SocketAddr = (migration::guest_ip(fabric), ECHO_PORT).into();
     eprintln!("    waiting for the guest's echo server at {addr} (boot under TCG)");
     let stream = tokio::task::block_in_place(|| {
         crate::echo::connect(addr, Duration::from_secs(180), || source.exited())
     })
     .with_context(|| source.logs())?;
     let echo = EchoClient::start(stream, Duration::from_millis(100))?;
+    Ok(Scene { ctx, fabric, t0, alloc, source, echo, agent_qmp })
+}
 
-    // Node a holds exactly the VM (2 vCPUs, 512 MiB): past 0.9 of it.
-    // Node b has room. Moves are slowed to 16 MiB/s so that the stream
-    // lasts long enough to be cut in the middle.
-    let transfer = "max_bandwidth_bytes_per_s = 16777216\ndowntime_limit_ms = 300\ntimeout_ms = 20000";
+impl Scene<'_> {
+    /// What is left of the scenario's time.
+    fn left(&self) -> Duration {
+        self.ctx.timeout.saturating_sub(self.t0.elapsed())
+    }
+
+    /// The VM as node a's agent has it: 2 CUs, its min and max.
+    fn vm_spec(&self) -> VmSpec {
+        VmSpec {
+            id: VM.into(),
+            qmp: self.agent_qmp.display().to_string(),
+            informant: Some(format!(
+                "http://{}:{}",
+                migration::guest_ip(self.fabric),
+                crate::guest::INFORMANT_PORT
+            )),
+            cu: Cu { milli_cpu: 1000, memory_bytes: CU_MIB * MIB },
+            min_cus: 2,
+            max_cus: 2,
+            cpu_mode: CpuMode::Sysfs,
+            memory: MemoryMode::Dimm { dimm_bytes: CU_MIB * MIB },
+            policy: None,
+        }
+    }
+}
+
+/// Node a's agent with the VM; once it holds the VM, past its watermark,
+/// node b's agent (with room), so that the allocator orders the move as b
+/// registers. Moves are slowed to 16 MiB/s so that the stream lasts long
+/// enough to be cut in the middle.
+async fn start_agents(scene: &mut Scene<'_>) -> anyhow::Result<(Agent, Agent)> {
+    let transfer = MigrationConfig {
+        max_bandwidth_bytes_per_s: 16 << 20,
+        downtime_limit_ms: 300,
+        timeout_ms: 20_000,
+        ..MigrationConfig::default()
+    };
     let plan = |name: &str, cpu: u64, mib: u64| AgentPlan {
         name: name.into(),
         capacity_milli_cpu: cpu,
         capacity_mib: mib,
-        policy: String::new(),
-        transfer: transfer.into(),
+        policy: Default::default(),
+        transfer: transfer.clone(),
         confirm_grace_ms: 5000,
     };
-    let entry = format!(
-        "[[vm]]\nid = \"{VM}\"\nqmp = \"{}\"\ninformant = \"http://{guest_ip}:{}\"\n\
-         cu = {{ milli_cpu = 1000, memory_bytes = {} }}\nmin_cus = 2\nmax_cus = 2\ncpu_mode = \"sysfs\"\n\
-         memory = {{ kind = \"dimm\", dimm_bytes = {} }}\n",
-        agent_qmp.display(),
-        crate::guest::INFORMANT_PORT,
-        CU_MIB * MIB,
-        CU_MIB * MIB
-    );
-    let mut a = Agent::start(&ctx.root, dir, fabric, 0, &alloc.url, &plan(A, 2000, 2 * CU_MIB), &entry)?;
-    until("agent a to hold the VM with its informant and the allocator", left(), || {
+    let (ctx, fabric, url) = (scene.ctx, scene.fabric, scene.alloc.url.clone());
+    // Node a holds exactly the VM (2 vCPUs, 512 MiB): past 0.9 of it.
+    let mut a =
+        Agent::start(&ctx.root, &ctx.dir, fabric, 0, &url, &plan(A, 2000, 2 * CU_MIB), &[scene.vm_spec()])?;
+    until("agent a to hold the VM with its informant and the allocator", scene.left(), || {
         a.daemon.check()?;
         let Some(v) = a.vm(VM) else { return Ok(None) };
         let up = |k: &str| v[k] == true;
         Ok((up("informant_connected") && up("allocator_connected")).then_some(()))
     })
     .await?;
-    ensure!(held(&alloc) == [(A.to_owned(), "active".to_owned())], "ledger: {:?}", held(&alloc));
-    ensure!(under_watermark(&alloc, A) == Some(false), "node a is not past its watermark");
-    // Only now a target: the allocator orders the move as b registers.
-    let mut b = Agent::start(&ctx.root, dir, fabric, 1, &alloc.url, &plan(B, 4000, 8 * CU_MIB), "")?;
+    let alloc = &scene.alloc;
+    ensure!(held(alloc) == [(A.to_owned(), VmState::Active)], "ledger: {:?}", held(alloc));
+    ensure!(under_watermark(alloc, A) == Some(false), "node a is not past its watermark");
+    let b = Agent::start(&ctx.root, &ctx.dir, fabric, 1, &url, &plan(B, 4000, 8 * CU_MIB), &[])?;
+    Ok((a, b))
+}
 
-    // 1. The network breaks while memory flows.
-    let (first, cut_at) = until("the first move to stream memory", left(), || {
+/// Step 1 of the module doc: the network breaks while memory flows; the
+/// order fails with a reason, the guest runs on node a only, the ledger
+/// holds it on a, b's incoming QEMU goes.
+async fn cut_move(scene: &mut Scene<'_>, a: &mut Agent, b: &mut Agent) -> anyhow::Result<CutMove> {
+    let (fabric, dir, left) = (scene.fabric, &scene.ctx.dir, scene.left());
+    let alloc = &scene.alloc;
+    let first = until("the first move to stream memory", left, || {
         a.daemon.check()?;
         b.daemon.check()?;
         let m = a.vm(VM).and_then(|v| v["migration"].as_str().map(str::to_owned)).unwrap_or_default();
         if m.contains("migrating") {
             return Ok(Some(m));
         }
-        if let Some(o) = orders(&alloc).iter().find(|o| o.1 == "completed" || o.1 == "failed") {
-            bail!("order {} ended ({}: {}) before its stream could be cut", o.0, o.1, o.2);
+        if let Some(o) = orders(alloc).iter().find(|o| o.state.is_final()) {
+            bail!("order {} ended ({}: {}) before its stream could be cut", o.id, o.state.name(), o.reason);
         }
         Ok(None)
     })
-    .await
-    .map(|m| (m, Instant::now()))?;
+    .await?;
+    let cut_at = Instant::now();
     fabric.set_link(1, false)?;
     eprintln!("    cut node b's link during the move ({first})");
-    let (failed, reason) = until("the cut move's order to fail", left(), || {
+    let failed = until("the cut move's order to fail", scene.left(), || {
         a.daemon.check()?;
-        Ok(orders(&alloc).into_iter().find(|o| o.1 == "failed").map(|o| (o.0, o.2)))
+        Ok(order_in(alloc, OrderState::Failed))
     })
     .await?;
-    let fail_s = cut_at.elapsed().as_secs_f64();
-    eprintln!("    order {failed} failed {fail_s:.1} s after the cut: {reason}");
-    ensure!(!reason.trim().is_empty(), "order {failed} failed without a reason");
+    let (order, reason, fail_s) = (failed.id, failed.reason, cut_at.elapsed().as_secs_f64());
+    eprintln!("    order {order} failed {fail_s:.1} s after the cut: {reason}");
+    ensure!(!reason.trim().is_empty(), "order {order} failed without a reason");
+    let source = &mut scene.source;
     ensure!(source.exited().is_none(), "the source QEMU is gone after the failed move: {}", source.logs());
-    ensure!(guest_runs(&source).await, "the guest does not run on node a after the failed move");
-    let ledger = held(&alloc);
+    ensure!(guest_runs(source).await, "the guest does not run on node a after the failed move");
+    let ledger = held(alloc);
     ensure!(
-        ledger.first().is_some_and(|(n, s)| n == A && s == "active")
-            && ledger.iter().all(|(n, s)| n == A || s == "incoming"),
+        ledger.first().is_some_and(|(n, s)| n == A && *s == VmState::Active)
+            && ledger.iter().all(|(n, s)| n == A || matches!(s, VmState::Incoming { .. })),
         "after the failed move the ledger holds the VM as {ledger:?}"
     );
     let running = net::qemus_under(dir);
@@ -246,23 +305,31 @@ async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
     eprintln!("    node b's link is back");
     // b's incoming QEMU for the failed order goes (aborted by the source,
     // or b's own deadline).
-    let failed_dir = b.state_dir.join("incoming").join(failed.to_string());
-    until("b's incoming QEMU of the failed order to go", left(), || {
+    let failed_dir = b.state_dir.join("incoming").join(order.to_string());
+    until("b's incoming QEMU of the failed order to go", scene.left(), || {
         Ok(net::qemus_under(&failed_dir).is_empty().then_some(()))
     })
     .await?;
+    Ok(CutMove { order, reason, fail_s })
+}
 
-    // 2. A later order moves the guest.
+/// Step 2 of the module doc: the link is back and a later order moves the
+/// guest to b. It runs in one QEMU, in b's namespace, with its hot-added
+/// vCPU and DIMM; the ledger holds it on b only and node a is back under
+/// its watermark.
+async fn later_move(scene: &mut Scene<'_>, a: &mut Agent, b: &mut Agent) -> anyhow::Result<Moved> {
+    let (fabric, dir, alloc) = (scene.fabric, &scene.ctx.dir, &scene.alloc);
     let t_retry = Instant::now();
-    let (done, _) = until("a later order to complete", left(), || {
+    let done = until("a later order to complete", scene.left(), || {
         a.daemon.check()?;
         b.daemon.check()?;
-        Ok(orders(&alloc).into_iter().find(|o| o.1 == "completed").map(|o| (o.0, o.2)))
+        Ok(order_in(alloc, OrderState::Completed))
     })
     .await?;
     let moved_s = t_retry.elapsed().as_secs_f64();
+    let source = &mut scene.source;
     until("the source QEMU to quit", Duration::from_secs(15), || Ok(source.exited().map(|_| ()))).await?;
-    until("b's agent to scale the VM at its full size", left(), || {
+    until("b's agent to scale the VM at its full size", scene.left(), || {
         b.daemon.check()?;
         let Some(v) = b.vm(VM) else { return Ok(None) };
         let c = &v["current"];
@@ -279,39 +346,39 @@ async fn scenario(ctx: &Ctx, fabric: &Fabric) -> anyhow::Result<String> {
         "node b's QEMU lacks the hot-added DIMM or vCPU: {args}"
     );
     until("the ledger to hold the VM on b only", Duration::from_secs(10), || {
-        Ok((held(&alloc) == [(B.to_owned(), "active".to_owned())]).then_some(()))
+        Ok((held(alloc) == [(B.to_owned(), VmState::Active)]).then_some(()))
     })
     .await?;
-    ensure!(under_watermark(&alloc, A) == Some(true), "node a is not back under its watermark");
+    ensure!(under_watermark(alloc, A) == Some(true), "node a is not back under its watermark");
     // Agent a drops the VM as its loop ends, a moment after the order.
     until("agent a to drop the VM", Duration::from_secs(10), || Ok(a.vm(VM).is_none().then_some(()))).await?;
-    // The client goes on a little on b, then reports.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let report = tokio::task::block_in_place(|| echo.finish(Duration::from_secs(5)))?;
-    ensure!(
-        report.lost == 0 && report.wrong == 0,
-        "the connection did not survive intact: {report:?}; {}",
-        logs(dir)
-    );
-    a.daemon.check()?;
-    b.daemon.check()?;
-    // QEMU's own figures, as the source agent logged them.
-    let moved = super::log_lines(&a.daemon.log, "the VM moved away").join("\n");
+    Ok(Moved { order: done.id, moved_s, ns })
+}
+
+/// The scenario's line, with QEMU's own figures as the source agent logged them.
+fn summary(a: &Agent, cut: &CutMove, moved: &Moved, report: &EchoReport) -> String {
+    let logged = super::log_lines(&a.daemon.log, "the VM moved away").join("\n");
     let qemu_ms = |key: &str| {
-        let rest = &moved[moved.find(&format!("{key}=Some("))? + key.len() + 6..];
+        let rest = &logged[logged.find(&format!("{key}=Some("))? + key.len() + 6..];
         rest.split(')').next().map(str::to_owned)
     };
-    Ok(format!(
-        "order {failed} cut mid-stream failed in {fail_s:.1} s ({reason}); order {done} moved the guest \
-         ({} vCPUs, {} MiB) to {B} in {moved_s:.1} s after the link came back (QEMU: total {} ms, downtime {} ms); \
-         one QEMU, in {ns}; ledger on {B} only, {A} back under its watermark; echo {} lines sent, {} lost, \
+    format!(
+        "order {} cut mid-stream failed in {:.1} s ({}); order {} moved the guest \
+         ({} vCPUs, {} MiB) to {B} in {:.1} s after the link came back (QEMU: total {} ms, downtime {} ms); \
+         one QEMU, in {}; ledger on {B} only, {A} back under its watermark; echo {} lines sent, {} lost, \
          longest gap {:.0} ms",
+        cut.order,
+        cut.fail_s,
+        cut.reason,
+        moved.order,
         2,
         2 * CU_MIB,
+        moved.moved_s,
         qemu_ms("total_ms").unwrap_or_else(|| "?".into()),
         qemu_ms("downtime_ms").unwrap_or_else(|| "?".into()),
+        moved.ns,
         report.sent,
         report.lost,
         report.max_gap_ms
-    ))
+    )
 }

@@ -21,9 +21,11 @@ use anyhow::{ensure, Context};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use vmscale_allocator::core::units::Resources;
 
 use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};
+use crate::console::Console;
 use crate::steps::Steps;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -204,51 +206,6 @@ fn plan(id: &str, boot_mib: u64, boot_dimms: u32, workload: String) -> VmPlan {
     }
 }
 
-/// What the guest's console said, as it arrived.
-#[derive(Debug, Default)]
-struct Console {
-    lines: Vec<(Instant, String)>,
-}
-
-impl Console {
-    fn drain(&mut self, vm: &Vm) {
-        while let Ok(l) = vm.qemu.console.try_recv() {
-            self.lines.push(l);
-        }
-    }
-    /// OOM kills /init reported ("oom: Killed process ..."; the kernel's own
-    /// console lines are silenced).
-    fn oom_kills(&self) -> usize {
-        self.lines.iter().filter(|(_, l)| l.contains("Killed process")).count()
-    }
-    fn has(&self, s: &str) -> bool {
-        self.lines.iter().any(|(_, l)| l.contains(s))
-    }
-    /// The first `ramp: <what>` line's `key=` value.
-    fn ramp_value(&self, what: &str, key: &str) -> Option<f64> {
-        let prefix = format!("ramp: {what}");
-        let line = self.lines.iter().find(|(_, l)| l.contains(&prefix))?;
-        value(&line.1, key)
-    }
-    /// Fails unless /init's OOM watch runs: without it an OOM kill would go
-    /// unseen and "no OOM kill" would prove nothing.
-    fn require_oom_watch(&self, vm: &Vm) -> anyhow::Result<()> {
-        ensure!(
-            self.has("oom watch started"),
-            "the guest's /init did not start its OOM watch, so OOM kills can't be seen; console {}",
-            vm.console_log.display()
-        );
-        Ok(())
-    }
-}
-
-/// `key=NUMBER` in a line.
-fn value(line: &str, key: &str) -> Option<f64> {
-    let pat = format!("{key}=");
-    let rest = &line[line.find(&pat)? + pat.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// Starts the node for the booted `vm`, waits for the agent to hold both
 /// links and checks the guest's OOM watch.
 fn start(
@@ -260,7 +217,7 @@ fn start(
 ) -> anyhow::Result<(Vm, Node)> {
     let mut n = Node::start(&ctx.root, &ctx.dir, node, &[&vm])?;
     let id = vm.plan.id.clone();
-    cluster::wait_for(
+    crate::harness::wait_for(
         "the agent to connect to the allocator and the informant in the guest",
         timeout,
         || {
@@ -292,22 +249,14 @@ struct Ledger {
 impl Ledger {
     /// `None` while the allocator doesn't answer or doesn't know the node.
     fn read(n: &Node) -> Option<Ledger> {
-        let s = cluster::http_json(n.allocator_http, "/state").ok()?;
-        let node = s.get("nodes")?.get(cluster::NODE)?;
-        let res = |v: &serde_json::Value| -> Option<(u64, u64)> {
-            Some((v.get("milli_cpu")?.as_u64()?, v.get("memory_bytes")?.as_u64()?))
-        };
-        let cap = res(node.get("capacity")?)?;
-        let sys = node.get("system_reserve").and_then(res).unwrap_or((0, 0));
-        let mut vms = BTreeMap::new();
-        for (id, v) in node.get("vms")?.as_object()? {
-            vms.insert(id.clone(), res(v.get("reserved")?)?);
-        }
+        let mut s = cluster::allocator_state(n.allocator_http)?;
+        let node = s.nodes.remove(cluster::NODE)?;
+        let pair = |r: Resources| (r.milli_cpu, r.memory_bytes);
         Some(Ledger {
-            usable: (cap.0.saturating_sub(sys.0), cap.1.saturating_sub(sys.1)),
-            vms,
-            unmet: node.get("unmet").and_then(res).unwrap_or((0, 0)),
-            session: node.get("session").is_some_and(|v| !v.is_null()),
+            usable: pair(node.usable()),
+            vms: node.vms.iter().map(|(id, v)| (id.clone(), pair(v.reserved))).collect(),
+            unmet: pair(node.unmet()),
+            session: node.session.is_some(),
         })
     }
 

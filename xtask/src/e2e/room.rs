@@ -6,7 +6,51 @@ use std::time::{Duration, Instant};
 
 use super::{agent_ops, plan, start, Console, Ctx, Ledger};
 use crate::cluster::qmp::Qmp;
-use crate::cluster::{self, NodePlan, Vm, MIB};
+use crate::cluster::{Node, NodePlan, Vm, MIB};
+use vmscale_agent::core::policy::Policy;
+
+/// What the scenario watches while the workload outgrows the VM: QEMU's
+/// size never changes and the ledger never passes the capacity.
+struct Watch {
+    /// QEMU's memory at boot.
+    mem0: u64,
+    /// The agent's asks before the ramp.
+    asks0: u64,
+    /// When the agent first asked the allocator for more.
+    first_ask: Option<Instant>,
+    /// The most unmet demand the allocator recorded: (milli-vCPU, bytes).
+    unmet_seen: (u64, u64),
+}
+
+impl Watch {
+    fn check(
+        &mut self,
+        console: &mut Console,
+        vm: &mut Vm,
+        n: &mut Node,
+        qmp: &mut Qmp,
+    ) -> anyhow::Result<()> {
+        vm.check()?;
+        n.check()?;
+        console.drain(vm);
+        let (dimms, mem) = qmp.memory()?;
+        ensure!(
+            dimms.is_empty() && mem == self.mem0,
+            "QEMU's memory changed on a node without room: {} -> {} MiB ({dimms:?})",
+            self.mem0 / MIB,
+            mem / MIB
+        );
+        if let Some(l) = Ledger::read(n) {
+            l.within_capacity()?;
+            self.unmet_seen.0 = self.unmet_seen.0.max(l.unmet.0);
+            self.unmet_seen.1 = self.unmet_seen.1.max(l.unmet.1);
+        }
+        if self.first_ask.is_none() && agent_ops(n, "request_permit") > self.asks0 {
+            self.first_ask = Some(Instant::now());
+        }
+        Ok(())
+    }
+}
 
 pub(super) fn no_room(ctx: &Ctx) -> anyhow::Result<String> {
     let timeout = ctx.timeout;
@@ -18,7 +62,7 @@ pub(super) fn no_room(ctx: &Ctx) -> anyhow::Result<String> {
     let target_mib = 600;
     let plan = plan("e2e-full", 512, 0, format!("perl,{},32,{target_mib},{}", ctx.ramp, go.display()));
     let cooldown_ms = 2000;
-    let policy = format!("denied_cooldown_ms = {cooldown_ms}");
+    let policy = Policy { denied_cooldown_ms: cooldown_ms, ..Policy::default() };
     let node = NodePlan { capacity_milli_cpu: 2000, capacity_mib: 512, policy };
     let vm = Vm::boot(&ctx.image, &ctx.dir, &plan)?;
     let mut console = Console::default();
@@ -34,45 +78,18 @@ pub(super) fn no_room(ctx: &Ctx) -> anyhow::Result<String> {
 
     // Until the workload is killed or gives up, and 20 s after: QEMU's size
     // never changes and the ledger never passes the capacity.
-    let mut first_ask: Option<Instant> = None;
-    let mut unmet_seen = (0, 0);
-    let watch = |console: &mut Console,
-                 vm: &mut Vm,
-                 n: &mut cluster::Node,
-                 qmp: &mut Qmp,
-                 first_ask: &mut Option<Instant>,
-                 unmet_seen: &mut (u64, u64)|
-     -> anyhow::Result<()> {
-        vm.check()?;
-        n.check()?;
-        console.drain(vm);
-        let (dimms, mem) = qmp.memory()?;
-        ensure!(
-            dimms.is_empty() && mem == mem0,
-            "QEMU's memory changed on a node without room: {} -> {} MiB ({dimms:?})",
-            mem0 / MIB,
-            mem / MIB
-        );
-        if let Some(l) = Ledger::read(n) {
-            l.within_capacity()?;
-            unmet_seen.0 = unmet_seen.0.max(l.unmet.0);
-            unmet_seen.1 = unmet_seen.1.max(l.unmet.1);
-        }
-        if first_ask.is_none() && agent_ops(n, "request_permit") > asks0 {
-            *first_ask = Some(Instant::now());
-        }
-        Ok(())
-    };
+    let mut watch = Watch { mem0, asks0, first_ask: None, unmet_seen: (0, 0) };
     let left = || timeout.saturating_sub(t0.elapsed());
-    cluster::wait_for("the workload to outgrow the VM (an OOM kill or its end)", left(), || {
-        watch(&mut console, &mut vm, &mut n, &mut qmp, &mut first_ask, &mut unmet_seen)?;
+    crate::harness::wait_for("the workload to outgrow the VM (an OOM kill or its end)", left(), || {
+        watch.check(&mut console, &mut vm, &mut n, &mut qmp)?;
         Ok((console.oom_kills() > 0 || console.has("workload exited")).then_some(()))
     })?;
     let constrained = Instant::now();
     while constrained.elapsed() < Duration::from_secs(20) {
-        watch(&mut console, &mut vm, &mut n, &mut qmp, &mut first_ask, &mut unmet_seen)?;
+        watch.check(&mut console, &mut vm, &mut n, &mut qmp)?;
         std::thread::sleep(Duration::from_millis(250));
     }
+    let (first_ask, unmet_seen) = (watch.first_ask, watch.unmet_seen);
     let first = first_ask.context("the agent never asked the allocator for more, yet the guest ran out")?;
     let asks = agent_ops(&n, "request_permit") - asks0;
     let window = first.elapsed().as_secs_f64();

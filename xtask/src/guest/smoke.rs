@@ -28,7 +28,7 @@ pub struct Report {
 }
 
 pub fn run(image: &Image, timeout: Duration, with_ebpf: bool) -> anyhow::Result<Report> {
-    let port = free_port()?;
+    let port = crate::harness::free_port()?;
     let log = image.dir.join("smoke-console.log");
     let mut vm = qemu::boot(image, &VmSpec::small(port, log.clone()))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -109,11 +109,6 @@ async fn handshake(port: u16) -> anyhow::Result<pb::HandshakeResponse> {
 fn uptime_of(line: &str) -> Option<f64> {
     let rest = line.split_once("vmscale: [")?.1;
     rest.split_once(']')?.0.trim().parse().ok()
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(l.local_addr()?.port())
 }
 
 #[cfg(test)]
