@@ -64,11 +64,11 @@ pub struct KubernetesConfig {
 }
 
 fn default_label_key() -> String {
-    "vmscale.io/autoscale".into()
+    vmscale_contract::keys::DEFAULT_LABEL_KEY.into()
 }
 
 fn default_label_value() -> String {
-    "true".into()
+    vmscale_contract::keys::DEFAULT_LABEL_VALUE.into()
 }
 
 impl Default for Config {
@@ -140,28 +140,13 @@ impl Config {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
         self.contention.validate().map_err(ConfigError::Invalid)?;
-        self.migration.validate().map_err(ConfigError::Invalid)?;
+        self.migration.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.kubernetes.is_some() && self.migration.listen.is_some() {
             // A VM taken in would run in the agent's own pod (its cgroup and
             // memory limit) with no pod of its own for the scheduler to see.
             return bad("migration.listen cannot be set with [kubernetes] yet: a VM moved here would run \
                         inside the agent's pod; moves between Kubernetes nodes need a target VM pod"
                 .into());
-        }
-        for k in &self.policy.ignore_pressure {
-            let wire = format!("KIND_{}", k.to_uppercase());
-            if k.to_lowercase() != *k
-                || vmscale_proto::informant::pressure::Kind::from_str_name(&wire).is_none()
-            {
-                return bad(format!(
-                    "policy.ignore_pressure: {k:?} is no pressure kind; use lower-case names such as \"psi_cpu\", \
-                     \"psi_memory\", \"memcg_reclaim\""
-                ));
-            }
-        }
-        if let Some(p) = &self.policy.polling {
-            p.validate(self.policy.sample_max_age_ms)
-                .map_err(|e| ConfigError::Invalid(format!("policy.{e}")))?;
         }
         self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))
     }
@@ -207,9 +192,11 @@ mod tests {
         std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 20000\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("sample_max_age_ms"));
         std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"psi_cpu\"]\n").unwrap();
-        assert_eq!(&*Config::load(&p).unwrap().policy.ignore_pressure, ["psi_cpu"]);
+        let psi_cpu = crate::core::pressure::PressureKind::PsiCpu;
+        assert_eq!(Config::load(&p).unwrap().policy.ignore_pressure.iter().collect::<Vec<_>>(), [psi_cpu]);
         std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"PSI_CPU\"]\n").unwrap();
-        assert!(Config::load(&p).unwrap_err().to_string().contains("no pressure kind"));
+        let e = Config::load(&p).unwrap_err();
+        assert!(vmscale_common::error::chain(&e).contains("no pressure kind"), "{e:?}");
         std::fs::write(&p, "node = \"n1\"\n[kubernetes]\n[migration]\nlisten = \"10.0.0.2:7073\"\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("inside the agent's pod"));
         std::fs::write(&p, "node = \"n1\"\n[migration]\nlisten = \"0.0.0.0:7073\"\n").unwrap();

@@ -1,10 +1,10 @@
 //! Carries out the core's hotplug actions on one VM through the
-//! [`Hypervisor`] boundary, and reads the result back from QEMU. The core
+//! [`Hotplug`] boundary, and reads the result back from QEMU. The core
 //! decides sizes; this file only turns a target size into device operations
 //! and never goes past the target (a permit is an upper bound).
 
-use crate::core::policy::Size;
-use crate::qmp::{Hypervisor, VmSize};
+use crate::core::policy::{vcpus_for, Size};
+use crate::qmp::{Hotplug, VmSize};
 use crate::vms::{CpuMode, MemoryMode, VmSpec};
 use std::time::Duration;
 
@@ -16,26 +16,17 @@ pub struct OpError {
     pub size: Option<Size>,
 }
 
-/// vCPUs needed for a CPU amount: fractions round up (the fraction itself is
-/// enforced by the QEMU process's `cpu.max`, where configured).
-pub fn vcpus_for(milli_cpu: u64) -> u32 {
-    u32::try_from(milli_cpu.div_ceil(1000)).unwrap_or(u32::MAX).max(1)
-}
-
-/// The core's view of a VM's size. In sysfs mode QEMU has every vCPU from
-/// boot; which are online is the guest's business, tracked in `sysfs_cpu`.
-pub fn size_of(v: &VmSize, mode: CpuMode, sysfs_milli_cpu: Option<u64>) -> Size {
-    let cpu = match (mode, sysfs_milli_cpu) {
-        (CpuMode::Sysfs, Some(m)) => m,
-        _ => u64::from(v.vcpus_present) * 1000,
-    };
-    Size::new(cpu, v.memory_bytes())
+/// A VM's size as QEMU has it: its vCPUs present and its memory. In sysfs
+/// mode QEMU has every vCPU from boot; which are online is the guest's
+/// business, and the core narrows the CPU to it (`Input::Plugged`).
+pub fn size_of(v: &VmSize) -> Size {
+    Size::new(u64::from(v.vcpus_present) * 1000, v.memory_bytes())
 }
 
 /// Grows the VM towards `target` (CPU then memory), stopping short rather
 /// than passing it.
 pub async fn plug(
-    hv: &dyn Hypervisor,
+    hv: &dyn Hotplug,
     spec: &VmSpec,
     target: Size,
     timeout: Duration,
@@ -56,7 +47,7 @@ pub async fn plug(
 }
 
 async fn grow_memory(
-    hv: &dyn Hypervisor,
+    hv: &dyn Hotplug,
     spec: &VmSpec,
     target: u64,
     now: &VmSize,
@@ -86,7 +77,7 @@ async fn grow_memory(
 
 /// Shrinks the VM to `target` (memory then CPU), never below it.
 pub async fn unplug(
-    hv: &dyn Hypervisor,
+    hv: &dyn Hotplug,
     spec: &VmSpec,
     target: Size,
     timeout: Duration,
@@ -125,7 +116,7 @@ pub async fn unplug(
         Ok(()) => hv.read_size().await.map_err(|e| OpError { reason: read(e), size: None }),
         Err(reason) => {
             // Part of it may have gone: report what QEMU has now.
-            let size = hv.read_size().await.ok().map(|v| size_of(&v, spec.cpu_mode, None));
+            let size = hv.read_size().await.ok().map(|v| size_of(&v));
             Err(OpError { reason, size })
         }
     }
@@ -161,14 +152,6 @@ mod tests {
             virtio_mem_max_bytes: 2048 * MIB,
             ..VmSize::default()
         }
-    }
-
-    #[test]
-    fn vcpu_rounding() {
-        assert_eq!(vcpus_for(0), 1);
-        assert_eq!(vcpus_for(250), 1);
-        assert_eq!(vcpus_for(1000), 1);
-        assert_eq!(vcpus_for(1001), 2);
     }
 
     #[tokio::test]

@@ -1,14 +1,20 @@
 //! The agent's connection to one VM's informant: handshake, the event
 //! subscription turned into core inputs, and the two questions the loop asks
-//! (may I shrink? / here is more, bring it online). Reconnects with backoff;
-//! while it is down the core knows (no informant, no memory downscale).
+//! (may I shrink? / here is more, bring it online) behind the narrow
+//! [`GuestLink`] trait, so the loop's tests use [`fake::FakeGuest`].
+//! Reconnects with backoff; while it is down the core knows (no informant,
+//! no memory downscale). Wire types stop here: the pressure kind's number
+//! becomes a [`PressureKind`].
 
 use crate::core::policy::Usage;
+use crate::core::pressure::PressureKind;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
+use vmscale_common::backoff::{seed_of, Backoff};
 use vmscale_proto::informant as pb;
 use vmscale_proto::informant::informant_client::InformantClient;
 use vmscale_proto::informant::pressure::Kind;
@@ -23,13 +29,91 @@ pub enum GuestEvent {
         at_ns: u64,
     },
     Pressure {
-        oom: bool,
-        kind: i32,
+        kind: PressureKind,
         at_ns: u64,
     },
 }
 
-pub type Client = Option<InformantClient<Channel>>;
+/// The informant's answer to a downscale request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownscaleAnswer {
+    pub approved: bool,
+    /// Why not, in the guest's words, when denied.
+    pub reason: String,
+}
+
+/// A request the informant refused or could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("informant: {message}")]
+pub struct RequestError {
+    pub message: String,
+}
+
+impl From<tonic::Status> for RequestError {
+    fn from(s: tonic::Status) -> Self {
+        RequestError { message: s.message().to_owned() }
+    }
+}
+
+/// What the VM loop asks of a guest.
+#[async_trait::async_trait]
+pub trait GuestLink: Send + Sync + std::fmt::Debug {
+    /// Tells the guest it has `vcpus` vCPUs and `memory_bytes` of memory now,
+    /// so that it onlines what was plugged.
+    async fn notify_upscale(&self, vcpus: u32, memory_bytes: u64) -> Result<(), RequestError>;
+
+    /// Asks whether the guest can give its memory up down to `memory_bytes`
+    /// and keep `vcpus` vCPUs online (0: its CPUs are not asked about). An
+    /// approving guest has given the vCPUs up when it answers.
+    async fn ask_downscale(&self, vcpus: u32, memory_bytes: u64) -> Result<DownscaleAnswer, RequestError>;
+}
+
+const RECONNECT: Backoff = Backoff::from_ms(100, 5000);
+
+/// The live link to the guest, if any.
+pub type Link = Option<Arc<dyn GuestLink>>;
+
+/// The gRPC client as a [`GuestLink`].
+#[derive(Debug, Clone)]
+struct Informant(InformantClient<Channel>);
+
+#[async_trait::async_trait]
+impl GuestLink for Informant {
+    async fn notify_upscale(&self, vcpus: u32, memory_bytes: u64) -> Result<(), RequestError> {
+        let notice = pb::UpscaleNotice { cpus: vcpus, memory_bytes };
+        self.0.clone().notify_upscale(notice).await?;
+        Ok(())
+    }
+
+    async fn ask_downscale(&self, vcpus: u32, memory_bytes: u64) -> Result<DownscaleAnswer, RequestError> {
+        let req = pb::DownscaleRequest { target_cpus: vcpus, target_memory_bytes: memory_bytes };
+        let r = self.0.clone().try_downscale(req).await?.into_inner();
+        Ok(DownscaleAnswer { approved: r.approved, reason: r.reason })
+    }
+}
+
+/// The guest's side of one VM loop: its events, its link (`None` while
+/// down) and its notes on its kernel settings.
+#[derive(Debug)]
+pub struct GuestChannels {
+    pub events: mpsc::Receiver<GuestEvent>,
+    pub link: watch::Receiver<Link>,
+    pub notes: watch::Receiver<Vec<String>>,
+}
+
+impl GuestChannels {
+    /// Keeps a link to the informant at `addr` until `cancel`; without an
+    /// address, a guest that never connects.
+    pub fn connect(addr: Option<String>, cancel: CancellationToken) -> GuestChannels {
+        let (events_tx, events) = mpsc::channel(1024);
+        let (link_tx, link) = watch::channel(None);
+        let (notes_tx, notes) = watch::channel(Vec::new());
+        if let Some(addr) = addr {
+            tokio::spawn(run(addr, events_tx, link_tx, notes_tx, cancel));
+        }
+        GuestChannels { events, link, notes }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -51,12 +135,25 @@ pub enum LinkError {
     Version { min: u32, max: u32 },
 }
 
-/// Whether an event calls for the larger (OOM) growth step.
-pub fn is_oom(kind: i32) -> bool {
-    matches!(
-        Kind::try_from(kind),
-        Ok(Kind::OomVictim | Kind::CgroupOom | Kind::CgroupOomKill | Kind::CgroupMax)
-    )
+/// The kind a wire number names; numbers this agent does not know are one
+/// kind, [`PressureKind::Unknown`].
+pub fn pressure_kind(wire: i32) -> PressureKind {
+    match Kind::try_from(wire) {
+        Ok(Kind::Unspecified) => PressureKind::Unspecified,
+        Ok(Kind::DirectReclaim) => PressureKind::DirectReclaim,
+        Ok(Kind::MemcgReclaim) => PressureKind::MemcgReclaim,
+        Ok(Kind::KswapdWake) => PressureKind::KswapdWake,
+        Ok(Kind::OomVictim) => PressureKind::OomVictim,
+        Ok(Kind::PsiMemory) => PressureKind::PsiMemory,
+        Ok(Kind::PsiCpu) => PressureKind::PsiCpu,
+        Ok(Kind::PsiCgroupMemory) => PressureKind::PsiCgroupMemory,
+        Ok(Kind::CgroupHigh) => PressureKind::CgroupHigh,
+        Ok(Kind::CgroupMax) => PressureKind::CgroupMax,
+        Ok(Kind::CgroupOom) => PressureKind::CgroupOom,
+        Ok(Kind::CgroupOomKill) => PressureKind::CgroupOomKill,
+        Ok(Kind::UsageWatermark) => PressureKind::UsageWatermark,
+        Err(_) => PressureKind::Unknown,
+    }
 }
 
 /// Turns one wire event into a core input; `None` for events the core does
@@ -74,7 +171,7 @@ pub fn to_guest_event(e: &pb::Event) -> Option<GuestEvent> {
             })
         }
         Some(pb::event::Body::Pressure(p)) => {
-            Some(GuestEvent::Pressure { oom: is_oom(p.kind), kind: p.kind, at_ns: e.monotonic_ns })
+            Some(GuestEvent::Pressure { kind: pressure_kind(p.kind), at_ns: e.monotonic_ns })
         }
         None => None,
     }
@@ -116,7 +213,7 @@ async fn connect(addr: &str) -> Result<(InformantClient<Channel>, Vec<String>), 
 pub async fn run(
     addr: String,
     events: mpsc::Sender<GuestEvent>,
-    client_tx: watch::Sender<Client>,
+    client_tx: watch::Sender<Link>,
     notes_tx: watch::Sender<Vec<String>>,
     cancel: CancellationToken,
 ) {
@@ -135,7 +232,7 @@ pub async fn run(
         match r {
             Ok((c, mut stream)) => {
                 failures = 0;
-                client_tx.send_replace(Some(c));
+                client_tx.send_replace(Some(Arc::new(Informant(c))));
                 info!(%addr, "informant connected");
                 let why = loop {
                     tokio::select! {
@@ -166,7 +263,8 @@ pub async fn run(
                 }
             }
         }
-        let wait = Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)).min(5000));
+        // 100 ms after a dropped connection, doubling per failure to 5 s.
+        let wait = RECONNECT.jittered(failures.saturating_add(1), seed_of(&addr));
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
@@ -207,9 +305,84 @@ mod tests {
                 pid: 42,
             })),
         };
-        assert!(matches!(to_guest_event(&oom), Some(GuestEvent::Pressure { oom: true, .. })));
-        assert!(!is_oom(Kind::MemcgReclaim as i32));
-        assert!(!is_oom(999));
+        let kind = PressureKind::OomVictim;
+        assert_eq!(to_guest_event(&oom), Some(GuestEvent::Pressure { kind, at_ns: 9 }));
         assert_eq!(to_guest_event(&pb::Event::default()), None);
+    }
+
+    /// Every wire kind has its name; any number past them is `unknown`, so
+    /// a guest cannot grow the VM's status map one key per number.
+    #[test]
+    fn wire_kinds_become_typed_kinds() {
+        for wire in 0..=12 {
+            let k = Kind::try_from(wire).unwrap();
+            let name = k.as_str_name().trim_start_matches("KIND_").to_lowercase();
+            assert_eq!(pressure_kind(wire).name(), name, "{k:?}");
+        }
+        for unknown in [13, 999, -1, i32::MAX] {
+            assert_eq!(pressure_kind(unknown), PressureKind::Unknown);
+        }
+    }
+}
+
+/// A scripted guest for the VM loop's tests.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records each request (`notify_upscale(2, 1073741824)`,
+    /// `ask_downscale(1, 536870912)`) and approves downscales when told to.
+    #[derive(Debug, Default)]
+    pub struct FakeGuest {
+        pub calls: Mutex<Vec<String>>,
+        pub approve: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeGuest {
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+
+        fn record(&self, call: String) {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl GuestLink for FakeGuest {
+        async fn notify_upscale(&self, vcpus: u32, memory_bytes: u64) -> Result<(), RequestError> {
+            self.record(format!("notify_upscale({vcpus}, {memory_bytes})"));
+            Ok(())
+        }
+
+        async fn ask_downscale(
+            &self,
+            vcpus: u32,
+            memory_bytes: u64,
+        ) -> Result<DownscaleAnswer, RequestError> {
+            self.record(format!("ask_downscale({vcpus}, {memory_bytes})"));
+            let approved = self.approve.load(std::sync::atomic::Ordering::SeqCst);
+            Ok(DownscaleAnswer { approved, reason: if approved { String::new() } else { "busy".into() } })
+        }
+    }
+
+    /// The loop's end of a guest and the test's: send events, connect the
+    /// guest (or not) and read its notes.
+    #[derive(Debug)]
+    pub struct GuestEnds {
+        pub events: mpsc::Sender<GuestEvent>,
+        pub link: watch::Sender<Link>,
+        pub notes: watch::Sender<Vec<String>>,
+    }
+
+    pub fn channels() -> (GuestChannels, GuestEnds) {
+        let (events_tx, events) = mpsc::channel(1024);
+        let (link_tx, link) = watch::channel(None);
+        let (notes_tx, notes) = watch::channel(Vec::new());
+        (
+            GuestChannels { events, link, notes },
+            GuestEnds { events: events_tx, link: link_tx, notes: notes_tx },
+        )
     }
 }

@@ -3,6 +3,7 @@
 //! informant once; `current` follows each plug's reported size.
 
 use super::policy::{Cu, Policy, Size};
+use super::pressure::PressureKind;
 use super::vm::{Action, Input, VmCore};
 
 const GIB: u64 = 1 << 30;
@@ -23,7 +24,7 @@ fn vm() -> VmCore {
 
 /// Pressure at 4 CUs calls for 6; the whole permit is asked for first.
 fn pressured_and_permitted(vm: &mut VmCore, grant: u32) {
-    vm.input(10, Input::Pressure { oom: false });
+    vm.input(10, Input::Pressure(PressureKind::MemcgReclaim));
     assert_eq!(vm.step(10).action, Some(Action::RequestPermit { target: cus(6) }));
     vm.input(11, Input::Permit { permitted: cus(grant) });
 }

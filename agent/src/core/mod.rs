@@ -2,9 +2,12 @@
 //! there. No I/O, no clock of its own; executors around it act.
 
 pub mod policy;
+pub mod pressure;
 pub mod vm;
 
 #[cfg(test)]
 mod first_plug_tests;
+#[cfg(test)]
+mod loop_rules_tests;
 #[cfg(test)]
 mod tests;

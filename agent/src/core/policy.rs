@@ -1,7 +1,13 @@
 //! How many compute units a VM should have, from what the guest reports.
 //! Pure arithmetic; the state machine in `vm.rs` decides when to act on it.
 
+use super::pressure::PressureKinds;
 use serde::{Deserialize, Serialize};
+
+/// The longest `cpu_settle_ms` taken, ms (10 minutes): longer is almost
+/// surely a unit slip (µs for ms), and would leave a VM deaf to CPU pressure
+/// after every downscale.
+pub const MAX_CPU_SETTLE_MS: u64 = 600_000;
 
 /// A compute unit: the step in which a VM grows and shrinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +81,13 @@ pub struct Policy {
     pub downscale_after_ms: u64,
     /// Between two downscale steps while use stays low, ms. Default 10000.
     pub downscale_step_ms: u64,
+    /// After the VM gives up a vCPU, CPU pressure is not taken as a reason to
+    /// grow for this long, ms: the vCPU's tasks crowd onto the others for a
+    /// moment, and growing on that echo would undo the downscale at once
+    /// (seen under TCG). The informant's load-average samples still raise the
+    /// CPU goal meanwhile. 0 turns it off. At most [`MAX_CPU_SETTLE_MS`].
+    /// Default 10000.
+    pub cpu_settle_ms: u64,
     /// After the allocator denies an increase, wait this long before asking again, ms. Default 2000.
     pub denied_cooldown_ms: u64,
     /// After the informant denies a downscale, wait this long, ms. Default 30000.
@@ -97,16 +110,18 @@ pub struct Policy {
     pub cpu_max_cgroup: bool,
     /// `[policy.polling]`: decide like Neon's autoscaler, from averaged samples
     /// once per loop interval, ignoring pressure events (see `crate::polling`).
-    /// The VM loop applies it; the core sees only the averaged samples. For
-    /// comparison benchmarks. Default none: event-driven.
+    /// The core applies it: it averages the samples and ignores the events.
+    /// For comparison benchmarks. Default none: event-driven.
     /// Boxed, as `ignore_pressure`: a VM's spec carries its policy, and these
     /// rarely used options should not make every spec larger.
     pub polling: Option<Box<crate::polling::Polling>>,
-    /// Pressure event kinds the VM loop counts but does not act on, by their
+    /// Pressure event kinds the VM counts but does not act on, by their
     /// wire names without `KIND_`, lower case (e.g. `["psi_cpu"]`: under TCG
     /// CPU pressure alone grows a VM by whole CUs, memory included, which
-    /// hides how fast memory signals are). Default none.
-    pub ignore_pressure: Box<[String]>,
+    /// hides how fast memory signals are), or `unknown` for kinds this agent
+    /// does not know. See [`super::pressure::PressureKind::name`]; other
+    /// names are refused when the policy is parsed. Default none.
+    pub ignore_pressure: PressureKinds,
 }
 
 impl Default for Policy {
@@ -120,6 +135,7 @@ impl Default for Policy {
             pressure_hold_ms: 30_000,
             downscale_after_ms: 60_000,
             downscale_step_ms: 10_000,
+            cpu_settle_ms: 10_000,
             denied_cooldown_ms: 2_000,
             downscale_denied_cooldown_ms: 30_000,
             retry_base_ms: 200,
@@ -129,7 +145,7 @@ impl Default for Policy {
             stuck_after_failures: 5,
             cpu_max_cgroup: false,
             polling: None,
-            ignore_pressure: Box::default(),
+            ignore_pressure: PressureKinds::default(),
         }
     }
 }
@@ -154,8 +170,23 @@ impl Policy {
         if self.op_timeout_ms == 0 {
             return Err("op_timeout_ms must be > 0".into());
         }
+        if self.cpu_settle_ms > MAX_CPU_SETTLE_MS {
+            return Err(format!(
+                "cpu_settle_ms = {} is over {MAX_CPU_SETTLE_MS} (10 minutes); it is in milliseconds",
+                self.cpu_settle_ms
+            ));
+        }
+        if let Some(p) = &self.polling {
+            p.validate(self.sample_max_age_ms)?;
+        }
         Ok(())
     }
+}
+
+/// vCPUs needed for a CPU amount: fractions round up (the fraction itself is
+/// enforced by the QEMU process's `cpu.max`, where configured).
+pub fn vcpus_for(milli_cpu: u64) -> u32 {
+    u32::try_from(milli_cpu.div_ceil(1000)).unwrap_or(u32::MAX).max(1)
 }
 
 /// What the guest reported last.
@@ -243,5 +274,36 @@ mod tests {
         assert_eq!(Size::new(800, 2 * GIB).whole_cus(CU), 2);
         assert!(Policy::default().validate().is_ok());
         assert!(Policy { memory_target: 0.0, ..Policy::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn vcpu_rounding() {
+        assert_eq!(vcpus_for(0), 1);
+        assert_eq!(vcpus_for(250), 1);
+        assert_eq!(vcpus_for(1000), 1);
+        assert_eq!(vcpus_for(1001), 2);
+    }
+
+    /// The node's policy and a VM's own (from a VM file or an annotation)
+    /// meet the same checks, here.
+    #[test]
+    fn validation_names_the_field() {
+        let bad = |p: Policy| p.validate().unwrap_err();
+        let settle = Policy { cpu_settle_ms: MAX_CPU_SETTLE_MS + 1, ..Policy::default() };
+        assert!(bad(settle).contains("cpu_settle_ms"));
+        assert!(Policy { cpu_settle_ms: 0, ..Policy::default() }.validate().is_ok());
+        // Kinds to ignore are checked as they are parsed, from any source.
+        let ignore = |k: &str| toml::from_str::<Policy>(&format!("ignore_pressure = [{k:?}]"));
+        assert!(ignore("psi_cpu").is_ok());
+        assert!(ignore("unknown").is_ok(), "unknown kinds can be ignored too");
+        assert!(ignore("PSI_CPU").unwrap_err().to_string().contains("no pressure kind"));
+        assert!(ignore("13").unwrap_err().to_string().contains("no pressure kind"));
+        let polling = |loop_interval_ms| Policy {
+            polling: Some(Box::new(crate::polling::Polling { loop_interval_ms, sample_average_ms: 500 })),
+            ..Policy::default()
+        };
+        assert!(polling(5000).validate().is_ok());
+        assert!(bad(polling(20_000)).contains("sample_max_age_ms"));
+        assert!(bad(polling(0)).contains("loop_interval_ms"));
     }
 }

@@ -1,6 +1,7 @@
 //! Scenario tests of one VM's loop on a fake clock.
 
 use super::policy::{Cu, Policy, Size, Usage};
+use super::pressure::PressureKind;
 use super::vm::{Action, Input, VmCore};
 
 const GIB: u64 = 1 << 30;
@@ -68,7 +69,7 @@ fn pressure_upscales_at_once_in_protocol_order() {
     s.at(1000).using(2.0);
     assert_eq!(s.step(), None, "2 GiB of 4 is fine");
     // A reclaim event: grow by half (2 CUs) without waiting for a sample.
-    s.at(1010).feed(Input::Pressure { oom: false });
+    s.at(1010).feed(Input::Pressure(PressureKind::MemcgReclaim));
     assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }));
     assert_eq!(s.step(), None, "one operation at a time");
     s.at(1011).feed(Input::Permit { permitted: cus(6) });
@@ -86,7 +87,7 @@ fn pressure_upscales_at_once_in_protocol_order() {
 #[test]
 fn oom_doubles_and_respects_max() {
     let mut s = Sim::new(10);
-    s.at(5).feed(Input::Pressure { oom: true });
+    s.at(5).feed(Input::Pressure(PressureKind::OomVictim));
     assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(16) }), "20 CUs capped at max 16");
 }
 
@@ -123,7 +124,7 @@ fn pressure_cuts_a_denial_cooldown_short() {
     assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(5) }));
     s.feed(Input::Permit { permitted: cus(4) });
     assert_eq!(s.step(), None, "denied, cooling down");
-    s.at(20).feed(Input::Pressure { oom: false });
+    s.at(20).feed(Input::Pressure(PressureKind::MemcgReclaim));
     assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }), "new pressure: ask at once");
 }
 
@@ -136,7 +137,7 @@ fn downscale_waits_for_sustained_low_use_then_one_cu_per_step() {
     s.at(p.downscale_after_ms - 1).using(1.0);
     assert_eq!(s.step(), None, "not yet");
     s.at(p.downscale_after_ms).using(1.0);
-    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5) }), "one CU, not four");
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5), vcpus: 0 }), "one CU, not four");
     s.feed(Input::DownscaleAnswer { approved: true });
     assert_eq!(s.step(), Some(Action::Unplug { target: cus(5) }));
     s.feed(Input::Unplugged { size: cus(5) });
@@ -145,29 +146,28 @@ fn downscale_waits_for_sustained_low_use_then_one_cu_per_step() {
     assert_eq!(s.vm.permitted, cus(5));
     assert_eq!(s.step(), None, "next step waits downscale_step_ms");
     s.at(p.downscale_after_ms + p.downscale_step_ms).using(1.0);
-    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(4) }));
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(4), vcpus: 0 }));
 }
 
 #[test]
 fn cpu_pressure_right_after_giving_up_a_vcpu_is_the_downscales_echo() {
-    use crate::core::vm::CPU_SETTLE_MS;
     let mut s = Sim::new(6);
     let p = Policy::default();
     s.at(0).using(1.0);
     assert_eq!(s.step(), None);
     s.at(p.downscale_after_ms).using(1.0);
-    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5) }));
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(5), vcpus: 0 }));
     s.feed(Input::DownscaleAnswer { approved: true });
     // The guest offlined a vCPU as it approved: its tasks crowd the rest.
-    s.feed(Input::CpuPressure);
+    s.feed(Input::Pressure(PressureKind::PsiCpu));
     assert_eq!(s.step(), Some(Action::Unplug { target: cus(5) }), "not undone by its own echo");
     s.feed(Input::Unplugged { size: cus(5) });
     assert_eq!(s.step(), Some(Action::Release { size: cus(5) }));
     s.feed(Input::Released);
-    s.at(p.downscale_after_ms + CPU_SETTLE_MS - 1).feed(Input::CpuPressure);
+    s.at(p.downscale_after_ms + p.cpu_settle_ms - 1).feed(Input::Pressure(PressureKind::PsiCpu));
     assert_eq!(s.step(), None, "still settling");
     // Pressure that outlasts the settle is real: grow.
-    s.at(p.downscale_after_ms + CPU_SETTLE_MS).feed(Input::CpuPressure);
+    s.at(p.downscale_after_ms + p.cpu_settle_ms).feed(Input::Pressure(PressureKind::PsiCpu));
     assert!(matches!(s.step(), Some(Action::RequestPermit { .. })), "{:?}", s.vm.in_flight());
 }
 
@@ -178,7 +178,7 @@ fn denied_downscale_keeps_the_vm_and_retries_after_cooldown() {
     s.at(0).using(0.5);
     s.step();
     s.at(p.downscale_after_ms).using(0.5);
-    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(3) }));
+    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(3), vcpus: 0 }));
     s.feed(Input::DownscaleAnswer { approved: false });
     let d = s.vm.step(s.now);
     assert_eq!(d.action, None);
@@ -186,7 +186,11 @@ fn denied_downscale_keeps_the_vm_and_retries_after_cooldown() {
     let wake = d.wake_at_ms.unwrap();
     assert!(wake > s.now + p.downscale_denied_cooldown_ms / 2);
     s.at(wake).using(0.5);
-    assert_eq!(s.step(), Some(Action::AskDownscale { target: cus(3) }), "retried after the cooldown");
+    assert_eq!(
+        s.step(),
+        Some(Action::AskDownscale { target: cus(3), vcpus: 0 }),
+        "retried after the cooldown"
+    );
 }
 
 #[test]
@@ -195,7 +199,7 @@ fn pressure_stops_a_pending_downscale() {
     let p = Policy::default();
     s.at(0).using(0.5);
     s.step();
-    s.at(p.downscale_after_ms - 10).feed(Input::Pressure { oom: false });
+    s.at(p.downscale_after_ms - 10).feed(Input::Pressure(PressureKind::MemcgReclaim));
     s.at(p.downscale_after_ms).using(0.5);
     assert_eq!(s.step(), Some(Action::RequestPermit { target: cus(6) }), "pressure floor wins over samples");
 }
@@ -290,7 +294,7 @@ fn late_and_duplicate_answers_are_ignored() {
 fn nothing_changes_while_migrating() {
     let mut s = Sim::new(2);
     s.feed(Input::Migrating(true));
-    s.at(10).feed(Input::Pressure { oom: true });
+    s.at(10).feed(Input::Pressure(PressureKind::OomVictim));
     assert_eq!(s.step(), None);
     s.feed(Input::Migrating(false));
     assert!(matches!(s.step(), Some(Action::RequestPermit { .. })));
@@ -414,7 +418,7 @@ fn downscale_to_the_end(vm: &mut VmCore, used: u64) -> Vec<Size> {
         now += 5_000;
         vm.input(now, used_mib(used));
         match vm.step(now).action {
-            Some(Action::AskDownscale { target }) => {
+            Some(Action::AskDownscale { target, .. }) => {
                 asked.push(target);
                 vm.input(now, Input::DownscaleAnswer { approved: true });
                 assert_eq!(vm.step(now).action, Some(Action::Unplug { target }));
@@ -483,7 +487,7 @@ fn cpu_pressure_grows_only_where_more_cus_bring_more_cpu() {
     vm.input(0, Input::InformantConnected(true));
     vm.input(0, Input::AllocatorConnected(true));
     for t in 0..20 {
-        vm.input(t * 100, Input::CpuPressure);
+        vm.input(t * 100, Input::Pressure(PressureKind::PsiCpu));
         assert_eq!(vm.step(t * 100).action, None, "no growth from CPU pressure the VM can't use");
     }
     // Half a vCPU per CU, one vCPU online: more CUs bring CPU, so grow.
@@ -492,6 +496,6 @@ fn cpu_pressure_grows_only_where_more_cus_bring_more_cpu() {
         VmCore::new(cu, 1, 4, Policy::default(), Size::new(1000, 512 * MIB), Size::new(1000, 512 * MIB), 3);
     vm.input(0, Input::InformantConnected(true));
     vm.input(0, Input::AllocatorConnected(true));
-    vm.input(10, Input::CpuPressure);
+    vm.input(10, Input::Pressure(PressureKind::PsiCpu));
     assert_eq!(vm.step(10).action, Some(Action::RequestPermit { target: Size::new(1500, 512 * MIB) }));
 }

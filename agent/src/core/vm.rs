@@ -6,71 +6,46 @@
 //! - downscale: the informant's approval, then unplug, then tell the allocator;
 //! - a failed plug gives the unused part of the permit back;
 //! - nothing changes while the VM migrates.
+//!
+//! It also decides what the VM loop used to: which guest pressure events
+//! count (`policy.ignore_pressure`, CPU against memory, none in polling
+//! mode), the VM's CPU size in sysfs mode, and when the QEMU process's
+//! `cpu.max` is to be set. Inputs and their handling are in `vm/input.rs`.
 
-use super::policy::{cus_for_pressure, cus_for_usage, Cu, Policy, Size, Usage};
+mod input;
+
+pub use input::Input;
+
+use super::policy::{cus_for_usage, vcpus_for, Cu, Policy, Size, Usage};
+use crate::polling::{Poller, Tick};
+use crate::vms::CpuMode;
 use serde::Serialize;
-
-/// Something the VM's executors or the guest reported.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Sample(Usage),
-    /// The memory the guest kernel manages (`MemTotal`), bytes, from the
-    /// same sample. Less than QEMU's size by what the kernel reserved at boot
-    /// (memmap, swiotlb, its own image): 392 MiB of a 512 MiB VM. The goal
-    /// adds the difference on top of what use calls for.
-    GuestMemory {
-        total_bytes: u64,
-    },
-    /// A pressure event from the guest; `oom` for OOM-victim or memory.max.
-    Pressure {
-        oom: bool,
-    },
-    /// CPU pressure (PSI `cpu`): tasks waiting for a CPU.
-    CpuPressure,
-    /// The allocator's answer to a permit request (granted, partial or denied:
-    /// `permitted` is the VM's whole reservation now).
-    Permit {
-        permitted: Size,
-    },
-    /// The hotplug finished; `size` is what QEMU reports now.
-    Plugged {
-        size: Size,
-    },
-    /// The informant confirmed the guest sees the new resources.
-    UpscaleConfirmed,
-    /// The informant answered a downscale request.
-    DownscaleAnswer {
-        approved: bool,
-    },
-    /// The unplug finished; `size` is what QEMU reports now.
-    Unplugged {
-        size: Size,
-    },
-    /// The allocator acknowledged a release.
-    Released,
-    /// The in-flight operation failed. `size` is QEMU's size after it, when known.
-    Failed {
-        size: Option<Size>,
-    },
-    InformantConnected(bool),
-    AllocatorConnected(bool),
-    Migrating(bool),
-    Bounds {
-        min_cus: u32,
-        max_cus: u32,
-    },
-}
 
 /// What the executors should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "action")]
 pub enum Action {
-    RequestPermit { target: Size },
-    Plug { target: Size },
-    NotifyUpscale { size: Size },
-    AskDownscale { target: Size },
-    Unplug { target: Size },
-    Release { size: Size },
+    RequestPermit {
+        target: Size,
+    },
+    Plug {
+        target: Size,
+    },
+    NotifyUpscale {
+        size: Size,
+    },
+    /// `vcpus`: the vCPUs the guest is to keep online (sysfs mode), 0 where
+    /// QEMU unplugs them (hotplug mode) and the guest's CPUs are not asked about.
+    AskDownscale {
+        target: Size,
+        vcpus: u32,
+    },
+    Unplug {
+        target: Size,
+    },
+    Release {
+        size: Size,
+    },
 }
 
 impl Action {
@@ -95,13 +70,19 @@ pub struct UpscaleTimes {
 }
 
 /// The output of one step.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     pub action: Option<Action>,
     /// Call `step` again at this time at the latest (a timer, a cooldown).
     pub wake_at_ms: Option<u64>,
     /// Set when an upscale was confirmed in this step's inputs.
     pub upscale_done: Option<UpscaleTimes>,
+    /// Set the QEMU process's CPU quota (`cpu.max`) for this CPU size, in
+    /// milli-vCPU, now and beside any action (it is no step of the protocol),
+    /// and report how it went with [`Input::CpuMaxSet`].
+    pub cpu_max: Option<u64>,
+    /// Polling mode: the tick this step took, for the log.
+    pub polled: Option<Tick>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,10 +90,6 @@ struct InFlight {
     action: Action,
     started_ms: u64,
 }
-
-/// How long after a vCPU is given up CPU pressure is not taken as a reason
-/// to grow. The informant's load-average samples still raise the CPU goal.
-pub const CPU_SETTLE_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VmCore {
@@ -142,7 +119,7 @@ pub struct VmCore {
     approved: Option<Size>,
     upscale_blocked_until: u64,
     /// CPU pressure before this is not a reason to grow: the VM has just
-    /// given up a vCPU (see [`CPU_SETTLE_MS`]).
+    /// given up a vCPU (see `policy.cpu_settle_ms`).
     cpu_settle_until: u64,
     downscale_blocked_until: u64,
     pub failures: u32,
@@ -160,6 +137,18 @@ pub struct VmCore {
     upscale_began: Option<u64>,
     times: UpscaleTimes,
     rng: u64,
+    /// How the VM's CPUs scale: in sysfs mode QEMU has every vCPU from boot
+    /// and the CPU size is what the guest keeps online.
+    cpu_mode: CpuMode,
+    /// The CPU size the QEMU process's `cpu.max` was last set for; `None`
+    /// before the first and after a failed setting (retried at the next
+    /// plug or unplug).
+    cpu_max_set: Option<u64>,
+    /// A `cpu.max` setting to hand out at the next step.
+    cpu_max_due: Option<u64>,
+    /// Polling mode's averaging of samples (`policy.polling`).
+    #[serde(skip)]
+    poller: Option<Poller>,
 }
 
 impl VmCore {
@@ -178,7 +167,6 @@ impl VmCore {
             cu,
             min_cus,
             max_cus: max_cus.max(min_cus),
-            policy,
             current,
             permitted: permitted.max(current),
             boot_memory_bytes: 0,
@@ -202,7 +190,18 @@ impl VmCore {
             upscale_began: None,
             times: UpscaleTimes::default(),
             rng: seed | 1,
+            cpu_mode: CpuMode::Hotplug,
+            cpu_max_set: None,
+            cpu_max_due: policy_cpu_max(&policy, current),
+            poller: policy.polling.as_deref().map(|p| Poller::new(*p, 0)),
+            policy,
         }
+    }
+
+    /// Tells the core how the VM's CPUs scale. Without it sizes read back
+    /// from QEMU are taken as they are (hotplug).
+    pub fn set_cpu_mode(&mut self, mode: CpuMode) {
+        self.cpu_mode = mode;
     }
 
     /// Tells the core how much memory QEMU booted the VM with (QMP
@@ -251,182 +250,6 @@ impl VmCore {
         goal.clamp(self.min_cus, self.max_cus)
     }
 
-    /// Feeds one input. Answers that don't match the operation in flight (late,
-    /// duplicated) are ignored, so a confused executor cannot reorder the protocol.
-    pub fn input(&mut self, now: u64, input: Input) {
-        let flight = self.in_flight.map(|f| f.action);
-        match (input, flight) {
-            (Input::Sample(u), _) => self.usage = Some((now, u)),
-            (Input::GuestMemory { total_bytes }, flight) => {
-                // While memory is being plugged the guest may already see the
-                // new memory and `current` not yet: skip those reports.
-                let moving = matches!(flight, Some(Action::Plug { .. } | Action::Unplug { .. }));
-                if total_bytes > 0 && !moving {
-                    let mem = self.current.memory_bytes;
-                    // Never more than half the VM: a guest that reports far
-                    // less than it has is wrong, not small.
-                    let o = mem.saturating_sub(total_bytes).min(mem / 2);
-                    self.memory_overhead = Some(self.memory_overhead.map_or(o, |m| m.min(o)));
-                }
-            }
-            // A vCPU just given up crowds its tasks onto the others for a
-            // moment: that pressure is the downscale's own echo, and growing
-            // on it would undo the downscale at once (seen under TCG).
-            (Input::CpuPressure, _) if now < self.cpu_settle_until => {}
-            (Input::CpuPressure, _) => {
-                // CUs bring CPU and memory together. Where the VM already has
-                // the CPU the raised goal would give (every vCPU online, say),
-                // more CUs would add only memory, which waiting for a CPU does
-                // not call for: under TCG CPU pressure is constant, and it grew
-                // idle guests to their largest size. (The informant's samples
-                // still raise the CPU goal from the load average.)
-                let base = self.current_cus().max(self.permitted.whole_cus(self.cu));
-                let floor = cus_for_pressure(base, false, &self.policy).min(self.max_cus);
-                if Size::of_cus(floor, self.cu).milli_cpu > self.current.milli_cpu {
-                    self.input(now, Input::Pressure { oom: false });
-                }
-            }
-            (Input::Pressure { oom }, _) => {
-                let base = self.current_cus().max(self.permitted.whole_cus(self.cu));
-                let floor = cus_for_pressure(base, oom, &self.policy).min(self.max_cus);
-                let hold = now.saturating_add(self.policy.pressure_hold_ms);
-                let raised = self.pressure_floor.is_none_or(|(f, until)| floor > f || now >= until);
-                self.pressure_floor = Some((floor.max(self.pressure_floor.map_or(0, |p| p.0)), hold));
-                self.low_since = None;
-                self.downscale_blocked_until = self.downscale_blocked_until.max(hold);
-                if raised {
-                    // New information: ask again even inside a denial cooldown.
-                    self.upscale_blocked_until = 0;
-                    self.upscale_began.get_or_insert(now);
-                }
-            }
-            (Input::Permit { permitted }, Some(Action::RequestPermit { .. })) => {
-                self.done();
-                self.permitted = permitted.max(self.current);
-                self.times.to_permit_ms = self.since_began(now);
-                if self.permitted.whole_cus(self.cu) <= self.current_cus() {
-                    let cool = self.jitter(self.policy.denied_cooldown_ms);
-                    self.upscale_blocked_until = now.saturating_add(cool);
-                }
-            }
-            (Input::Plugged { size }, Some(Action::Plug { .. })) => {
-                let before = self.current_cus();
-                self.done();
-                if size.whole_cus(self.cu) <= before {
-                    // The VM can't take another whole CU (e.g. no vCPU left to
-                    // online): plugging again would loop. Back off like a
-                    // failure and give back the permit it could not use.
-                    self.failed(now, Action::Plug { target: size }, Some(size));
-                    return;
-                }
-                self.current = size;
-                self.permitted = self.permitted.max(size);
-                self.times.to_plug_ms = self.since_began(now);
-                if self.informant_up {
-                    self.owed_notify = Some(size);
-                }
-            }
-            (Input::UpscaleConfirmed, Some(Action::NotifyUpscale { .. })) => {
-                self.done();
-                self.owed_notify = None;
-                self.times.to_confirm_ms = self.since_began(now);
-            }
-            (Input::DownscaleAnswer { approved }, Some(Action::AskDownscale { target })) => {
-                self.done();
-                if approved {
-                    self.approved = Some(target);
-                    // The guest gives its vCPUs up when it approves.
-                    if target.milli_cpu < self.current.milli_cpu {
-                        self.cpu_settle_until = now.saturating_add(CPU_SETTLE_MS);
-                    }
-                } else {
-                    let cool = self.jitter(self.policy.downscale_denied_cooldown_ms);
-                    self.downscale_blocked_until = now.saturating_add(cool);
-                }
-            }
-            (Input::Unplugged { size }, Some(Action::Unplug { .. })) => {
-                self.done();
-                self.approved = None;
-                if size.milli_cpu < self.current.milli_cpu {
-                    self.cpu_settle_until = now.saturating_add(CPU_SETTLE_MS);
-                }
-                self.current = size;
-                self.owed_release = Some(size);
-                // The next step down waits `downscale_step_ms`, not a whole new low spell.
-                let p = &self.policy;
-                self.low_since =
-                    Some(now.saturating_sub(p.downscale_after_ms).saturating_add(p.downscale_step_ms));
-            }
-            (Input::Released, Some(Action::Release { size })) => {
-                self.done();
-                self.permitted = size.max(self.current);
-                self.owed_release = None;
-            }
-            (Input::Failed { size }, Some(action)) => self.failed(now, action, size),
-            (Input::InformantConnected(up), _) => {
-                self.informant_up = up;
-                if !up {
-                    self.owed_notify = None; // the guest onlines by itself; nobody to tell
-                    self.approved = None; // approval lapses with its giver
-                    self.abandon(|a| matches!(a, Action::NotifyUpscale { .. } | Action::AskDownscale { .. }));
-                }
-            }
-            (Input::AllocatorConnected(up), _) => {
-                self.allocator_up = up;
-                if !up {
-                    self.abandon(|a| matches!(a, Action::RequestPermit { .. } | Action::Release { .. }));
-                }
-            }
-            (Input::Migrating(m), _) => self.migrating = m,
-            (Input::Bounds { min_cus, max_cus }, _) => {
-                self.min_cus = min_cus;
-                self.max_cus = max_cus.max(min_cus);
-            }
-            // An answer with nothing (or something else) in flight: stale, ignore.
-            _ => {}
-        }
-    }
-
-    fn done(&mut self) {
-        self.in_flight = None;
-        self.failures = 0;
-    }
-
-    fn abandon(&mut self, which: impl Fn(Action) -> bool) {
-        if self.in_flight.is_some_and(|f| which(f.action)) {
-            self.in_flight = None;
-        }
-    }
-
-    fn failed(&mut self, now: u64, action: Action, size: Option<Size>) {
-        self.in_flight = None;
-        self.plug_rest = false;
-        self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.saturating_sub(1).min(16);
-        let backoff = self.policy.retry_base_ms.saturating_mul(1 << exp).min(self.policy.retry_max_ms);
-        self.retry_at = now.saturating_add(self.jitter(backoff));
-        if let Some(s) = size {
-            self.current = s;
-        }
-        if size.is_none() && matches!(action, Action::Plug { .. } | Action::Unplug { .. }) {
-            // QEMU's size is unknown: what the guest sees may not match
-            // `current`, so learn the overhead again.
-            self.memory_overhead = None;
-        }
-        match action {
-            // A failed plug gives back what it did not use of the permit.
-            Action::Plug { .. } if self.permitted != self.current => {
-                self.owed_release = Some(self.current);
-            }
-            Action::Unplug { .. } if size.is_some_and(|s| !self.permitted.fits_in(s)) => {
-                // Part of it went away: the allocator must hear of what did.
-                self.owed_release = Some(self.current);
-                self.approved = None;
-            }
-            _ => {}
-        }
-    }
-
     /// The goal is above the VM's size and the permit covers more of it.
     fn growth_permitted(&self, now: u64) -> bool {
         let cur = self.current_cus();
@@ -453,6 +276,27 @@ impl VmCore {
 
     /// Decides what to do now. Call after every input and at `wake_at_ms`.
     pub fn step(&mut self, now: u64) -> Decision {
+        let polled = self.poll(now);
+        let mut d = self.decide(now);
+        d.polled = polled;
+        d.cpu_max = self.cpu_max_due.take();
+        if let Some(p) = &self.poller {
+            d.wake_at_ms = Some(d.wake_at_ms.map_or(p.next_tick_ms(), |w| w.min(p.next_tick_ms())));
+        }
+        d
+    }
+
+    /// Polling mode: at a tick, the window's average becomes the sample the
+    /// goal is computed from.
+    fn poll(&mut self, now: u64) -> Option<Tick> {
+        let tick = self.poller.as_mut()?.tick(now)?;
+        if let Some(u) = tick.usage {
+            self.usage = Some((now, u));
+        }
+        Some(tick)
+    }
+
+    fn decide(&mut self, now: u64) -> Decision {
         let mut d = Decision::default();
         if self.times.to_confirm_ms.is_some()
             || (self.times.to_plug_ms.is_some() && self.owed_notify.is_none())
@@ -552,6 +396,14 @@ impl VmCore {
         if target == self.current {
             return None;
         }
-        Some(Action::AskDownscale { target })
+        // In sysfs mode the guest gives its vCPUs up itself, when it approves.
+        let vcpus = if self.cpu_mode == CpuMode::Sysfs { vcpus_for(target.milli_cpu) } else { 0 };
+        Some(Action::AskDownscale { target, vcpus })
     }
+}
+
+/// The first `cpu.max` setting: the size the VM was found at, when the policy
+/// asks for quotas.
+fn policy_cpu_max(policy: &Policy, current: Size) -> Option<u64> {
+    policy.cpu_max_cgroup.then_some(current.milli_cpu)
 }
