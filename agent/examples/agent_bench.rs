@@ -61,7 +61,7 @@ impl Drop for Kill {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    vmscale_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
 }
 
 fn rss_mib(pid: u32) -> f64 {

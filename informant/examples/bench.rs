@@ -259,7 +259,7 @@ fn load_avg_1() -> Option<f64> {
 async fn bench(a: Args, bin: PathBuf) -> anyhow::Result<()> {
     let load_at_start = load_avg_1();
     let workload = Workload::new()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = vmscale_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())?;
     let log = workload.path().join("informant.log");
     let mut cmd = match a.nice {
         Some(n) => {

@@ -50,8 +50,8 @@ struct Phases {
 
 pub fn run(server: &Path, quick: bool, levels: &[usize]) -> anyhow::Result<Map<String, Value>> {
     let levels = if levels.is_empty() { &LEVELS[..] } else { levels };
-    // A free port: bind, read it, let it go; the server binds it right after.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // A port the server binds right after, which nobody else takes meanwhile.
+    let port = vmscale_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())?;
     let child = Command::new(server)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0", "--log", "warn"])
         .stdin(Stdio::null())
