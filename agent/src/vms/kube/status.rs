@@ -177,7 +177,9 @@ impl Gate {
 
     fn failed(&mut self, started: Instant, cfg: &StatusConfig) {
         self.failures = self.failures.saturating_add(1);
-        let delay = cfg.min_interval_ms.saturating_mul(1 << self.failures.min(20)).min(cfg.retry_max_ms);
+        // Twice the interval after the first failure, doubling up to the cap.
+        let backoff = vmscale_common::backoff::Backoff::from_ms(cfg.min_interval_ms, cfg.retry_max_ms);
+        let delay = backoff.delay_ms(self.failures.saturating_add(1));
         self.not_before = Some(started + Duration::from_millis(delay.max(cfg.min_interval_ms)));
     }
 }
