@@ -26,7 +26,10 @@ struct Harness {
     ctx: LoopContext,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    _node_ends: (watch::Sender<Session>, watch::Sender<bool>, watch::Receiver<bool>),
+    /// The node's ends: the session it publishes, and the move gate.
+    session_tx: watch::Sender<Session>,
+    moving: watch::Sender<bool>,
+    quiet: watch::Receiver<bool>,
 }
 
 fn spec(cu: Cu, cpu_mode: CpuMode, policy: Policy) -> VmSpec {
@@ -46,9 +49,15 @@ fn spec(cu: Cu, cpu_mode: CpuMode, policy: Policy) -> VmSpec {
 /// Starts a loop on a VM QEMU has at `qemu`, with a session and a guest
 /// connected.
 fn start(spec: VmSpec, qemu: VmSize) -> Harness {
+    start_with(spec, qemu, true)
+}
+
+/// The same, the allocator session up or not yet.
+fn start_with(spec: VmSpec, qemu: VmSize, session_up: bool) -> Harness {
     let hv = Arc::new(FakeHypervisor::new(qemu.clone()));
     let session = ScriptedSession::granting();
-    let (session_tx, session_rx) = watch::channel::<Session>(Some(session.clone()));
+    let up: Session = Some(session.clone());
+    let (session_tx, session_rx) = watch::channel::<Session>(up.filter(|_| session_up));
     let ctx = LoopContext {
         session: session_rx,
         registry: Arc::new(Registry::default()),
@@ -66,7 +75,7 @@ fn start(spec: VmSpec, qemu: VmSize) -> Harness {
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let task = tokio::spawn(async move { l.run(&c).await });
-    Harness { hv, session, guest, ends, ctx, cancel, task, _node_ends: (session_tx, moving, quiet) }
+    Harness { hv, session, guest, ends, ctx, cancel, task, session_tx, moving, quiet }
 }
 
 impl Harness {
@@ -87,6 +96,10 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("timed out waiting for {what}: {:?}", self.status());
+    }
+
+    fn reserves(&self) -> usize {
+        self.session.calls().iter().filter(|b| matches!(b, Body::Reserve(_))).count()
     }
 
     async fn stop(self) {
@@ -139,8 +152,7 @@ async fn unknown_kinds_are_counted_under_one_key_and_can_be_ignored() {
     assert_eq!(kinds, [("psi_memory".to_owned(), 1), ("unknown".to_owned(), 3)]);
     // psi_memory counts and grows the VM; the ignored ones did not.
     h.until("the upscale", |s| s.current.milli_cpu == 2000).await;
-    let reserves = h.session.calls().iter().filter(|b| matches!(b, Body::Reserve(_))).count();
-    assert_eq!(reserves, 1);
+    assert_eq!(h.reserves(), 1);
     h.stop().await;
 }
 
@@ -171,5 +183,45 @@ async fn a_sysfs_downscale_asks_the_guest_for_its_vcpus_and_releases_after_the_u
     assert!(!h.hv.state().calls.contains(&"unplug_vcpu".to_owned()), "the guest offlines, not QEMU");
     let last = h.session.calls().pop();
     assert!(matches!(&last, Some(Body::Release(r)) if r.new_size == res(one)), "{last:?}");
+    h.stop().await;
+}
+
+fn one_cu_vm() -> (VmSpec, VmSize) {
+    let cu = Cu { milli_cpu: 1000, memory_bytes: 512 * MIB };
+    let qemu = VmSize { vcpus_present: 1, vcpu_slots: 4, memory_base_bytes: 512 * MIB, ..VmSize::default() };
+    (spec(cu, CpuMode::Hotplug, Policy::default()), qemu)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_that_comes_later_gets_the_vm_before_its_reserve() {
+    let (spec, qemu) = one_cu_vm();
+    let h = start_with(spec, qemu, false);
+    h.send(pressure(PressureKind::OomVictim)).await;
+    h.until("the event", |s| s.pressure_events == 1 && s.informant_connected).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!h.status().allocator_connected);
+    assert_eq!(h.status().current.milli_cpu, 1000, "no growth without a permit");
+    h.session_tx.send_replace(Some(h.session.clone()));
+    h.until("the upscale", |s| s.current.milli_cpu == 3000).await;
+    let calls = h.session.calls();
+    assert!(matches!(&calls[0], Body::AddVm(_)), "registered first: {calls:?}");
+    assert!(matches!(&calls[1], Body::Reserve(_)), "{calls:?}");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_moving_vm_goes_quiet_and_grows_only_after_the_move() {
+    let (spec, qemu) = one_cu_vm();
+    let mut h = start(spec, qemu);
+    h.until("the guest connected", |s| s.informant_connected).await;
+    h.moving.send_replace(true);
+    h.quiet.wait_for(|q| *q).await.unwrap();
+    h.send(pressure(PressureKind::MemcgReclaim)).await;
+    h.until("the event", |s| s.pressure_events == 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.reserves(), 0, "held still while it moves");
+    h.moving.send_replace(false);
+    h.until("the upscale", |s| s.current.milli_cpu == 2000).await;
+    assert!(!*h.quiet.borrow_and_update());
     h.stop().await;
 }
