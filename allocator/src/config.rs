@@ -24,6 +24,11 @@ pub struct Config {
     /// How often the planner runs, in milliseconds (it also runs right after a
     /// denied or partial request). Default 1000.
     pub plan_interval_ms: u64,
+    /// After a round run early (a denied or partial request wakes the
+    /// planner), the next waits at least this long, in milliseconds, so a
+    /// storm of denials costs one round, not thousands. Default 50; at most
+    /// `plan_interval_ms` takes effect.
+    pub plan_min_gap_ms: u64,
     /// A migration not finished after this many milliseconds fails. Default 600000.
     pub order_timeout_ms: u64,
     /// Moves planned per round across the cluster. Default 16.
@@ -100,6 +105,7 @@ impl Default for Config {
             system_reserve_milli_cpu: 0,
             system_reserve_memory_bytes: 0,
             plan_interval_ms: 1000,
+            plan_min_gap_ms: 50,
             order_timeout_ms: 600_000,
             max_moves_per_round: 16,
             contended_p99_us: 5_000,
@@ -134,6 +140,9 @@ impl Config {
         }
         if self.plan_interval_ms == 0 {
             return bad("plan_interval_ms", "0".into(), "must be at least 1");
+        }
+        if self.plan_min_gap_ms == 0 {
+            return bad("plan_min_gap_ms", "0".into(), "must be at least 1");
         }
         if self.order_timeout_ms == 0 {
             return bad("order_timeout_ms", "0".into(), "must be at least 1");
@@ -254,6 +263,8 @@ mod tests {
         assert!(e.to_string().contains("(0, 1]"), "{e}");
         let e = Config::parse("system_reserve_memory_bytes = 9223372036854775807", "t").unwrap_err();
         assert!(e.to_string().contains("units"), "{e}");
+        let e = Config::parse("plan_min_gap_ms = 0", "t").unwrap_err();
+        assert!(e.to_string().contains("plan_min_gap_ms"), "{e}");
         let e = Config::parse("contended_p99_us = 0", "t").unwrap_err();
         assert!(e.to_string().contains("contended_p99_us"), "{e}");
         let e = Config::parse("move_retry_base_ms = 10000\nmove_retry_max_ms = 5000", "t").unwrap_err();

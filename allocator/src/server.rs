@@ -98,11 +98,11 @@ pub async fn serve_with(
 }
 
 /// Plans on a timer and right after a request is denied, at most once per
-/// `min_gap` so that a storm of denials costs one round, not thousands.
+/// `plan_min_gap_ms` so that a storm of denials costs one round, not thousands.
 async fn plan_loop(sh: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(sh.config.plan_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let min_gap = Duration::from_millis(sh.config.plan_interval_ms.min(50));
+    let min_gap = Duration::from_millis(sh.config.plan_interval_ms.min(sh.config.plan_min_gap_ms));
     loop {
         tokio::select! {
             () = sh.shutdown.cancelled() => return,
