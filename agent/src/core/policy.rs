@@ -112,8 +112,9 @@ pub struct Policy {
     /// once per loop interval, ignoring pressure events (see `crate::polling`).
     /// The core applies it: it averages the samples and ignores the events.
     /// For comparison benchmarks. Default none: event-driven.
-    /// Boxed, as `ignore_pressure`: a VM's spec carries its policy, and these
-    /// rarely used options should not make every spec larger.
+    /// Boxed: a VM's spec carries its policy, and this rarely used option
+    /// should not make every spec larger (`ignore_pressure` is a bit set for
+    /// the same reason).
     pub polling: Option<Box<crate::polling::Polling>>,
     /// Pressure event kinds the VM counts but does not act on, by their
     /// wire names without `KIND_`, lower case (e.g. `["psi_cpu"]`: under TCG
