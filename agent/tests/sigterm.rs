@@ -119,6 +119,7 @@ async fn sigterm_ends_the_loops_and_exits_zero_within_five_seconds() {
     assert!(status.success(), "the agent exited with {status} on SIGTERM:\n{}", said());
     let log_text = said();
     assert!(log_text.contains("SIGTERM: shutting down"), "{log_text}");
+    assert!(!log_text.contains("did not stop"), "a VM loop outlived the shutdown:\n{log_text}");
     eprintln!("the agent exited {:?} after SIGTERM", sent.elapsed());
     // A stop is not a departure: the VM still runs, and the next agent
     // registers it again.

@@ -56,7 +56,9 @@ pub struct Plan {
     /// Moved-away VMs no longer kept apart: the list changed their entry,
     /// or they moved back here.
     pub forget_moved: Vec<String>,
+    /// Loops to stop, each with what becomes of its VM.
     pub stop: Vec<(String, Stop)>,
+    /// Loops to start (again, for a [`Stop::Restart`]), with their spec.
     pub start: Vec<VmSpec>,
 }
 
@@ -70,6 +72,7 @@ impl Plan {
 pub fn reconcile(inv: &Inventory) -> Plan {
     let listed = |id: &str| inv.listed.iter().find(|v| v.id == id);
     let adopted = |id: &str| inv.adopted.iter().any(|v| v.id == id);
+    // A changed entry names a new VM; a VM adopted again came back.
     let forget_moved: Vec<String> = inv
         .moved_away
         .iter()
@@ -83,9 +86,11 @@ pub fn reconcile(inv: &Inventory) -> Plan {
 
     let mut wanted: BTreeMap<&str, &VmSpec> =
         inv.listed.iter().filter(|v| !moved_away(&v.id)).map(|v| (v.id.as_str(), v)).collect();
+    // An adopted VM's spec wins over the list's: its QEMU is the one started here.
     for v in &inv.adopted {
         wanted.insert(&v.id, v);
     }
+    // Its interrupted move may yet take it away: not scaled until settled.
     wanted.retain(|id, _| !inv.held.contains(*id));
 
     let stop = inv
@@ -96,6 +101,7 @@ pub fn reconcile(inv: &Inventory) -> Plan {
             let why = if wanted.contains_key(id.as_str()) {
                 Stop::Restart
             } else if moved_away(id) || inv.held.contains(id) {
+                // The target's ledger holds it, or the move's report settles it.
                 Stop::Leave
             } else {
                 Stop::Release
