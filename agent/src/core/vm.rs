@@ -9,7 +9,8 @@
 //!
 //! It also decides what the VM loop used to: which guest pressure events
 //! count (`policy.ignore_pressure`, CPU against memory, none in polling
-//! mode), the VM's CPU size in sysfs mode, and when the QEMU process's
+//! mode, whose sample averaging it does too), the VM's CPU size in sysfs
+//! mode and the downscale's vCPU count, and when the QEMU process's
 //! `cpu.max` is to be set. Inputs and their handling are in `vm/input.rs`.
 
 mod input;
