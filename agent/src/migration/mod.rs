@@ -1,5 +1,8 @@
-//! Carrying out a migration order: the source agent's side of a move.
+//! Live migration between agents: the source's side of a move and the
+//! target's. Each side's lifecycle is a pure enum with one transition
+//! function; the async code around it only carries steps out.
 //!
+//! The source:
 //! - [`MoveState`]: the lifecycle of one move with its one transition
 //!   function; what the allocator hears follows from it ([`MoveState::report`]).
 //! - [`command_line`]: the VM's base QEMU command line, read from the source
@@ -7,18 +10,28 @@
 //!   process only (QMP socket, `-incoming`, devices added by hotplug or by an
 //!   earlier move) taken out (pure, tested on captured lines).
 //! - [`target`]: the narrow boundary to whoever starts the incoming QEMU
-//!   ([`IncomingTarget`]), and [`target::LocalIncoming`], which starts it on
-//!   this host (the target agent's executor, and the tests').
+//!   ([`target::IncomingTarget`]), and [`target::LocalIncoming`], which starts
+//!   it on this host (the target agent's executor, and the tests').
 //! - [`source`]: the executor: read the devices, have the target started,
 //!   migrate, switch over, and on any failure leave exactly one running VM:
 //!   the source.
-//! - [`remote`]: the target agent over the network ([`IncomingTarget`] over
-//!   proto/migration.proto); [`service`]: that service on the target agent,
-//!   which starts an incoming QEMU only under an order the allocator pushed
-//!   to it and adopts the VM once it runs there.
+//! - [`remote`]: the target agent over the network (`IncomingTarget` over
+//!   proto/migration.proto).
 //! - [`mover`]: the node's side of an order: hold the VM's loop still, carry
-//!   the move out, report every phase to the allocator until it is heard.
-//! - [`settings`]: the `[migration]` config section.
+//!   the move out, report every phase to the allocator until it is heard;
+//!   after a restart, settle an interrupted move by [`recovery`]'s table
+//!   (pure).
+//!
+//! The target:
+//! - [`target_state`]: an order's lifecycle on the target (starting,
+//!   prepared, confirming, running) and the authorised orders (pure).
+//! - [`target_node`]: starts an incoming QEMU only under an order the
+//!   allocator pushed to this node, resumes the guest on the source's
+//!   confirm, and adopts the VM once it runs here; [`adopted`]: what of that
+//!   survives a restart.
+//! - [`service`]: its gRPC face (proto/migration.proto).
+//!
+//! And [`settings`]: the `[migration]` config section.
 
 pub mod adopted;
 pub mod command_line;

@@ -32,6 +32,7 @@ use crate::qmp::migrate::{Migration, MigrationConfig, Progress};
 use crate::qmp::QmpClient;
 use crate::vm_loop::StatusMap;
 use crate::vms::VmSpec;
+use vmscale_common::error::Chain;
 
 /// How long the VM's loop may take to finish its last action.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(15);
@@ -71,7 +72,7 @@ pub enum Heard {
     Accepted,
     /// Answered with an error (e.g. the order is no longer open): final.
     Refused,
-    /// No session for [`REPORT_PATIENCE`]: the next hello tells the truth.
+    /// No session for `REPORT_PATIENCE`: the next hello tells the truth.
     GaveUp,
 }
 
@@ -166,7 +167,9 @@ impl MoverNode {
         let Some(s) = session else { return };
         match s.call(Body::RemoveVm(pb::RemoveVm { vm_id: vm.to_owned() })).await {
             Ok(_) => info!(order, vm, "released the moved VM's stale reservation on this node"),
-            Err(e) => warn!(order, vm, "cannot release the moved VM's reservation on this node: {e}"),
+            Err(e) => {
+                warn!(order, vm, "cannot release the moved VM's reservation on this node: {}", Chain(&e))
+            }
         }
     }
 
@@ -189,7 +192,7 @@ impl MoverNode {
                         warn!(order, ?phase, "the allocator refused the move's report: {code:?}: {message}");
                         return Heard::Refused;
                     }
-                    Err(e) => warn!(order, ?phase, "cannot report the move yet: {e}"),
+                    Err(e) => warn!(order, ?phase, "cannot report the move yet: {}", Chain(&e)),
                 }
             }
             if tokio::time::Instant::now() > deadline {
@@ -385,7 +388,7 @@ pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Ended {
             Step::Stay { resume } => {
                 if let (true, Some(out)) = (resume, &source) {
                     if let Err(e) = out.cont().await {
-                        warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {e:#}");
+                        warn!(order = r.order_id, vm = %r.vm, "cannot resume the source after an interrupted move: {}", Chain(&e));
                     }
                 }
                 let why = "the source agent restarted mid-move; the VM stays on the source";

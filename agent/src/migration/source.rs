@@ -11,6 +11,7 @@ use super::{MoveError, MoveState};
 use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo, RunState};
 use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
 use crate::qmp::QmpClient;
+use vmscale_common::error::Chain;
 
 /// How long the target may take to run the guest after the stream ended.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,7 +74,8 @@ pub async fn carry_out(
                     if let Err(e) = out.cont().await {
                         tracing::error!(
                             order = order_id,
-                            "cannot resume the source after a failed move: {e:#}"
+                            "cannot resume the source after a failed move: {}",
+                            Chain(&e)
                         );
                     }
                 }
@@ -129,7 +131,7 @@ async fn attempt<R: FnMut(Phase, &str)>(
     // that closes the connection while quitting is what we asked for.
     if let Err(e) = out.quit().await {
         if !e.is_disconnected() {
-            tracing::warn!(order = order_id, "the source qemu did not quit: {e:#}; it stays paused");
+            tracing::warn!(order = order_id, "the source qemu did not quit: {}; it stays paused", Chain(&e));
         }
     }
     Ok(MoveReport { info, devices })

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::time::Instant;
+use vmscale_common::error::Chain;
 
 use super::client::QmpClient;
 use super::error::Error as QmpError;
@@ -362,13 +363,13 @@ impl Migration {
             }
             if sent.1.elapsed() >= stall && Instant::now() < deadline {
                 if let Err(e) = self.cancel().await {
-                    tracing::warn!("cannot cancel a stalled migration: {e:#}");
+                    tracing::warn!("cannot cancel a stalled migration: {}", Chain(&e));
                 }
                 return Err(MigrateError::Stalled { after: stall, remaining_bytes: info.remaining_bytes() });
             }
             if Instant::now() >= deadline {
                 if let Err(e) = self.cancel().await {
-                    tracing::warn!("cannot cancel a migration past its deadline: {e:#}");
+                    tracing::warn!("cannot cancel a migration past its deadline: {}", Chain(&e));
                 }
                 // Not one byte went out: the stream never got going, which
                 // no bandwidth or downtime limit would change.
