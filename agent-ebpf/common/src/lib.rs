@@ -15,6 +15,8 @@
 #![cfg_attr(not(feature = "user"), no_std)]
 
 #[cfg(feature = "user")]
+pub mod object;
+#[cfg(feature = "user")]
 pub mod preflight;
 pub mod sched;
 

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError};
 use aya::programs::{RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use vmscale_ebpf_common::preflight::{self, list, PreflightError};
+use vmscale_ebpf_common::object;
+use vmscale_ebpf_common::preflight::{self, PreflightError};
 use vmscale_ebpf_common::sched::{
     RqStats, RQ_EPOCH_MAP, RQ_STATS_MAP, SCHED_PROGRAMS, SCHED_RAW_PROGRAMS, TASK_PID_OFFSET_GLOBAL,
 };
@@ -74,8 +75,8 @@ impl Default for RunQueueConfig {
 /// missing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the eBPF object file is missing: {}; build it with `cargo xtask build-ebpf`", list(.searched))]
-    ObjectMissing { searched: Vec<PathBuf> },
+    #[error(transparent)]
+    ObjectMissing(#[from] object::ObjectMissing),
     /// Capabilities, tracefs: what both loaders check before loading.
     #[error(transparent)]
     Preflight(#[from] PreflightError),
@@ -119,35 +120,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The object's file name, as `cargo xtask build-ebpf` writes it.
-pub const OBJECT_FILE: &str = "vmscale.bpf.o";
-/// Environment variable naming the object file.
-pub const OBJECT_ENV: &str = "VMSCALE_EBPF_OBJECT";
-
-/// Where the object is looked for when no path is configured, as the
-/// informant does (see `vmscale_informant::ebpf::object`): `$VMSCALE_EBPF_OBJECT`
-/// alone when set; else next to the running binary (how packages ship it),
-/// then `<workspace>/target/ebpf/` of the checkout this crate was built from
-/// (`cargo run` and `cargo test` find what xtask built).
-pub fn candidates() -> Vec<PathBuf> {
-    if let Some(p) = std::env::var_os(OBJECT_ENV).filter(|p| !p.is_empty()) {
-        return vec![PathBuf::from(p)];
-    }
-    let mut v = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(Path::parent) {
-        v.push(dir.join(OBJECT_FILE));
-    }
-    v.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf").join(OBJECT_FILE));
-    v
-}
+pub const OBJECT_FILE: &str = object::FILE_NAME;
 
 /// The object to load: `explicit` if given (it must exist), else the first
-/// default candidate that exists.
+/// of [`object::candidates`] that exists, as the informant does.
 pub fn find_object(explicit: Option<&Path>) -> Result<PathBuf> {
-    let searched = match explicit {
-        Some(p) => vec![p.to_path_buf()],
-        None => candidates(),
-    };
-    searched.iter().find(|p| p.is_file()).cloned().ok_or(Error::ObjectMissing { searched })
+    Ok(object::find(explicit)?)
 }
 
 /// Loads program `p` and attaches it as `kind`.
@@ -367,7 +345,7 @@ mod tests {
             ..RunQueueConfig::default()
         })
         .unwrap_err();
-        assert!(matches!(e, Error::ObjectMissing { .. }));
+        assert!(matches!(e, Error::ObjectMissing(_)));
     }
 
     #[test]

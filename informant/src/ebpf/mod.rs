@@ -18,7 +18,8 @@
 //! Where the object comes from: see [`object`].
 
 mod hog;
-pub mod object;
+/// Where the object file is found (shared with the agent's loader).
+pub use vmscale_ebpf_common::object;
 mod reader;
 mod records;
 
@@ -33,7 +34,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use vmscale_ebpf_common::preflight::{self, list, PreflightError};
+use vmscale_ebpf_common::preflight::{self, PreflightError};
 use vmscale_ebpf_common::{KindState, DEFAULT_WINDOW_NS, PROGRAMS, RING_MAP, STATE_MAP, WINDOW_GLOBAL};
 
 use crate::event::{Event, SourceKind};
@@ -79,8 +80,8 @@ impl Default for EbpfConfig {
 /// Why the eBPF source can't run here. Each message names what is missing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the eBPF object file is missing: {}; build it with `cargo xtask build-ebpf`", list(.searched))]
-    ObjectMissing { searched: Vec<PathBuf> },
+    #[error(transparent)]
+    ObjectMissing(#[from] object::ObjectMissing),
     /// Capabilities, tracefs: what both loaders check before loading.
     #[error(transparent)]
     Preflight(#[from] PreflightError),

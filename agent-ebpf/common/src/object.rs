@@ -1,4 +1,5 @@
-//! Where the eBPF object file is found.
+//! Where the eBPF object file is found, by both loaders (the informant's
+//! and the agent's run-queue programs).
 //!
 //! `cargo xtask build-ebpf` writes it to `<workspace>/target/ebpf/vmscale.bpf.o`.
 //! The loader takes the path as a parameter (config). Without one,
@@ -21,7 +22,12 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Error, Result};
+/// No object at any place looked; the loaders wrap it in their own error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the eBPF object file is missing: {}; build it with `cargo xtask build-ebpf`", crate::preflight::list(.searched))]
+pub struct ObjectMissing {
+    pub searched: Vec<PathBuf>,
+}
 
 /// The object's file name, as xtask writes it.
 pub const FILE_NAME: &str = "vmscale.bpf.o";
@@ -31,7 +37,8 @@ pub const ENV_VAR: &str = "VMSCALE_EBPF_OBJECT";
 /// Where `cargo xtask build-ebpf` puts the object in the checkout this crate
 /// was built from.
 pub fn workspace_object() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("ebpf").join(FILE_NAME)
+    // This crate is agent-ebpf/common: the workspace is two levels up.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join("target").join("ebpf").join(FILE_NAME)
 }
 
 /// The places tried when no path is given, in order: `$VMSCALE_EBPF_OBJECT`
@@ -50,12 +57,12 @@ pub fn candidates() -> Vec<PathBuf> {
 
 /// The object to load: `explicit` if given (it must exist), else the first
 /// default candidate that exists.
-pub fn find(explicit: Option<&Path>) -> Result<PathBuf> {
+pub fn find(explicit: Option<&Path>) -> Result<PathBuf, ObjectMissing> {
     let searched = match explicit {
         Some(p) => vec![p.to_path_buf()],
         None => candidates(),
     };
-    first_file(&searched).ok_or(Error::ObjectMissing { searched })
+    first_file(&searched).ok_or(ObjectMissing { searched })
 }
 
 fn first_file(paths: &[PathBuf]) -> Option<PathBuf> {
