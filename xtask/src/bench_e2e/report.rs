@@ -414,3 +414,55 @@ fn split_p50(rs: &[&Run]) -> Value {
         "plugged_to_online_ms": p50(|s| s.plugged_to_online_ms),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: Mode, relief_ms: Vec<f64>, oom_kills: usize) -> Run {
+        Run {
+            mode,
+            step: Step { target: Target::Watermark, rate: 16, workers: 1 },
+            achieved: Some(15.5),
+            completed: true,
+            oom_kills,
+            victims: Vec::new(),
+            crossings: relief_ms.len(),
+            watermark_ahead: 1,
+            watermark_at_line: 0,
+            relief_ms,
+            split: Vec::new(),
+            floor_ms: vec![100.0, 120.0],
+            dimms: 4,
+            pressure_events: 3,
+            pressure_kinds: vec![("psi_cpu".into(), 3)],
+        }
+    }
+
+    #[test]
+    fn the_summary_says_each_mode_once_per_step_and_judges_the_targets() {
+        let runs = [
+            run(Mode::Events, vec![90.0, 140.0], 0),
+            run(Mode::NoLead, vec![200.0], 0),
+            run(Mode::MemoryEvents, vec![150.0], 0),
+            run(Mode::Polling, vec![4000.0], 1),
+        ];
+        let session = Session { quick: true, date: "d", load_before: "1", load_after: "2", minutes: 1.0 };
+        let (v, md) = summarize(&runs, &session);
+        assert_eq!(v["relief_samples"], 2);
+        assert_eq!(v["relief_p50_ms"], 90.0);
+        assert_eq!(v["hotplug_floor_ms"], 100.0);
+        assert_eq!(v["oom_kills_polling"], 1);
+        assert_eq!(v["ramp_mib_per_s_max_target_0_9"], 15.5);
+        // p99 140 ms against 1.5 x the 100 ms floor: met.
+        assert_eq!(v["targets"]["relief_p99_within_1_5x_floor"], true);
+        assert_eq!(v["targets"]["zero_oom_event_driven_where_polling_has_some"], true);
+        assert_eq!(v["steps"].as_array().map(Vec::len), Some(1));
+        assert!(
+            md.contains("| `relief_p99_ms`, event-driven | 140 ms | ≤ 1.5x floor = 150 ms | met |"),
+            "{md}"
+        );
+        assert_eq!(md.lines().filter(|l| l.starts_with("| 0.9 | 16 MiB/s |")).count(), MODES.len(), "{md}");
+        assert!(md.contains("(2 per mode and step)") || md.contains("(1 per mode and step)"), "{md}");
+    }
+}
