@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -23,14 +23,14 @@ use vmscale_proto::allocator::agent_message::Body;
 use crate::allocator_link::{Registry, Session};
 use crate::ebpf::{self, Attach, RunQueue, RunQueueConfig, RunQueueDelay};
 use crate::metrics::{DelayLabels, Metrics, VmLabel};
-use crate::qmp::Hypervisor;
+use crate::qmp::VcpuThreads;
 
 /// Every VM's QEMU connection, by VM id, while it is connected. The node
 /// supervisor keeps it; the contention task reads it.
-pub type Hypervisors = Arc<Mutex<BTreeMap<String, Arc<dyn Hypervisor>>>>;
+pub type Hypervisors = Arc<Mutex<BTreeMap<String, Arc<dyn VcpuThreads>>>>;
 
 /// The `[contention]` section of the agent's config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ContentionConfig {
     /// Measure run-queue delay of vCPU threads with eBPF and report it.
@@ -192,7 +192,7 @@ pub async fn report_loop<S: DelaySource>(
 /// those; VMs that left stop being watched. A VM whose query fails keeps
 /// its previous threads for this round.
 async fn refresh_threads<S: DelaySource>(source: &mut S, hvs: &Hypervisors, quiet: &mut Quiet) {
-    let vms: Vec<(String, Arc<dyn Hypervisor>)> =
+    let vms: Vec<(String, Arc<dyn VcpuThreads>)> =
         hvs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let answers =
         futures::future::join_all(vms.iter().map(|(vm, hv)| async move {

@@ -18,9 +18,9 @@ use vmscale_agent::config::Config;
 use vmscale_agent::core::policy::{Cu, Policy, Size};
 use vmscale_agent::daemon;
 use vmscale_agent::node::{self, NodeHandles};
-use vmscale_agent::qmp::Hypervisor;
+use vmscale_agent::qmp::Hotplug;
 use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
-use vmscale_allocator::service::Shared;
+use vmscale_allocator::shared::Shared;
 use vmscale_proto::informant as ipb;
 use vmscale_proto::informant::informant_server::{Informant, InformantServer};
 

@@ -26,7 +26,7 @@ use vmscale_agent::contention::{self, ContentionConfig, ContentionNode, Hypervis
 use vmscale_agent::core::policy::{Cu, Size};
 use vmscale_agent::ebpf::{find_object, Attach, RunQueue, RunQueueConfig};
 use vmscale_agent::qmp::types::{CpuProps, VcpuThread};
-use vmscale_agent::qmp::{CpuDevice, DimmDevice, Hypervisor, VmSize};
+use vmscale_agent::qmp::{Hotplug, VcpuThreads};
 use vmscale_proto::allocator as pb;
 
 /// Tests that load programs run one at a time, so one's busy threads don't
@@ -249,33 +249,8 @@ async fn watched_thread_waits(attach: Attach) {
 #[derive(Debug)]
 struct Threads(Vec<u32>);
 
-fn not_here() -> vmscale_agent::qmp::Error {
-    vmscale_agent::qmp::Error::Disconnected { reason: "not part of this test".into() }
-}
-
 #[async_trait]
-impl Hypervisor for Threads {
-    async fn read_size(&self) -> vmscale_agent::qmp::Result<VmSize> {
-        Err(not_here())
-    }
-    async fn plug_vcpu(&self) -> vmscale_agent::qmp::Result<CpuDevice> {
-        Err(not_here())
-    }
-    async fn unplug_vcpu(&self) -> vmscale_agent::qmp::Result<CpuDevice> {
-        Err(not_here())
-    }
-    async fn plug_dimm(&self, _bytes: u64) -> vmscale_agent::qmp::Result<DimmDevice> {
-        Err(not_here())
-    }
-    async fn unplug_dimm(&self) -> vmscale_agent::qmp::Result<DimmDevice> {
-        Err(not_here())
-    }
-    async fn set_virtio_mem_size(&self, _requested_bytes: u64) -> vmscale_agent::qmp::Result<()> {
-        Err(not_here())
-    }
-    async fn wait_virtio_mem_plugged(&self, _timeout: Duration) -> vmscale_agent::qmp::Result<u64> {
-        Err(not_here())
-    }
+impl VcpuThreads for Threads {
     async fn vcpu_threads(&self) -> vmscale_agent::qmp::Result<Vec<VcpuThread>> {
         Ok(self
             .0
@@ -301,7 +276,7 @@ async fn figures_reach_the_allocator_ledger_and_metrics() {
     let addr = format!("http://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
     let shared =
-        vmscale_allocator::service::Shared::new(vmscale_allocator::config::Config::default(), stop.clone());
+        vmscale_allocator::shared::Shared::new(vmscale_allocator::config::Config::default(), stop.clone());
     let server = tokio::spawn(vmscale_allocator::server::serve(shared.clone(), grpc, http));
 
     let cu = Cu { milli_cpu: 250, memory_bytes: 1 << 30 };
@@ -322,9 +297,10 @@ async fn figures_reach_the_allocator_ledger_and_metrics() {
         agent: "run_queue test".into(),
         migration_endpoint: String::new(),
     };
-    let ch = vmscale_allocator::client::channel(&addr).await.unwrap();
-    let session = vmscale_allocator::client::SessionClient::open(ch, hello).await.unwrap();
-    let (_session_tx, session_rx) = watch::channel(Some(Arc::new(session)));
+    let ch = vmscale_allocator_client::channel(&addr).await.unwrap();
+    let session = vmscale_allocator_client::SessionClient::open(ch, hello).await.unwrap();
+    let session: vmscale_agent::allocator_link::Session = Some(Arc::new(session));
+    let (_session_tx, session_rx) = watch::channel(session);
 
     let load = Contention::start();
     let hypervisors: Hypervisors = Arc::default();
@@ -421,7 +397,7 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
     let addr = format!("http://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
     let shared =
-        vmscale_allocator::service::Shared::new(vmscale_allocator::config::Config::default(), stop.clone());
+        vmscale_allocator::shared::Shared::new(vmscale_allocator::config::Config::default(), stop.clone());
     let server = tokio::spawn(vmscale_allocator::server::serve(shared.clone(), grpc, http));
 
     let (session_tx, session_rx) = watch::channel(None);
