@@ -186,7 +186,7 @@ async fn start_target(
     let stop = cancel.child_token();
     tokio::spawn(async move {
         if let Err(e) = service::serve(svc, listen, stop).await {
-            tracing::error!("{e}; this node takes no VMs in");
+            tracing::error!("{}; this node takes no VMs in", vmscale_common::error::Chain(&e));
         }
     });
     Some(t)
