@@ -53,14 +53,13 @@ pub fn record_path(dir: &Path, vm: &str) -> PathBuf {
     dir.join(super::file_name(vm, "json"))
 }
 
-/// Writes `r` into `dir` (temp file, then rename).
+/// Writes `r` into `dir`, durably: the record is what a restarted agent
+/// answers from, so a crash must leave the old record or the new, never an
+/// empty file.
 pub fn persist(dir: &Path, r: &AdoptedRecord) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", super::file_name(&r.spec.id, "json")));
-    let body = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let path = record_path(dir, &r.spec.id);
-    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    vmscale_common::durable::write_json(&path, r).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The VMs recorded in `dir` whose QEMU still runs them (a confirmed guest

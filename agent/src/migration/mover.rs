@@ -115,10 +115,9 @@ fn write_record(state_dir: &Path, r: &MoveRecord) -> Result<(), String> {
     let path = record_path(state_dir, &r.vm);
     let dir = path.parent().unwrap_or(state_dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", super::file_name(&r.vm, "json")));
-    let body = serde_json::to_vec_pretty(r).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+    // Durable (fsync, rename, fsync of the directory): a restarted agent
+    // decides from this record whether its paused QEMU may resume.
+    vmscale_common::durable::write_json(&path, r).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn drop_record(state_dir: &Path, vm: &str) {
