@@ -192,7 +192,8 @@ fn pct(v: &[f64], p: f64) -> Option<f64> {
     Some(s[rank - 1])
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+/// Per target, the steps in the order they run, and runs per mode and step.
+fn ladders(quick: bool) -> (Vec<Vec<Step>>, usize) {
     // Per target, rates rise until the event-driven agent sees an OOM kill;
     // "unlimited" is as fast as the workers fill memory. Full: two runs per
     // mode and step; quick: one, and fewer rates.
@@ -202,10 +203,46 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     type Rates = &'static [(u64, u32)];
     let (shipped, watermark, reps): (Rates, Rates, usize) =
         if quick { (&[], &[(16, 1), (0, 2)], 1) } else { (&[(0, 2)], &[(16, 1), (0, 2)], 2) };
-    let plan: Vec<Vec<Step>> = [(Target::Shipped, shipped), (Target::Watermark, watermark)]
+    let plan = [(Target::Shipped, shipped), (Target::Watermark, watermark)]
         .into_iter()
         .map(|(target, rates)| rates.iter().map(|&(rate, workers)| Step { target, rate, workers }).collect())
         .collect();
+    (plan, reps)
+}
+
+/// Where the runs happen: the workspace, the guest image, the bench's
+/// directory, the ramp's path as the guest sees it.
+struct Place<'a> {
+    root: &'a Path,
+    image: &'a crate::guest::Image,
+    dir: &'a Path,
+    ramp: &'a str,
+}
+
+/// One target's steps: `reps` runs of every mode at each, until the
+/// event-driven agent sees an OOM kill.
+fn climb(place: &Place<'_>, ladder: &[Step], reps: usize, runs: &mut Vec<Run>) -> anyhow::Result<()> {
+    for &step in ladder {
+        for _ in 0..reps {
+            for mode in MODES {
+                let n = runs.len();
+                let r = one_run(place.root, place.image, place.dir, n, mode, step, place.ramp).with_context(
+                    || format!("run {n} ({}, {}); logs in {}", mode.name(), step.name(), place.dir.display()),
+                )?;
+                eprintln!("    {}", describe(&r));
+                runs.push(r);
+            }
+        }
+        if runs.iter().any(|r| r.mode == Mode::Events && r.step == step && r.oom_kills > 0) {
+            eprintln!("    the event-driven agent saw an OOM kill at {}: no faster rate", step.name());
+            break;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let (plan, reps) = ladders(quick);
     let mut steps = Steps::new(crate::guest::step_count(&Default::default()) + 3);
     let image = crate::guest::build(&Default::default(), &mut steps)?;
     cluster::build_daemons(&mut steps)?;
@@ -231,34 +268,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             if quick { 7 } else { 19 }
         ),
         || {
-            for ladder in &plan {
-                for &step in ladder {
-                    for _ in 0..reps {
-                        for mode in MODES {
-                            let n = runs.len();
-                            let r =
-                                one_run(&root, &image, &dir, n, mode, step, &ramp_s).with_context(|| {
-                                    format!(
-                                        "run {n} ({}, {}); logs in {}",
-                                        mode.name(),
-                                        step.name(),
-                                        dir.display()
-                                    )
-                                })?;
-                            eprintln!("    {}", describe(&r));
-                            runs.push(r);
-                        }
-                    }
-                    if runs.iter().any(|r| r.mode == Mode::Events && r.step == step && r.oom_kills > 0) {
-                        eprintln!(
-                            "    the event-driven agent saw an OOM kill at {}: no faster rate",
-                            step.name()
-                        );
-                        break;
-                    }
-                }
-            }
-            Ok(())
+            let place = Place { root: &root, image: &image, dir: &dir, ramp: &ramp_s };
+            plan.iter().try_for_each(|ladder| climb(&place, ladder, reps, &mut runs))
         },
     )?;
     let load_after = loadavg();

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{agent_current, agent_ops, healthy, start, Console, Ctx, Ledger};
+use super::{agent_current, agent_ops, healthy, start, wait_line, Console, Ctx, Ledger};
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{Node, NodePlan, Vm, VmPlan, MIB};
 use vmscale_agent::core::policy::Policy;
@@ -74,6 +74,23 @@ fn settle(
     .with_context(|| format!("ledger {:?}, agent {:?}", Ledger::read(n), agent_current(n, id)))
 }
 
+/// The load: its start, the second vCPU online, its end (console lines).
+fn under_load(
+    (vm, n, console): (&mut Vm, &mut Node, &mut Console),
+    idle_off: usize,
+    left: Duration,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let start = wait_line((vm, n, console), "the CPU load to start", left, (idle_off, "load: start"))?;
+    let on = wait_line(
+        (vm, n, console),
+        "a second vCPU to come online under load",
+        left,
+        (start, "cpu: online=0-1 n=2"),
+    )?;
+    let end = wait_line((vm, n, console), "the CPU load to end", left, (start, "load: end"))?;
+    Ok((start, on, end))
+}
+
 pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
     let timeout = ctx.timeout;
     let t0 = Instant::now();
@@ -103,18 +120,7 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
     let plugs_before = agent_ops(&n, "plug");
 
     fs::write(&go, "go\n")?;
-    let load_start = crate::harness::wait_for("the CPU load to start", left(), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(console.find_from(idle_off, "load: start"))
-    })?;
-    let on = crate::harness::wait_for("a second vCPU to come online under load", left(), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(console.find_from(load_start, "cpu: online=0-1 n=2"))
-    })?;
-    let load_end = crate::harness::wait_for("the CPU load to end", left(), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(console.find_from(load_start, "load: end"))
-    })?;
+    let (load_start, on, load_end) = under_load((&mut vm, &mut n, &mut console), idle_off, left())?;
     ensure!(on < load_end, "the second vCPU came online only after the load had ended");
     let t = |c: &Console, i: usize| c.value_at(i, "t").context("a console line without t=");
     let (t_start, t_on, t_end) = (t(&console, load_start)?, t(&console, on)?, t(&console, load_end)?);
@@ -126,10 +132,12 @@ pub(super) fn cpu_load(ctx: &Ctx) -> anyhow::Result<String> {
     ensure!(plugs >= 1, "the guest onlined a vCPU but the agent plugged nothing");
 
     // After the load: the vCPU goes offline again, once the load average has fallen.
-    let off = crate::harness::wait_for("the second vCPU to go offline after the load", left(), || {
-        healthy(&mut vm, &mut n, &mut console)?;
-        Ok(console.find_from(load_end, "cpu: online=0 n=1"))
-    })?;
+    let off = wait_line(
+        (&mut vm, &mut n, &mut console),
+        "the second vCPU to go offline after the load",
+        left(),
+        (load_end, "cpu: online=0 n=1"),
+    )?;
     let t_off = t(&console, off)?;
     let load_at_off = console.value_at(off, "load").unwrap_or(f64::NAN);
     let (ledger, cur) = settle(&mut vm, &mut n, &mut console, &id)?;

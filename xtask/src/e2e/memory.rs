@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{healthy, log_lines, ms, plan, start, Console, Ctx};
 use crate::cluster::qmp::Qmp;
-use crate::cluster::{NodePlan, Vm, MIB};
+use crate::cluster::{Node, NodePlan, Vm, MIB};
 use crate::console::value;
 use vmscale_agent::core::policy::Policy;
 
@@ -73,6 +73,30 @@ pub(super) fn memory_ramp(ctx: &Ctx) -> anyhow::Result<String> {
     ))
 }
 
+/// After the informant denied, the VM keeps its memory: several more asks
+/// (cooldown 3 s) over 12 s, no change. QEMU's DIMMs and memory then.
+fn keeps_memory(
+    (vm, n, console): (&mut Vm, &mut Node, &mut Console),
+    qmp: &mut Qmp,
+) -> anyhow::Result<(Vec<String>, u64)> {
+    let (dimms_at_denial, total_at_denial) = qmp.memory()?;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(12) {
+        healthy(vm, n, console)?;
+        let (dimms, total) = qmp.memory()?;
+        ensure!(
+            total >= total_at_denial,
+            "memory went from {} to {} MiB after the informant denied ({dimms:?})",
+            total_at_denial / MIB,
+            total / MIB
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (dimms, total) = qmp.memory()?;
+    ensure!(dimms.len() >= dimms_at_denial.len(), "DIMMs went from {dimms_at_denial:?} to {dimms:?}");
+    Ok((dimms, total))
+}
+
 pub(super) fn denied_downscale(ctx: &Ctx) -> anyhow::Result<String> {
     let (ramp, timeout) = (&ctx.ramp, ctx.timeout);
     let t0 = Instant::now();
@@ -117,22 +141,7 @@ pub(super) fn denied_downscale(ctx: &Ctx) -> anyhow::Result<String> {
     };
     eprintln!("    denied: {first}");
     let mut qmp = Qmp::connect(&vm.watch_qmp)?;
-    let (dimms_at_denial, total_at_denial) = qmp.memory()?;
-    // The VM keeps it: several more asks (cooldown 3 s), no change.
-    let watch = Instant::now();
-    while watch.elapsed() < Duration::from_secs(12) {
-        check(&mut vm, &mut n, &mut console)?;
-        let (dimms, total) = qmp.memory()?;
-        ensure!(
-            total >= total_at_denial,
-            "memory went from {} to {} MiB after the informant denied ({dimms:?})",
-            total_at_denial / MIB,
-            total / MIB
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let (dimms, total) = qmp.memory()?;
-    ensure!(dimms.len() >= dimms_at_denial.len(), "DIMMs went from {dimms_at_denial:?} to {dimms:?}");
+    let (dimms, total) = keeps_memory((&mut vm, &mut n, &mut console), &mut qmp)?;
     // The memory the workload holds must be why: a denial for recent
     // pressure alone (constant CPU pressure under TCG, say) would pass the
     // checks above without testing what this scenario is about.

@@ -302,6 +302,20 @@ fn healthy(vm: &mut Vm, n: &mut Node, console: &mut Console) -> anyhow::Result<(
     guest_healthy(vm, console)
 }
 
+/// Waits up to `left` for a console line holding `pat` at or after line
+/// `from`, failing fast as [`healthy`] does; the line's index.
+fn wait_line(
+    (vm, n, console): (&mut Vm, &mut Node, &mut Console),
+    what: &str,
+    left: Duration,
+    (from, pat): (usize, &str),
+) -> anyhow::Result<usize> {
+    crate::harness::wait_for(what, left, || {
+        healthy(vm, n, console)?;
+        Ok(console.find_from(from, pat))
+    })
+}
+
 /// [`healthy`] for the guest alone: QEMU runs, no OOM kill, the workload
 /// has not exited.
 fn guest_healthy(vm: &mut Vm, console: &mut Console) -> anyhow::Result<()> {

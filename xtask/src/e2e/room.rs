@@ -23,6 +23,27 @@ struct Watch {
 }
 
 impl Watch {
+    /// The agent asked at a bounded rate since its first ask, plugged
+    /// nothing, and the allocator recorded unmet demand: (asks, seconds
+    /// since the first, bound).
+    fn asks_bounded(&self, n: &Node, cooldown_ms: u64) -> anyhow::Result<(u64, f64, u64)> {
+        let first =
+            self.first_ask.context("the agent never asked the allocator for more, yet the guest ran out")?;
+        let asks = agent_ops(n, "request_permit") - self.asks0;
+        let window = first.elapsed().as_secs_f64();
+        // A denial holds off the next ask for the cooldown (less up to a quarter
+        // of jitter); pressure that raises the goal may ask once more at once.
+        let pressure_asks = 6;
+        let bound = (window / (cooldown_ms as f64 * 0.75 / 1000.0)).ceil() as u64 + 1 + pressure_asks;
+        ensure!(asks <= bound, "the agent asked {asks} times in {window:.0} s: a loop (bound {bound})");
+        ensure!(agent_ops(n, "plug") == 0, "the agent plugged without a permit");
+        ensure!(
+            self.unmet_seen.1 > 0,
+            "the allocator never recorded unmet memory demand, so it never denied"
+        );
+        Ok((asks, window, bound))
+    }
+
     fn check(
         &mut self,
         console: &mut Console,
@@ -89,17 +110,8 @@ pub(super) fn no_room(ctx: &Ctx) -> anyhow::Result<String> {
         watch.check(&mut console, &mut vm, &mut n, &mut qmp)?;
         std::thread::sleep(Duration::from_millis(250));
     }
-    let (first_ask, unmet_seen) = (watch.first_ask, watch.unmet_seen);
-    let first = first_ask.context("the agent never asked the allocator for more, yet the guest ran out")?;
-    let asks = agent_ops(&n, "request_permit") - asks0;
-    let window = first.elapsed().as_secs_f64();
-    // A denial holds off the next ask for the cooldown (less up to a quarter
-    // of jitter); pressure that raises the goal may ask once more at once.
-    let pressure_asks = 6;
-    let bound = (window / (cooldown_ms as f64 * 0.75 / 1000.0)).ceil() as u64 + 1 + pressure_asks;
-    ensure!(asks <= bound, "the agent asked {asks} times in {window:.0} s: a loop (bound {bound})");
-    ensure!(agent_ops(&n, "plug") == 0, "the agent plugged without a permit");
-    ensure!(unmet_seen.1 > 0, "the allocator never recorded unmet memory demand, so it never denied");
+    let unmet_seen = watch.unmet_seen;
+    let (asks, window, bound) = watch.asks_bounded(&n, cooldown_ms)?;
     let ledger = Ledger::read(&n).context("no ledger at the end")?;
     ledger.within_capacity()?;
     let reserved = *ledger.vms.get(&id).context("the VM left the ledger")?;
