@@ -1,6 +1,7 @@
 //! The agent's configuration: a TOML file (unknown keys are errors) plus flags.
 
 use crate::core::policy::Policy;
+use procfs_core::FromRead;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,37 +97,17 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid agent config")]
-    Parse {
-        path: String,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-    #[error("config: {0}")]
-    Invalid(String),
-}
+pub use vmscale_common::config::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let p = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        let c: Config =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: p, source: Box::new(e) })?;
+        let c: Config = vmscale_common::config::load(path)?;
         c.validate()?;
         Ok(c)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |s: String| Err(ConfigError::Invalid(s));
+        let bad = |s: String| Err(ConfigError::Rule(s));
         if self.node.is_empty() {
             return bad("node is empty and the host name could not be read; set node = \"...\"".into());
         }
@@ -139,8 +120,8 @@ impl Config {
         if self.vms_file_interval_ms == 0 || self.unplug_timeout_ms == 0 || self.qmp_timeout_ms == 0 {
             return bad("vms_file_interval_ms, unplug_timeout_ms and qmp_timeout_ms must be > 0".into());
         }
-        self.contention.validate().map_err(ConfigError::Invalid)?;
-        self.migration.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.contention.validate().map_err(ConfigError::Rule)?;
+        self.migration.validate().map_err(|e| ConfigError::Rule(e.to_string()))?;
         if self.kubernetes.is_some() && self.migration.listen.is_some() {
             // A VM taken in would run in the agent's own pod (its cgroup and
             // memory limit) with no pod of its own for the scheduler to see.
@@ -148,7 +129,7 @@ impl Config {
                         inside the agent's pod; moves between Kubernetes nodes need a target VM pod"
                 .into());
         }
-        self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))
+        self.policy.validate().map_err(|e| ConfigError::Rule(format!("policy: {e}")))
     }
 }
 
@@ -160,20 +141,20 @@ pub fn host_capacity(proc_root: &Path) -> Result<(u64, u64), String> {
         .lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
         .count();
-    let meminfo = std::fs::read_to_string(proc_root.join("meminfo"))
+    let meminfo = std::fs::read(proc_root.join("meminfo"))
         .map_err(|e| format!("cannot read {}/meminfo: {e}", proc_root.display()))?;
-    let kib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| format!("no MemTotal in {}/meminfo", proc_root.display()))?;
-    Ok((cpus as u64 * 1000, kib * 1024))
+    let memory = procfs_core::Meminfo::from_read(meminfo.as_slice())
+        .map_err(|e| format!("cannot parse {}/meminfo: {e}", proc_root.display()))?
+        .mem_total;
+    Ok((u64::try_from(cpus).unwrap_or(u64::MAX).saturating_mul(1000), memory))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This build machine's /proc/meminfo, MemTotal changed to 2048 kB.
+    const MEMINFO: &str = include_str!("testdata/meminfo");
 
     #[test]
     fn parses_validates_and_names_errors() {
@@ -204,7 +185,7 @@ mod tests {
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();
-        std::fs::write(dir.join("meminfo"), "MemTotal:       2048 kB\nMemFree: 1 kB\n").unwrap();
+        std::fs::write(dir.join("meminfo"), MEMINFO).unwrap();
         assert_eq!(host_capacity(&dir).unwrap(), (2000, 2048 * 1024));
         assert!(host_capacity(Path::new("/nonexistent")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

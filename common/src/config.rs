@@ -22,6 +22,10 @@ pub enum ConfigError {
     },
     #[error("config value {field} = {value} is invalid: {reason}")]
     Invalid { field: String, value: String, reason: String },
+    /// A rule across fields (or a section's own check), in a sentence that
+    /// names the keys and the fix.
+    #[error("config: {0}")]
+    Rule(String),
 }
 
 impl ConfigError {
