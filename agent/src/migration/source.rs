@@ -16,8 +16,9 @@ use vmscale_common::error::Chain;
 /// How long the target may take to run the guest after the stream ended.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest wait between two questions to a target that could not say
-/// whether it runs the guest after a confirm.
+/// The first and the longest wait between two questions to a target that
+/// could not say whether it runs the guest after a confirm.
+const ASK_AGAIN_FIRST: Duration = Duration::from_millis(100);
 const ASK_AGAIN_MAX: Duration = Duration::from_secs(5);
 
 /// What a finished move did.
@@ -158,13 +159,12 @@ pub(super) async fn runs_on_target(order_id: u64, target: &dyn IncomingTarget, c
 pub(super) struct AskAgain<'a> {
     order_id: u64,
     confirm_error: &'a str,
-    wait: Duration,
     asked: u32,
 }
 
 impl<'a> AskAgain<'a> {
     pub(super) fn new(order_id: u64, confirm_error: &'a str) -> Self {
-        Self { order_id, confirm_error, wait: Duration::from_millis(100), asked: 0 }
+        Self { order_id, confirm_error, asked: 0 }
     }
 
     pub(super) async fn wait(&mut self, why: &str) {
@@ -178,7 +178,7 @@ impl<'a> AskAgain<'a> {
                 self.confirm_error
             );
         }
-        tokio::time::sleep(self.wait).await;
-        self.wait = (self.wait * 2).min(ASK_AGAIN_MAX);
+        let backoff = vmscale_common::backoff::Backoff::new(ASK_AGAIN_FIRST, ASK_AGAIN_MAX);
+        tokio::time::sleep(backoff.delay(self.asked)).await;
     }
 }

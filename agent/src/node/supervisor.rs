@@ -47,7 +47,8 @@ pub(super) async fn supervise_vm(sup: Supervised, cancel: CancellationToken) {
         unplug_timeout: sup.cfg.unplug_timeout,
         ..HotplugConfig::default()
     };
-    let mut wait = RETRY_FIRST;
+    let backoff = vmscale_common::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX);
+    let mut failures: u32 = 0;
     let mut last_permit: Option<Size> = None;
     loop {
         let client = tokio::select! {
@@ -56,7 +57,7 @@ pub(super) async fn supervise_vm(sup: Supervised, cancel: CancellationToken) {
         };
         match client {
             Ok(client) => {
-                wait = RETRY_FIRST;
+                failures = 0;
                 let vm = Arc::new(QmpVm::new(client, hotplug.clone()));
                 last_permit = run_connected(&sup, vm, last_permit, &cancel).await;
                 if cancel.is_cancelled() {
@@ -66,9 +67,11 @@ pub(super) async fn supervise_vm(sup: Supervised, cancel: CancellationToken) {
             }
             Err(e) => {
                 warn!("cannot connect to QMP at {endpoint}: {e}");
-                wait = (wait * 2).min(RETRY_MAX);
+                failures = failures.saturating_add(1);
             }
         }
+        // After a lost connection (no failure yet) the first wait too.
+        let wait = backoff.jittered(failures.max(1), vmscale_common::backoff::seed_of(&sup.spec.id));
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
