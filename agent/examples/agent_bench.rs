@@ -10,7 +10,7 @@
 //! Needs `target/release/vmscale-{agent,allocator}` (xtask builds them) and
 //! `qemu-system-x86_64`.
 
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,7 +48,9 @@ fn decision_us() -> (f64, f64) {
         std::hint::black_box(&d);
     }
     samples.sort();
-    let p = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    let p = |q: f64| {
+        vmscale_common::stats::nearest_rank(samples.len(), q).map_or(0.0, |i| samples[i].as_secs_f64() * 1e6)
+    };
     (p(0.5), p(0.99))
 }
 

@@ -136,8 +136,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    vmscale_common::stats::quantile(v, q).unwrap_or(f64::NAN)
 }
 
 fn main() {

@@ -231,7 +231,6 @@ fn export(
     figures: &BTreeMap<String, RunQueueDelay>,
     shown_before: &BTreeSet<String>,
 ) -> BTreeSet<String> {
-    #[allow(clippy::cast_precision_loss)] // ns figures far below 2^52
     let secs = |ns: u64| ns as f64 / 1e9;
     for (vm, d) in figures {
         for (stat, ns) in [("p50", d.p50_ns), ("p99", d.p99_ns), ("mean", d.mean_ns), ("max", d.max_ns)] {

@@ -94,7 +94,7 @@ impl Poller {
     /// arrived in the window `(now - sample_average_ms, now]`. The next tick
     /// is one interval after the one due (skipping any missed while the loop
     /// was busy), so the cadence does not drift.
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn tick(&mut self, now: u64) -> Option<Tick> {
         if now < self.next_tick_ms {
             return None;

@@ -2,6 +2,7 @@
 //! the agent (which scales its VM) accept or refuse each pod alike, because
 //! both read its annotations with `vmscale_contract`. Before, a pod with
 //! `vmscale.io/cu-memory-bytes: 1G` was placed and then never scaled.
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;

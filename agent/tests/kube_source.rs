@@ -4,7 +4,7 @@
 //! mock, checked (method, path, query, headers, body) and answered by hand;
 //! no API server runs here. Each step waits at most `STEP`.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;

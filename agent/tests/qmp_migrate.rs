@@ -1,7 +1,7 @@
 //! Live migration between two real qemu-system-x86_64 processes (TCG, no
 //! guest OS): the target is built from the source's QMP state and ends up
 //! with the same hot-added vCPU, DIMM and virtio-mem request.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod qmp_support;
 

@@ -182,7 +182,6 @@ impl Metrics {
             }
             self.watermark.get_or_create(&l).set(n.watermark);
             if let Some(c) = &n.contention {
-                #[allow(clippy::cast_precision_loss)] // µs figures far below 2^52
                 let secs = |us: u64| us as f64 / 1e6;
                 if let Some(p99) = c.worst_p99_us() {
                     self.run_queue_p99.get_or_create(&l).set(secs(p99));

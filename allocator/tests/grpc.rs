@@ -1,6 +1,6 @@
 //! The real server on 127.0.0.1:0 with real tonic clients over TCP.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;

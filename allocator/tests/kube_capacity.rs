@@ -4,7 +4,7 @@
 //! the ledger follows. Also matches the requests against the ClusterRole in
 //! deploy/.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::rbac::v1::ClusterRole;

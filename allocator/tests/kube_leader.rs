@@ -3,7 +3,7 @@
 //! server runs here). Time is tokio's paused clock, so the waits are exact.
 //! Also checks that the RBAC in deploy/ grants exactly the requests made.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::rbac::v1::Role;

@@ -4,7 +4,7 @@
 //! allocator restarts) across several nodes, checked at every step against a
 //! model of what the agents know.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};

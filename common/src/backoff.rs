@@ -58,7 +58,11 @@ pub fn seed_of(name: &str) -> u64 {
 
 /// A seed from the clock, for I/O shells that have no name to hash.
 pub fn clock_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    #[allow(clippy::cast_possible_truncation)] // the low 64 bits are the seed
+    let seed = nanos as u64;
+    seed
 }
 
 /// splitmix64's finaliser: spreads neighbouring seeds over the whole range.

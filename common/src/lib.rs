@@ -6,6 +6,8 @@
 //! - [`durable`]: a JSON record that survives a crash (temp, fsync, rename).
 //! - [`config`]: reading a TOML config file with errors that name the file.
 //! - [`net`]: a free TCP port that another process cannot take meanwhile.
+//! - [`stats`]: nearest-rank percentiles for benchmarks and tests.
+//! - [`time`]: durations in whole milliseconds, saturating.
 //! - [`sync`]: a mutex lock that outlives a panicked holder.
 //! - [`testing`]: how a test that cannot run here says so (and fails in CI).
 
@@ -15,5 +17,7 @@ pub mod durable;
 pub mod error;
 pub mod net;
 pub mod shutdown;
+pub mod stats;
 pub mod sync;
 pub mod testing;
+pub mod time;

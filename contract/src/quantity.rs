@@ -68,10 +68,10 @@ fn scaled_by(s: &str, extra: i32, up: bool) -> Option<u64> {
         e if e.starts_with(['e', 'E']) => (0, e[1..].parse::<i32>().ok().filter(|x| x.abs() <= 30)?),
         _ => return None,
     };
-    let exp = pow10 + extra - frac.len() as i32;
+    let exp = pow10.checked_add(extra)?.checked_sub(i32::try_from(frac.len()).ok()?)?;
     let value = mantissa.checked_mul(1u128.checked_shl(pow2)?)?;
     let out = if exp >= 0 {
-        value.checked_mul(10u128.checked_pow(exp as u32)?)?
+        value.checked_mul(10u128.checked_pow(u32::try_from(exp).ok()?)?)?
     } else {
         let divisor = 10u128.checked_pow(exp.unsigned_abs())?;
         if up {

@@ -224,11 +224,7 @@ fn clock_ticks_per_sec() -> u64 {
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    vmscale_common::stats::nearest_rank(sorted.len(), p).map_or(0, |i| sorted[i])
 }
 
 fn summary(mut ns: Vec<u64>) -> serde_json::Value {

@@ -3,6 +3,7 @@
 //! (every field), interleaved in rounds so the machine's noise hits both.
 //!
 //! `cargo run --release -p vmscale-informant --example meminfo_parse`
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 
 use procfs_core::FromRead;
 use std::time::{Duration, Instant};

@@ -80,16 +80,14 @@ pub fn next_interval(
     rate_bytes_per_s: f64,
     lead: Duration,
 ) -> Duration {
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let line = (total as f64 * fraction) as u64;
     let headroom = line.saturating_sub(used);
     if headroom == 0 || max_ramp_bytes_per_s == 0 {
         return min;
     }
-    #[allow(clippy::cast_precision_loss)]
     let mut secs = headroom as f64 / max_ramp_bytes_per_s as f64 / 2.0;
     if rate_bytes_per_s > 0.0 {
-        #[allow(clippy::cast_precision_loss)]
         let ahead = (headroom as f64 - rate_bytes_per_s * lead.as_secs_f64()).max(0.0);
         secs = secs.min(ahead / rate_bytes_per_s / 2.0);
     }
@@ -207,9 +205,7 @@ impl Crossing {
         if span < MIN_RATE_SPAN_NS || u1 <= u0 {
             return 0.0;
         }
-        #[allow(clippy::cast_precision_loss)]
-        let rate = (u1 - u0) as f64 / (span as f64 / 1e9);
-        rate
+        (u1 - u0) as f64 / (span as f64 / 1e9)
     }
 
     pub fn lead(&self) -> Duration {
@@ -235,7 +231,7 @@ impl Crossing {
             self.recent.push_back((now_ns, used));
         }
         if let Some(f) = self.fired {
-            #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let margin = (total as f64 * REARM_MARGIN) as u64;
             if total != f.total {
                 if total > f.total {
@@ -250,17 +246,13 @@ impl Crossing {
                 return None;
             }
         }
-        #[allow(clippy::cast_precision_loss)]
         let line = total as f64 * self.fraction;
         let rate = self.rate_bytes_per_s();
         let lead_ns = self.lead.ns();
         // The lead's growth at the current rate, or one more step like the
         // last ones, whichever is more.
-        #[allow(clippy::cast_precision_loss)]
         let margin = (rate * lead_ns as f64 / 1e9).max(self.step_bytes() as f64);
-        #[allow(clippy::cast_precision_loss)]
         let projected = used as f64 + margin;
-        #[allow(clippy::cast_precision_loss)]
         let at_line = used as f64 >= line;
         if at_line || projected >= line {
             self.fired = Some(Fired { at_ns: now_ns, used, total });
@@ -497,6 +489,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     fn the_lead_is_the_slowest_recent_arrival_within_bounds() {
         let mut c = Crossing::new(0.9, Lead::new(Duration::from_millis(100)));
         let total = 1000 * MIB;

@@ -141,7 +141,7 @@ async fn memcg_hog_reports_reclaim_and_its_oom_victim() {
     task.await.unwrap();
 
     latencies_us.sort_by(f64::total_cmp);
-    let pct = |q: f64| latencies_us.get(((latencies_us.len() as f64 - 1.0) * q) as usize).copied();
+    let pct = |q: f64| vmscale_common::stats::nearest_rank(latencies_us.len(), q).map(|i| latencies_us[i]);
     println!(
         "hog pid {hog_pid} in {name} ({} MiB): {} memcg reclaim events carrying {} reclaims, {:.2} ms stall; \
          OOM victim {:?} after {:.2} s; hog status {status:?}",

@@ -1,7 +1,7 @@
 //! The real informant server on 127.0.0.1:0 over a fake guest tree, driven by
 //! a real tonic client.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 use tokio::net::TcpListener;

@@ -118,7 +118,7 @@ impl EchoClient {
             lost: sent.saturating_sub(received),
             wrong,
             max_gap_ms,
-            interval_ms: self.interval.as_millis() as u64,
+            interval_ms: vmscale_common::time::millis(self.interval),
         })
     }
 }

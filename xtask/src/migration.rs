@@ -265,7 +265,7 @@ impl MoveFigures {
         MoveFigures {
             total_ms: info.total_time_ms.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(0),
-            wall_ms: wall.as_millis() as u64,
+            wall_ms: vmscale_common::time::millis(wall),
             transferred_bytes: info.ram.as_ref().map_or(0, |r| r.transferred),
             guest_pause_ms: None,
         }

@@ -165,7 +165,7 @@ impl Fabric {
             ip_in(&ns, &["link", "add", "eth0", "type", "veth", "peer", "name", &uplink, "netns", &sw])?;
             ip_in(&ns, &["link", "set", "eth0", "master", "br0", "up"])?;
             ip_in(&sw, &["link", "set", &uplink, "master", "sw", "up"])?;
-            let addr = self.addr(1 + i as u8);
+            let addr = self.addr(u8::try_from(i + 1).ok().filter(|&n| n < 50).context("at most 49 nodes")?);
             ip_in(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "br0"])?;
             ip_in(&ns, &["link", "set", "br0", "up"])?;
             self.nodes.push(Node { ns, addr, uplink });

@@ -2,6 +2,7 @@
 //! echoing through the guest (`cargo xtask migration`). Needs root (network
 //! namespaces, bridges, taps) and QEMU; without them it skips, and under
 //! `CI=true` it fails instead.
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 
 use std::process::{Command, Output};
 

@@ -203,7 +203,7 @@ pub struct Usage {
 /// their targets. `memory_overhead_bytes` is the part of the VM's memory the
 /// guest never gets to use (QEMU's size less the guest's `MemTotal`): the
 /// target applies to what the guest has, so the VM needs that much on top.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn cus_for_usage(u: Usage, memory_overhead_bytes: u64, cu: Cu, p: &Policy) -> u32 {
     let cpu_milli = (u.load_avg_1.max(0.0) / p.cpu_target * 1000.0).ceil();
     let cpu_cus = (cpu_milli / cu.milli_cpu as f64).ceil();

@@ -186,6 +186,7 @@ mod tests {
     /// A tiny BTF blob: int, task_struct { long state; union { int x; }
     /// anonymous at 64; int pid at bit 128 }, and sched_switch's proto with
     /// `args` parameters after ctx.
+    #[allow(clippy::cast_possible_truncation)] // offsets in a test blob of a few hundred bytes
     fn blob(args: u32, pid_name: &str) -> Vec<u8> {
         let mut strings = b"\0int\0task_struct\0state\0x\0".to_vec();
         let pid_off = strings.len() as u32;

@@ -61,13 +61,7 @@ pub struct BenchReport {
 
 /// The `p`-quantile (0..=1) of durations, in milliseconds (nearest rank).
 pub fn percentile_ms(samples: &mut [Duration], p: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_unstable();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-    let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-    samples[rank - 1].as_secs_f64() * 1000.0
+    vmscale_common::stats::quantile(samples, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
 
 type BenchResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

@@ -81,7 +81,6 @@ pub fn record_upscale(ctx: &LoopContext, t: UpscaleTimes) {
         [("to_permit", t.to_permit_ms), ("to_plug", t.to_plug_ms), ("to_confirm", t.to_confirm_ms)]
     {
         if let Some(ms) = v {
-            #[allow(clippy::cast_precision_loss)]
             ctx.metrics.upscale_seconds.get_or_create(&StageLabel { stage }).observe(ms as f64 / 1000.0);
         }
     }

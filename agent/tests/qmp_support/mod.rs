@@ -2,7 +2,7 @@
 //!
 //! Without `qemu-system-x86_64` the tests skip with a printed reason, except
 //! under `CI=true`, where they fail and name the Debian package to install.
-
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

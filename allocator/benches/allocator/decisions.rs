@@ -1,6 +1,7 @@
 //! Decisions per second of the pure core: a random mix of increases and
 //! decreases on a populated cluster (100 nodes of 100 VMs each), the way the
 //! gRPC edge calls it, minus the transport.
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 
 use crate::report::fmt_value;
 use rand::rngs::SmallRng;
@@ -51,7 +52,6 @@ pub fn random_start(rng: &mut SmallRng) -> u64 {
 /// One random request for a VM holding `held` CUs: `Ok(target)` to grow to
 /// (by 1-4 CUs), `Err(new_size)` to shrink to (by 1-2 CUs). The smaller the
 /// VM, the likelier it grows, so sizes revert to about 5 CUs.
-#[allow(clippy::cast_precision_loss)]
 pub fn random_request(rng: &mut SmallRng, held: u64) -> Result<u64, u64> {
     let held = held.clamp(1, MAX_CUS);
     if held == 1 || rng.random_bool((MAX_CUS - held) as f64 / MAX_CUS as f64) {
@@ -61,7 +61,6 @@ pub fn random_request(rng: &mut SmallRng, held: u64) -> Result<u64, u64> {
     }
 }
 
-#[allow(clippy::cast_precision_loss)]
 pub fn run(quick: bool) -> Map<String, Value> {
     let duration = Duration::from_millis(if quick { 500 } else { 3000 });
     let mut rng = SmallRng::seed_from_u64(1);

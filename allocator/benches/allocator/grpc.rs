@@ -183,7 +183,6 @@ async fn open_fleet(addr: &str, tag: &str, agents: usize) -> anyhow::Result<Vec<
     Ok(fleet)
 }
 
-#[allow(clippy::cast_precision_loss)]
 fn figures(mut lat: Vec<u64>, window: Duration, cpu: (f64, f64)) -> Value {
     let secs = window.as_secs_f64();
     json!({
@@ -249,7 +248,7 @@ async fn open_loop(
     measure: Duration,
 ) -> anyhow::Result<Value> {
     let n = fleet.len();
-    let total = OFFERED_PER_S * (warmup + measure).as_millis() as u64 / 1000;
+    let total = OFFERED_PER_S * vmscale_common::time::millis(warmup + measure) / 1000;
     let interval_ns = 1_000_000_000 / OFFERED_PER_S;
     let t0 = Instant::now() + Duration::from_millis(20);
     let from = t0 + warmup;

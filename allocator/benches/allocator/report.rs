@@ -6,18 +6,11 @@ use std::fmt::Write as _;
 use std::process::Command;
 
 /// Percentile `p` (0..=100) of nanosecond samples, in milliseconds; sorts them.
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn percentile_ms(samples: &mut [u64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1] as f64 / 1e6
+    vmscale_common::stats::quantile(samples, p / 100.0).map_or(f64::NAN, |ns| ns as f64 / 1e6)
 }
 
 /// `VmRSS` and `VmHWM` (peak) of this process, in MiB.
-#[allow(clippy::cast_precision_loss)]
 pub fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kib = |key: &str| {
@@ -32,7 +25,6 @@ pub fn rss_mib() -> (f64, f64) {
 }
 
 /// User plus system CPU time of a process (all its threads), in seconds.
-#[allow(clippy::cast_precision_loss)]
 pub fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.

@@ -1,6 +1,7 @@
 //! A simulated cluster of 5,000 nodes and 500,000 VMs, registered through the
 //! core, under a random scaling workload that pushes nodes past their
 //! watermark: the process's memory, and the time of one planning round.
+#![allow(clippy::expect_used)] // a test's setup failing is the test failing
 
 use crate::decisions::{cus, random_request, random_start, vm_registration};
 use crate::report::{fmt_value, rss_mib};

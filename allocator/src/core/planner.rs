@@ -204,7 +204,6 @@ impl<'a> Round<'a> {
 
 /// How much of the excess a VM of this size removes, summed over the
 /// dimensions that are over (each at most 1).
-#[allow(clippy::cast_precision_loss)]
 fn coverage(size: Resources, excess: Resources) -> f64 {
     let part = |s: u64, e: u64| if e == 0 { 0.0 } else { s.min(e) as f64 / e as f64 };
     part(size.milli_cpu, excess.milli_cpu) + part(size.memory_bytes, excess.memory_bytes)

@@ -88,7 +88,7 @@ impl Resources {
     }
 
     /// Each dimension scaled by `f` (a watermark fraction), rounded down.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn scaled(self, f: f64) -> Resources {
         // Amounts are at most 2^50, exactly representable in f64.
         Resources::new((self.milli_cpu as f64 * f) as u64, (self.memory_bytes as f64 * f) as u64)
@@ -96,7 +96,6 @@ impl Resources {
 
     /// The larger of the two fractions `self / of`, dimension by dimension; a
     /// zero-sized `of` dimension counts as full when `self` has any of it.
-    #[allow(clippy::cast_precision_loss)]
     pub fn max_fraction_of(self, of: Resources) -> f64 {
         let frac = |a: u64, b: u64| {
             if b == 0 {

@@ -167,7 +167,9 @@ fn score(l: &NodeLedger, need: Resources) -> i64 {
     let left = l.free().saturating_sub(need);
     let share = |left: u64, usable: u64| if usable == 0 { 0.0 } else { left as f64 / usable as f64 };
     let s = share(left.milli_cpu, usable.milli_cpu).min(share(left.memory_bytes, usable.memory_bytes));
-    ((s * MAX_SCORE as f64).floor() as i64).clamp(0, MAX_SCORE)
+    #[allow(clippy::cast_possible_truncation)] // s is a share in 0..=1: the score is in 0..=MAX_SCORE
+    let score = (s * MAX_SCORE as f64).floor() as i64;
+    score.clamp(0, MAX_SCORE)
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub async fn run(
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut elector = Elector::new(cfg.identity.clone(), cfg.timing);
     let start = Instant::now();
-    let ms = || start.elapsed().as_millis() as u64;
+    let ms = || vmscale_common::time::millis(start.elapsed());
     // What we last wrote as holder, for the release.
     let mut ours: Option<Lease> = None;
     let mut tick = tokio::time::interval(cfg.timing.renew_interval);

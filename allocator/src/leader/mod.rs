@@ -90,7 +90,8 @@ impl Elector {
         self.renewed_at = None;
         let free = read.holder.as_deref().is_none_or(str::is_empty);
         let since = self.seen.as_ref().map_or(0, |(_, t)| now.saturating_sub(*t));
-        let duration = read.lease_duration_ms.unwrap_or(self.timing.lease_duration.as_millis() as u64);
+        let duration =
+            read.lease_duration_ms.unwrap_or(vmscale_common::time::millis(self.timing.lease_duration));
         if free || since >= duration {
             Step::Update(self.claim(Some(read), wall_ms))
         } else {
@@ -112,7 +113,8 @@ impl Elector {
 
     /// Leading: our last successful renewal is younger than the deadline.
     pub fn is_leader(&self, now: u64) -> bool {
-        self.renewed_at.is_some_and(|t| now.saturating_sub(t) < self.timing.renew_deadline.as_millis() as u64)
+        self.renewed_at
+            .is_some_and(|t| now.saturating_sub(t) < vmscale_common::time::millis(self.timing.renew_deadline))
     }
 
     /// The record that hands the Lease back on a clean shutdown: no holder,
@@ -154,7 +156,7 @@ impl Elector {
 
     fn duration_ms(&self) -> u64 {
         // The Lease holds whole seconds; round up so nobody expires us early.
-        self.timing.lease_duration.as_millis().div_ceil(1000) as u64 * 1000
+        vmscale_common::time::millis(self.timing.lease_duration).div_ceil(1000).saturating_mul(1000)
     }
 }
 

@@ -182,14 +182,7 @@ fn relief(c: &Console) -> (usize, Vec<f64>) {
 
 /// Nearest-rank percentile of `v` (sorted here); `None` when empty.
 fn pct(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-    let rank = ((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    Some(s[rank - 1])
+    vmscale_common::stats::quantile(&mut v.to_vec(), p / 100.0)
 }
 
 /// Per target, the steps in the order they run, and runs per mode and step.

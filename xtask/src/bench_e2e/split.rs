@@ -43,7 +43,6 @@ fn host_secs(line: &str) -> Option<f64> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    #[allow(clippy::cast_precision_loss)]
     let secs = days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s;
     Some(secs)
 }
@@ -52,7 +51,6 @@ fn host_secs(line: &str) -> Option<f64> {
 fn guest_secs(line: &str) -> Option<f64> {
     let rest = &line[line.find("guest_ns=")? + "guest_ns=".len()..];
     let ns: u64 = rest.split_whitespace().next()?.parse().ok()?;
-    #[allow(clippy::cast_precision_loss)]
     Some(ns as f64 / 1e9)
 }
 

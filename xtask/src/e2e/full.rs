@@ -154,9 +154,9 @@ pub(super) fn full_boot_memory(ctx: &Ctx) -> anyhow::Result<String> {
     let end = crate::harness::wait_for("every process to get its memory", left(), || {
         seen(&mut console, &mut vm, "full: end")
     })?;
-    let children = value(&end, "children").context("no children= in the end line")? as usize;
+    let children = value(&end, "children").context("no children= in the end line")?;
     ensure!(
-        children == CHILDREN,
+        children == CHILDREN as f64,
         "{children} of {CHILDREN} processes got their {CHILD_MIB} MiB; console {}",
         vm.console_log.display()
     );

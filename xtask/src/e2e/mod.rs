@@ -283,10 +283,14 @@ impl Ledger {
 fn agent_ops(n: &Node, action: &str) -> u64 {
     let Ok(text) = cluster::http_get(n.agent_http, "/metrics") else { return 0 };
     let label = format!("action=\"{action}\"");
-    text.lines()
+    let total = text
+        .lines()
         .filter(|l| l.starts_with("vmscale_agent_operations_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+        .sum::<f64>();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a counter's value, whole and >= 0
+    let count = total as u64;
+    count
 }
 
 /// The agent's view of the VM: (current milli-vCPU, current bytes).

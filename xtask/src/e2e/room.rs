@@ -34,7 +34,9 @@ impl Watch {
         // A denial holds off the next ask for the cooldown (less up to a quarter
         // of jitter); pressure that raises the goal may ask once more at once.
         let pressure_asks = 6;
-        let bound = (window / (cooldown_ms as f64 * 0.75 / 1000.0)).ceil() as u64 + 1 + pressure_asks;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a count of cooldowns, >= 0
+        let cooldowns = (window / (cooldown_ms as f64 * 0.75 / 1000.0)).ceil() as u64;
+        let bound = cooldowns + 1 + pressure_asks;
         ensure!(asks <= bound, "the agent asked {asks} times in {window:.0} s: a loop (bound {bound})");
         ensure!(agent_ops(n, "plug") == 0, "the agent plugged without a permit");
         ensure!(

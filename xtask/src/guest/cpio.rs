@@ -3,6 +3,7 @@
 //! the same inputs give the same bytes (and the same hash), and device nodes
 //! need no root or fakeroot to create.
 
+use anyhow::Context;
 use std::collections::BTreeMap;
 
 const S_IFDIR: u32 = 0o040000;
@@ -46,7 +47,8 @@ impl Archive {
     /// The archive's bytes. A `BTreeMap` orders a directory before what it
     /// holds (a path sorts after its own prefix), which is what the kernel
     /// needs to unpack it.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// Fails on what newc's 32-bit fields cannot hold (a file of 4 GiB).
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
         let size: usize = self.entries.values().map(|n| 128 + data_of(n).len()).sum();
         let mut out = Vec::with_capacity(size + 4096);
         for (ino, (path, node)) in self.entries.iter().enumerate() {
@@ -57,10 +59,11 @@ impl Archive {
                 Node::CharDev { major, minor } => (S_IFCHR | 0o600, (*major, *minor)),
             };
             let nlink = if matches!(node, Node::Dir) { 2 } else { 1 };
-            entry(&mut out, path, ino as u32 + 1, mode, nlink, rdev, data_of(node));
+            let ino = u32::try_from(ino + 1).context("more than 2^32 entries")?;
+            entry(&mut out, path, ino, mode, nlink, rdev, data_of(node))?;
         }
-        entry(&mut out, "TRAILER!!!", 0, 0, 1, (0, 0), &[]);
-        out
+        entry(&mut out, "TRAILER!!!", 0, 0, 1, (0, 0), &[])?;
+        Ok(out)
     }
 }
 
@@ -72,10 +75,20 @@ fn data_of(n: &Node) -> &[u8] {
     }
 }
 
-fn entry(out: &mut Vec<u8>, name: &str, ino: u32, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) {
+fn entry(
+    out: &mut Vec<u8>,
+    name: &str,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let size =
+        u32::try_from(data.len()).with_context(|| format!("{name} is 4 GiB or more: newc cannot hold it"))?;
+    let name_size = u32::try_from(name.len() + 1).context("a path of 4 GiB")?;
     // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
-    let fields =
-        [ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
+    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name_size, 0];
     out.extend_from_slice(b"070701");
     for f in fields {
         out.extend_from_slice(format!("{f:08x}").as_bytes());
@@ -85,6 +98,7 @@ fn entry(out: &mut Vec<u8>, name: &str, ino: u32, mode: u32, nlink: u32, rdev: (
     pad4(out);
     out.extend_from_slice(data);
     pad4(out);
+    Ok(())
 }
 
 fn pad4(out: &mut Vec<u8>) {
@@ -132,7 +146,7 @@ mod tests {
         a.add("bin/sh", Node::Symlink("/bin/busybox".into()));
         a.add("dev/console", Node::CharDev { major: 5, minor: 1 });
         a.file("init", b"#!/bin/sh\n".to_vec(), 0o755);
-        let got = parse(&a.to_bytes());
+        let got = parse(&a.to_bytes().unwrap());
         let names: Vec<_> = got.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(names, ["bin", "bin/sh", "dev", "dev/console", "init", "usr", "usr/bin", "usr/bin/tool"]);
         let by = |n: &str| got.iter().find(|e| e.0 == n).unwrap().clone();
@@ -151,7 +165,7 @@ mod tests {
             for p in order {
                 a.file(p, p.as_bytes().to_vec(), 0o644);
             }
-            a.to_bytes()
+            a.to_bytes().unwrap()
         };
         assert_eq!(build(&["a/x", "b/y", "a/z"]), build(&["b/y", "a/z", "a/x"]));
     }

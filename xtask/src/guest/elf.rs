@@ -111,6 +111,7 @@ mod tests {
 
     /// A minimal ELF64: header, `phdrs` program headers, and sections
     /// (null, the given ones, `.shstrtab`).
+    #[allow(clippy::cast_possible_truncation)] // offsets and counts of a few test bytes
     fn elf(phdr_types: &[u32], sections: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = vec![0u8; 64];
         b[..4].copy_from_slice(b"\x7fELF");

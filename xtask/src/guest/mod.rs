@@ -230,7 +230,7 @@ fn write_if_changed(
     pvh: bool,
     label: &str,
 ) -> anyhow::Result<Image> {
-    let cpio = archive.to_bytes();
+    let cpio = archive.to_bytes()?;
     let kernel = fs::read(vmlinuz).with_context(|| format!("reading {}", vmlinuz.display()))?;
     let manifest = format!(
         "# vmscale guest image: {label}\ncmdline {CMDLINE}\ncompress {}\nvmlinuz sha256 {}\npvh {pvh}\n\

@@ -55,6 +55,7 @@ pub fn has_pvh(config: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[allow(clippy::cast_possible_truncation)] // a test payload of a few bytes
     fn bz(setup_sects: u8, offset: u32, payload: &[u8]) -> Vec<u8> {
         let mut b = vec![0u8; (setup_sects.max(1) as usize + 1) * 512 + offset as usize];
         b[0x1f1] = setup_sects;

@@ -2,6 +2,8 @@
 //! one `cargo xtask e2e` scenario run through the xtask binary. Booting
 //! needs root (to install QEMU and the rest) or QEMU already installed;
 //! without either a test skips, and under `CI=true` it fails instead.
+#![allow(clippy::expect_used)]
+// a test's setup failing is the test failing
 
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code)]
