@@ -40,7 +40,7 @@ pub struct Config {
     /// `vms_file`, and each pod gets its VM's sizes written back as annotations.
     pub kubernetes: Option<KubernetesConfig>,
     /// Run-queue delay of vCPU threads (host eBPF), reported to the allocator.
-    pub contention: crate::contention::ContentionConfig,
+    pub contention: crate::node::contention::ContentionConfig,
     /// Live migration (`[migration]`): where this agent takes VMs in, and
     /// how its moves out run.
     pub migration: crate::migration::settings::MigrationSettings,
@@ -91,7 +91,7 @@ impl Default for Config {
             qmp_timeout_ms: 10_000,
             policy: Policy::default(),
             kubernetes: None,
-            contention: crate::contention::ContentionConfig::default(),
+            contention: crate::node::contention::ContentionConfig::default(),
             migration: crate::migration::settings::MigrationSettings::default(),
         }
     }

@@ -3,9 +3,9 @@
 //! build the node the way the binary does. It runs until its token is
 //! cancelled (the binary cancels it on SIGTERM or Ctrl-C).
 
-use crate::allocator_link::LinkConfig;
 use crate::config::{host_capacity, Config, ConfigError};
 use crate::core::policy::Size;
+use crate::links::allocator::LinkConfig;
 use crate::node::{self, NodeConfig, NodeHandles};
 use crate::vms::file::{FileError, FileSource};
 use crate::vms::kube::status::{KubeStatusWriter, StatusReporter};

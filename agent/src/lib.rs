@@ -1,22 +1,29 @@
 //! The node agent: one scaling loop per VM, a reservation from the allocator
-//! before any growth, then vCPU and memory hotplug over QMP.
+//! before any growth, then vCPU and memory hotplug over QMP; live moves
+//! between nodes. ARCHITECTURE.md has the picture.
 //!
-//! - [`core`]: the pure per-VM state machine (policy, protocol order, timers).
+//! - [`core`]: the pure per-VM state machine (policy, pressure, polling,
+//!   protocol order, timers), tested by `Sim` scenarios.
+//! - [`vm_loop`]: one VM's loop, the thin shell around the core (hotplug
+//!   sizing, `cpu.max`, status).
+//! - [`node`]: the node supervisor: the pure inventory and order routing,
+//!   one loop per VM, run-queue contention reports.
+//! - [`links`]: the allocator session and the guest links.
+//! - [`vms`]: the VM inventory's sources (a VM file, the node's pods).
+//! - [`migration`]: live moves, source and target, with their lifecycles.
+//! - [`qmp`]: the QMP client, QEMU's command line, hotplug over QMP.
+//! - [`ebpf`]: the host's run-queue eBPF programs.
+//! - [`daemon`], [`config`], [`http`], [`metrics`]: the process around it.
 
-pub mod allocator_link;
 pub mod config;
-pub mod contention;
 pub mod core;
-pub mod cpu_max;
 pub mod daemon;
 pub mod ebpf;
-pub mod executor;
 pub mod http;
-pub mod informant_link;
+pub mod links;
 pub mod metrics;
 pub mod migration;
 pub mod node;
-pub mod polling;
 pub mod qmp;
 pub mod vm_loop;
 pub mod vms;

@@ -13,9 +13,9 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use vmscale_agent::cpu_max::{self, limit_for, CpuCgroup, CpuLimit, Version, DEFAULT_PERIOD_US};
 use vmscale_agent::qmp::types::{CpuProps, VcpuThread};
 use vmscale_agent::qmp::VcpuThreads;
+use vmscale_agent::vm_loop::cpu_max::{self, limit_for, CpuCgroup, CpuLimit, Version, DEFAULT_PERIOD_US};
 
 /// Fails under `CI=true`, else says why the test skips.
 fn skip_unless_ci(reason: &str) {

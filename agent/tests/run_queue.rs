@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use vmscale_agent::allocator_link::{registration, Registered};
-use vmscale_agent::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use vmscale_agent::core::policy::{Cu, Size};
 use vmscale_agent::ebpf::{find_object, Attach, RunQueue, RunQueueConfig};
+use vmscale_agent::links::allocator::{registration, Registered};
+use vmscale_agent::node::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use vmscale_agent::qmp::types::{CpuProps, VcpuThread};
 use vmscale_agent::qmp::{Hotplug, VcpuThreads};
 use vmscale_proto::allocator as pb;
@@ -285,7 +285,7 @@ async fn figures_reach_the_allocator_ledger_and_metrics() {
         min_cus: 1,
         max_cus: 8,
     };
-    let registry = Arc::new(vmscale_agent::allocator_link::Registry::default());
+    let registry = Arc::new(vmscale_agent::links::allocator::Registry::default());
     registry.set("vm-a", reg);
     let hello = pb::Hello {
         versions: Some(pb::VersionRange { min: 1, max: 1 }),
@@ -297,7 +297,7 @@ async fn figures_reach_the_allocator_ledger_and_metrics() {
     };
     let ch = vmscale_allocator_client::channel(&addr).await.unwrap();
     let session = vmscale_allocator_client::SessionClient::open(ch, hello).await.unwrap();
-    let session: vmscale_agent::allocator_link::Session = Some(Arc::new(session));
+    let session: vmscale_agent::links::allocator::Session = Some(Arc::new(session));
     let (_session_tx, session_rx) = watch::channel(session);
 
     let load = Contention::start();
@@ -354,7 +354,7 @@ async fn qemu_vcpu_threads_are_watched_across_a_hotplug() {
             Path::new(&format!("/proc/{pid}/task/{t}")).exists(),
             "vCPU thread {t} is not a thread of QEMU {pid}"
         );
-        assert_eq!(vmscale_agent::cpu_max::process_of_thread(Path::new("/proc"), *t).unwrap(), pid);
+        assert_eq!(vmscale_agent::vm_loop::cpu_max::process_of_thread(Path::new("/proc"), *t).unwrap(), pid);
     }
     let mut rq = RunQueue::new(&cfg).unwrap_or_else(|e| panic!("{}", chain(&e)));
     rq.set_threads("qemu", &before).unwrap();

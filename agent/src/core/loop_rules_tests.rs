@@ -6,7 +6,7 @@
 use super::policy::{Cu, Policy, Size, Usage};
 use super::pressure::{PressureKind, PressureKinds};
 use super::vm::{Action, Input, VmCore};
-use crate::polling::Polling;
+use crate::core::polling::Polling;
 use crate::vms::CpuMode;
 
 const MIB: u64 = 1 << 20;

@@ -2,6 +2,7 @@
 //! there. No I/O, no clock of its own; executors around it act.
 
 pub mod policy;
+pub mod polling;
 pub mod pressure;
 pub mod vm;
 

@@ -109,13 +109,13 @@ pub struct Policy {
     /// (see `cpu_max.rs`). Default false.
     pub cpu_max_cgroup: bool,
     /// `[policy.polling]`: decide like Neon's autoscaler, from averaged samples
-    /// once per loop interval, ignoring pressure events (see `crate::polling`).
+    /// once per loop interval, ignoring pressure events (see `crate::core::polling`).
     /// The core applies it: it averages the samples and ignores the events.
     /// For comparison benchmarks. Default none: event-driven.
     /// Boxed: a VM's spec carries its policy, and this rarely used option
     /// should not make every spec larger (`ignore_pressure` is a bit set for
     /// the same reason).
-    pub polling: Option<Box<crate::polling::Polling>>,
+    pub polling: Option<Box<crate::core::polling::Polling>>,
     /// Pressure event kinds the VM counts but does not act on, by their
     /// wire names without `KIND_`, lower case (e.g. `["psi_cpu"]`: under TCG
     /// CPU pressure alone grows a VM by whole CUs, memory included, which
@@ -300,7 +300,10 @@ mod tests {
         assert!(ignore("PSI_CPU").unwrap_err().to_string().contains("no pressure kind"));
         assert!(ignore("13").unwrap_err().to_string().contains("no pressure kind"));
         let polling = |loop_interval_ms| Policy {
-            polling: Some(Box::new(crate::polling::Polling { loop_interval_ms, sample_average_ms: 500 })),
+            polling: Some(Box::new(crate::core::polling::Polling {
+                loop_interval_ms,
+                sample_average_ms: 500,
+            })),
             ..Policy::default()
         };
         assert!(polling(5000).validate().is_ok());

@@ -18,7 +18,7 @@ mod input;
 pub use input::Input;
 
 use super::policy::{cus_for_usage, vcpus_for, Cu, Policy, Size, Usage};
-use crate::polling::{Poller, Tick};
+use crate::core::polling::{Poller, Tick};
 use crate::vms::CpuMode;
 use serde::Serialize;
 

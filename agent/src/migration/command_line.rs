@@ -27,7 +27,7 @@ pub enum CommandLineError {
     #[error("qemu reports no vcpu thread")]
     NoThread,
     #[error("cannot find the qemu process")]
-    Process(#[source] crate::cpu_max::Error),
+    Process(#[source] crate::vm_loop::cpu_max::Error),
 }
 
 /// Options that take a value and belong to the process, not the VM.
@@ -104,7 +104,8 @@ pub async fn read_qemu_base_args(
     let threads = vm.vcpu_threads().await.map_err(CommandLineError::Threads)?;
     let tid =
         threads.first().and_then(|t| u32::try_from(t.thread_id).ok()).ok_or(CommandLineError::NoThread)?;
-    let pid = crate::cpu_max::process_of_thread(proc_root, tid).map_err(CommandLineError::Process)?;
+    let pid =
+        crate::vm_loop::cpu_max::process_of_thread(proc_root, tid).map_err(CommandLineError::Process)?;
     read_base_args(proc_root, pid)
 }
 

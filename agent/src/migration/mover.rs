@@ -27,7 +27,7 @@ use super::remote::RemoteTarget;
 use super::source::{carry_out, AskAgain};
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget};
 use super::MoveError;
-use crate::allocator_link::{Registry, Session};
+use crate::links::allocator::{Registry, Session};
 use crate::qmp::migrate::{Migration, MigrationConfig, Progress};
 use crate::qmp::QmpClient;
 use crate::vm_loop::StatusMap;

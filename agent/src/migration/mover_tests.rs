@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vmscale_allocator_client::ClientError;
 
 use super::*;
-use crate::allocator_link::fake::ScriptedSession;
+use crate::links::allocator::fake::ScriptedSession;
 
 struct Harness {
     node: MoverNode,
@@ -19,7 +19,7 @@ struct Harness {
 
 fn harness(session: Option<Arc<ScriptedSession>>) -> Harness {
     let dir = tempfile::tempdir().unwrap();
-    let session: Session = session.map(|s| s as Arc<dyn crate::allocator_link::AllocatorSession>);
+    let session: Session = session.map(|s| s as Arc<dyn crate::links::allocator::AllocatorSession>);
     let (tx, rx) = watch::channel(session);
     let node = MoverNode {
         session: rx,

@@ -7,16 +7,18 @@
 //! - [`inventory`]: the pure decisions (which loops run, which stop, which
 //!   reservations go back) over what the node knows of its VMs.
 //! - [`route`]: what this node is for a migration order.
+//! - [`contention`]: run-queue delay of the VMs' vCPU threads (host eBPF),
+//!   reported to the allocator.
 //! - this module: the async shell that reads the VM source, the adopted VMs,
 //!   the allocator's orders and the moves' ends, and carries out the plans.
 
+pub mod contention;
 pub mod inventory;
 pub mod route;
 mod supervisor;
 
-use crate::allocator_link::{self, LinkConfig, Registry, Session};
-use crate::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use crate::core::policy::Policy;
+use crate::links::allocator::{self, LinkConfig, Registry, Session};
 use crate::metrics::Metrics;
 use crate::migration::mover::{self, Ended, MoverNode, VmNow};
 use crate::migration::service::{self, TargetNode};
@@ -24,6 +26,7 @@ use crate::migration::settings::MigrationSettings;
 use crate::qmp::{ClientConfig, QmpClient};
 use crate::vm_loop::{self, MoveGate, StatusMap};
 use crate::vms::VmSpec;
+use contention::{ContentionConfig, ContentionNode, Hypervisors};
 use inventory::{reconcile, Inventory, Stop};
 use route::{route, Role};
 use std::collections::HashMap;
@@ -148,7 +151,7 @@ fn start_links(
     cancel: &CancellationToken,
 ) -> (Pushed, Hypervisors) {
     let (pushed_tx, pushed_rx) = mpsc::unbounded_channel();
-    tokio::spawn(allocator_link::run(
+    tokio::spawn(allocator::run(
         cfg.link.clone(),
         handles.registry.clone(),
         session_tx,
@@ -368,9 +371,9 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocator_link::fake::ScriptedSession;
-    use crate::allocator_link::AllocatorSession;
     use crate::core::policy::Size;
+    use crate::links::allocator::fake::ScriptedSession;
+    use crate::links::allocator::AllocatorSession;
     use crate::vms::tests::spec;
 
     /// A shell over `session`; the sender keeps the session published.

@@ -2,8 +2,8 @@
 //! running across QMP reconnects until the node stops it.
 
 use super::{LiveMap, NodeConfig};
-use crate::contention::Hypervisors;
 use crate::core::policy::Size;
+use crate::node::contention::Hypervisors;
 use crate::qmp::{Endpoint, HotplugConfig, QmpClient, QmpVm, VcpuThreads};
 use crate::vm_loop::{self, MoveGate};
 use crate::vms::{MemoryMode, VmSpec};

@@ -103,7 +103,7 @@ pub trait Hotplug: Send + Sync {
 }
 
 /// The host threads that run a VM's vCPUs: all that run-queue accounting
-/// ([`crate::contention`]) and `cpu.max` ([`crate::cpu_max`]) ask of QEMU.
+/// ([`crate::node::contention`]) and `cpu.max` ([`crate::vm_loop::cpu_max`]) ask of QEMU.
 #[async_trait]
 pub trait VcpuThreads: Send + Sync {
     /// Host thread ids of the vCPUs.

@@ -3,12 +3,12 @@
 //! the VM's registration on a new allocator session. Nothing here decides;
 //! each result goes back to the core as an input.
 
-use crate::allocator_link::{registration, AllocatorSession, Session};
 use crate::core::policy::{vcpus_for, Size};
 use crate::core::vm::{Action, Input, VmCore};
-use crate::executor::{self, size_of};
-use crate::informant_link::Link;
+use crate::links::allocator::{registration, AllocatorSession, Session};
+use crate::links::informant::Link;
 use crate::qmp::{Hypervisor, VcpuThreads};
+use crate::vm_loop::hotplug::{self, size_of};
 use crate::vms::VmSpec;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,13 +67,13 @@ impl Exec {
                 Ok(Input::Released)
             }
             Action::Plug { target } => {
-                let v = executor::plug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
+                let v = hotplug::plug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
                     .await
                     .map_err(|e| (e.size, e.reason))?;
                 Ok(Input::Plugged { size: size_of(&v) })
             }
             Action::Unplug { target } => {
-                let v = executor::unplug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
+                let v = hotplug::unplug(self.hv.as_ref(), &self.spec, target, self.op_timeout)
                     .await
                     .map_err(|e| (e.size, e.reason))?;
                 Ok(Input::Unplugged { size: size_of(&v) })
@@ -100,7 +100,7 @@ impl Exec {
         self.session.as_ref().ok_or_else(|| (None, "no allocator session".to_owned()))
     }
 
-    fn guest(&self) -> Result<&Arc<dyn crate::informant_link::GuestLink>, Failure> {
+    fn guest(&self) -> Result<&Arc<dyn crate::links::informant::GuestLink>, Failure> {
         self.guest.as_ref().ok_or_else(|| (None, "no informant connection".to_owned()))
     }
 }
@@ -114,7 +114,7 @@ pub async fn apply_cpu_max(
     vm: &str,
     milli_cpu: u64,
 ) -> bool {
-    match crate::cpu_max::apply(hv, proc_root, milli_cpu).await {
+    match crate::vm_loop::cpu_max::apply(hv, proc_root, milli_cpu).await {
         Ok(a) => {
             info!(%vm, milli_cpu, pid = a.pid, cgroup = %a.cgroup.dir.display(), limit = ?a.limit, "QEMU CPU quota set");
             true

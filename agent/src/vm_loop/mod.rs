@@ -6,22 +6,26 @@
 //! the CPU size in sysfs mode and when to set `cpu.max`, are the core's.
 //!
 //! - `exec.rs`: carrying out an action, the `cpu.max` quota, `AddVm`;
+//! - [`hotplug`]: how a target size becomes vCPU and memory plugs (QMP);
+//! - [`cpu_max`]: the QEMU process's cgroup CPU quota;
 //! - `status.rs`: what the loop shows (state dump, metrics, registry, pod).
 
+pub mod cpu_max;
 mod exec;
+pub mod hotplug;
 mod status;
 #[cfg(test)]
 mod tests;
 
 pub use status::{StatusMap, VmStatus};
 
-use crate::allocator_link::{Registry, Session};
 use crate::core::policy::{Policy, Size};
 use crate::core::vm::{Decision, Input, VmCore};
-use crate::executor::size_of;
-use crate::informant_link::{GuestChannels, GuestEvent};
+use crate::links::allocator::{Registry, Session};
+use crate::links::informant::{GuestChannels, GuestEvent};
 use crate::metrics::Metrics;
 use crate::qmp::{Hotplug, Hypervisor, VmSize};
+use crate::vm_loop::hotplug::size_of;
 use crate::vms::VmSpec;
 use exec::{Done, Exec};
 use std::sync::Arc;

@@ -4,10 +4,10 @@
 
 use super::exec::Done;
 use super::LoopContext;
-use crate::allocator_link::Registered;
 use crate::core::policy::Size;
 use crate::core::pressure::PressureKind;
 use crate::core::vm::{UpscaleTimes, VmCore};
+use crate::links::allocator::Registered;
 use crate::metrics::{OpLabels, SizeLabels, StageLabel, VmLabel};
 use serde::Serialize;
 use std::collections::BTreeMap;

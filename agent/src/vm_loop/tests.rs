@@ -4,11 +4,11 @@
 //! and shows them.
 
 use super::*;
-use crate::allocator_link::fake::ScriptedSession;
-use crate::allocator_link::res;
 use crate::core::policy::{Cu, Usage};
 use crate::core::pressure::{PressureKind, PressureKinds};
-use crate::informant_link::fake::{channels, FakeGuest, GuestEnds};
+use crate::links::allocator::fake::ScriptedSession;
+use crate::links::allocator::res;
+use crate::links::informant::fake::{channels, FakeGuest, GuestEnds};
 use crate::qmp::fake::FakeHypervisor;
 use crate::vms::{CpuMode, MemoryMode};
 use std::sync::atomic::Ordering;

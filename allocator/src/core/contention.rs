@@ -2,7 +2,7 @@
 //! runnable vCPUs waited for a host CPU (run-queue delay, host eBPF). The
 //! core records the latest report per node; the metrics and the state dump
 //! show it, and the planner sends moved VMs to a contended node only when no
-//! calm node has room (`planner::CONTENDED_P99_US`): such a node is
+//! calm node has room (its worst p99 at or over the `contended_p99_us` setting): such a node is
 //! over-committed in fact, whatever its ledger says.
 
 use super::error::{CoreError, Result};

@@ -23,8 +23,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vmscale_agent::core::policy::Policy;
+use vmscale_agent::core::polling::Polling;
 use vmscale_agent::core::pressure::{PressureKind, PressureKinds};
-use vmscale_agent::polling::Polling;
 
 use crate::cluster::qmp::Qmp;
 use crate::cluster::{self, Node, NodePlan, Vm, VmPlan, MIB};

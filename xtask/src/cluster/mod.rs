@@ -441,7 +441,7 @@ mod tests {
             http_listen: ([127, 0, 0, 1], 20_001).into(),
             policy: Policy {
                 memory_target: 0.9,
-                polling: Some(Box::new(vmscale_agent::polling::Polling::default())),
+                polling: Some(Box::new(vmscale_agent::core::polling::Polling::default())),
                 ..Policy::default()
             },
             ..AgentConfig::default()

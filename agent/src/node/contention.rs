@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 
-use crate::allocator_link::{Registry, Session};
 use crate::ebpf::{self, Attach, RunQueue, RunQueueConfig, RunQueueDelay};
+use crate::links::allocator::{Registry, Session};
 use crate::metrics::{DelayLabels, Metrics, VmLabel};
 use crate::qmp::VcpuThreads;
 
