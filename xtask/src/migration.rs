@@ -24,6 +24,7 @@ use vmscale_agent::migration::target::{
     AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
 };
 use vmscale_agent::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
+use vmscale_agent::qmp::qemu_args::{Accel, DirectBoot, Network, QemuArgs, VirtioMem};
 use vmscale_agent::qmp::{ClientConfig, Endpoint, Hotplug, HotplugConfig, QmpClient, QmpVm};
 
 use crate::echo::{EchoClient, EchoReport};
@@ -37,7 +38,7 @@ pub const ECHO_PORT: u16 = 7000;
 const INCOMING_PORT: u16 = 4444;
 /// The guest's MAC: the same on every node, as the target's command line
 /// must match the source's.
-const MAC: &str = "52:54:00:76:6d:01";
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x6d, 0x01];
 /// The tap's name in every node.
 pub const TAP: &str = "vm0";
 
@@ -97,41 +98,16 @@ impl Shape {
             cmdline.push(' ');
             cmdline.push_str(w);
         }
+        let mut q = QemuArgs::new(Accel::Tcg, self.cpus, self.max_cpus, self.memory_mib);
+        q.dimm_slots = self.slots;
         // maxmem: boot memory, four DIMM-sized steps and the virtio-mem region.
-        let max_mib = self.memory_mib + 4 * 128 + self.virtio_mem_mib;
-        let mut args: Vec<String> =
-            ["-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        args.extend([
-            "-smp".into(),
-            format!("{},maxcpus={}", self.cpus, self.max_cpus),
-            "-m".into(),
-            format!("{}M,slots={},maxmem={max_mib}M", self.memory_mib, self.slots),
-            "-kernel".into(),
-            image.kernel.display().to_string(),
-            "-initrd".into(),
-            image.initramfs.display().to_string(),
-            "-append".into(),
-            cmdline,
-        ]);
-        if self.virtio_mem_mib > 0 {
-            args.extend([
-                "-object".into(),
-                format!("memory-backend-ram,id=vmem0,size={}M", self.virtio_mem_mib),
-                "-device".into(),
-                "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".into(),
-            ]);
-        }
-        args.extend([
-            "-netdev".into(),
-            format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
-            // romfile=: no iPXE option ROM; the kernel is given directly.
-            "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={MAC},romfile="),
-        ]);
-        args
+        q.max_memory_mib = self.memory_mib + 4 * 128 + self.virtio_mem_mib;
+        q.virtio_mem =
+            (self.virtio_mem_mib > 0).then_some(VirtioMem { size_mib: self.virtio_mem_mib, memfd: false });
+        q.boot = Some(DirectBoot { kernel: image.kernel.clone(), initrd: image.initramfs.clone(), cmdline });
+        q.network = Some(Network::Tap { ifname: TAP.to_owned(), mac: Some(MAC) });
+        q.no_reboot = true;
+        q.to_args()
     }
 }
 

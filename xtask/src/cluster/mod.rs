@@ -292,7 +292,7 @@ impl Vm {
             extra_cmdline.push(format!("vmscale.workload={w}"));
         }
         let spec = qemu::VmSpec {
-            accel: "tcg",
+            accel: vmscale_agent::qmp::qemu_args::Accel::Tcg,
             cpus: plan.cpus,
             max_cpus: plan.max_cpus,
             memory_mib: plan.boot_mib,

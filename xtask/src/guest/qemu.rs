@@ -11,13 +11,14 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::Image;
+use vmscale_agent::qmp::qemu_args::{loopback, Accel, DirectBoot, Network, QemuArgs};
 
 /// How a VM is shaped. Sizes in MiB.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
-    /// `tcg` here (this machine's KVM can't boot stock guest kernels, see
-    /// shared/DESIGN.md); `kvm` where it works.
-    pub accel: &'static str,
+    /// TCG here (this machine's KVM can't boot stock guest kernels, see
+    /// ARCHITECTURE.md); KVM where it works.
+    pub accel: Accel,
     pub cpus: u32,
     pub max_cpus: u32,
     pub memory_mib: u64,
@@ -42,7 +43,7 @@ impl VmSpec {
     /// The smoke test's shape: 1 of 4 vCPUs, 512 MiB of at most 2 GiB.
     pub fn small(informant_host_port: u16, serial_log: PathBuf) -> VmSpec {
         VmSpec {
-            accel: "tcg",
+            accel: Accel::Tcg,
             cpus: 1,
             max_cpus: 4,
             memory_mib: 512,
@@ -67,40 +68,27 @@ pub struct Vm {
     pub console: mpsc::Receiver<(Instant, String)>,
 }
 
-/// The QEMU command for `spec`.
+/// The QEMU command for `spec`: the serial console on stdout (`-nographic`),
+/// QEMU's default devices kept, the informant's port forwarded.
 pub fn command(image: &Image, spec: &VmSpec) -> Command {
     let mut cmdline = image.cmdline.clone();
     for extra in &spec.extra_cmdline {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
+    let mut q = QemuArgs::new(spec.accel, spec.cpus, spec.max_cpus, spec.memory_mib);
+    q.dimm_slots = spec.slots;
+    q.max_memory_mib = spec.max_memory_mib;
+    q.boot = Some(DirectBoot { kernel: image.kernel.clone(), initrd: image.initramfs.clone(), cmdline });
+    q.network =
+        Some(Network::User { host: loopback(spec.informant_host_port), guest_port: super::INFORMANT_PORT });
+    q.share_host_root = spec.share_host_root;
+    q.nodefaults = false;
+    q.nographic = true;
+    q.no_reboot = true;
+    q.extra = spec.extra_args.clone();
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-M", "pc", "-accel", spec.accel, "-nographic", "-no-reboot"])
-        .arg("-smp")
-        .arg(format!("{},maxcpus={}", spec.cpus, spec.max_cpus))
-        .arg("-m")
-        .arg(format!("{}M,slots={},maxmem={}M", spec.memory_mib, spec.slots, spec.max_memory_mib))
-        .arg("-kernel")
-        .arg(&image.kernel)
-        .arg("-initrd")
-        .arg(&image.initramfs)
-        .arg("-append")
-        .arg(cmdline)
-        .arg("-netdev")
-        .arg(format!(
-            "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:{}",
-            spec.informant_host_port,
-            super::INFORMANT_PORT
-        ))
-        // romfile=: no iPXE option ROM; the kernel is given directly.
-        .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
-    if spec.share_host_root {
-        c.args([
-            "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        ]);
-    }
-    c.args(&spec.extra_args);
+    c.args(q.to_args());
     c
 }
 
