@@ -3,7 +3,6 @@
 
 use clap::Parser;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 use vmscale_agent::config::Config;
 
 /// The node agent: one scaling loop per VM, a permit from the allocator before
@@ -51,15 +50,9 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     tracing_subscriber::fmt().with_env_filter(a.log.as_str()).with_writer(std::io::stderr).init();
     let c = a.config()?;
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
     // A DaemonSet rollout sends SIGTERM: the loops end before the grace
     // period runs out, instead of being killed mid-operation.
-    tokio::spawn(async move {
-        let which = vmscale_common::shutdown::signal().await;
-        tracing::info!("{which}: shutting down");
-        stop.cancel();
-    });
+    let cancel = vmscale_common::shutdown::on_signal();
     vmscale_agent::daemon::run(c, cancel).await?;
     Ok(())
 }

@@ -53,13 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let http = TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http_listen))?;
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let which = vmscale_common::shutdown::signal().await;
-        tracing::info!(signal = which, "shutting down");
-        stop.cancel();
-    });
+    let shutdown = vmscale_common::shutdown::on_signal();
     match config.kubernetes.clone() {
         None => vmscale_allocator::server::run(config, grpc, http, shutdown).await?,
         Some(k) => in_kubernetes(args, config, k, (grpc, http), shutdown).await?,

@@ -2,6 +2,20 @@
 //! systemd send) or Ctrl-C. A daemon that waits only for Ctrl-C is killed
 //! mid-operation by every rollout, after the grace period.
 
+/// A token cancelled at the first SIGTERM or SIGINT (logged as
+/// `SIGTERM: shutting down`): what every daemon's `main` hands its server.
+/// Call it inside a tokio runtime.
+pub fn on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let which = signal().await;
+        tracing::info!("{which}: shutting down");
+        stop.cancel();
+    });
+    token
+}
+
 /// Resolves at the first SIGTERM or SIGINT; names which.
 pub async fn signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};

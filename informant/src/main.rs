@@ -3,7 +3,6 @@
 use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 use vmscale_informant::config::{Config, CpuMode, ListenAddr};
 
 /// The in-VM informant: streams memory and CPU pressure to the node agent,
@@ -96,15 +95,6 @@ fn main() -> anyhow::Result<()> {
     // time, and a single thread keeps its memory small.
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
-    rt.block_on(async {
-        let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let which = vmscale_common::shutdown::signal().await;
-            tracing::info!(signal = which, "shutting down");
-            stop.cancel();
-        });
-        vmscale_informant::run(config, shutdown).await
-    })?;
+    rt.block_on(async { vmscale_informant::run(config, vmscale_common::shutdown::on_signal()).await })?;
     Ok(())
 }

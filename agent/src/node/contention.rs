@@ -24,6 +24,7 @@ use crate::ebpf::{self, Attach, RunQueue, RunQueueConfig, RunQueueDelay};
 use crate::links::allocator::{Registry, Session};
 use crate::metrics::{DelayLabels, Metrics, VmLabel};
 use crate::qmp::VcpuThreads;
+use vmscale_common::error::Chain;
 
 /// Every VM's QEMU connection, by VM id, while it is connected. The node
 /// supervisor keeps it; the contention task reads it.
@@ -298,21 +299,6 @@ impl Quiet {
         if self.failing.remove(what) {
             info!("{what} works again");
         }
-    }
-}
-
-/// An error with its sources, for `{:#}`.
-struct Chain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut e = self.0.source();
-        while let Some(s) = e {
-            write!(f, ": {s}")?;
-            e = s.source();
-        }
-        Ok(())
     }
 }
 
