@@ -341,12 +341,18 @@ impl Shell {
 
     /// Moves a VM out with its loop's connection; without one (the VM does
     /// not run here, or its QMP is down) the mover reports the order failed.
+    /// Only a move that had the VM ends anything here: an order for a VM
+    /// held by a restart's recovery must not release the hold while the
+    /// recovery still uses its QEMU.
     fn move_out(&self, o: pb::MigrationOrder) {
         let now = self.inv.runs(&o.vm_id).then(|| self.vm_now(&o.vm_id)).flatten();
+        let had_vm = now.is_some();
         let (m, tx) = (self.mover.clone(), self.ended_tx.clone());
         tokio::spawn(async move {
             let ended = m.move_out(&o, now).await;
-            let _ = tx.send((o.vm_id.clone(), ended));
+            if had_vm {
+                let _ = tx.send((o.vm_id.clone(), ended));
+            }
         });
     }
 
@@ -440,29 +446,38 @@ mod tests {
         assert_eq!(removed(&session.calls()), ["c"], "a stopping agent releases nothing");
     }
 
-    /// An order naming this node the source of a VM it does not run: the
-    /// mover gets no VM, reports the order failed and the VM stays as it was.
+    /// An order naming this node the source of a VM it does not run (gone,
+    /// or held while a restart's recovery settles its last move): the mover
+    /// gets no VM and reports the order failed; nothing ends here, so a held
+    /// VM stays held (its loop must not start while the recovery uses its
+    /// QEMU).
     #[tokio::test]
     async fn an_order_for_a_vm_not_running_here_is_reported_failed() {
         let session = ScriptedSession::granting();
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
         let (mut node, _session) = shell(session.clone());
         node.ended_tx = ended_tx;
-        node.on_order(pb::MigrationOrder {
-            order_id: 7,
-            vm_id: "gone".into(),
-            source_node: "node-a".into(),
-            target_node: "node-b".into(),
-            target_endpoint: "http://127.0.0.1:1".into(),
-            ..Default::default()
-        });
-        let (vm, ended) =
-            tokio::time::timeout(Duration::from_secs(5), ended_rx.recv()).await.unwrap().unwrap();
-        assert_eq!((vm.as_str(), ended), ("gone", Ended::Stayed));
-        let reported =
-            session.calls().iter().any(|b| matches!(b, Body::MigrationStatus(r) if r.order_id == 7));
-        assert!(reported, "{:?}", session.calls());
-        node.settled(&vm, ended);
-        assert!(node.inv.moved_away.is_empty());
+        node.inv.held.insert("held".into());
+        for (order_id, vm) in [(7, "gone"), (8, "held")] {
+            node.on_order(pb::MigrationOrder {
+                order_id,
+                vm_id: vm.into(),
+                source_node: "node-a".into(),
+                target_node: "node-b".into(),
+                target_endpoint: "http://127.0.0.1:1".into(),
+                ..Default::default()
+            });
+        }
+        let reported = |id: u64| {
+            session.calls().iter().any(|b| matches!(b, Body::MigrationStatus(r) if r.order_id == id))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !(reported(7) && reported(8)) {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", session.calls());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(ended_rx.try_recv().is_err(), "a move without its VM ends nothing here");
+        assert!(node.inv.held.contains("held") && node.inv.moved_away.is_empty());
     }
 }
