@@ -2,6 +2,7 @@
 //! every threshold documented here with its unit and default, and
 //! command-line flags in `main.rs` that override it.
 
+use crate::watermark;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
@@ -40,14 +41,23 @@ pub struct Config {
     pub watermark_check_ms: u64,
     /// The fastest growth of use the watermark's reads keep up with, MiB/s:
     /// far from the watermark they come only as often as use could reach it
-    /// at this rate (at most every 250 ms). Default 4096.
+    /// at this rate (at most every `watermark_tuning.max_interval_ms`, 250).
+    /// Default 4096.
     pub watermark_max_ramp_mib_per_s: u64,
     /// How far ahead of use reaching the watermark its event goes, at the
     /// rate use grew over the last half second, milliseconds; longer when
     /// memory took longer to arrive after one of the last 8 events (up to
-    /// 1 s). 0: the event goes when use reaches the watermark, nothing
-    /// learned. Default 100.
+    /// 1 s; these figures are `watermark_tuning`'s defaults), and at most
+    /// `watermark_tuning.max_lead_ms`. 0: the event goes when use reaches
+    /// the watermark, nothing learned. Default 100.
     pub watermark_lead_ms: u64,
+    /// The watermark's finer thresholds (`[watermark_tuning]`): the
+    /// re-arm margin, the longest wait between reads, the spans the growth
+    /// rate and chunks are measured over, the learned lead's bounds, the
+    /// slowest arrival learned and how many are remembered. Each field,
+    /// with its unit, bounds and default, is documented on
+    /// `watermark::Tuning`. Default: all defaults.
+    pub watermark_tuning: watermark::Tuning,
     /// How often `memory.events` is re-read when inotify is unavailable,
     /// milliseconds. Default 1000.
     pub events_poll_ms: u64,
@@ -79,6 +89,7 @@ impl Default for Config {
             watermark_check_ms: 10,
             watermark_max_ramp_mib_per_s: 4096,
             watermark_lead_ms: 100,
+            watermark_tuning: watermark::Tuning::default(),
             events_poll_ms: 1000,
             ebpf: true,
             event_queue: 4096,
@@ -245,11 +256,20 @@ impl Config {
                 "must be between 1 and 1048576 MiB/s",
             );
         }
-        if self.watermark_lead_ms > 1000 {
+        // The section's own checks, in one place; its errors name the key
+        // with the section in front.
+        self.watermark_tuning.validate().map_err(|e| match e {
+            ConfigError::Invalid { field, value, reason } => {
+                ConfigError::Invalid { field: format!("watermark_tuning.{field}"), value, reason }
+            }
+            other => other,
+        })?;
+        let max_lead_ms = self.watermark_tuning.max_lead_ms;
+        if self.watermark_lead_ms > max_lead_ms {
             return bad(
                 "watermark_lead_ms",
                 &self.watermark_lead_ms,
-                "must be at most 1000 (1 s); 0 turns it off",
+                &format!("must be at most {max_lead_ms} (watermark_tuning.max_lead_ms); 0 turns it off"),
             );
         }
         if self.watermark_check_ms < 1 {
@@ -363,6 +383,31 @@ mod tests {
     }
 
     #[test]
+    fn the_watermark_tuning_is_a_section_of_its_own() {
+        let c = Config::parse("[watermark_tuning]\nmax_lead_ms = 3000\narrivals = 2\n", "t").unwrap();
+        assert_eq!(c.watermark_tuning.max_lead_ms, 3000);
+        assert_eq!(c.watermark_tuning.arrivals, 2);
+        assert_eq!(c.watermark_tuning.rate_window_ms, watermark::Tuning::default().rate_window_ms);
+        // Its bound on the configured lead follows it.
+        let c = Config::parse("watermark_lead_ms = 2000\n[watermark_tuning]\nmax_lead_ms = 3000\n", "t");
+        assert_eq!(c.unwrap().watermark_lead_ms, 2000);
+        let e = Config::parse("watermark_lead_ms = 2000\n[watermark_tuning]\nmax_lead_ms = 1500\n", "t");
+        assert!(e.unwrap_err().to_string().contains("at most 1500 (watermark_tuning.max_lead_ms)"));
+
+        let e = Config::parse("[watermark_tuning]\nmax_lead = 3000\n", "t").unwrap_err();
+        let mut chain = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(x) = src {
+            chain += &format!(": {x}");
+            src = x.source();
+        }
+        assert!(chain.contains("unknown field") && chain.contains("max_lead"), "{chain}");
+        let e = Config::parse("[watermark_tuning]\nmin_lead_ms = 900\nmax_lead_ms = 800\n", "t").unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("watermark_tuning.min_lead_ms = 900") && e.contains("at most max_lead_ms"), "{e}");
+    }
+
+    #[test]
     fn listen_addresses_round_trip() {
         for s in ["tcp:127.0.0.1:7072", "vsock:7072", "vsock:3:7072", "tcp:[::1]:1"] {
             assert_eq!(s.parse::<ListenAddr>().unwrap().to_string(), s);
@@ -383,6 +428,17 @@ mod tests {
             (c.watermark, c.watermark_check_ms, c.watermark_max_ramp_mib_per_s, c.watermark_lead_ms),
             (d.watermark, d.watermark_check_ms, d.watermark_max_ramp_mib_per_s, d.watermark_lead_ms)
         );
+        // The tuning's section is there commented out, with the defaults.
+        let text = include_str!("../../deploy/informant.toml");
+        let section: String = text
+            .lines()
+            .skip_while(|l| *l != "# [watermark_tuning]")
+            .map_while(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(section.lines().count(), 10, "the header and every field: {section}");
+        let c = Config::parse(&section, "deploy/informant.toml [watermark_tuning]").unwrap();
+        assert_eq!(c.watermark_tuning, watermark::Tuning::default());
     }
 
     #[test]

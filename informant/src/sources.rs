@@ -51,12 +51,13 @@ pub fn start_sources(config: &Config) -> (Vec<Box<dyn Source>>, Vec<SourceStatus
     keep((sampler.map(|s| Box::new(s) as Box<dyn Source>), status));
 
     keep(if config.watermark > 0.0 {
-        let (src, status) = WatermarkSource::start(
+        let (src, status) = WatermarkSource::start_tuned(
             config.proc_root.join("meminfo"),
             config.watermark,
             Duration::from_millis(config.watermark_check_ms),
             config.watermark_max_ramp_mib_per_s << 20,
             Duration::from_millis(config.watermark_lead_ms),
+            config.watermark_tuning,
         );
         (src.map(|s| Box::new(s) as Box<dyn Source>), status)
     } else {

@@ -27,20 +27,28 @@
 //! A read of `/proc/meminfo` costs tens of µs, so reading it every 10 ms
 //! idles at over 1% of a core. The next read is instead due when use could
 //! first reach the watermark at the fastest ramp assumed (`max_ramp`), halved
-//! for safety, between `min_interval` and `MAX_INTERVAL`: every 10 ms close
+//! for safety, between `min_interval` and `max_interval_ms`: every 10 ms close
 //! to the line, a few times a second far from it; sooner when use is growing
 //! and its projection nears the line; every `min_interval` while memory is
 //! on its way, to time its arrival.
+//!
+//! Every threshold here is a field of `Tuning` (the config's
+//! `[watermark_tuning]`), checked by `Tuning::validate`; the constants are
+//! its defaults.
 
 use crate::event::{monotonic_ns, Event, EventBody, Pressure, PressureKind, SourceKind};
 use crate::procfs;
 use crate::source::{Source, SourceStatus};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use vmscale_common::config::ConfigError;
+
+// The defaults of `Tuning`'s fields (what each does is documented there).
 
 /// How far under the use at the last event use must fall before another
 /// crossing counts, as a fraction of MemTotal: use wobbling around the line
@@ -66,12 +74,160 @@ pub const MAX_ARRIVAL_NS: u64 = 2_000_000_000;
 /// How many arrivals the lead remembers; it leads by the slowest.
 pub const ARRIVALS: usize = 8;
 
+const NS_PER_MS: u64 = 1_000_000;
+
+/// The watermark's thresholds: pacing of the reads, the growth projection
+/// and the learned lead. The defaults are the constants above; the fields
+/// are here for guests whose memory arrives much slower, or whose
+/// workloads grow very differently, than the defaults assume.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    /// How far under the use at the last event use must fall before another
+    /// crossing counts, as a fraction of MemTotal, above 0 and below 0.5:
+    /// use wobbling around the line sends one event, not one per read.
+    /// Default 0.02.
+    pub rearm_margin: f64,
+    /// The longest wait between two reads of `/proc/meminfo`, however far
+    /// use is from the watermark, milliseconds, 1 to 10000. Default 250.
+    pub max_interval_ms: u64,
+    /// Use's growth rate is taken over the readings of this last span,
+    /// milliseconds, 1 to 60000; also how long a chunk of allocation
+    /// (`step_span_ms`) is remembered. Default 500.
+    pub rate_window_ms: u64,
+    /// Readings closer together than this give no rate (one chunk of a
+    /// workload's allocation is not a ramp), milliseconds, 1 to
+    /// `rate_window_ms`. Default 20.
+    pub min_rate_span_ms: u64,
+    /// A chunk of allocation is a rise of use within this span,
+    /// milliseconds, 1 to `rate_window_ms`; the event goes when one more
+    /// chunk like the largest recent one would pass the line. Default 50.
+    pub step_span_ms: u64,
+    /// The learned lead is at least this, milliseconds, 0 to
+    /// `max_lead_ms`. Default 20.
+    pub min_lead_ms: u64,
+    /// The learned lead (and the configured `watermark_lead_ms`) is at most
+    /// this, milliseconds, 1 to 60000. Default 1000.
+    pub max_lead_ms: u64,
+    /// Memory that took longer than this after an event was held up
+    /// elsewhere (a full node, a denied permit): not a plug's time, not
+    /// learned, and no longer awaited, milliseconds, 1 to 600000.
+    /// Default 2000.
+    pub max_arrival_ms: u64,
+    /// How many arrivals the lead remembers; it leads by the slowest, 1 to
+    /// 64. Default 8.
+    pub arrivals: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            rearm_margin: REARM_MARGIN,
+            max_interval_ms: u64::try_from(MAX_INTERVAL.as_millis()).unwrap_or(u64::MAX),
+            rate_window_ms: RATE_WINDOW_NS / NS_PER_MS,
+            min_rate_span_ms: MIN_RATE_SPAN_NS / NS_PER_MS,
+            step_span_ms: STEP_SPAN_NS / NS_PER_MS,
+            min_lead_ms: MIN_LEAD_NS / NS_PER_MS,
+            max_lead_ms: MAX_LEAD_NS / NS_PER_MS,
+            max_arrival_ms: MAX_ARRIVAL_NS / NS_PER_MS,
+            arrivals: ARRIVALS,
+        }
+    }
+}
+
+impl Tuning {
+    /// The one check of every field. Errors name the field as it is spelt
+    /// in the section (the config adds the section's name) and the range
+    /// that would do; the upper bounds keep every time far from
+    /// overflowing in nanoseconds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: &dyn std::fmt::Display, reason: String| {
+            Err(ConfigError::invalid(field, value, reason))
+        };
+        // Written so that NaN fails too.
+        if !(self.rearm_margin > 0.0 && self.rearm_margin < 0.5) {
+            return bad(
+                "rearm_margin",
+                &self.rearm_margin,
+                "must be above 0 and below 0.5 (a fraction of MemTotal, e.g. 0.02)".into(),
+            );
+        }
+        let within = |field, value: u64, low: u64, high: u64, why: &str| {
+            if (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                bad(field, &value, format!("must be within {low}..={high} ms{why}"))
+            }
+        };
+        within("max_interval_ms", self.max_interval_ms, 1, 10_000, "")?;
+        within("rate_window_ms", self.rate_window_ms, 1, 60_000, "")?;
+        let in_window = " (at most rate_window_ms: older readings are forgotten)";
+        within("min_rate_span_ms", self.min_rate_span_ms, 1, self.rate_window_ms, in_window)?;
+        within("step_span_ms", self.step_span_ms, 1, self.rate_window_ms, in_window)?;
+        within("max_lead_ms", self.max_lead_ms, 1, 60_000, "")?;
+        within("min_lead_ms", self.min_lead_ms, 0, self.max_lead_ms, " (at most max_lead_ms)")?;
+        within("max_arrival_ms", self.max_arrival_ms, 1, 600_000, "")?;
+        if !(1..=64).contains(&self.arrivals) {
+            return bad("arrivals", &self.arrivals, "must be within 1..=64".into());
+        }
+        Ok(())
+    }
+}
+
+/// `Tuning` with its times in nanoseconds, converted once (saturating:
+/// an unvalidated tuning is still no overflow).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TuningNs {
+    rearm_margin: f64,
+    max_interval: Duration,
+    rate_window_ns: u64,
+    min_rate_span_ns: u64,
+    step_span_ns: u64,
+    min_lead_ns: u64,
+    max_lead_ns: u64,
+    max_arrival_ns: u64,
+    arrivals: usize,
+}
+
+impl From<&Tuning> for TuningNs {
+    fn from(t: &Tuning) -> Self {
+        let ns = |ms: u64| ms.saturating_mul(NS_PER_MS);
+        TuningNs {
+            rearm_margin: t.rearm_margin,
+            max_interval: Duration::from_millis(t.max_interval_ms),
+            rate_window_ns: ns(t.rate_window_ms),
+            min_rate_span_ns: ns(t.min_rate_span_ms),
+            step_span_ns: ns(t.step_span_ms),
+            min_lead_ns: ns(t.min_lead_ms),
+            // `max` keeps `clamp` from panicking on an unvalidated tuning.
+            max_lead_ns: ns(t.max_lead_ms).max(ns(t.min_lead_ms)),
+            max_arrival_ns: ns(t.max_arrival_ms),
+            arrivals: t.arrivals.max(1),
+        }
+    }
+}
+
 /// When to read next: half the time use needs to reach the watermark at
 /// `max_ramp_bytes_per_s`, within `[min, MAX_INTERVAL]`; no later than half
 /// the time until use, at `rate_bytes_per_s`, comes within `lead` of it.
 /// Past the watermark (waiting to re-arm), `min`: new memory coming online
-/// must be seen soon.
+/// must be seen soon. With the default cap; `Crossing::next_interval` uses
+/// its tuning's.
 pub fn next_interval(
+    used: u64,
+    total: u64,
+    fraction: f64,
+    max_ramp_bytes_per_s: u64,
+    min: Duration,
+    rate_bytes_per_s: f64,
+    lead: Duration,
+) -> Duration {
+    uncapped_interval(used, total, fraction, max_ramp_bytes_per_s, min, rate_bytes_per_s, lead)
+        .clamp(min, MAX_INTERVAL.max(min))
+}
+
+/// `next_interval` before the cap: at least `min`, or `min` at once.
+fn uncapped_interval(
     used: u64,
     total: u64,
     fraction: f64,
@@ -91,12 +247,12 @@ pub fn next_interval(
         let ahead = (headroom as f64 - rate_bytes_per_s * lead.as_secs_f64()).max(0.0);
         secs = secs.min(ahead / rate_bytes_per_s / 2.0);
     }
-    Duration::from_secs_f64(secs).clamp(min, MAX_INTERVAL.max(min))
+    Duration::from_secs_f64(secs).max(min)
 }
 
 /// How far ahead of the line the event goes: `initial`, or the slowest of
-/// the last `ARRIVALS` arrivals when memory took longer, within
-/// `[MIN_LEAD_NS, MAX_LEAD_NS]`. Learning only ever raises the lead: an
+/// the last `arrivals` arrivals when memory took longer, within
+/// `[min_lead_ms, max_lead_ms]` (the tuning's). Learning only ever raises the lead: an
 /// arrival can be quicker than a plug (memory another signal asked for
 /// was already on its way), never slower. A lead of zero turns prediction
 /// off: events go at the line and nothing is learned.
@@ -104,12 +260,21 @@ pub fn next_interval(
 pub struct Lead {
     initial_ns: u64,
     arrivals: VecDeque<u64>,
+    /// Every threshold of the crossing that holds this lead, too: one
+    /// tuning for both.
+    t: TuningNs,
 }
 
 impl Lead {
+    /// With the default tuning.
     pub fn new(initial: Duration) -> Self {
-        let initial_ns = u64::try_from(initial.as_nanos()).unwrap_or(MAX_LEAD_NS);
-        Lead { initial_ns, arrivals: VecDeque::with_capacity(ARRIVALS) }
+        Lead::tuned(initial, &Tuning::default())
+    }
+
+    pub fn tuned(initial: Duration, tuning: &Tuning) -> Self {
+        let t = TuningNs::from(tuning);
+        let initial_ns = u64::try_from(initial.as_nanos()).unwrap_or(t.max_lead_ns);
+        Lead { initial_ns, arrivals: VecDeque::with_capacity(t.arrivals), t }
     }
 
     pub fn enabled(&self) -> bool {
@@ -121,14 +286,14 @@ impl Lead {
             return 0;
         }
         let slowest = self.arrivals.iter().copied().max().unwrap_or(0);
-        slowest.max(self.initial_ns).clamp(MIN_LEAD_NS, MAX_LEAD_NS)
+        slowest.max(self.initial_ns).clamp(self.t.min_lead_ns, self.t.max_lead_ns)
     }
 
     fn arrived(&mut self, after_ns: u64) {
-        if !self.enabled() || after_ns > MAX_ARRIVAL_NS {
+        if !self.enabled() || after_ns > self.t.max_arrival_ns {
             return;
         }
-        if self.arrivals.len() == ARRIVALS {
+        if self.arrivals.len() >= self.t.arrivals {
             self.arrivals.pop_front();
         }
         self.arrivals.push_back(after_ns);
@@ -169,12 +334,22 @@ pub struct Crossing {
 }
 
 impl Crossing {
+    /// Its thresholds are the lead's tuning (`Lead::tuned`; `Lead::new`
+    /// for the defaults).
     pub fn new(fraction: f64, lead: Lead) -> Self {
         Crossing { fraction, fired: None, recent: VecDeque::new(), lead }
     }
 
-    /// The largest rise of use within `STEP_SPAN_NS` over the last
-    /// `RATE_WINDOW_NS`, bytes: a workload that allocates in chunks (4 MiB
+    /// `next_interval` for this crossing's watermark, growth rate and lead,
+    /// capped at its tuning's `max_interval_ms`.
+    pub fn next_interval(&self, used: u64, total: u64, max_ramp_bytes_per_s: u64, min: Duration) -> Duration {
+        let rate = self.rate_bytes_per_s();
+        uncapped_interval(used, total, self.fraction, max_ramp_bytes_per_s, min, rate, self.lead())
+            .clamp(min, self.lead.t.max_interval.max(min))
+    }
+
+    /// The largest rise of use within `step_span_ms` over the last
+    /// `rate_window_ms`, bytes: a workload that allocates in chunks (4 MiB
     /// every 250 ms is 16 MiB/s, 1.6 MiB in a 100 ms lead) may pass the line
     /// with its next chunk, whatever the average rate says. A chunk's pages
     /// are touched over a few ms, so a rise is taken over a short span, not
@@ -186,7 +361,7 @@ impl Crossing {
                 .recent
                 .iter()
                 .take(j)
-                .filter(|&&(ti, _)| tj.saturating_sub(ti) <= STEP_SPAN_NS)
+                .filter(|&&(ti, _)| tj.saturating_sub(ti) <= self.lead.t.step_span_ns)
                 .map(|&(_, ui)| ui)
                 .min()
                 .unwrap_or(uj);
@@ -195,14 +370,14 @@ impl Crossing {
         step
     }
 
-    /// Use's growth over the last `RATE_WINDOW_NS` of readings, bytes/s; 0
+    /// Use's growth over the last `rate_window_ms` of readings, bytes/s; 0
     /// when falling, flat or too few readings.
     pub fn rate_bytes_per_s(&self) -> f64 {
         let (Some(&(t0, u0)), Some(&(t1, u1))) = (self.recent.front(), self.recent.back()) else {
             return 0.0;
         };
         let span = t1.saturating_sub(t0);
-        if span < MIN_RATE_SPAN_NS || u1 <= u0 {
+        if span < self.lead.t.min_rate_span_ns || u1 <= u0 {
             return 0.0;
         }
         (u1 - u0) as f64 / (span as f64 / 1e9)
@@ -213,9 +388,10 @@ impl Crossing {
     }
 
     /// An event went out and memory has not come yet (for at most
-    /// `MAX_ARRIVAL_NS`): its arrival is being timed.
+    /// `max_arrival_ms`): its arrival is being timed.
     pub fn awaiting(&self, now_ns: u64) -> bool {
-        self.lead.enabled() && self.fired.is_some_and(|f| now_ns.saturating_sub(f.at_ns) <= MAX_ARRIVAL_NS)
+        let within = |f: Fired| now_ns.saturating_sub(f.at_ns) <= self.lead.t.max_arrival_ns;
+        self.lead.enabled() && self.fired.is_some_and(within)
     }
 
     /// `Some` when this reading passes the watermark, or is projected to
@@ -225,14 +401,18 @@ impl Crossing {
             return None;
         }
         if self.lead.enabled() {
-            while self.recent.front().is_some_and(|&(t, _)| now_ns.saturating_sub(t) > RATE_WINDOW_NS) {
+            while self
+                .recent
+                .front()
+                .is_some_and(|&(t, _)| now_ns.saturating_sub(t) > self.lead.t.rate_window_ns)
+            {
                 self.recent.pop_front();
             }
             self.recent.push_back((now_ns, used));
         }
         if let Some(f) = self.fired {
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let margin = (total as f64 * REARM_MARGIN) as u64;
+            let margin = (total as f64 * self.lead.t.rearm_margin) as u64;
             if total != f.total {
                 if total > f.total {
                     self.lead.arrived(now_ns.saturating_sub(f.at_ns));
@@ -271,20 +451,34 @@ pub struct WatermarkSource {
     interval: Duration,
     max_ramp_bytes_per_s: u64,
     lead: Duration,
+    tuning: Tuning,
 }
 
 impl WatermarkSource {
-    /// Checks that `/proc/meminfo` reads and parses here.
-    /// `interval` is the shortest time between reads; `max_ramp_bytes_per_s`
-    /// the fastest growth of use the reads must keep up with; `lead` how
-    /// far ahead of the line events go at least, longer when arrivals were
-    /// slower (zero: at the line, nothing learned).
+    /// `start_tuned` with the default tuning.
     pub fn start(
         meminfo: PathBuf,
         fraction: f64,
         interval: Duration,
         max_ramp_bytes_per_s: u64,
         lead: Duration,
+    ) -> (Option<Self>, SourceStatus) {
+        Self::start_tuned(meminfo, fraction, interval, max_ramp_bytes_per_s, lead, Tuning::default())
+    }
+
+    /// Checks that `/proc/meminfo` reads and parses here.
+    /// `interval` is the shortest time between reads; `max_ramp_bytes_per_s`
+    /// the fastest growth of use the reads must keep up with; `lead` how
+    /// far ahead of the line events go at least, longer when arrivals were
+    /// slower (zero: at the line, nothing learned); `tuning` every other
+    /// threshold, validated by the caller (`Tuning::validate`).
+    pub fn start_tuned(
+        meminfo: PathBuf,
+        fraction: f64,
+        interval: Duration,
+        max_ramp_bytes_per_s: u64,
+        lead: Duration,
+        tuning: Tuning,
     ) -> (Option<Self>, SourceStatus) {
         let ok = std::fs::read_to_string(&meminfo)
             .map_err(|e| format!("cannot read {} ({e})", meminfo.display()))
@@ -300,9 +494,10 @@ impl WatermarkSource {
                     min_interval_ms = interval.as_millis(),
                     max_ramp_mib_per_s = max_ramp_bytes_per_s >> 20,
                     lead_ms = lead.as_millis(),
+                    ?tuning,
                     "usage watermark armed"
                 );
-                let s = WatermarkSource { meminfo, fraction, interval, max_ramp_bytes_per_s, lead };
+                let s = WatermarkSource { meminfo, fraction, interval, max_ramp_bytes_per_s, lead, tuning };
                 (Some(s), SourceStatus::up(SourceKind::Watermark))
             }
             Err(reason) => (None, SourceStatus::down(SourceKind::Watermark, reason)),
@@ -325,7 +520,7 @@ impl Source for WatermarkSource {
 }
 
 async fn run(s: WatermarkSource, tx: mpsc::Sender<Event>, cancel: CancellationToken) {
-    let mut crossing = Crossing::new(s.fraction, Lead::new(s.lead));
+    let mut crossing = Crossing::new(s.fraction, Lead::tuned(s.lead, &s.tuning));
     let mut failing = false;
     let mut wait = Duration::ZERO;
     loop {
@@ -339,7 +534,7 @@ async fn run(s: WatermarkSource, tx: mpsc::Sender<Event>, cancel: CancellationTo
                 warn!(path = %s.meminfo.display(), "usage watermark: cannot read memory use; retrying");
                 failing = true;
             }
-            wait = MAX_INTERVAL;
+            wait = crossing.lead.t.max_interval;
             continue;
         };
         failing = false;
@@ -349,15 +544,7 @@ async fn run(s: WatermarkSource, tx: mpsc::Sender<Event>, cancel: CancellationTo
         wait = if crossing.awaiting(now) {
             s.interval
         } else {
-            next_interval(
-                used,
-                m.total_bytes,
-                s.fraction,
-                s.max_ramp_bytes_per_s,
-                s.interval,
-                crossing.rate_bytes_per_s(),
-                crossing.lead(),
-            )
+            crossing.next_interval(used, m.total_bytes, s.max_ramp_bytes_per_s, s.interval)
         };
         if let Some(f) = fire {
             // Once per crossing: worth a line at info.
@@ -601,5 +788,82 @@ mod tests {
         let (src, status) =
             WatermarkSource::start(dir.path().join("missing"), 0.9, Duration::from_millis(5), 1 << 30, lead);
         assert!(src.is_none() && !status.available && status.reason.contains("cannot read"), "{status:?}");
+    }
+
+    #[test]
+    fn the_default_tuning_is_the_constants() {
+        let t = TuningNs::from(&Tuning::default());
+        assert_eq!(t.max_interval, MAX_INTERVAL);
+        assert_eq!(
+            (t.rate_window_ns, t.min_rate_span_ns, t.step_span_ns),
+            (RATE_WINDOW_NS, MIN_RATE_SPAN_NS, STEP_SPAN_NS)
+        );
+        assert_eq!(
+            (t.min_lead_ns, t.max_lead_ns, t.max_arrival_ns),
+            (MIN_LEAD_NS, MAX_LEAD_NS, MAX_ARRIVAL_NS)
+        );
+        assert_eq!((t.rearm_margin, t.arrivals), (REARM_MARGIN, ARRIVALS));
+        assert_eq!(Tuning::default().validate().map_err(|e| e.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn a_tuning_changes_the_lead_and_the_pacing() {
+        // Memory arriving 400 ms after an event: learned up to 1 s by
+        // default, capped at 150 ms here.
+        let capped = Tuning { max_lead_ms: 150, ..Tuning::default() };
+        let mut l = Lead::tuned(Duration::from_millis(100), &capped);
+        l.arrived(400 * MS);
+        assert_eq!(l.ns(), 150 * MS);
+        let mut l = Lead::new(Duration::from_millis(100));
+        l.arrived(400 * MS);
+        assert_eq!(l.ns(), 400 * MS);
+        // One arrival remembered: a quick one forgets the slow one.
+        let mut l = Lead::tuned(Duration::from_millis(100), &Tuning { arrivals: 1, ..Tuning::default() });
+        l.arrived(300 * MS);
+        assert_eq!(l.ns(), 300 * MS);
+        l.arrived(MS);
+        assert_eq!(l.ns(), 100 * MS);
+        // The crossing takes its lead's tuning: a 3 s arrival is learned
+        // when `max_arrival_ms` allows it...
+        let slow = Tuning { max_arrival_ms: 5_000, max_lead_ms: 5_000, ..Tuning::default() };
+        let mut c = Crossing::new(0.9, Lead::tuned(Duration::from_millis(100), &slow));
+        let total = 1000 * MIB;
+        assert!(c.observe(0, 950 * MIB, total).is_some());
+        assert!(c.awaiting(3_000 * MS));
+        assert!(c.observe(3_000 * MS, 950 * MIB, total + 128 * MIB).is_none());
+        assert_eq!(c.lead(), Duration::from_secs(3));
+        // ...and far from the line, reads wait up to its `max_interval_ms`.
+        let c = Crossing::new(0.9, Lead::tuned(Duration::ZERO, &Tuning { max_interval_ms: 40, ..slow }));
+        assert_eq!(c.next_interval(300 * MIB, total, 1024 * MIB, MS_10), Duration::from_millis(40));
+        let c = Crossing::new(0.9, Lead::new(Duration::ZERO));
+        assert_eq!(c.next_interval(300 * MIB, total, 1024 * MIB, MS_10), MAX_INTERVAL);
+    }
+
+    const MS_10: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn a_bad_tuning_is_refused_naming_the_field() {
+        let d = Tuning::default();
+        for (t, field, says) in [
+            (Tuning { rearm_margin: 0.0, ..d }, "rearm_margin", "above 0 and below 0.5"),
+            (Tuning { rearm_margin: f64::NAN, ..d }, "rearm_margin", "above 0"),
+            (Tuning { max_interval_ms: 0, ..d }, "max_interval_ms", "1..=10000"),
+            (Tuning { rate_window_ms: u64::MAX, ..d }, "rate_window_ms", "1..=60000"),
+            (Tuning { min_rate_span_ms: 600, ..d }, "min_rate_span_ms", "at most rate_window_ms"),
+            (Tuning { step_span_ms: 0, ..d }, "step_span_ms", "1..=500"),
+            (Tuning { min_lead_ms: 2_000, ..d }, "min_lead_ms", "at most max_lead_ms"),
+            (Tuning { max_lead_ms: 0, ..d }, "max_lead_ms", "1..=60000"),
+            (Tuning { max_arrival_ms: 0, ..d }, "max_arrival_ms", "1..=600000"),
+            (Tuning { arrivals: 0, ..d }, "arrivals", "1..=64"),
+            (Tuning { arrivals: 65, ..d }, "arrivals", "1..=64"),
+        ] {
+            let e = t.validate().expect_err(field).to_string();
+            assert!(e.contains(field) && e.contains(says), "{field}: {e}");
+        }
+        // Unvalidated, it still neither overflows nor panics.
+        let wild = Tuning { min_lead_ms: u64::MAX, max_lead_ms: 1, arrivals: 0, ..d };
+        let mut l = Lead::tuned(Duration::from_millis(100), &wild);
+        l.arrived(MS);
+        assert_eq!(l.ns(), u64::MAX);
     }
 }
