@@ -60,6 +60,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use table::PodTable;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use vmscale_common::error::chain;
 
 /// Where to find this node's VM pods.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -294,18 +295,6 @@ async fn run<S>(
             }
         }
     }
-}
-
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
