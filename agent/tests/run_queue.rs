@@ -27,6 +27,7 @@ use vmscale_agent::links::allocator::{registration, Registered};
 use vmscale_agent::node::contention::{self, ContentionConfig, ContentionNode, Hypervisors};
 use vmscale_agent::qmp::types::{CpuProps, VcpuThread};
 use vmscale_agent::qmp::{Hotplug, VcpuThreads};
+use vmscale_common::error::chain;
 use vmscale_proto::allocator as pb;
 
 /// Tests that load programs run one at a time, so one's busy threads don't
@@ -466,16 +467,6 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
     }
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(&format!(": {x}"));
-        src = x.source();
-    }
-    s
 }
 
 #[test]
