@@ -3,7 +3,7 @@
 //! memory.
 //!
 //! - Sources, each behind [`source::Source`]: [`psi`], [`cgroup_events`],
-//!   [`sampler`] (and eBPF, wired in [`sources`]), reading [`procfs`] texts.
+//!   [`sampler`] (and eBPF, wired in [`source_set`]), reading [`procfs`] texts.
 //! - [`hub`] merges them and fans out to the one subscribed agent.
 //! - [`downscale`] decides purely; [`guest`] reads and writes sysfs;
 //!   [`hotplug_settings`] says which guest kernel settings make scaling worse.
@@ -25,7 +25,7 @@ pub mod sampler;
 pub mod server;
 pub mod service;
 pub mod source;
-pub mod sources;
+pub mod source_set;
 pub mod watermark;
 
 pub use server::{run, serve, Listener, RunError};

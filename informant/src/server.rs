@@ -5,7 +5,7 @@
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::hub::Hub;
 use crate::service::InformantService;
-use crate::sources::start_sources;
+use crate::source_set::start_sources;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
