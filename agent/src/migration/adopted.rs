@@ -56,10 +56,11 @@ pub fn record_path(dir: &Path, vm: &str) -> PathBuf {
 /// Writes `r` into `dir`, durably: the record is what a restarted agent
 /// answers from, so a crash must leave the old record or the new, never an
 /// empty file.
-pub fn persist(dir: &Path, r: &AdoptedRecord) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn persist(dir: &Path, r: &AdoptedRecord) -> Result<(), super::RecordError> {
     let path = record_path(dir, &r.spec.id);
-    vmscale_common::durable::write_json(&path, r).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::create_dir_all(dir)
+        .and_then(|()| vmscale_common::durable::write_json(&path, r))
+        .map_err(|source| super::RecordError { path, source })
 }
 
 /// The VMs recorded in `dir` whose QEMU still runs them (a confirmed guest

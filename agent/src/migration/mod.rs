@@ -105,6 +105,16 @@ impl MoveState {
     }
 }
 
+/// A move's durable record (the source's, or the target's of a VM taken
+/// in) that could not be written: the step it guards is not taken.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {}", path.display())]
+pub struct RecordError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Why a move failed; the message and its sources ([`reason`]) go to the
 /// allocator as the reason.
 #[derive(Debug, thiserror::Error)]
@@ -117,8 +127,8 @@ pub enum MoveError {
     SourceStatus(#[source] MigrateError),
     #[error("no way to the target agent")]
     Target(#[source] target::IncomingError),
-    #[error("cannot record the move: {0}")]
-    NotRecorded(String),
+    #[error("cannot record the move")]
+    NotRecorded(#[source] RecordError),
     #[error("the target qemu did not start")]
     TargetStart(#[source] target::IncomingError),
     #[error("migration")]

@@ -111,13 +111,14 @@ fn record_path(state_dir: &Path, vm: &str) -> PathBuf {
     state_dir.join("moves").join(super::file_name(vm, "json"))
 }
 
-fn write_record(state_dir: &Path, r: &MoveRecord) -> Result<(), String> {
+fn write_record(state_dir: &Path, r: &MoveRecord) -> Result<(), super::RecordError> {
     let path = record_path(state_dir, &r.vm);
     let dir = path.parent().unwrap_or(state_dir);
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     // Durable (fsync, rename, fsync of the directory): a restarted agent
     // decides from this record whether its paused QEMU may resume.
-    vmscale_common::durable::write_json(&path, r).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::create_dir_all(dir)
+        .and_then(|()| vmscale_common::durable::write_json(&path, r))
+        .map_err(|source| super::RecordError { path, source })
 }
 
 fn drop_record(state_dir: &Path, vm: &str) {

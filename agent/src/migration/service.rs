@@ -203,7 +203,13 @@ mod tests {
                 tonic::Code::Internal,
             ),
             (TargetError::UnknownOrder(1), tonic::Code::NotFound),
-            (TargetError::NotRecorded("disk full".into()), tonic::Code::Aborted),
+            (
+                TargetError::NotRecorded(crate::migration::RecordError {
+                    path: "/var/lib/vmscale/migration/adopted/vm.json".into(),
+                    source: std::io::Error::other("disk full"),
+                }),
+                tonic::Code::Aborted,
+            ),
             (
                 TargetError::NotResumed(crate::migration::target::IncomingError::StreamFailed),
                 tonic::Code::Aborted,

@@ -104,8 +104,8 @@ pub enum IncomingError {
     Encode(#[source] serde_json::Error),
     /// The source could not write down that it sends the confirm, so it
     /// does not send it.
-    #[error("cannot record the confirm: {0}")]
-    NotRecorded(String),
+    #[error("cannot record the confirm")]
+    NotRecorded(#[source] super::RecordError),
 }
 
 /// A confirm that did not come back as done.

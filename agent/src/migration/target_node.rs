@@ -73,8 +73,8 @@ pub enum TargetError {
     ConfirmBusy,
     #[error("the order is being confirmed or started; ask again")]
     Busy,
-    #[error("cannot record the vm taken in, so it is not taken; its qemu is killed: {0}")]
-    NotRecorded(String),
+    #[error("cannot record the vm taken in, so it is not taken; its qemu is killed")]
+    NotRecorded(#[source] super::RecordError),
     #[error("the guest did not resume here; its qemu is killed")]
     NotResumed(#[source] IncomingError),
 }
@@ -266,7 +266,7 @@ impl TargetNode {
         }
         record.resumed = record.resume;
         if let Err(e) = adopted::persist(&self.adopted_dir(), &record) {
-            warn!(vm = %record.spec.id, "cannot note the resume in the VM's record: {e}");
+            warn!(vm = %record.spec.id, "cannot note the resume in the VM's record: {}", vmscale_common::error::Chain(&e));
         }
         let spec = record.spec;
         // The watchdog holds the other clone until it fires; it kills only
