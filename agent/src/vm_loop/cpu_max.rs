@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::qmp::VcpuThreads;
+use procfs_core::FromRead;
 
 /// The CFS period the agent sets with a quota: the kernel's default, 100 ms.
 pub const DEFAULT_PERIOD_US: u64 = 100_000;
@@ -113,10 +114,9 @@ fn write(path: &Path, value: &str) -> Result<()> {
 pub fn process_of_thread(proc_root: &Path, tid: u32) -> Result<u32> {
     let path = proc_root.join(tid.to_string()).join("status");
     let status = read(&path)?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
+    procfs_core::process::Status::from_read(status.as_bytes())
+        .ok()
+        .and_then(|s| u32::try_from(s.tgid).ok())
         .ok_or(Error::NoTgid { path })
 }
 
@@ -134,12 +134,13 @@ pub struct CpuCgroup {
     pub version: Version,
 }
 
-/// One line of `/proc/<pid>/cgroup`: hierarchy id, controllers, path.
-fn cgroup_lines(text: &str) -> impl Iterator<Item = (&str, &str, &str)> {
-    text.lines().filter_map(|l| {
-        let mut it = l.splitn(3, ':');
-        Some((it.next()?, it.next()?, it.next()?))
-    })
+/// The lines of `/proc/<pid>/cgroup` (hierarchy id, controllers, path),
+/// parsed by procfs-core. `/proc/self/mountinfo` keeps its own parser
+/// below: the crate's leaves mountinfo's octal escapes (`\040`) in paths.
+fn cgroup_lines(path: &Path, text: &str) -> Result<Vec<procfs_core::ProcessCGroup>> {
+    procfs_core::ProcessCGroups::from_read(text.as_bytes())
+        .map(|c| c.0)
+        .map_err(|_| Error::Parse { path: path.to_path_buf(), text: text.to_owned() })
 }
 
 /// A cgroup mount from mountinfo: (root inside the hierarchy, mount point,
@@ -217,16 +218,20 @@ impl CpuCgroup {
         let all = mounts(&mountinfo);
         let not_mounted = |hierarchy| Error::NotMounted { pid, hierarchy, mountinfo: mountinfo_path.clone() };
 
-        let v1 = cgroup_lines(&cgroups).find(|(id, ctl, _)| *id != "0" && ctl.split(',').any(|c| c == "cpu"));
-        let (path, version, dir) = if let Some((_, _, path)) = v1 {
+        let lines = cgroup_lines(&cgroup_path, &cgroups)?;
+        let v1 = lines.iter().find(|c| c.hierarchy != 0 && c.controllers.iter().any(|c| c == "cpu"));
+        let (path, version, dir) = if let Some(c) = v1 {
+            let path = c.pathname.as_str();
             let m: Vec<&Mount> = all
                 .iter()
                 .filter(|m| m.fstype == "cgroup" && m.options.split(',').any(|o| o == "cpu"))
                 .collect();
             (path, Version::V1, resolve(&m, path).ok_or_else(|| not_mounted("cgroup v1 cpu"))?)
         } else {
-            let (_, _, path) = cgroup_lines(&cgroups)
-                .find(|(id, ctl, _)| *id == "0" && ctl.is_empty())
+            let path = lines
+                .iter()
+                .find(|c| c.hierarchy == 0 && c.controllers.is_empty())
+                .map(|c| c.pathname.as_str())
                 .ok_or(Error::NoCpuCgroup { pid, path: cgroup_path.clone() })?;
             let m: Vec<&Mount> = all.iter().filter(|m| m.fstype == "cgroup2").collect();
             (path, Version::V2, resolve(&m, path).ok_or_else(|| not_mounted("cgroup v2"))?)
@@ -385,7 +390,7 @@ mod tests {
     #[test]
     fn v1_quota_is_written_and_read_back() {
         let h = Host::new(HYBRID);
-        h.put("proc/4242/status", "Name:\tqemu-system-x86\nTgid:\t4200\nPid:\t4242\n");
+        h.put("proc/4242/status", &status_of(4200));
         h.put("proc/4200/cgroup", "4:memory:/vms/a\n1:cpu:/vms/a\n0::/\n");
         h.put("sys/fs/cgroup/cpu/vms/a/cpu.cfs_quota_us", "-1\n");
         h.put("sys/fs/cgroup/cpu/vms/a/cpu.cfs_period_us", "100000\n");
@@ -457,6 +462,12 @@ mod tests {
         assert!(matches!(cg.get(), Err(Error::Parse { .. })));
     }
 
+    /// A real `/proc/<tid>/status` (this build machine's), of a thread of
+    /// process `tgid`.
+    fn status_of(tgid: u32) -> String {
+        format!("Tgid:\t{tgid}\n{}", include_str!("../testdata/status_without_tgid"))
+    }
+
     #[test]
     fn mountinfo_escapes() {
         assert_eq!(unescape(r"/a\040b\134c"), "/a b\\c");
@@ -469,7 +480,7 @@ mod tests {
         let size = crate::qmp::VmSize { vcpus_present: 2, ..crate::qmp::VmSize::default() };
         let hv = crate::qmp::fake::FakeHypervisor::new(size);
         let tid = hv.vcpu_threads().await.unwrap()[0].thread_id;
-        h.put(&format!("proc/{tid}/status"), "Tgid:\t777\n");
+        h.put(&format!("proc/{tid}/status"), &status_of(777));
         h.put("proc/777/cgroup", "1:cpu:/vm\n");
         h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_quota_us", "-1");
         h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_period_us", "100000");
