@@ -95,6 +95,13 @@ fn extender_and_agent_accept_and_refuse_the_same_pods() {
         (vec![("vmscale.io/cpu-mode", Some("kvm"))], false),
         (vec![("vmscale.io/vm-id", Some(" "))], false),
         (vec![("vmscale.io/policy", Some("[1]"))], false),
+        // The policy's fields are the contract's too (contract/src/policy.rs):
+        // a policy the agent could not run is refused by both.
+        (vec![("vmscale.io/policy", Some(r#"{"cpu_target": 2.0}"#))], false),
+        (vec![("vmscale.io/policy", Some(r#"{"colour": 1}"#))], false),
+        (vec![("vmscale.io/policy", Some(r#"{"ignore_pressure": ["psi_cpu"]}"#))], true),
+        (vec![("vmscale.io/policy", Some(r#"{"ignore_pressure": ["psi_cpuu"]}"#))], false),
+        (vec![("vmscale.io/policy", Some(r#"{"polling": {"loop_interval_ms": 0}}"#))], false),
         (vec![("vmscale.io/min-cu", Some("1"))], false),
         (vec![("vmscale.io/cu-milli-cpu", Some("\u{0}garbage\u{7f}"))], false),
     ];
@@ -103,15 +110,4 @@ fn extender_and_agent_accept_and_refuse_the_same_pods() {
         assert_eq!(placed, scaled, "{changes:?}: extender {placed}, agent {scaled} ({why})");
         assert_eq!(placed, want, "{changes:?}: {why}");
     }
-}
-
-/// The one difference left: the fields of a per-VM policy are the agent's
-/// (`vmscale_agent::core::policy::Policy`), which the allocator does not
-/// link, so the extender checks only that the policy is a JSON object. When
-/// the policy's rules move into the contract this test fails: make the
-/// table above cover it instead.
-#[test]
-fn known_gap_policy_fields_are_checked_by_the_agent_only() {
-    let (placed, scaled, why) = verdicts(&pod(&[("vmscale.io/policy", Some(r#"{"cpu_target": 2.0}"#))]));
-    assert_eq!((placed, scaled), (true, false), "{why}");
 }

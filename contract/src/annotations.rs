@@ -3,6 +3,7 @@
 //! value out.
 
 use crate::keys::*;
+use crate::policy::Policy;
 use crate::quantity;
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ const VIRTIO_MEM_BLOCK: u64 = 128 << 20;
 const MAX_ID_LEN: usize = 253;
 
 /// What a VM pod's annotations say, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmAnnotations {
     /// `vmscale.io/vm-id`, or the default the caller passed.
     pub id: String,
@@ -34,8 +35,9 @@ pub struct VmAnnotations {
     pub max_cus: u32,
     pub cpu_mode: CpuMode,
     pub memory: Memory,
-    /// A JSON object; its fields are the agent's policy's to check.
-    pub policy: Option<String>,
+    /// `vmscale.io/policy`, parsed and validated: a JSON object whose fields
+    /// override the node's policy.
+    pub policy: Option<Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,12 +117,7 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotat
         Some("hotplug") => CpuMode::Hotplug,
         Some(_) => return Err(invalid(CPU_MODE, a, "must be `hotplug` or `sysfs`")),
     };
-    let policy = optional(a, POLICY)?.map(str::to_owned);
-    if let Some(json) = &policy {
-        if let Err(e) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
-            return Err(invalid(POLICY, a, &format!("is not a JSON object: {e}")));
-        }
-    }
+    let policy = optional(a, POLICY)?.map(|json| policy(a, json)).transpose()?;
     Ok(VmAnnotations {
         id: vm_id(a, default_id)?,
         qmp: required(a, QMP)?.to_owned(),
@@ -133,6 +130,18 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotat
         memory: memory(a, cu_memory_bytes)?,
         policy,
     })
+}
+
+/// `vmscale.io/policy`: a JSON object of policy fields, each checked as the
+/// agent's `[policy]` is.
+fn policy(a: &BTreeMap<String, String>, json: &str) -> Result<Policy, AnnotationError> {
+    if let Err(e) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+        return Err(invalid(POLICY, a, &format!("is not a JSON object: {e}")));
+    }
+    let p: Policy = serde_json::from_str(json)
+        .map_err(|e| invalid(POLICY, a, &format!("is not a JSON policy object: {e}")))?;
+    p.validate().map_err(|e| invalid(POLICY, a, &format!("is not a valid policy: {e}")))?;
+    Ok(p)
 }
 
 fn sizes(a: &BTreeMap<String, String>) -> Result<(u32, u32), AnnotationError> {
@@ -299,7 +308,7 @@ mod tests {
         assert_eq!(v.cpu_mode, CpuMode::Hotplug);
         assert_eq!(v.memory, Memory::VirtioMem { device: "vm0".into() });
         assert_eq!(v.informant, None);
-        assert_eq!(v.policy.as_deref(), Some(r#"{"cpu_target": 0.5}"#));
+        assert_eq!(v.policy.as_ref().map(|p| p.cpu_target), Some(0.5));
         assert_eq!(v.smallest(), (500, 2 << 30));
     }
 

@@ -8,6 +8,8 @@
 //! - [`annotations`]: a pod's annotations into [`annotations::VmAnnotations`],
 //!   with errors that name the annotation and the fix.
 //! - [`quantity`]: Kubernetes resource quantities (`1Gi`, `500m`, `129e6`).
+//! - [`policy`]: a VM's scaling policy and its validation (`vmscale.io/policy`
+//!   and the agent's `[policy]`), with [`pressure`]: the pressure kinds it names.
 //!
 //! # Annotations
 //!
@@ -24,7 +26,7 @@
 //! | `vmscale.io/memory` | yes | `dimm:<quantity>` (pc-dimm size, divides the unit's memory) or `virtio-mem:<device id>` (the unit's memory a multiple of 128 MiB) |
 //! | `vmscale.io/cpu-mode` | no | `sysfs` (default) or `hotplug` |
 //! | `vmscale.io/vm-id` | no | the VM's id for the allocator; default `<namespace>/<pod name>` |
-//! | `vmscale.io/policy` | no | JSON object overriding the agent's policy fields (`{"cpu_target": 0.6}`); its fields are the agent's to check |
+//! | `vmscale.io/policy` | no | JSON object overriding the policy's fields (`{"cpu_target": 0.6}`), each checked as the agent's `[policy]` is (`policy.rs`) |
 //!
 //! Written by the agent (ignored when read):
 //!
@@ -44,6 +46,8 @@
 
 pub mod annotations;
 pub mod keys;
+pub mod policy;
+pub mod pressure;
 pub mod quantity;
 
 pub use annotations::{parse, AnnotationError, VmAnnotations};

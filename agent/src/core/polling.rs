@@ -8,46 +8,9 @@
 //! core the averages this returns.
 
 use crate::core::policy::Usage;
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
-/// `[policy.polling]`: present means polling-only. The sample period is the
-/// informant's (`--sample-interval-ms`, e.g. 100); it does not come through
-/// the handshake, so the loop logs how many samples each average held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Polling {
-    /// How often the loop hands the core a sample, ms. Default 5000 (Neon's
-    /// agent reads the VM's metrics every 5 s).
-    pub loop_interval_ms: u64,
-    /// The window the samples are averaged over, ending at the loop's tick,
-    /// ms. Default 500 (Neon's monitor decides on a 500 ms average).
-    pub sample_average_ms: u64,
-}
-
-impl Default for Polling {
-    fn default() -> Self {
-        Polling { loop_interval_ms: 5000, sample_average_ms: 500 }
-    }
-}
-
-impl Polling {
-    /// `sample_max_age_ms` is the policy's: the core ignores an average older
-    /// than that, so a longer loop interval would leave it blind between ticks.
-    pub fn validate(&self, sample_max_age_ms: u64) -> Result<(), String> {
-        if self.loop_interval_ms == 0 || self.sample_average_ms == 0 {
-            return Err("polling: loop_interval_ms and sample_average_ms must be > 0".into());
-        }
-        if self.loop_interval_ms > sample_max_age_ms {
-            return Err(format!(
-                "polling: loop_interval_ms = {} exceeds sample_max_age_ms = {sample_max_age_ms}; the \
-                 core would drop each average before the next one came",
-                self.loop_interval_ms
-            ));
-        }
-        Ok(())
-    }
-}
+pub use vmscale_contract::policy::Polling;
 
 /// Collects samples between ticks and averages the last window at each tick.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 //! client, no clock.
 
 use super::Selector;
-use crate::core::policy::{Cu, Policy};
+use crate::core::policy::Cu;
 use crate::vms::{CpuMode, MemoryMode, VmSpec};
 use k8s_openapi::api::core::v1::Pod;
 use std::collections::BTreeMap;
@@ -57,18 +57,10 @@ pub fn pod_vm(pod: &Pod, sel: &Selector) -> PodVm {
 }
 
 /// Builds and validates a spec from annotations; `default_id` is used when
-/// `vmscale.io/vm-id` is absent. The contract checks the annotations; this
-/// adds only what is the agent's own: the policy's fields.
+/// `vmscale.io/vm-id` is absent. The contract checks the annotations, the
+/// policy's fields included; this only builds the agent's own spec.
 pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmSpec, AnnotationError> {
     let vm = contract::parse(a, default_id)?;
-    let policy = match &vm.policy {
-        None => None,
-        Some(json) => Some(serde_json::from_str::<Policy>(json).map_err(|e| AnnotationError::Invalid {
-            key: POLICY,
-            value: json.clone(),
-            reason: format!("is not a JSON policy object: {e}"),
-        })?),
-    };
     let spec = VmSpec {
         id: vm.id,
         qmp: vm.qmp,
@@ -84,7 +76,7 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmSpec, A
             contract::Memory::Dimm { dimm_bytes } => MemoryMode::Dimm { dimm_bytes },
             contract::Memory::VirtioMem { device } => MemoryMode::VirtioMem { device },
         },
-        policy,
+        policy: vm.policy,
     };
     spec.validate().map_err(|reason| AnnotationError::Spec { reason })?;
     Ok(spec)
