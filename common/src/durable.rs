@@ -8,7 +8,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
-/// Replaces `path` with `bytes`, atomically and durably.
+/// Replaces `path` with `bytes`, atomically and durably. One writer per
+/// path at a time: the temporary's name is per process (each record here
+/// has one owner: a VM's move, or one order taken in).
 pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
