@@ -34,6 +34,12 @@ pub struct Config {
     pub unplug_timeout_ms: u64,
     /// Per-command QMP timeout, ms. Default 10000.
     pub qmp_timeout_ms: u64,
+    /// The memory backend of the DIMMs the agent plugs: `"ram"` (default),
+    /// or `"memfd"` (`memory-backend-memfd,share=on`) on nodes whose VMs
+    /// have a vhost-user device, such as vhost-user-vsock where the kernel
+    /// has no vhost-vsock: such a device maps all guest memory, so memory
+    /// that is not shared breaks it. Harmless for other VMs.
+    pub dimm_backend: crate::qmp::DimmBackend,
     /// The scaling policy for VMs that don't bring their own.
     pub policy: Policy,
     /// When set, VMs come from pods on this node (Kubernetes API) instead of
@@ -89,6 +95,7 @@ impl Default for Config {
             allocator_retry_max_ms: 10_000,
             unplug_timeout_ms: 5000,
             qmp_timeout_ms: 10_000,
+            dimm_backend: crate::qmp::DimmBackend::Ram,
             policy: Policy::default(),
             kubernetes: None,
             contention: crate::node::contention::ContentionConfig::default(),

@@ -81,6 +81,7 @@ pub fn node_config(c: &Config, capacity: Size) -> NodeConfig {
             ..Default::default()
         },
         unplug_timeout: Duration::from_millis(c.unplug_timeout_ms),
+        dimm_backend: c.dimm_backend,
         contention: c.contention.clone(),
         proc_root: c.proc_root.clone(),
         migration: c.migration.clone(),

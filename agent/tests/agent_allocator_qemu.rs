@@ -218,7 +218,7 @@ fn spec(qemu: &TestQemu, informant: &str) -> VmSpec {
     VmSpec {
         id: "pg-1".into(),
         qmp: qemu.qemu.endpoint().to_string(),
-        informant: Some(informant.to_owned()),
+        informant: Some(informant.parse().unwrap()),
         cu: CU,
         min_cus: 1,
         max_cus: 8,
@@ -264,6 +264,7 @@ async fn pressure_grows_the_vm_through_permit_plug_and_notice_and_survives_an_ag
     eventually("the guest told of the new size", || !informant.notices.lock().unwrap().is_empty()).await;
     let notice = informant.notices.lock().unwrap()[0];
     assert_eq!(notice.memory_bytes, 512 * MIB);
+    assert_eq!(notice.cpu_mode(), ipb::CpuMode::Sysfs, "the VM spec's CPU mode goes with the notice");
     let size = vm.read_size().await.unwrap();
     assert_eq!((size.dimm_count, size.memory_bytes()), (1, 512 * MIB), "a real DIMM in QEMU");
     assert_eq!(
@@ -354,6 +355,7 @@ async fn a_denied_downscale_keeps_the_memory() {
     eventually("a downscale question", || !informant.downscale_asks.lock().unwrap().is_empty()).await;
     let ask = informant.downscale_asks.lock().unwrap()[0];
     assert_eq!(ask.target_memory_bytes, 256 * MIB, "one CU at a time");
+    assert_eq!(ask.cpu_mode(), ipb::CpuMode::Sysfs);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(vm.read_size().await.unwrap().dimm_count, 1, "the VM keeps its memory");
     assert_eq!(reserved(&shared, "node-a", "pg-1"), Some((1000, 512 * MIB)));

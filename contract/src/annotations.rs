@@ -2,6 +2,7 @@
 //! with them, named so the pod's owner knows what to fix. Pure: a map in, a
 //! value out.
 
+use crate::informant_addr::InformantAddr;
 use crate::keys::*;
 use crate::policy::Policy;
 use crate::quantity;
@@ -28,7 +29,7 @@ pub struct VmAnnotations {
     /// `vmscale.io/vm-id`, or the default the caller passed.
     pub id: String,
     pub qmp: String,
-    pub informant: Option<String>,
+    pub informant: Option<InformantAddr>,
     pub cu_milli_cpu: u64,
     pub cu_memory_bytes: u64,
     pub min_cus: u32,
@@ -121,7 +122,12 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotat
     Ok(VmAnnotations {
         id: vm_id(a, default_id)?,
         qmp: required(a, QMP)?.to_owned(),
-        informant: optional(a, INFORMANT)?.map(str::to_owned),
+        informant: optional(a, INFORMANT)?
+            .map(|v| {
+                v.parse::<InformantAddr>()
+                    .map_err(|e| invalid(INFORMANT, a, &format!("is not an address: {}", e.reason)))
+            })
+            .transpose()?,
         cu_milli_cpu,
         cu_memory_bytes,
         min_cus,
@@ -288,7 +294,7 @@ mod tests {
         assert_eq!((v.min_cus, v.max_cus), (1, 8));
         assert_eq!(v.cpu_mode, CpuMode::Sysfs);
         assert_eq!(v.memory, Memory::Dimm { dimm_bytes: 256 << 20 });
-        assert_eq!(v.informant.as_deref(), Some("http://10.0.2.15:7080"));
+        assert_eq!(v.informant, Some(InformantAddr::http("10.0.2.15", 7080)));
         assert_eq!(v.policy, None);
         assert_eq!(v.smallest(), (250, 1 << 30));
 
@@ -350,6 +356,11 @@ mod tests {
             (vec![(MEMORY, Some("dimm:256M"))], "did you mean 256Mi?"),
             (vec![(MEMORY, Some("virtio-mem:"))], "names no virtio-mem device"),
             (vec![(MEMORY, Some("virtio-mem:vm0")), (CU_MEMORY_BYTES, Some("100Mi"))], "multiple of 128Mi"),
+            (
+                vec![(INFORMANT, Some("10.0.2.15:7080"))],
+                "vmscale.io/informant=\"10.0.2.15:7080\" is not an address: has no scheme",
+            ),
+            (vec![(INFORMANT, Some("vsock://2:7072"))], "is not an address: has CID 2, the host itself"),
             (vec![(POLICY, Some("[1]"))], "vmscale.io/policy=\"[1]\" is not a JSON object"),
             (vec![(VM_ID, Some("a\u{7}b"))], "printable"),
             (vec![("vmscale.io/min-cu", Some("1"))], "annotation vmscale.io/min-cu is not one"),

@@ -8,6 +8,9 @@
 //! - [`annotations`]: a pod's annotations into [`annotations::VmAnnotations`],
 //!   with errors that name the annotation and the fix.
 //! - [`quantity`]: Kubernetes resource quantities (`1Gi`, `500m`, `129e6`).
+//! - [`informant_addr`]: where the agent reaches a VM's informant (TCP,
+//!   vsock, or a vhost-user vsock backend's socket), the agent's VM list's
+//!   parser too.
 //! - [`policy`]: a VM's scaling policy and its validation (`vmscale.io/policy`
 //!   and the agent's `[policy]`), with [`pressure`]: the pressure kinds it names.
 //!
@@ -18,7 +21,7 @@
 //! | annotation | required | value |
 //! |---|---|---|
 //! | `vmscale.io/qmp` | yes | QMP endpoint as the agent sees it: a unix socket path or `tcp:HOST:PORT` |
-//! | `vmscale.io/informant` | no | the informant's gRPC endpoint (`http://HOST:PORT`, `vsock://CID:PORT`); none: memory never shrinks |
+//! | `vmscale.io/informant` | no | the informant's gRPC endpoint: `http://HOST:PORT` (TCP), `vsock://CID:PORT` (AF_VSOCK, guest CID 3 or more) or `vsock+unix:///PATH:PORT` (a vhost-user vsock backend's host socket); checked by [`informant_addr`]; none: memory never shrinks |
 //! | `vmscale.io/cu-milli-cpu` | yes | CPU of one compute unit, milli-vCPU, a whole number (`250`) |
 //! | `vmscale.io/cu-memory-bytes` | yes | memory of one compute unit: a Kubernetes quantity of whole MiB (`1Gi`, `1536Mi`, `1073741824`) |
 //! | `vmscale.io/min-cus` | yes | smallest size, compute units, at least 1 |
@@ -45,12 +48,14 @@
 //! 128 MiB blocks), so it is refused with a hint to write `1Gi`.
 
 pub mod annotations;
+pub mod informant_addr;
 pub mod keys;
 pub mod policy;
 pub mod pressure;
 pub mod quantity;
 
 pub use annotations::{parse, AnnotationError, VmAnnotations};
+pub use informant_addr::{InformantAddr, InformantAddrError};
 
 use std::collections::BTreeMap;
 

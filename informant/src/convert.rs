@@ -1,6 +1,7 @@
 //! The edge between wire types and domain types: requests are checked here
 //! (bad values become `InvalidArgument` with a message), replies built here.
 
+use crate::config::CpuMode;
 use crate::downscale::DownscaleTarget;
 use crate::event::{EventBody, PressureKind, Sample};
 use crate::guest::GuestResources;
@@ -24,6 +25,8 @@ pub enum ConvertError {
     NoVersions,
     #[error("version range {min}..={max} is empty (min above max)")]
     EmptyRange { min: u32, max: u32 },
+    #[error("cpu_mode = {0} is not one this informant knows (1: hotplug, 2: sysfs, 0: its own config)")]
+    CpuMode(i32),
 }
 
 impl From<ConvertError> for tonic::Status {
@@ -90,6 +93,19 @@ impl TryFrom<&pb::UpscaleNotice> for UpscaleTarget {
             return Err(ConvertError::NothingAsked { what: "upscale notice" });
         }
         Ok(t)
+    }
+}
+
+/// The CPU mode the agent says the VM runs in; `None` when it says nothing
+/// (an older agent), so the informant's own config decides. A number this
+/// informant does not know is refused rather than guessed: offlining CPUs
+/// the agent meant to unplug, or the other way round, leaves the VM wrong.
+pub fn cpu_mode(wire: i32) -> Result<Option<CpuMode>, ConvertError> {
+    match pb::CpuMode::try_from(wire) {
+        Ok(pb::CpuMode::Unspecified) => Ok(None),
+        Ok(pb::CpuMode::Hotplug) => Ok(Some(CpuMode::Hotplug)),
+        Ok(pb::CpuMode::Sysfs) => Ok(Some(CpuMode::Sysfs)),
+        Err(_) => Err(ConvertError::CpuMode(wire)),
     }
 }
 
@@ -178,7 +194,11 @@ mod tests {
     use crate::event::{Event, Pressure, SourceKind};
 
     fn down(cpus: u32, mem: u64) -> Result<DownscaleTarget, ConvertError> {
-        DownscaleTarget::try_from(&pb::DownscaleRequest { target_cpus: cpus, target_memory_bytes: mem })
+        DownscaleTarget::try_from(&pb::DownscaleRequest {
+            target_cpus: cpus,
+            target_memory_bytes: mem,
+            ..Default::default()
+        })
     }
 
     #[test]
@@ -194,10 +214,31 @@ mod tests {
 
     #[test]
     fn upscale_notices_are_checked() {
-        let up = |cpus, memory_bytes| UpscaleTarget::try_from(&pb::UpscaleNotice { cpus, memory_bytes });
+        let up = |cpus, memory_bytes| {
+            UpscaleTarget::try_from(&pb::UpscaleNotice { cpus, memory_bytes, ..Default::default() })
+        };
         assert_eq!(up(4, 0), Ok(UpscaleTarget { cpus: Some(4), memory_bytes: None }));
         assert!(up(0, 0).is_err());
         assert!(up(4000, 0).is_err());
+    }
+
+    /// Absent (an older agent) leaves the informant's config in charge; a
+    /// number from a newer agent is refused, never guessed.
+    #[test]
+    fn cpu_modes_from_the_wire() {
+        let table = [
+            (0, Ok(None)),
+            (1, Ok(Some(CpuMode::Hotplug))),
+            (2, Ok(Some(CpuMode::Sysfs))),
+            (3, Err(ConvertError::CpuMode(3))),
+            (-1, Err(ConvertError::CpuMode(-1))),
+        ];
+        for (wire, want) in table {
+            assert_eq!(cpu_mode(wire), want, "{wire}");
+        }
+        let status = tonic::Status::from(cpu_mode(7).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("cpu_mode = 7"), "{}", status.message());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`hub`] merges them and fans out to the one subscribed agent.
 //! - [`downscale`] decides purely; [`guest`] reads and writes sysfs;
 //!   [`hotplug_settings`] says which guest kernel settings make scaling worse.
-//! - [`convert`], [`service`] and [`server`] are the gRPC edge.
+//! - [`convert`], [`service`] and [`server`] are the gRPC edge; [`peer`]
+//!   says which vsock peers it serves (the host only).
 
 pub mod cgroup_events;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod fake;
 pub mod guest;
 pub mod hotplug_settings;
 pub mod hub;
+pub mod peer;
 pub mod procfs;
 pub mod psi;
 pub mod sampler;

@@ -1,18 +1,21 @@
 //! Binds the listener (TCP or vsock), starts the sources and the fan-out, and
 //! serves gRPC until the shutdown token fires. Takes a bound listener so
-//! tests run on port 0.
+//! tests run on port 0. On vsock only the host's connections are served
+//! (`peer.rs`).
 
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::hub::Hub;
+use crate::peer;
 use crate::service::InformantService;
 use crate::source_set::start_sources;
+use futures::Stream;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_vsock::{VsockAddr, VsockListener};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 use vmscale_proto::informant::informant_server::InformantServer;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +96,7 @@ pub async fn serve(config: Config, listener: Listener, shutdown: CancellationTok
         Listener::Tcp(l) => {
             router.serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), stop).await
         }
-        Listener::Vsock(l) => router.serve_with_incoming_shutdown(l.incoming(), stop).await,
+        Listener::Vsock(l) => router.serve_with_incoming_shutdown(host_connections(l), stop).await,
     };
     inner.cancel();
     for t in tasks {
@@ -101,4 +104,24 @@ pub async fn serve(config: Config, listener: Listener, shutdown: CancellationTok
     }
     info!(delivered = hub.delivered_total(), dropped = hub.dropped_total(), "informant stopped");
     result.map_err(RunError::Grpc)
+}
+
+/// The listener's connections from the host; any other peer's is closed at
+/// once (dropped before a byte is read) with a warning naming its CID.
+/// Accept errors pass on to tonic, which logs them and goes on accepting.
+fn host_connections(l: VsockListener) -> impl Stream<Item = std::io::Result<VsockStream>> {
+    futures::stream::unfold(l, |l| async move {
+        loop {
+            match l.accept().await {
+                Ok((stream, from)) => match peer::host_only(from.cid()) {
+                    Ok(()) => return Some((Ok(stream), l)),
+                    Err(e) => {
+                        warn!(cid = from.cid(), port = from.port(), "{e}");
+                        drop(stream);
+                    }
+                },
+                Err(e) => return Some((Err(e), l)),
+            }
+        }
+    })
 }

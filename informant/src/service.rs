@@ -3,7 +3,7 @@
 //! replaces the old one, whose stream ends with `ABORTED` saying so.
 
 use crate::config::{Config, CpuMode};
-use crate::convert::{version_range, UpscaleTarget};
+use crate::convert::{cpu_mode, version_range, UpscaleTarget};
 use crate::downscale::{self, DownscaleTarget, Policy};
 use crate::event::monotonic_ns;
 use crate::guest::{Guest, GuestResources};
@@ -57,6 +57,14 @@ impl InformantService {
             guest_lock: tokio::sync::Mutex::new(()),
             shutdown,
         }
+    }
+}
+
+impl InformantService {
+    /// The CPU mode of one request: the agent's word (it knows how the VM
+    /// runs) or, from an agent that does not say, this informant's config.
+    fn mode(&self, wire: i32) -> Result<CpuMode, Status> {
+        Ok(cpu_mode(wire)?.unwrap_or(self.cpu_mode))
     }
 }
 
@@ -128,9 +136,10 @@ impl Informant for InformantService {
         req: Request<pb::DownscaleRequest>,
     ) -> Result<Response<pb::DownscaleResponse>, Status> {
         let target = DownscaleTarget::try_from(req.get_ref())?;
+        let mode = self.mode(req.get_ref().cpu_mode)?;
         let _guard = self.guest_lock.lock().await;
         let d = downscale::decide(&target, &self.hub.observations(), &self.policy, monotonic_ns());
-        let offline_to = target.cpus.filter(|_| d.approved && self.cpu_mode == CpuMode::Sysfs);
+        let offline_to = target.cpus.filter(|_| d.approved && mode == CpuMode::Sysfs);
         let guest = self.guest.clone();
         let now = blocking(move || {
             let warnings = offline_to.map(|n| guest.offline_cpus(n)).unwrap_or_default();
@@ -148,7 +157,7 @@ impl Informant for InformantService {
                 now.warnings.join("; ")
             );
         }
-        info!(?target, approved, %reason, "downscale decided");
+        info!(?target, ?mode, approved, %reason, "downscale decided");
         Ok(Response::new(pb::DownscaleResponse { approved, reason, now: Some(now.into()) }))
     }
 
@@ -158,9 +167,10 @@ impl Informant for InformantService {
         req: Request<pb::UpscaleNotice>,
     ) -> Result<Response<pb::GuestResources>, Status> {
         let target = UpscaleTarget::try_from(req.get_ref())?;
+        let mode = self.mode(req.get_ref().cpu_mode)?;
         let _guard = self.guest_lock.lock().await;
         // In sysfs mode, online only up to the new count; otherwise, whatever arrived.
-        let cpus = match (self.cpu_mode, target.cpus) {
+        let cpus = match (mode, target.cpus) {
             (CpuMode::Hotplug, _) => Some(None),
             (CpuMode::Sysfs, Some(n)) => Some(Some(n)),
             (CpuMode::Sysfs, None) => None,

@@ -47,7 +47,7 @@ impl Running {
 
     /// Asks until the informant has a sample (it takes one at start).
     async fn downscale(&mut self, target_cpus: u32, target_memory_bytes: u64) -> pb::DownscaleResponse {
-        let req = pb::DownscaleRequest { target_cpus, target_memory_bytes };
+        let req = pb::DownscaleRequest { target_cpus, target_memory_bytes, ..Default::default() };
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let r = self.client.try_downscale(req).await.unwrap().into_inner();
@@ -57,6 +57,11 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// An upscale notice from an agent that does not say the CPU mode.
+fn notice(cpus: u32, memory_bytes: u64) -> pb::UpscaleNotice {
+    pb::UpscaleNotice { cpus, memory_bytes, ..Default::default() }
 }
 
 fn handshake(min: u32, max: u32) -> pb::HandshakeRequest {
@@ -236,7 +241,14 @@ async fn without_samples_downscale_is_denied_and_the_informant_keeps_serving() {
     let h = r.client.handshake(handshake(1, 1)).await.unwrap().into_inner();
     let sampler = h.sources.iter().find(|s| s.name == "sampler").unwrap();
     assert!(!sampler.available && sampler.reason.contains("meminfo"), "{sampler:?}");
-    let d = r.client.try_downscale(pb::DownscaleRequest { target_cpus: 0, target_memory_bytes: GIB }).await;
+    let d = r
+        .client
+        .try_downscale(pb::DownscaleRequest {
+            target_cpus: 0,
+            target_memory_bytes: GIB,
+            ..Default::default()
+        })
+        .await;
     let d = d.unwrap().into_inner();
     assert!(!d.approved);
     assert!(d.reason.starts_with("no stats yet"), "{}", d.reason);
@@ -261,7 +273,7 @@ async fn sysfs_mode_offlines_on_downscale_and_onlines_on_upscale() {
     assert_eq!((now.online_cpus, now.present_cpus), (2, 4));
     assert!(!r.guest.cpu_online(3) && !r.guest.cpu_online(2) && r.guest.cpu_online(1));
 
-    let up = r.client.notify_upscale(pb::UpscaleNotice { cpus: 3, memory_bytes: (9 * 128) << 20 }).await;
+    let up = r.client.notify_upscale(notice(3, (9 * 128) << 20)).await;
     let up = up.unwrap().into_inner();
     assert_eq!(up.online_cpus, 3, "{up:?}");
     assert_eq!(up.memory_online_bytes, (9 * 128) << 20);
@@ -270,8 +282,7 @@ async fn sysfs_mode_offlines_on_downscale_and_onlines_on_upscale() {
     assert_eq!(r.guest.block_state(8), "online_movable");
 
     // More than the guest has: answered after the wait, with a warning.
-    let up =
-        r.client.notify_upscale(pb::UpscaleNotice { cpus: 8, memory_bytes: 0 }).await.unwrap().into_inner();
+    let up = r.client.notify_upscale(notice(8, 0)).await.unwrap().into_inner();
     assert_eq!(up.online_cpus, 4);
     assert!(up.warnings.iter().any(|w| w.contains("less than the announced 8 CPUs")), "{:?}", up.warnings);
     r.stop().await;
@@ -287,10 +298,52 @@ async fn hotplug_mode_leaves_cpus_to_the_agent() {
     let d = r.downscale(1, 0).await;
     assert!(d.approved, "{}", d.reason);
     assert!(r.guest.cpu_online(2), "hotplug mode never offlines");
-    let up =
-        r.client.notify_upscale(pb::UpscaleNotice { cpus: 4, memory_bytes: 0 }).await.unwrap().into_inner();
+    let up = r.client.notify_upscale(notice(4, 0)).await.unwrap().into_inner();
     assert_eq!(up.online_cpus, 4);
     assert!(r.guest.cpu_online(3));
+    r.stop().await;
+}
+
+/// One shipped config (hotplug) serves a TCG node whose agent runs the VM
+/// in sysfs mode: the agent's cpu_mode wins over the config, per request;
+/// an agent that says nothing gets the config's mode.
+#[tokio::test]
+async fn the_agents_cpu_mode_overrides_the_config() {
+    let mut r = start(|g, c| {
+        c.cpu_mode = CpuMode::Hotplug;
+        g.add_cpu(2, true);
+        g.add_cpu(3, true);
+    })
+    .await;
+    let sysfs = pb::CpuMode::Sysfs as i32;
+    let req = pb::DownscaleRequest { target_cpus: 2, target_memory_bytes: 0, cpu_mode: sysfs };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let d = loop {
+        let d = r.client.try_downscale(req).await.unwrap().into_inner();
+        if !d.reason.starts_with("no stats yet") || tokio::time::Instant::now() > deadline {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(d.approved, "{}", d.reason);
+    assert!(!r.guest.cpu_online(3) && !r.guest.cpu_online(2), "sysfs from the agent offlines");
+
+    let up = pb::UpscaleNotice { cpus: 3, memory_bytes: 0, cpu_mode: sysfs };
+    let up = r.client.notify_upscale(up).await.unwrap().into_inner();
+    assert_eq!(up.online_cpus, 3, "sysfs onlines up to the count: {up:?}");
+    assert!(!r.guest.cpu_online(3));
+
+    // Unsaid: the config's hotplug mode onlines whatever is there.
+    let up = r.client.notify_upscale(notice(3, 0)).await.unwrap().into_inner();
+    assert_eq!(up.online_cpus, 4, "{up:?}");
+    // Hotplug said explicitly: never offlines.
+    let hotplug = pb::CpuMode::Hotplug as i32;
+    let d = r.client.try_downscale(pb::DownscaleRequest { cpu_mode: hotplug, ..req }).await.unwrap();
+    assert!(d.get_ref().approved && r.guest.cpu_online(3), "{:?}", d.get_ref());
+
+    let e = r.client.try_downscale(pb::DownscaleRequest { cpu_mode: 9, ..req }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("cpu_mode = 9"), "{}", e.message());
     r.stop().await;
 }
 
@@ -301,12 +354,16 @@ async fn bad_messages_get_invalid_argument() {
     for (cpus, mem, words) in cases {
         let e = r
             .client
-            .try_downscale(pb::DownscaleRequest { target_cpus: cpus, target_memory_bytes: mem })
+            .try_downscale(pb::DownscaleRequest {
+                target_cpus: cpus,
+                target_memory_bytes: mem,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(words), "{}", e.message());
-        let e = r.client.notify_upscale(pb::UpscaleNotice { cpus, memory_bytes: mem }).await.unwrap_err();
+        let e = r.client.notify_upscale(notice(cpus, mem)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(words), "{}", e.message());
     }

@@ -4,15 +4,17 @@
 //! [`GuestLink`] trait, so the loop's tests use [`fake::FakeGuest`].
 //! Reconnects with backoff; while it is down the core knows (no informant,
 //! no memory downscale). Wire types stop here: the pressure kind's number
-//! becomes a [`PressureKind`].
+//! becomes a [`PressureKind`]. How the bytes get there (TCP, vsock, a
+//! vhost-user vsock backend's socket) is [`super::dial`]'s.
 
+use super::dial::{self, DialError, InformantAddr};
 use crate::core::policy::Usage;
 use crate::core::pressure::PressureKind;
+use crate::vms::CpuMode;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 use vmscale_common::backoff::{seed_of, Backoff};
 use vmscale_proto::informant as pb;
@@ -73,21 +75,46 @@ const RECONNECT: Backoff = Backoff::from_ms(100, 5000);
 /// The live link to the guest, if any.
 pub type Link = Option<Arc<dyn GuestLink>>;
 
-/// The gRPC client as a [`GuestLink`].
+/// The gRPC client as a [`GuestLink`], telling the informant the VM's CPU
+/// mode with every request (it is how the VM runs, which the agent knows).
 #[derive(Debug, Clone)]
-struct Informant(InformantClient<Channel>);
+struct Informant {
+    client: InformantClient<Channel>,
+    cpu_mode: pb::CpuMode,
+}
+
+/// The VM spec's CPU mode on the wire.
+pub fn wire_cpu_mode(m: CpuMode) -> pb::CpuMode {
+    match m {
+        CpuMode::Hotplug => pb::CpuMode::Hotplug,
+        CpuMode::Sysfs => pb::CpuMode::Sysfs,
+    }
+}
+
+impl Informant {
+    fn upscale_notice(&self, vcpus: u32, memory_bytes: u64) -> pb::UpscaleNotice {
+        pb::UpscaleNotice { cpus: vcpus, memory_bytes, cpu_mode: self.cpu_mode.into() }
+    }
+
+    fn downscale_request(&self, vcpus: u32, memory_bytes: u64) -> pb::DownscaleRequest {
+        pb::DownscaleRequest {
+            target_cpus: vcpus,
+            target_memory_bytes: memory_bytes,
+            cpu_mode: self.cpu_mode.into(),
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl GuestLink for Informant {
     async fn notify_upscale(&self, vcpus: u32, memory_bytes: u64) -> Result<(), RequestError> {
-        let notice = pb::UpscaleNotice { cpus: vcpus, memory_bytes };
-        self.0.clone().notify_upscale(notice).await?;
+        self.client.clone().notify_upscale(self.upscale_notice(vcpus, memory_bytes)).await?;
         Ok(())
     }
 
     async fn ask_downscale(&self, vcpus: u32, memory_bytes: u64) -> Result<DownscaleAnswer, RequestError> {
-        let req = pb::DownscaleRequest { target_cpus: vcpus, target_memory_bytes: memory_bytes };
-        let r = self.0.clone().try_downscale(req).await?.into_inner();
+        let req = self.downscale_request(vcpus, memory_bytes);
+        let r = self.client.clone().try_downscale(req).await?.into_inner();
         Ok(DownscaleAnswer { approved: r.approved, reason: r.reason })
     }
 }
@@ -102,33 +129,39 @@ pub struct GuestChannels {
 }
 
 impl GuestChannels {
-    /// Keeps a link to the informant at `addr` until `cancel`; without an
-    /// address, a guest that never connects.
-    pub fn connect(addr: Option<String>, cancel: CancellationToken) -> GuestChannels {
+    /// Keeps a link to the informant at `addr` until `cancel`, telling it
+    /// the VM's `cpu_mode`; without an address, a guest that never connects.
+    pub fn connect(
+        addr: Option<InformantAddr>,
+        cpu_mode: CpuMode,
+        cancel: CancellationToken,
+    ) -> GuestChannels {
         let (events_tx, events) = mpsc::channel(1024);
         let (link_tx, link) = watch::channel(None);
         let (notes_tx, notes) = watch::channel(Vec::new());
         if let Some(addr) = addr {
-            tokio::spawn(run(addr, events_tx, link_tx, notes_tx, cancel));
+            let guest = LinkEnds { cpu_mode, events: events_tx, link: link_tx, notes: notes_tx };
+            tokio::spawn(run(addr, guest, cancel));
         }
         GuestChannels { events, link, notes }
     }
 }
 
+/// What [`run`] feeds: the loop's ends of its guest channels, and the CPU
+/// mode the link tells the informant.
+#[derive(Debug)]
+pub struct LinkEnds {
+    pub cpu_mode: CpuMode,
+    pub events: mpsc::Sender<GuestEvent>,
+    pub link: watch::Sender<Link>,
+    /// The guest's notes on its kernel settings, at each connection.
+    pub notes: watch::Sender<Vec<String>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("bad informant address {addr:?}")]
-    Address {
-        addr: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("cannot connect to the informant at {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Dial(#[from] DialError),
     #[error("the informant refused: {0}")]
     Status(#[from] tonic::Status),
     #[error("no common protocol version with the informant: it speaks {min}..={max}")]
@@ -179,15 +212,8 @@ pub fn to_guest_event(e: &pb::Event) -> Option<GuestEvent> {
 
 /// Connects and shakes hands; the client and the guest's notes on its
 /// kernel settings (logged here, shown in the VM's status).
-async fn connect(addr: &str) -> Result<(InformantClient<Channel>, Vec<String>), LinkError> {
-    let ep = Endpoint::from_shared(addr.to_owned())
-        .map_err(|source| LinkError::Address { addr: addr.to_owned(), source })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let ch = ep.connect().await.map_err(|source| LinkError::Connect { addr: addr.to_owned(), source })?;
-    let mut c = InformantClient::new(ch);
+async fn connect(addr: &InformantAddr) -> Result<(InformantClient<Channel>, Vec<String>), LinkError> {
+    let mut c = InformantClient::new(dial::channel(addr).await?);
     let ours = vmscale_proto::INFORMANT_PROTOCOL;
     let hs = c
         .handshake(pb::HandshakeRequest {
@@ -208,15 +234,11 @@ async fn connect(addr: &str) -> Result<(InformantClient<Channel>, Vec<String>), 
     Ok((c, hs.guest_notes))
 }
 
-/// Keeps one VM's informant connection until `cancel`; `notes_tx` gets the
-/// guest's notes on its kernel settings at each connection.
-pub async fn run(
-    addr: String,
-    events: mpsc::Sender<GuestEvent>,
-    client_tx: watch::Sender<Link>,
-    notes_tx: watch::Sender<Vec<String>>,
-    cancel: CancellationToken,
-) {
+/// Keeps one VM's informant connection until `cancel`.
+pub async fn run(addr: InformantAddr, guest: LinkEnds, cancel: CancellationToken) {
+    let LinkEnds { cpu_mode, events, link: client_tx, notes: notes_tx } = guest;
+    let cpu_mode = wire_cpu_mode(cpu_mode);
+    let seed = seed_of(&addr.to_string());
     let mut failures: u32 = 0;
     loop {
         let attempt = async {
@@ -232,7 +254,7 @@ pub async fn run(
         match r {
             Ok((c, mut stream)) => {
                 failures = 0;
-                client_tx.send_replace(Some(Arc::new(Informant(c))));
+                client_tx.send_replace(Some(Arc::new(Informant { client: c, cpu_mode })));
                 info!(%addr, "informant connected");
                 let why = loop {
                     tokio::select! {
@@ -259,12 +281,12 @@ pub async fn run(
             Err(e) => {
                 failures = failures.saturating_add(1);
                 if failures == 1 || failures.is_multiple_of(10) {
-                    warn!(%addr, failures, "cannot reach the informant: {e}");
+                    warn!(%addr, failures, "cannot reach the informant: {}", vmscale_common::error::Chain(&e));
                 }
             }
         }
         // 100 ms after a dropped connection, doubling per failure to 5 s.
-        let wait = RECONNECT.jittered(failures.saturating_add(1), seed_of(&addr));
+        let wait = RECONNECT.jittered(failures.saturating_add(1), seed);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
@@ -308,6 +330,20 @@ mod tests {
         let kind = PressureKind::OomVictim;
         assert_eq!(to_guest_event(&oom), Some(GuestEvent::Pressure { kind, at_ns: 9 }));
         assert_eq!(to_guest_event(&pb::Event::default()), None);
+    }
+
+    /// The VM spec's CPU mode goes with every request, so the informant's
+    /// own config does not decide how this VM's CPUs scale.
+    #[tokio::test]
+    async fn requests_carry_the_vms_cpu_mode() {
+        let client = InformantClient::new(tonic::transport::Endpoint::from_static("http://x").connect_lazy());
+        for (mode, wire) in [(CpuMode::Sysfs, pb::CpuMode::Sysfs), (CpuMode::Hotplug, pb::CpuMode::Hotplug)] {
+            let link = Informant { client: client.clone(), cpu_mode: wire_cpu_mode(mode) };
+            let up = link.upscale_notice(2, 1 << 30);
+            assert_eq!((up.cpus, up.memory_bytes, up.cpu_mode()), (2, 1 << 30, wire));
+            let down = link.downscale_request(1, 1 << 29);
+            assert_eq!((down.target_cpus, down.target_memory_bytes, down.cpu_mode()), (1, 1 << 29, wire));
+        }
     }
 
     /// Every wire kind has its name; any number past them is `unknown`, so

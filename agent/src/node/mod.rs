@@ -51,6 +51,8 @@ pub struct NodeConfig {
     pub policy: Policy,
     pub qmp: ClientConfig,
     pub unplug_timeout: Duration,
+    /// The memory backend of plugged DIMMs.
+    pub dimm_backend: crate::qmp::DimmBackend,
     /// Run-queue delay reports (host eBPF).
     pub contention: ContentionConfig,
     /// Where `/proc` is: vCPU threads' process and cgroup for `cpu.max`.
@@ -399,6 +401,7 @@ mod tests {
             policy: Policy::default(),
             qmp: ClientConfig::default(),
             unplug_timeout: Duration::from_millis(300),
+            dimm_backend: crate::qmp::DimmBackend::Ram,
             contention: ContentionConfig::default(),
             proc_root: "/proc".into(),
             migration: MigrationSettings::default(),

@@ -45,6 +45,7 @@ pub(super) async fn supervise_vm(sup: Supervised, cancel: CancellationToken) {
             MemoryMode::Dimm { .. } => None,
         },
         unplug_timeout: sup.cfg.unplug_timeout,
+        dimm_backend: sup.cfg.dimm_backend,
         ..HotplugConfig::default()
     };
     let backoff = vmscale_common::backoff::Backoff::new(RETRY_FIRST, RETRY_MAX);

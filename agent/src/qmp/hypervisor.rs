@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::Result;
 use super::size::VmSize;
@@ -26,8 +26,10 @@ pub struct DimmDevice {
     pub bytes: u64,
 }
 
-/// Which memory backend object new DIMMs get.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// Which memory backend object new DIMMs get (the agent's `dimm_backend`:
+/// `"ram"` or `"memfd"`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DimmBackend {
     /// `memory-backend-ram`: private anonymous memory.
     #[default]

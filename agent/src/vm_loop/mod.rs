@@ -86,7 +86,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let Some(qemu) = read_qemu(hv.as_ref(), &spec.id, &cancel).await else { return };
-    let guest = GuestChannels::connect(spec.informant.clone(), cancel.child_token());
+    let guest = GuestChannels::connect(spec.informant.clone(), spec.cpu_mode, cancel.child_token());
     let vm = spec.id.clone();
     VmLoop::new(spec, hv, ctx, &qemu, last_permit, guest, gate).run(&cancel).await;
     // The VM left this node (or the agent stops): the allocator hears of it

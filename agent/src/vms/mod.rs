@@ -8,6 +8,7 @@ pub mod kube;
 
 use crate::core::policy::{Cu, Policy};
 use serde::{Deserialize, Serialize};
+pub use vmscale_contract::informant_addr::InformantAddr;
 
 /// How a VM's CPUs scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -39,10 +40,13 @@ pub struct VmSpec {
     pub id: String,
     /// QMP endpoint: a unix socket path, or `tcp:HOST:PORT`.
     pub qmp: String,
-    /// The informant's gRPC endpoint (`http://HOST:PORT` or `vsock://CID:PORT`);
-    /// none means no informant: the VM may grow but its memory never shrinks.
+    /// The informant's gRPC endpoint: `http://HOST:PORT`, `vsock://CID:PORT`
+    /// or `vsock+unix:///PATH:PORT` (a vhost-user vsock backend's host
+    /// socket), checked when the list or annotation is read
+    /// (`vmscale_contract::informant_addr`, the one parser of both); none
+    /// means no informant: the VM may grow but its memory never shrinks.
     #[serde(default)]
-    pub informant: Option<String>,
+    pub informant: Option<InformantAddr>,
     /// The compute unit, e.g. 250 milli-vCPU + 1 GiB.
     pub cu: Cu,
     pub min_cus: u32,
@@ -122,7 +126,7 @@ pub(crate) mod tests {
         VmSpec {
             id: id.into(),
             qmp: "/run/vm/qmp.sock".into(),
-            informant: Some("http://10.0.2.15:7080".into()),
+            informant: Some(InformantAddr::http("10.0.2.15", 7080)),
             cu: Cu { milli_cpu: 250, memory_bytes: 256 << 20 },
             min_cus: 1,
             max_cus: 8,

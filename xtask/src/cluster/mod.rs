@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use vmscale_agent::config::Config as AgentConfig;
 use vmscale_agent::core::policy::{Cu, Policy};
-use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_agent::vms::{CpuMode, InformantAddr, MemoryMode, VmSpec};
 use vmscale_allocator::core::Cluster;
 
 use crate::guest::qemu;
@@ -315,7 +315,7 @@ impl Vm {
         VmSpec {
             id: p.id.clone(),
             qmp: self.agent_qmp.display().to_string(),
-            informant: Some(format!("http://127.0.0.1:{}", self.informant_port)),
+            informant: Some(InformantAddr::http("127.0.0.1", self.informant_port)),
             cu: Cu { milli_cpu: p.cu_milli_cpu, memory_bytes: p.cu_mib * MIB },
             min_cus: p.min_cus,
             max_cus: p.max_cus,
@@ -451,7 +451,7 @@ mod tests {
         let vm = VmSpec {
             id: "a".into(),
             qmp: "/tmp/a.qmp".into(),
-            informant: Some("http://127.0.0.1:20002".into()),
+            informant: Some(InformantAddr::http("127.0.0.1", 20_002)),
             cu: Cu { milli_cpu: 125, memory_bytes: 128 * MIB },
             min_cus: 8,
             max_cus: 16,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use vmscale_agent::core::policy::Cu;
-use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_agent::vms::{CpuMode, InformantAddr, MemoryMode, VmSpec};
 use vmscale_allocator::config::Config as AllocatorConfig;
 use vmscale_allocator::core::Cluster;
 
@@ -125,12 +125,18 @@ pub(super) fn two_nodes(
     // node a's agent reaches it through the fabric's host address.
     let forward = SocketAddr::from((fabric.gateway(), crate::harness::free_port_on(fabric.gateway())?));
     net::forward(forward, SocketAddr::from(([127, 0, 0, 1], busy.informant_port)))?;
-    let busy_spec = VmSpec { informant: Some(format!("http://{forward}")), ..busy.agent_spec() };
+    let busy_spec = VmSpec {
+        informant: Some(InformantAddr::http(forward.ip().to_string(), forward.port())),
+        ..busy.agent_spec()
+    };
     let idle_plan = plan("idle", 12, None);
     let idle_spec = VmSpec {
         id: "idle".into(),
         qmp: qmp.display().to_string(),
-        informant: Some(format!("http://{}:{}", migration::guest_ip(&fabric), crate::guest::INFORMANT_PORT)),
+        informant: Some(InformantAddr::http(
+            migration::guest_ip(&fabric).to_string(),
+            crate::guest::INFORMANT_PORT,
+        )),
         cu: Cu { milli_cpu: idle_plan.cu_milli_cpu, memory_bytes: idle_plan.cu_mib * MIB },
         min_cus: idle_plan.min_cus,
         max_cus: idle_plan.max_cus,

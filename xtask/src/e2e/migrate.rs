@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use vmscale_agent::core::policy::Cu;
 use vmscale_agent::qmp::migrate::MigrationConfig;
-use vmscale_agent::vms::{CpuMode, MemoryMode, VmSpec};
+use vmscale_agent::vms::{CpuMode, InformantAddr, MemoryMode, VmSpec};
 use vmscale_allocator::config::Config as AllocatorConfig;
 use vmscale_allocator::core::migration::{Order, OrderState};
 use vmscale_allocator::core::vm::VmState;
@@ -203,10 +203,9 @@ impl Scene<'_> {
         VmSpec {
             id: VM.into(),
             qmp: self.agent_qmp.display().to_string(),
-            informant: Some(format!(
-                "http://{}:{}",
-                migration::guest_ip(self.fabric),
-                crate::guest::INFORMANT_PORT
+            informant: Some(InformantAddr::http(
+                migration::guest_ip(self.fabric).to_string(),
+                crate::guest::INFORMANT_PORT,
             )),
             cu: Cu { milli_cpu: 1000, memory_bytes: CU_MIB * MIB },
             min_cus: 2,

@@ -21,7 +21,8 @@ pub enum PodVm {
     /// Not a VM for this agent now (the reason is for debug logs): not
     /// running, being deleted, or outside the selector.
     Ineligible(&'static str),
-    Vm(VmSpec),
+    /// Boxed: a spec is far larger than the other variants.
+    Vm(Box<VmSpec>),
     Bad(AnnotationError),
 }
 
@@ -51,7 +52,7 @@ pub fn pod_vm(pod: &Pod, sel: &Selector) -> PodVm {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     match parse(annotations, &pod_key(pod)) {
-        Ok(spec) => PodVm::Vm(spec),
+        Ok(spec) => PodVm::Vm(Box::new(spec)),
         Err(e) => PodVm::Bad(e),
     }
 }
@@ -118,7 +119,7 @@ mod tests {
         assert_eq!((s.min_cus, s.max_cus), (1, 8));
         assert_eq!(s.cpu_mode, CpuMode::Sysfs);
         assert_eq!(s.memory, MemoryMode::Dimm { dimm_bytes: 256 << 20 });
-        assert_eq!(s.informant.as_deref(), Some("http://10.0.2.15:7080"));
+        assert_eq!(s.informant.map(|a| a.to_string()).as_deref(), Some("http://10.0.2.15:7080"));
         assert_eq!(s.policy, None);
 
         let s = parse(

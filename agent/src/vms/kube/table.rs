@@ -161,7 +161,7 @@ impl PodTable {
                 tracing::debug!(pod = %key, "pod left out: {why}");
                 State::Ineligible
             }
-            PodVm::Vm(spec) => State::Good(spec),
+            PodVm::Vm(spec) => State::Good(*spec),
             PodVm::Bad(error) => {
                 let last_good = prev.and_then(Entry::spec).cloned();
                 let known =
