@@ -8,6 +8,7 @@ mod bench_migration;
 mod bench_nodes;
 mod cluster;
 mod console;
+mod debian;
 mod demo;
 mod e2e;
 mod ebpf;
@@ -18,6 +19,7 @@ mod image;
 mod kubectl;
 mod migration;
 mod netns;
+mod package;
 mod steps;
 mod test;
 
@@ -34,8 +36,11 @@ struct Cli {
 enum Command {
     /// Build the eBPF objects in agent-ebpf/ (installs the toolchain if missing).
     BuildEbpf(ebpf::Args),
-    /// Build the guest image in target/guest/ (kernel, initramfs with the informant).
+    /// Build a guest image: target/guest/ (busybox initramfs with the informant, the
+    /// default) or, with --os debian, target/guest-debian/ (Debian with PostgreSQL).
     BuildGuest(guest::Args),
+    /// Build the informant's Debian package in target/package/.
+    Package(package::Args),
     /// Write the agent and allocator container images as OCI layouts in target/image.
     Image(image::Args),
     /// Run the tests (the README's test command): sets up, lints, tests every tier.
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(a) => ebpf::run(a),
         Command::BuildGuest(a) => guest::run(a),
+        Command::Package(a) => package::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Image(a) => image::run(a),
         Command::Test(a) => test::run(a),

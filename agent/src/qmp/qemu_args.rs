@@ -34,6 +34,31 @@ pub struct DirectBoot {
     pub cmdline: String,
 }
 
+/// A virtio disk (`-drive if=virtio`): the Debian guest's root, a per-VM
+/// qcow2 overlay on a read-only raw image. A migration target on the same
+/// host opens the same file: QEMU opens it inactive while incoming and takes
+/// it over when the guest resumes there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// The guest's network card (virtio-net, no option ROM: the kernel is given
 /// directly).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +93,8 @@ pub struct QemuArgs {
     pub max_memory_mib: u64,
     pub virtio_mem: Option<VirtioMem>,
     pub boot: Option<DirectBoot>,
+    /// The first virtio disk (`/dev/vda` in the guest).
+    pub disk: Option<Disk>,
     pub network: Option<Network>,
     pub qmp: Option<Endpoint>,
     /// `-S`: vCPUs stay stopped until `cont`.
@@ -99,6 +126,7 @@ impl QemuArgs {
             max_memory_mib: memory_mib,
             virtio_mem: None,
             boot: None,
+            disk: None,
             network: None,
             qmp: None,
             paused: false,
@@ -131,6 +159,11 @@ impl QemuArgs {
             push("-kernel", b.kernel.display().to_string());
             push("-initrd", b.initrd.display().to_string());
             push("-append", b.cmdline.clone());
+        }
+        if let Some(d) = &self.disk {
+            // A comma in the path would end QEMU's `file=`; `,,` is its escape.
+            let file = d.path.display().to_string().replace(',', ",,");
+            push("-drive", format!("file={file},if=virtio,format={}", d.format.name()));
         }
         if let Some(n) = &self.network {
             let (netdev, device) = network_args(n);
@@ -242,5 +275,8 @@ mod tests {
         q.network = Some(Network::User { host: loopback(4000), guest_port: 5000 });
         let p = pairs(&q.to_args());
         assert!(p.contains(&("-netdev".into(), "user,id=n0,hostfwd=tcp:127.0.0.1:4000-:5000".into())));
+        q.disk = Some(Disk { path: "/vm/root.qcow2".into(), format: DiskFormat::Qcow2 });
+        let p = pairs(&q.to_args());
+        assert!(p.contains(&("-drive".into(), "file=/vm/root.qcow2,if=virtio,format=qcow2".into())));
     }
 }

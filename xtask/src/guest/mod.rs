@@ -27,7 +27,8 @@ mod informant;
 mod modules;
 pub mod qemu;
 mod smoke;
-mod vmlinux;
+/// The Debian guest boots the same way (`crate::debian`).
+pub(crate) mod vmlinux;
 
 use anyhow::{bail, Context};
 use std::fs;
@@ -56,15 +57,30 @@ const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "stress-ng", "zstd", "xz-uti
 const KERNEL_META: &str = "linux-image-amd64";
 const BUSYBOX: &str = "busybox-static";
 
+/// Which guest `build-guest` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Os {
+    /// This module's initramfs guest (busybox, the informant as /init's child).
+    #[default]
+    Busybox,
+    /// Debian bookworm with systemd, PostgreSQL 15 and the informant's package
+    /// (`crate::debian`, in target/guest-debian/).
+    Debian,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Which guest: the busybox initramfs, or Debian with PostgreSQL.
+    #[arg(long, value_enum, default_value_t = Os::Busybox)]
+    pub os: Os,
     /// Boot the image under QEMU (TCG) afterwards and wait for the
-    /// informant's gRPC Handshake.
+    /// informant's gRPC Handshake (Debian: the ready line, then a query).
     #[arg(long)]
     pub smoke: bool,
-    /// Seconds the smoke test waits for the informant.
-    #[arg(long, default_value_t = 90)]
-    pub smoke_timeout: u64,
+    /// Seconds the smoke test waits for the informant (Debian: for the
+    /// ready line). Default 90; 180 for Debian (systemd under TCG).
+    #[arg(long)]
+    pub smoke_timeout: Option<u64>,
     /// Leave the eBPF object out (and don't build it).
     #[arg(long)]
     pub no_ebpf: bool,
@@ -79,7 +95,14 @@ pub struct Args {
 
 impl Default for Args {
     fn default() -> Self {
-        Args { smoke: false, smoke_timeout: 90, no_ebpf: false, no_install: false, refresh: false }
+        Args {
+            os: Os::Busybox,
+            smoke: false,
+            smoke_timeout: None,
+            no_ebpf: false,
+            no_install: false,
+            refresh: false,
+        }
     }
 }
 
@@ -98,12 +121,16 @@ pub struct Image {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.os == Os::Debian {
+        return crate::debian::run(a.smoke, Duration::from_secs(a.smoke_timeout.unwrap_or(180)));
+    }
     let mut steps = Steps::new(step_count(&a) + usize::from(a.smoke));
     let image = build(&a, &mut steps)?;
     if a.smoke {
         let mut report = None;
         steps.call("smoke test: boot under QEMU (TCG), Handshake with the informant", || {
-            report = Some(smoke::run(&image, Duration::from_secs(a.smoke_timeout), !a.no_ebpf)?);
+            report =
+                Some(smoke::run(&image, Duration::from_secs(a.smoke_timeout.unwrap_or(90)), !a.no_ebpf)?);
             Ok(())
         })?;
         if let Some(r) = report {

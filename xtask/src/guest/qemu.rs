@@ -94,10 +94,15 @@ pub fn command(image: &Image, spec: &VmSpec) -> Command {
 
 /// Starts QEMU; its console goes to `spec.serial_log` and to [`Vm::console`].
 pub fn boot(image: &Image, spec: &VmSpec) -> anyhow::Result<Vm> {
-    let mut cmd = command(image, spec);
+    spawn(command(image, spec), &spec.serial_log, spec.echo_console)
+}
+
+/// Starts `cmd` (a QEMU with `-nographic`); its console goes to
+/// `serial_log` and to [`Vm::console`], and to stderr with `echo`. The
+/// Debian guest boots through here too.
+pub fn spawn(mut cmd: Command, serial_log: &std::path::Path, echo: bool) -> anyhow::Result<Vm> {
     eprintln!("    $ {}", crate::steps::show(&cmd));
-    let mut log =
-        File::create(&spec.serial_log).with_context(|| format!("creating {}", spec.serial_log.display()))?;
+    let mut log = File::create(serial_log).with_context(|| format!("creating {}", serial_log.display()))?;
     let started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -107,7 +112,6 @@ pub fn boot(image: &Image, spec: &VmSpec) -> anyhow::Result<Vm> {
         .context("cannot start qemu-system-x86_64 (is qemu-system-x86 installed?)")?;
     let stdout = child.stdout.take().context("no stdout from QEMU")?;
     let (tx, rx) = mpsc::channel();
-    let echo = spec.echo_console;
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
             let line = printable(&String::from_utf8_lossy(&line));
