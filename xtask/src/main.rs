@@ -19,6 +19,7 @@ mod image;
 mod kubectl;
 mod migration;
 mod netns;
+mod pgbench;
 mod package;
 mod steps;
 mod test;
