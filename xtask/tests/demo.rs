@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 /// Builds (guest image, release daemons) on a cold machine included.
 const START_TIMEOUT: Duration = Duration::from_secs(1500);
 
-/// The busy VM's memory in the live view's latest line for it.
+/// The busy VM's memory in the live view's latest row for it (columns VM,
+/// NODE, vCPUs, MEM MiB, ...).
 fn busy_memory_mib(log: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.starts_with("busy ") && l.contains("memory"))?;
-    line.split("memory").nth(1)?.split_whitespace().next()?.parse().ok()
+    let line = log.lines().rev().find(|l| l.starts_with("busy "))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// What the live view says once the allocator's order moved the idle VM.
@@ -94,7 +95,8 @@ fn the_demo_scales_a_vm_and_ctrl_c_stops_everything_it_started() {
         if let Some(status) = child.try_wait().expect("wait") {
             panic!("the demo exited by itself ({status}):\n{}", tail(&read(&err_path)));
         }
-        let log = read(&err_path);
+        // The steps go to stderr, the live view to stdout.
+        let log = read(&err_path) + &read(&out_path);
         if grew.is_none() {
             grew = busy_memory_mib(&log).filter(|m| *m > 1024);
         }

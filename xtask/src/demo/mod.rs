@@ -2,9 +2,16 @@
 //! builds what is missing (guest image, release binaries), starts the
 //! allocator, the agents and two QEMU guests (TCG) with the real informant,
 //! drives a memory ramp and then a CPU burst in one VM while the other
-//! idles, and prints a live view every second. On exit (Ctrl-C or
+//! idles, and shows a live view: redrawn in place every second on a
+//! terminal, a frame every two seconds in a log. On exit (Ctrl-C or
 //! `--duration`) it stops everything it started and writes a timeline to
 //! `target/demo/timeline.svg`.
+//!
+//! The screen and the chart are pure functions of plain data, for the
+//! Postgres demo to feed as well: `view::render(&Frame)` (its shell
+//! `screen::Screen`), `timeline::svg(&Timeline)`; `ledger` turns the
+//! allocator's `/state` into the view's node rows and the orders' changes;
+//! `live` is what this demo collects for them.
 //!
 //! Where network namespaces can be made (root), there are two nodes, an
 //! agent in each (see `cluster::net`): the busy VM's growth takes node a
@@ -14,24 +21,28 @@
 //! migration, and the demo says why.
 
 use anyhow::Context;
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod ledger;
+mod live;
 mod nodes;
+mod screen;
+mod svg;
 mod timeline;
+#[cfg(test)]
+mod timeline_tests;
 mod view;
+#[cfg(test)]
+mod view_tests;
 
-use crate::cluster::{self, net, Node, NodePlan, Vm, MIB};
-use crate::echo::EchoClient;
+use crate::cluster::{self, net, Node, NodePlan, Vm};
 use crate::steps::Steps;
+use live::Live;
 use nodes::{plan, two_nodes, Setup, A};
-use timeline::{timeline, Point};
-use view::{nodes_view, order_changes};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -130,143 +141,6 @@ fn show(a: &Args, dir: &Path, stop: Arc<AtomicBool>, mut busy: Vm, mut setup: Se
         live.tick(dir, &busy, &setup)?;
     }
     live.finish(dir, setup, busy)
-}
-
-/// The VMs the view shows, busy first.
-const IDS: [&str; 2] = ["busy", "idle"];
-
-/// What the live view has seen so far.
-struct Live {
-    t0: Instant,
-    points: Vec<Point>,
-    /// The busy VM's use, from its ramp's lines.
-    used_mib: f64,
-    /// Whether the ramp was started.
-    go: bool,
-    /// Notable lines (the workload's, the allocator's orders), stamped.
-    console: Vec<String>,
-    /// Orders as last seen: id -> state; each change is an event.
-    orders: BTreeMap<u64, String>,
-    events: Vec<(f64, String)>,
-    /// A line every 100 ms to the idle VM and back, across its move.
-    echo: Option<EchoClient>,
-}
-
-impl Live {
-    fn new() -> Live {
-        Live {
-            t0: Instant::now(),
-            points: Vec::new(),
-            used_mib: 0.0,
-            go: false,
-            console: Vec::new(),
-            orders: BTreeMap::new(),
-            events: Vec::new(),
-            echo: None,
-        }
-    }
-
-    /// One second: read what changed, start what is due, print the view.
-    fn tick(&mut self, dir: &Path, busy: &Vm, setup: &Setup) -> anyhow::Result<()> {
-        let now = self.t0.elapsed().as_secs_f64();
-        while let Ok((_, l)) = busy.qemu.console.try_recv() {
-            self.used_mib = crate::console::value(&l, "used").unwrap_or(self.used_mib);
-            if l.starts_with("demo:") || l.contains("Killed process") {
-                self.console.push(format!("{now:5.1}s {l}"));
-            }
-        }
-        let vms = setup.vms();
-        let connected = |id: &str| vms.get(id).is_some_and(|v| v.1["informant_connected"] == true);
-        if !self.go && IDS.iter().all(|id| connected(id)) {
-            fs::write(dir.join("go"), "go\n")?;
-            self.go = true;
-            self.console.push(format!("{now:5.1}s demo: memory ramp started"));
-        }
-        if let (None, Setup::TwoNodes { echo: addr, .. }) = (&self.echo, setup) {
-            if connected("idle") {
-                if let Ok(c) = std::net::TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
-                    self.echo = EchoClient::start(c, Duration::from_millis(100)).ok();
-                    if self.echo.is_some() {
-                        self.console.push(format!("{now:5.1}s demo: echo client to idle ({addr}) started"));
-                    }
-                }
-            }
-        }
-        let alloc = setup.allocator_state();
-        for c in order_changes(alloc.as_ref(), &mut self.orders) {
-            self.console.push(format!("{now:5.1}s allocator: {}", c.long));
-            self.events.push((now, c.short));
-        }
-        let mut p = Point { t: now, used_mib: self.used_mib, ..Point::default() };
-        let mut view = format!("\n--- {now:.0} s ---\n");
-        if let Some(s) = &alloc {
-            view.push_str(&nodes_view(s));
-        }
-        self.vms_view(&vms, &mut p, &mut view);
-        for l in self.console.iter().rev().take(4).rev() {
-            let _ = writeln!(view, "  {l}");
-        }
-        eprint!("{view}");
-        self.points.push(p);
-        Ok(())
-    }
-
-    /// One line per VM into `view`; its size and pressure into `p`.
-    fn vms_view(
-        &self,
-        vms: &BTreeMap<String, (String, serde_json::Value)>,
-        p: &mut Point,
-        view: &mut String,
-    ) {
-        for (i, id) in IDS.iter().enumerate() {
-            let Some((node, v)) = vms.get(*id) else {
-                let _ = writeln!(view, "{id:<5} (no agent has it yet)");
-                continue;
-            };
-            let cpu = v["current"]["milli_cpu"].as_u64().unwrap_or(0);
-            let mem = v["current"]["memory_bytes"].as_u64().unwrap_or(0);
-            p.memory_mib[i] = (mem / MIB) as f64;
-            p.pressure[i] = v["pressure_events"].as_u64().unwrap_or(0);
-            let use_s = if i == 0 { format!("{:.0} MiB", self.used_mib) } else { "idle".into() };
-            let _ = writeln!(
-                view,
-                "{id:<5} vCPUs {:.2}  memory {:>5} MiB  use {:>9}  pressure events {:>4}  last {} ({} ms)  on {node}{}{}",
-                cpu as f64 / 1000.0,
-                mem / MIB,
-                use_s,
-                p.pressure[i],
-                v["last_action"].as_str().unwrap_or("-"),
-                v["last_action_ms"].as_u64().map_or("-".into(), |m| m.to_string()),
-                v["migration"].as_str().map_or(String::new(), |m| format!("  MIGRATION {m}")),
-                if v["informant_connected"] == true { "" } else { "  (informant not yet connected)" },
-            );
-        }
-    }
-
-    /// Stops everything, writes the timeline and says what happened.
-    fn finish(self, dir: &Path, setup: Setup, busy: Vm) -> anyhow::Result<()> {
-        let moved = self.events.iter().filter(|e| e.1.ends_with(": completed")).count();
-        let echo = match self.echo.map(|e| e.finish(Duration::from_secs(2))) {
-            Some(Ok(r)) => format!(
-                " The echo client to the idle VM: {} lines sent, {} lost, longest gap {:.0} ms.",
-                r.sent, r.lost, r.max_gap_ms
-            ),
-            Some(Err(e)) => format!(" The echo client to the idle VM failed: {e:#}."),
-            None => String::new(),
-        };
-        drop(setup);
-        drop(busy);
-        let svg = dir.join("timeline.svg");
-        fs::write(&svg, timeline(&self.points, &self.events))?;
-        let upscales = self.points.windows(2).filter(|w| w[1].memory_mib[0] > w[0].memory_mib[0]).count();
-        println!(
-            "demo stopped after {:.0} s; everything it started is stopped. {upscales} memory upscales of the busy VM, \
-             {moved} live migration(s); timeline: {}.{echo}",
-            self.t0.elapsed().as_secs_f64(),
-            svg.display()
-        );
-        Ok(())
-    }
 }
 
 /// Sets `stop` on the first SIGINT. The handler is installed before this
