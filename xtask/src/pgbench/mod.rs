@@ -33,7 +33,8 @@
 //! opts.run = Run::UntilStopped;
 //! opts.log_dir = Some(dir.join("pgbench-8"));   // one directory per run
 //! let bench = Pgbench::start(&opts, &|p| fabric.command_in(0, p))?;
-//! // every second: bench.latest() -> Some(Sample { at, tps, latency_ms, failed, .. })
+//! // every second: bench.latest() -> Some(Sample { at, tps, latency_ms, failed, .. }),
+//! // at in Unix seconds: sample.secs_after(demo_start) on the timeline's clock
 //! let q = pgbench::sql(&db, &pgbench::host, &pgbench::memory_hungry_sql(20_000_000, 1024),
 //!                      Duration::from_secs(600))?;   // q.took, q.error
 //! let summary = bench.stop()?;   // summary.clean(): no failure, no broken connection

@@ -24,6 +24,18 @@ pub struct Sample {
     pub retries: Option<u64>,
 }
 
+impl Sample {
+    /// Seconds from `t0` to the interval's end, for a chart whose clock
+    /// starts at `t0` (negative if before it).
+    pub fn secs_after(&self, t0: std::time::SystemTime) -> f64 {
+        let t0 = match t0.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        self.at - t0
+    }
+}
+
 /// `progress: 1796533236.588 s, 5072.7 tps, lat 0.755 ms stddev 0.292, 0 failed, 0 retried, 0 retries`
 /// (also the form without a timestamp and with `lag`/`skipped` from `--rate`);
 /// `None` for any other line.

@@ -46,6 +46,8 @@ fn a_clean_run_gives_its_samples_and_report() {
         }
     );
     assert!(errors.lines.is_empty());
+    let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_796_533_230);
+    assert!((samples[0].secs_after(t0) - 6.588).abs() < 1e-6, "on the demo's clock");
     let s = summary(fixture!("run.stdout"), fixture!("run.stderr"), None);
     assert_eq!(s.source, Source::Report);
     assert_eq!(s.processed, 27_997);
