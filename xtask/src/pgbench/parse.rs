@@ -116,14 +116,20 @@ pub struct Summary {
     pub broken_connections: u32,
     /// pgbench said "Run was aborted; the above results are incomplete".
     pub aborted: bool,
-    /// pgbench's `error:` lines, as it printed them, for a person to read.
+    /// pgbench's own lines (errors, a refused option), without the
+    /// `pgbench: ` and `error: ` in front, for a person to read.
     pub errors: Vec<String>,
+    /// pgbench's exit code: 0 done, 1 bad options or set-up, 2 errors in
+    /// the run; `None` when a signal ended it (as [`super::Pgbench::stop`]
+    /// does) or nothing ran it (a summary parsed from captured output).
+    pub exit: Option<i32>,
 }
 
 impl Summary {
-    /// No client saw an error: nothing failed, nothing broke, nothing aborted.
+    /// No client saw an error: nothing failed, nothing broke, nothing
+    /// aborted, and pgbench did not give up on its own.
     pub fn clean(&self) -> bool {
-        self.failed == 0 && self.broken_connections == 0 && !self.aborted
+        self.failed == 0 && self.broken_connections == 0 && !self.aborted && self.exit.is_none_or(|c| c == 0)
     }
 }
 
@@ -137,9 +143,11 @@ pub struct Errors {
 }
 
 impl Errors {
-    /// Takes one stderr line that is not a progress line.
+    /// Takes one stderr line that is not a progress line. The server's
+    /// lines (`WARNING:`, `CONTEXT:`) and the indented hints are left out.
     pub fn add(&mut self, line: &str) {
-        let Some(msg) = line.trim_end().strip_prefix("pgbench: error: ") else { return };
+        let Some(own) = line.trim_end().strip_prefix("pgbench: ") else { return };
+        let msg = own.strip_prefix("error: ").unwrap_or(own);
         if is_broken_connection(msg) {
             self.broken_connections += 1;
         }
@@ -181,6 +189,7 @@ pub fn summary(stdout: &str, samples: &[Sample], errors: Errors, max_latency_ms:
         broken_connections: errors.broken_connections,
         aborted: errors.aborted,
         errors: errors.lines,
+        exit: None,
     };
     if report(stdout, &mut s) {
         s.source = Source::Report;

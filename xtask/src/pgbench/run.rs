@@ -229,7 +229,7 @@ impl Pgbench {
 
     /// Once the child has exited: the readers' findings and the log's.
     fn finish(&mut self) -> anyhow::Result<Summary> {
-        self.child.wait().context("waiting for pgbench")?;
+        let status = self.child.wait().context("waiting for pgbench")?;
         self.done = true;
         let stdout = join(self.stdout.take());
         if let Some(h) = self.stderr.take() {
@@ -237,7 +237,7 @@ impl Pgbench {
         }
         let max = self.log_dir.as_deref().and_then(log_max_ms);
         let live = std::mem::take(&mut *self.lock());
-        Ok(parse::summary(&stdout, &live.samples, live.errors, max))
+        Ok(Summary { exit: status.code(), ..parse::summary(&stdout, &live.samples, live.errors, max) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Live> {

@@ -56,6 +56,7 @@ fn a_clean_run_gives_its_samples_and_report() {
     assert_eq!(s.worst_second_latency_ms, Some(0.905));
     assert_eq!(s.max_latency_ms, None);
     assert!(s.clean());
+    assert!(!Summary { exit: Some(1), ..s }.clean(), "pgbench gave up (bad option, say)");
 }
 
 #[test]
@@ -157,12 +158,23 @@ fn progress_lines_in_other_forms() {
     assert_eq!(nan.map(|s| (s.latency_ms, s.stddev_ms)), Some((Some(2.0), None)));
     for other in [
         "pgbench: error: Run was aborted; the above results are incomplete.",
+        "pgbench: unrecognized option '--max-triez=3'",
         "progress: soon",
         "WARNING:  terminating connection due to immediate shutdown command",
         "",
     ] {
         assert_eq!(progress(other), None, "{other}");
     }
+}
+
+#[test]
+fn pgbench_lines_without_error_are_kept_and_the_server_s_are_not() {
+    let mut e = Errors::default();
+    e.add("pgbench: unrecognized option '--max-triez=3'");
+    e.add("WARNING:  terminating connection due to immediate shutdown command");
+    e.add("\tIs the server running on that host and accepting TCP/IP connections?");
+    assert_eq!(e.lines, ["unrecognized option '--max-triez=3'"]);
+    assert_eq!((e.broken_connections, e.aborted), (0, false));
 }
 
 #[test]
