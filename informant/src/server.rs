@@ -114,7 +114,12 @@ fn host_connections(l: VsockListener) -> impl Stream<Item = std::io::Result<Vsoc
         loop {
             match l.accept().await {
                 Ok((stream, from)) => match peer::host_only(from.cid()) {
-                    Ok(()) => return Some((Ok(stream), l)),
+                    Ok(()) => {
+                        // One per agent (re)connection: rare, and it shows
+                        // which CID the transport gives the host.
+                        info!(cid = from.cid(), port = from.port(), "vsock connection from the host");
+                        return Some((Ok(stream), l));
+                    }
                     Err(e) => {
                         warn!(cid = from.cid(), port = from.port(), "{e}");
                         drop(stream);

@@ -23,6 +23,7 @@ mod pgbench;
 mod package;
 mod steps;
 mod test;
+mod vsock;
 
 use clap::{Parser, Subcommand};
 

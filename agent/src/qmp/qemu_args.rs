@@ -78,6 +78,45 @@ pub struct VirtioMem {
     pub memfd: bool,
 }
 
+/// The guest's vsock device. The guest's side is the same virtio-vsock
+/// either way; the host's side is the kernel's vhost-vsock where it exists
+/// (production nodes), else a vhost-user backend (vhost-device-vsock) whose
+/// unix socket QEMU connects to. A vhost-user device maps all guest memory
+/// in the backend, so every RAM backend must be shared: the boot memory
+/// becomes `memory-backend-memfd,share=on` (`-machine memory-backend`), so
+/// does virtio-mem's, and the agent's DIMMs need `dimm_backend = "memfd"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vsock {
+    /// `vhost-vsock-pci,guest-cid=N` (needs `/dev/vhost-vsock`).
+    Kernel { guest_cid: u32 },
+    /// `vhost-user-vsock-pci` on the backend's control socket (the backend
+    /// is given the guest's CID, `--vm guest-cid=N,socket=...`).
+    User { socket: PathBuf },
+}
+
+/// Where the kernel's vhost-vsock is.
+pub const VHOST_VSOCK_DEV: &str = "/dev/vhost-vsock";
+
+impl Vsock {
+    /// The kernel's device where this host has it, else the vhost-user
+    /// backend at `socket` (which the caller starts).
+    pub fn for_this_host(guest_cid: u32, socket: PathBuf) -> Vsock {
+        if std::path::Path::new(VHOST_VSOCK_DEV).exists() {
+            Vsock::Kernel { guest_cid }
+        } else {
+            Vsock::User { socket }
+        }
+    }
+
+    /// Whether guest RAM must be shared with another process.
+    pub fn shares_memory(&self) -> bool {
+        matches!(self, Vsock::User { .. })
+    }
+}
+
+/// The boot memory's backend object when it must be shared.
+const BOOT_RAM_ID: &str = "ram0";
+
 /// A read-only 9p share of the host's root, for host programs in the guest.
 pub const HOST_ROOT_SHARE: &str =
     "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap";
@@ -92,6 +131,8 @@ pub struct QemuArgs {
     pub dimm_slots: u32,
     pub max_memory_mib: u64,
     pub virtio_mem: Option<VirtioMem>,
+    /// A vsock device (see [`Vsock`]).
+    pub vsock: Option<Vsock>,
     pub boot: Option<DirectBoot>,
     /// The first virtio disk (`/dev/vda` in the guest).
     pub disk: Option<Disk>,
@@ -125,6 +166,7 @@ impl QemuArgs {
             dimm_slots: 8,
             max_memory_mib: memory_mib,
             virtio_mem: None,
+            vsock: None,
             boot: None,
             disk: None,
             network: None,
@@ -145,12 +187,22 @@ impl QemuArgs {
             a.push(k.to_owned());
             a.push(v);
         };
+        let shared = self.vsock.as_ref().is_some_and(Vsock::shares_memory);
         push("-accel", self.accel.name().to_owned());
-        push("-M", "pc".to_owned());
+        if shared {
+            push(
+                "-object",
+                format!("memory-backend-memfd,id={BOOT_RAM_ID},size={}M,share=on", self.memory_mib),
+            );
+            push("-M", format!("pc,memory-backend={BOOT_RAM_ID}"));
+        } else {
+            push("-M", "pc".to_owned());
+        }
         push("-smp", format!("{},maxcpus={}", self.cpus, self.max_cpus));
         push("-m", format!("{}M,slots={},maxmem={}M", self.memory_mib, self.dimm_slots, self.max_memory_mib));
         if let Some(v) = self.virtio_mem {
-            let backend = if v.memfd { "memory-backend-memfd,share=on" } else { "memory-backend-ram" };
+            let backend =
+                if v.memfd || shared { "memory-backend-memfd,share=on" } else { "memory-backend-ram" };
             push("-object", format!("{backend},id=vmem0,size={}M", v.size_mib));
             // node=0 works without -numa on QEMU 7.2.
             push("-device", "virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0".to_owned());
@@ -169,6 +221,16 @@ impl QemuArgs {
             let (netdev, device) = network_args(n);
             push("-netdev", netdev);
             push("-device", device);
+        }
+        match &self.vsock {
+            Some(Vsock::Kernel { guest_cid }) => {
+                push("-device", format!("vhost-vsock-pci,guest-cid={guest_cid}"))
+            }
+            Some(Vsock::User { socket }) => {
+                push("-chardev", format!("socket,id=vsock0,path={}", socket.display()));
+                push("-device", "vhost-user-vsock-pci,chardev=vsock0".to_owned());
+            }
+            None => {}
         }
         if let Some(q) = &self.qmp {
             push("-qmp", qmp_arg(q));
@@ -278,5 +340,30 @@ mod tests {
         q.disk = Some(Disk { path: "/vm/root.qcow2".into(), format: DiskFormat::Qcow2 });
         let p = pairs(&q.to_args());
         assert!(p.contains(&("-drive".into(), "file=/vm/root.qcow2,if=virtio,format=qcow2".into())));
+    }
+
+    /// Without vhost-vsock the device is vhost-user, and every RAM backend
+    /// is shared memfd (the backend maps it); with it, the kernel's device
+    /// and QEMU's own RAM.
+    #[test]
+    fn vsock_kernel_or_vhost_user_with_shared_memory() {
+        let mut q = QemuArgs::new(Accel::Tcg, 1, 4, 512);
+        q.virtio_mem = Some(VirtioMem { size_mib: 1024, memfd: false });
+        q.vsock = Some(Vsock::User { socket: "/run/vm/vsock.ctl".into() });
+        let p = pairs(&q.to_args());
+        assert!(p.contains(&("-object".into(), "memory-backend-memfd,id=ram0,size=512M,share=on".into())));
+        assert!(p.contains(&("-M".into(), "pc,memory-backend=ram0".into())));
+        assert!(p.contains(&("-object".into(), "memory-backend-memfd,share=on,id=vmem0,size=1024M".into())));
+        assert!(p.contains(&("-chardev".into(), "socket,id=vsock0,path=/run/vm/vsock.ctl".into())));
+        assert!(p.contains(&("-device".into(), "vhost-user-vsock-pci,chardev=vsock0".into())));
+
+        q.vsock = Some(Vsock::Kernel { guest_cid: 7 });
+        let p = pairs(&q.to_args());
+        assert!(p.contains(&("-device".into(), "vhost-vsock-pci,guest-cid=7".into())));
+        assert!(p.contains(&("-M".into(), "pc".into())));
+        assert!(p.contains(&("-object".into(), "memory-backend-ram,id=vmem0,size=1024M".into())));
+        assert!(!p.iter().any(|(_, v)| v.contains("ram0") || v.starts_with("socket,")));
+        let here = Vsock::for_this_host(3, "/s".into());
+        assert_eq!(here.shares_memory(), !std::path::Path::new(VHOST_VSOCK_DEV).exists());
     }
 }

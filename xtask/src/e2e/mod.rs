@@ -16,6 +16,7 @@ mod memory;
 mod migrate;
 mod restart;
 mod room;
+mod vsock;
 
 use anyhow::{ensure, Context};
 use std::collections::BTreeMap;
@@ -59,6 +60,11 @@ pub enum Scenario {
     /// QMP and 8 new processes take 96 MiB each: the full guest uses the
     /// new memory, no OOM kill (the image's memmap_on_memory at work).
     FullBootMemory,
+    /// The informant listens on vsock only (as shipped); the agent reaches
+    /// it through the guest's vsock device (vhost-user here, with shared
+    /// memfd memory and DIMMs): its link shakes hands, the informant sees the
+    /// host as CID 2, a memory ramp gets DIMMs the informant onlines.
+    Vsock,
 }
 
 impl Scenario {
@@ -72,6 +78,7 @@ impl Scenario {
             Scenario::AllocatorRestart => "allocator-restart",
             Scenario::Migrate => "migrate",
             Scenario::FullBootMemory => "full-boot-memory",
+            Scenario::Vsock => "vsock",
         }
     }
 }
@@ -178,6 +185,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Scenario::AllocatorRestart => restart::allocator_restart(&ctx),
             Scenario::Migrate => migrate::migrate(&ctx),
             Scenario::FullBootMemory => full::full_boot_memory(&ctx),
+            Scenario::Vsock => vsock::vsock_link(&ctx),
         });
         Ok(())
     })?;

@@ -19,6 +19,9 @@
 #                                 user networking).
 #   vmscale.gw=ADDR               default route (default 10.0.2.2).
 #   vmscale.port=PORT             the informant's TCP port (default 7080).
+#   vmscale.listen=ADDR           the informant's listen address instead:
+#                                 tcp:HOST:PORT, vsock:PORT or vsock:CID:PORT
+#                                 (a vsock device from QEMU, e.g. vhost-user).
 #   vmscale.informant=ARG,...     more informant flags, e.g.
 #                                 --cpu-mode,sysfs or --log,debug.
 # The kernel itself applies sysctl.KEY=VALUE, e.g. sysctl.vm.overcommit_memory=1.
@@ -84,6 +87,7 @@ POWEROFF=
 IP=10.0.2.15/24
 GW=10.0.2.2
 PORT=7080
+LISTEN=
 INFORMANT_ARGS=
 for w in $(cat /proc/cmdline); do
 	v=${w#*=}
@@ -93,6 +97,7 @@ for w in $(cat /proc/cmdline); do
 	vmscale.ip=*) IP=$v ;;
 	vmscale.gw=*) GW=$v ;;
 	vmscale.port=*) PORT=$v ;;
+	vmscale.listen=*) LISTEN=$v ;;
 	vmscale.informant=*) INFORMANT_ARGS=$(echo "$v" | tr , ' ') ;;
 	esac
 done
@@ -148,16 +153,23 @@ fi
 
 # The informant: restarted if it ever exits. The eBPF object lies next to
 # the binary, where it looks by default.
+[ -n "$LISTEN" ] || LISTEN="tcp:0.0.0.0:$PORT"
+case "$LISTEN" in
+vsock:*)
+	# /dev/vsock appears with the transport; say which CID the guest has.
+	[ -e /sys/module/vmw_vsock_virtio_transport ] || log "no virtio vsock transport: the informant cannot listen on $LISTEN"
+	;;
+esac
 (
 	export NO_COLOR=1
 	while :; do
 		# shellcheck disable=SC2086 # INFORMANT_ARGS is a list of words
-		vmscale-informant --listen "tcp:0.0.0.0:$PORT" --workload-cgroup /sys/fs/cgroup/workload $INFORMANT_ARGS
+		vmscale-informant --listen "$LISTEN" --workload-cgroup /sys/fs/cgroup/workload $INFORMANT_ARGS
 		log "informant exited (status $?); restarting in 1 s"
 		sleep 1
 	done
 ) &
-log "informant starting on port $PORT"
+log "informant starting on $LISTEN"
 
 # The host's root, read-only, if QEMU shares it (-virtfs ...,mount_tag=hostroot).
 # A chroot into it needs its own /proc, /sys, /dev and writable /tmp, /run.
