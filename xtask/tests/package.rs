@@ -57,6 +57,7 @@ fn the_package_holds_the_informant_its_unit_and_config() {
         ("-rw-r--r--", "./usr/lib/vmscale/vmscale.bpf.o"),
         ("-rw-r--r--", "./lib/systemd/system/vmscale-informant.service"),
         ("-rw-r--r--", "./etc/vmscale/informant.toml"),
+        ("-rw-r--r--", "./usr/lib/sysctl.d/60-vmscale-informant.conf"),
         ("-rw-r--r--", "./usr/share/doc/vmscale-informant/copyright"),
     ] {
         let line = contents.lines().find(|l| l.ends_with(&format!(" {path}")));
@@ -73,6 +74,7 @@ fn the_package_holds_the_informant_its_unit_and_config() {
     for (packaged, deployed) in [
         ("lib/systemd/system/vmscale-informant.service", "deploy/informant.service"),
         ("etc/vmscale/informant.toml", "deploy/informant.toml"),
+        ("usr/lib/sysctl.d/60-vmscale-informant.conf", "deploy/informant-sysctl.conf"),
     ] {
         let a = std::fs::read(tmp.join(packaged)).expect(packaged);
         let b = std::fs::read(root().join(deployed)).expect(deployed);

@@ -16,6 +16,10 @@ use super::{DebianImage, IMAGE_DIR, PG_PASSWORD, PG_PORT, READY_PREFIX};
 
 /// The informant's port in the smoke test's guest.
 const INFORMANT_PORT: u16 = 7080;
+/// The informant's sources that must run in the guest.
+const REQUIRED_SOURCES: &[&str] = &["ebpf", "psi", "cgroup_events", "sampler", "watermark"];
+/// How long the informant's lines may take after the ready line.
+const SOURCES_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the first query may take after the ready line.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,6 +83,8 @@ pub fn run(root: &Path, image: &DebianImage, timeout: Duration) -> anyhow::Resul
         None => bail!("a ready line without both states: {line}"),
     }
 
+    check_sources(&vm, &log)?;
+
     let query_started = Instant::now();
     loop {
         let out = Command::new("psql")
@@ -104,4 +110,34 @@ pub fn run(root: &Path, image: &DebianImage, timeout: Duration) -> anyhow::Resul
     drop(vm);
     let _ = std::fs::remove_file(&overlay);
     Ok(Report { ready_s, query_s })
+}
+
+/// The guest prints the informant's "informant serving ... sources=[...]"
+/// line (and any "source unavailable" line) right after the ready line: every
+/// source must run, eBPF included (it needs the package's sysctl on Debian's
+/// kernel).
+fn check_sources(vm: &crate::guest::qemu::Vm, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SOURCES_TIMEOUT;
+    let mut unavailable = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the guest printed no \"informant serving\" line after its ready line; console in {}",
+                log.display()
+            );
+        }
+        let Ok((_, line)) = vm.console.recv_timeout(left) else { continue };
+        if line.contains("source unavailable") {
+            unavailable.push(line);
+        } else if line.contains("informant serving") {
+            let missing: Vec<&str> =
+                REQUIRED_SOURCES.iter().copied().filter(|s| !line.contains(&format!("\"{s}\""))).collect();
+            if !missing.is_empty() {
+                bail!("the informant runs without {missing:?}: {}", unavailable.join("; "));
+            }
+            eprintln!("    informant sources: {}", line.split_once("sources=").map_or("?", |(_, s)| s));
+            return Ok(());
+        }
+    }
 }

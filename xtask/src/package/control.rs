@@ -20,6 +20,12 @@ pub const UNIT_PATH: &str = "lib/systemd/system/vmscale-informant.service";
 /// edits survive upgrades.
 pub const CONFIG_PATH: &str = "etc/vmscale/informant.toml";
 pub const COPYRIGHT_PATH: &str = "usr/share/doc/vmscale-informant/copyright";
+/// `deploy/informant-sysctl.conf`: kernel.perf_event_paranoid at 2, without
+/// which Debian's kernels refuse the informant's tracepoint attachments.
+/// Under /usr/lib (the package's default; an administrator overrides it in
+/// /etc/sysctl.d), applied at every boot by systemd-sysctl before the
+/// informant starts, and by the postinst at install.
+pub const SYSCTL_PATH: &str = "usr/lib/sysctl.d/60-vmscale-informant.conf";
 
 /// One file of the package: its path under `/` and its mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +40,7 @@ pub const LAYOUT: &[Entry] = &[
     Entry { path: EBPF_PATH, mode: 0o644 },
     Entry { path: UNIT_PATH, mode: 0o644 },
     Entry { path: CONFIG_PATH, mode: 0o644 },
+    Entry { path: SYSCTL_PATH, mode: 0o644 },
     Entry { path: COPYRIGHT_PATH, mode: 0o644 },
 ];
 
@@ -182,6 +189,7 @@ mod tests {
         assert!(unit.contains(&format!("ExecStart=/{BINARY_PATH} --config /{CONFIG_PATH}")), "{unit}");
         assert!(unit.contains(&format!("VMSCALE_EBPF_OBJECT=/{EBPF_PATH}")), "{unit}");
         assert!(unit.contains(&format!("Documentation=file:///{CONFIG_PATH}")), "{unit}");
+        assert!(include_str!("postinst").contains(&format!("/{SYSCTL_PATH}")));
         for (name, script) in SCRIPTS {
             assert!(script.starts_with("#!/bin/sh\nset -e\n"), "{name}");
         }

@@ -51,6 +51,7 @@ fn build_in(root: &Path, stage: &Path, out_dir: &Path, version: &str) -> anyhow:
     copy(&object, &stage.join(control::EBPF_PATH))?;
     copy(&root.join("deploy/informant.service"), &stage.join(control::UNIT_PATH))?;
     copy(&root.join("deploy/informant.toml"), &stage.join(control::CONFIG_PATH))?;
+    copy(&root.join("deploy/informant-sysctl.conf"), &stage.join(control::SYSCTL_PATH))?;
     write(&stage.join(control::COPYRIGHT_PATH), &control::copyright("Apache-2.0"))?;
     for Entry { path, mode } in control::LAYOUT {
         set_mode(&stage.join(path), *mode)?;
