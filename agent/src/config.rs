@@ -189,6 +189,12 @@ mod tests {
         assert!(Config::load(&p).unwrap_err().to_string().contains("inside the agent's pod"));
         std::fs::write(&p, "node = \"n1\"\n[migration]\nlisten = \"0.0.0.0:7073\"\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("migration.advertise"));
+        assert_eq!(c.dimm_backend, crate::qmp::DimmBackend::Ram, "private RAM unless asked");
+        std::fs::write(&p, "node = \"n1\"\ndimm_backend = \"memfd\"\n").unwrap();
+        assert_eq!(Config::load(&p).unwrap().dimm_backend, crate::qmp::DimmBackend::Memfd);
+        std::fs::write(&p, "node = \"n1\"\ndimm_backend = \"shm\"\n").unwrap();
+        let e = vmscale_common::error::chain(&Config::load(&p).unwrap_err());
+        assert!(e.contains("unknown variant") && e.contains("memfd"), "{e}");
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();
