@@ -249,6 +249,22 @@ mod tests {
         assert!(matches!(e, HandshakeError::Socket { .. }), "{e}");
     }
 
+    /// Through tonic: a failed dial names the address, and its cause the
+    /// backend's refusal or the missing transport (this host has no
+    /// vhost-vsock, so AF_VSOCK to a guest cannot connect).
+    #[tokio::test]
+    async fn failed_dials_name_the_address_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _task) = backend(dir.path(), None).await;
+        let addr = InformantAddr::VsockUnix { path, port: 7072 };
+        let e = vmscale_common::error::chain(&channel(&addr).await.unwrap_err());
+        assert!(e.contains(&format!("cannot connect to the informant at {addr}")), "{e}");
+        assert!(e.contains("nothing listens on vsock port 7072"), "{e}");
+        let addr = InformantAddr::Vsock { cid: 1_000_000, port: 7072 };
+        let e = vmscale_common::error::chain(&channel(&addr).await.unwrap_err());
+        assert!(e.contains("cannot connect to the informant at vsock://1000000:7072"), "{e}");
+    }
+
     #[test]
     fn replies() {
         assert_eq!(parse_reply(b"OK 7072").unwrap(), 7072);
