@@ -262,6 +262,27 @@ fn failed_plug_gives_the_reservation_back_and_backs_off() {
 }
 
 #[test]
+fn a_plug_that_keeps_failing_backs_off_further_each_time_despite_the_ledger_steps_between() {
+    let mut s = Sim::new(2);
+    s.at(10).using(3.0);
+    let mut waits = Vec::new();
+    for _ in 0..Policy::default().stuck_after_failures {
+        assert!(matches!(s.step(), Some(Action::RequestPermit { .. })));
+        s.feed(Input::Permit { permitted: cus(4) });
+        assert_eq!(s.step(), Some(Action::Plug { target: cus(4) }));
+        let failed_at = s.now;
+        s.feed(Input::Failed { size: Some(cus(2)) });
+        let retry = s.vm.step(s.now).wake_at_ms.unwrap();
+        waits.push(retry - failed_at);
+        s.at(retry);
+        assert_eq!(s.step(), Some(Action::Release { size: cus(2) }));
+        s.feed(Input::Released);
+    }
+    assert!(waits.windows(2).all(|w| w[1] > w[0]), "the backoff must grow: {waits:?}");
+    assert!(s.vm.is_stuck(), "failed plugs in a row make a stuck VM");
+}
+
+#[test]
 fn timeouts_count_as_failures_and_the_vm_is_reported_stuck() {
     let mut s = Sim::new(2);
     s.at(0).using(3.0);

@@ -171,7 +171,7 @@ impl VmCore {
     fn answer(&mut self, now: u64, input: Input, flight: Action) {
         match (input, flight) {
             (Input::Permit { permitted }, Action::RequestPermit { .. }) => {
-                self.done();
+                self.bookkept();
                 self.permitted = permitted.max(self.current);
                 self.times.to_permit_ms = self.since_began(now);
                 if self.permitted.whole_cus(self.cu) <= self.current_cus() {
@@ -196,7 +196,7 @@ impl VmCore {
                 self.unplugged(now, size);
             }
             (Input::Released, Action::Release { size }) => {
-                self.done();
+                self.bookkept();
                 self.permitted = size.max(self.current);
                 self.owed_release = None;
             }
@@ -282,6 +282,16 @@ impl VmCore {
     pub(super) fn done(&mut self) {
         self.in_flight = None;
         self.failures = 0;
+    }
+
+    /// A ledger step (a permit, a release) is done. It keeps the failure
+    /// streak: it is what happens between two tries of a plug QEMU refuses
+    /// (a permit, the plug fails, the unused permit goes back, a permit
+    /// again...), and a streak it ended would keep the backoff at its first
+    /// step for ever (seen: a guest whose vhost-user device had no memory
+    /// slot left was asked 750 times in 3 minutes, and never shrunk).
+    fn bookkept(&mut self) {
+        self.in_flight = None;
     }
 
     fn abandon(&mut self, which: impl Fn(Action) -> bool) {
