@@ -9,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use super::assets::{self, Asset};
 use super::mmdebstrap;
@@ -53,7 +54,9 @@ fn build_in(out: &Path, staging: &Path, deb: &Path) -> anyhow::Result<Built> {
     let plan = mmdebstrap::Plan { root: &root, early: &early, late: &late, deb, sources: sources.as_deref() };
     let mut cmd = mmdebstrap::command(&plan);
     eprintln!("    $ {}", crate::steps::show(&cmd));
+    let t0 = Instant::now();
     let status = cmd.status().context("cannot run mmdebstrap (apt-get install mmdebstrap)")?;
+    eprintln!("    mmdebstrap took {:.0} s", t0.elapsed().as_secs_f64());
     if !status.success() {
         bail!(
             "mmdebstrap failed ({status}); its last lines above say which package or hook; \
@@ -192,7 +195,9 @@ fn mkfs(root: &Path, image: &Path) -> anyhow::Result<()> {
     let mut cmd = Command::new("mkfs.ext4");
     cmd.args(["-q", "-L", "vmscale-root", "-d"]).arg(root).arg(&tmp).arg(IMAGE_SIZE);
     eprintln!("    $ {}", crate::steps::show(&cmd));
+    let t0 = Instant::now();
     let status = cmd.status().context("cannot run mkfs.ext4 (apt-get install e2fsprogs)")?;
+    eprintln!("    mkfs.ext4 took {:.0} s", t0.elapsed().as_secs_f64());
     if !status.success() {
         let _ = fs::remove_file(&tmp);
         bail!("mkfs.ext4 -d {} failed ({status})", root.display());
