@@ -59,6 +59,10 @@ pub struct Opts {
     pub max_tries: u32,
     /// Vacuum the tables first (pgbench's default; slow under TCG).
     pub vacuum: bool,
+    /// `--rate`: transactions per second over all clients, on a schedule;
+    /// latency then counts from each transaction's scheduled start, so a
+    /// pause shows in full. `None`: as fast as the clients go.
+    pub rate: Option<f64>,
     /// A directory of its own for pgbench's aggregate log (`--log
     /// --aggregate-interval=1`), created if missing: the summary's
     /// `max_latency_ms` comes from it.
@@ -78,6 +82,7 @@ impl Opts {
             script: Script::TpcB,
             max_tries: 3,
             vacuum: false,
+            rate: None,
             log_dir: None,
         }
     }
@@ -111,6 +116,9 @@ impl Opts {
         }
         if !self.vacuum {
             a.push("--no-vacuum".into());
+        }
+        if let Some(r) = self.rate.filter(|r| *r > 0.0) {
+            a.push(format!("--rate={r}"));
         }
         if let Some(d) = &self.log_dir {
             a.extend(["--log".into(), "--aggregate-interval=1".into()]);

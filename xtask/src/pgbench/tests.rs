@@ -220,8 +220,11 @@ fn the_command_line_carries_the_options_and_never_the_password() {
     let env: Vec<_> = c.get_envs().filter(|(k, _)| *k == "PGPASSWORD").filter_map(|(_, v)| v).collect();
     assert_eq!(env, ["s3cret"]);
     assert!(!format!("{t:?} {o:?}").contains("s3cret"), "Debug shows the password");
-    let until = Opts::new(t, 8).args();
+    let until = Opts::new(t.clone(), 8).args();
     assert!(until.iter().any(|x| x == "--time=604800"), "until stopped is a week at most: {until:?}");
+    assert!(!until.iter().any(|x| x.starts_with("--rate")), "no schedule unless asked: {until:?}");
+    let paced = Opts { rate: Some(10.0), ..Opts::new(t, 2) }.args();
+    assert!(paced.iter().any(|x| x == "--rate=10"), "{paced:?}");
 }
 
 #[test]
