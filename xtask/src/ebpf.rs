@@ -284,7 +284,7 @@ fn run_streaming(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // The effective uid is the second field of "Uid:" in /proc/self/status.
     fs::read_to_string("/proc/self/status").ok().is_some_and(|s| {
         s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1)) == Some("0")

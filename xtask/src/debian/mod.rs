@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::guest::write_atomic;
 use crate::steps::Steps;
 
 /// Where the image goes, relative to the workspace root.
@@ -163,7 +164,7 @@ fn build_if_changed(dir: &Path, deb: &Path, inputs: &str, hash: &str) -> anyhow:
         let kernel = if vmlinux.is_file() { vmlinux } else { dir.join("vmlinuz") };
         return Ok(image(kernel));
     }
-    if !is_root() {
+    if !crate::ebpf::is_root() {
         bail!(
             "building the Debian guest needs root (mmdebstrap --mode=root, mkfs.ext4 -d of root's files); \
                run `cargo xtask build-guest --os debian` as root once"
@@ -180,9 +181,9 @@ fn build_if_changed(dir: &Path, deb: &Path, inputs: &str, hash: &str) -> anyhow:
         t0.elapsed().as_secs_f64(),
         built.packages
     );
-    write(&dir.join("cmdline"), &format!("{CMDLINE}\n"))?;
-    write(&dir.join("manifest.txt"), &manifest)?;
-    write(&hash_file, &format!("{hash}\n"))?;
+    write_atomic(&dir.join("cmdline"), format!("{CMDLINE}\n").as_bytes())?;
+    write_atomic(&dir.join("manifest.txt"), manifest.as_bytes())?;
+    write_atomic(&hash_file, format!("{hash}\n").as_bytes())?;
     let rootfs = dir.join("rootfs.img");
     let used = Command::new("du").arg("-sm").arg(&rootfs).output();
     let used =
@@ -238,22 +239,9 @@ pub fn overlay(image: &DebianImage, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
-    // The effective uid is the second field of "Uid:" in /proc/self/status.
-    fs::read_to_string("/proc/self/status").ok().is_some_and(|s| {
-        s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1)) == Some("0")
-    })
-}
-
 /// SHA-256 of `data`, hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn write(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 #[cfg(test)]

@@ -1,18 +1,21 @@
 //! `cargo xtask build-guest --os debian --smoke`: boots the image under QEMU
 //! (TCG, 1 vCPU, 1 GiB, user networking with PostgreSQL's port forwarded),
-//! waits for the ready line with both services active, then runs `psql -c
-//! 'SELECT 1'` from the host through the forward, and stops QEMU.
+//! waits for the ready line with both services active and for the
+//! informant's line with every source running, then runs `SELECT 1` with
+//! psql (`crate::pgbench::sql`) from the host through the forward, and stops
+//! QEMU.
 
 use anyhow::{bail, Context};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmscale_agent::qmp::qemu_args::{loopback, Network};
 
 use super::boot::{self, Shape};
 use super::{DebianImage, IMAGE_DIR, PG_PASSWORD, PG_PORT, READY_PREFIX};
+use crate::guest::qemu::Vm;
+use crate::pgbench::Target;
 
 /// The informant's port in the smoke test's guest.
 const INFORMANT_PORT: u16 = 7080;
@@ -31,9 +34,7 @@ pub struct Report {
 }
 
 pub fn run(root: &Path, image: &DebianImage, timeout: Duration) -> anyhow::Result<Report> {
-    if Command::new("psql").arg("--version").output().is_err() {
-        crate::apt::ensure(&["postgresql-client"], "the smoke test's psql")?;
-    }
+    crate::pgbench::ensure_client()?;
     let dir = root.join(IMAGE_DIR).join("smoke");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // A fresh overlay each run: the image may have been rebuilt since.
@@ -50,24 +51,7 @@ pub fn run(root: &Path, image: &DebianImage, timeout: Duration) -> anyhow::Resul
     let log = dir.join("console.log");
     let mut vm = boot::start(&q, &log, true)?;
 
-    let deadline = vm.started + timeout;
-    let line = loop {
-        if let Some(status) = vm.exited() {
-            bail!("QEMU stopped ({status}) before the guest was ready; console in {}", log.display());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!(
-                "no ready line (\"{READY_PREFIX} ...\") within {} s; console in {}",
-                timeout.as_secs(),
-                log.display()
-            );
-        }
-        match vm.console.recv_timeout(left.min(Duration::from_millis(500))) {
-            Ok((_, l)) if l.contains(READY_PREFIX) => break l,
-            _ => {}
-        }
-    };
+    let line = wait_ready(&mut vm, &log, timeout)?;
     let ready_s = vm.started.elapsed().as_secs_f64();
     match boot::ready_states(&line) {
         Some(("active", "active")) => {}
@@ -82,41 +66,63 @@ pub fn run(root: &Path, image: &DebianImage, timeout: Duration) -> anyhow::Resul
         }
         None => bail!("a ready line without both states: {line}"),
     }
-
     check_sources(&vm, &log)?;
-
-    let query_started = Instant::now();
-    loop {
-        let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "pgbench"])
-            .args(["-Atc", "SELECT 1"])
-            .env("PGPASSWORD", PG_PASSWORD)
-            .env("PGCONNECT_TIMEOUT", "3")
-            .output()
-            .context("cannot run psql (apt-get install postgresql-client)")?;
-        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1" {
-            break;
-        }
-        if query_started.elapsed() > QUERY_TIMEOUT {
-            bail!(
-                "psql SELECT 1 through 127.0.0.1:{port} failed for {} s after the ready line: {}",
-                QUERY_TIMEOUT.as_secs(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    first_query(port)?;
     let query_s = vm.started.elapsed().as_secs_f64();
     drop(vm);
     let _ = std::fs::remove_file(&overlay);
     Ok(Report { ready_s, query_s })
 }
 
+/// The console's ready line, once it comes.
+fn wait_ready(vm: &mut Vm, log: &Path, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = vm.started + timeout;
+    loop {
+        if let Some(status) = vm.exited() {
+            bail!("QEMU stopped ({status}) before the guest was ready; console in {}", log.display());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "no ready line (\"{READY_PREFIX} ...\") within {} s; console in {}",
+                timeout.as_secs(),
+                log.display()
+            );
+        }
+        match vm.console.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok((_, l)) if l.contains(READY_PREFIX) => return Ok(l),
+            _ => {}
+        }
+    }
+}
+
+/// `SELECT 1` in the guest's `pgbench` database as `postgres` with the
+/// image's password, through the port forward, until it answers.
+fn first_query(port: u16) -> anyhow::Result<()> {
+    let target = Target { connect_timeout_s: 3, ..Target::new("127.0.0.1", port, "pgbench", "postgres") }
+        .password(PG_PASSWORD);
+    let started = Instant::now();
+    loop {
+        let out = crate::pgbench::sql(&target, &crate::pgbench::host, "SELECT 1", QUERY_TIMEOUT)?;
+        if out.error.is_none() && out.output == "1" {
+            return Ok(());
+        }
+        if started.elapsed() > QUERY_TIMEOUT {
+            bail!(
+                "SELECT 1 through 127.0.0.1:{port} failed for {} s after the ready line: {}",
+                QUERY_TIMEOUT.as_secs(),
+                out.error.unwrap_or(out.output)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// The guest prints the informant's "informant serving ... sources=[...]"
 /// line (and any "source unavailable" line) right after the ready line: every
 /// source must run, eBPF included (it needs the package's sysctl on Debian's
 /// kernel).
-fn check_sources(vm: &crate::guest::qemu::Vm, log: &Path) -> anyhow::Result<()> {
+fn check_sources(vm: &Vm, log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + SOURCES_TIMEOUT;
     let mut unavailable = Vec::new();
     loop {

@@ -317,7 +317,8 @@ fn write_if_changed(
     Ok(out)
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+/// Writes `data` to a temporary beside `path`, then renames it into place.
+pub fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
