@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context};
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -207,28 +207,4 @@ pub fn cmdline(pid: u32) -> Vec<String> {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect()
-}
-
-/// Forwards every TCP connection to `listen` to `to`, byte for byte, on
-/// threads that live as long as this process: how an agent in a node's
-/// namespace reaches a guest whose port QEMU's user networking forwards on
-/// the host's loopback only.
-pub fn forward(listen: SocketAddr, to: SocketAddr) -> anyhow::Result<()> {
-    let l = TcpListener::bind(listen).with_context(|| format!("listening on {listen} to forward to {to}"))?;
-    std::thread::Builder::new().name(format!("forward {listen}")).spawn(move || {
-        for conn in l.incoming().flatten() {
-            let Ok(up) = TcpStream::connect(to) else { continue };
-            let _ = (conn.set_nodelay(true), up.set_nodelay(true));
-            let (Ok(conn2), Ok(up2)) = (conn.try_clone(), up.try_clone()) else { continue };
-            let pipe = |mut from: TcpStream, mut to: TcpStream| {
-                move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                }
-            };
-            let _ = std::thread::Builder::new().spawn(pipe(conn, up));
-            let _ = std::thread::Builder::new().spawn(pipe(up2, conn2));
-        }
-    })?;
-    Ok(())
 }

@@ -1,171 +1,162 @@
-//! Where the demo runs: one node on loopback, or two nodes as network
-//! namespaces with an agent in each, so that a VM can be moved live.
+//! Where the demo runs: the Postgres guests (`crate::pg::vm`) on one node or
+//! two, each node a network namespace of one [`Fabric`] with an agent in
+//! it, and the allocator in the host's namespace.
+//!
+//! Sizes, and why: both VMs have 2 vCPUs present from boot (sysfs mode) and
+//! 512 MiB of boot memory, in CUs of a quarter vCPU and 128 MiB (one DIMM):
+//! 4 CUs (1 vCPU, 512 MiB: the boot memory, which nothing unplugs) to 8 (2
+//! vCPUs, 1 GiB). So vCPUs go 2 -> 1 when idle, back to 2 under load and
+//! down again, and memory 512 MiB -> 1 GiB and back. With two nodes, node a
+//! holds both VMs (1 GiB at the start) under its watermark (90% of 1200
+//! MiB, 1080 MiB); one CU more for pg-1 passes it, and the smallest VM that
+//! covers the excess, pg-2, is ordered to node b, which has room for it
+//! under its own watermark. CPU capacity is ample on both, so memory alone
+//! decides. Alone on node a, pg-1 can reach its maximum.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
 
-use vmscale_agent::core::policy::Cu;
-use vmscale_agent::vms::{CpuMode, InformantAddr, MemoryMode, VmSpec};
+use vmscale_agent::core::policy::{Cu, Policy};
+use vmscale_agent::qmp::DimmBackend;
+use vmscale_agent::vms::CpuMode;
 use vmscale_allocator::config::Config as AllocatorConfig;
 use vmscale_allocator::core::Cluster;
 
-use crate::cluster::{self, net, Node, Vm, VmPlan, MIB};
-use crate::migration::{self, GuestVm, Shape, TAP};
+use crate::cluster::net::{Agent, AgentPlan, Allocator};
+use crate::cluster::MIB;
 use crate::netns::Fabric;
+use crate::pg::vm::{Link, Memory, PgVm, PgVmPlan};
 
-/// Where the demo runs.
-pub(super) enum Setup {
-    /// One node: allocator and agent on loopback (no namespaces here).
-    Single { node: Node, idle: Vm },
-    /// Two nodes as network namespaces, an agent in each; the idle VM is a
-    /// tap-networked guest on node a that can be moved live.
-    TwoNodes {
-        allocator: net::Allocator,
-        agents: Vec<net::Agent>,
-        /// The idle VM's first QEMU; it quits once the VM moved.
-        _idle: GuestVm,
-        /// The idle VM's echo server, for a client that shows its TCP
-        /// connection survives the move.
-        echo: SocketAddr,
-        /// Dropped last: its namespaces end whatever still runs in them.
-        _fabric: Fabric,
-    },
+/// Node names.
+pub(super) const A: &str = "node-a";
+pub(super) const B: &str = "node-b";
+/// The VM under load, and the one that moves (with two nodes).
+pub(super) const PG1: &str = "pg-1";
+pub(super) const PG2: &str = "pg-2";
+
+/// Node a's memory with two nodes: see the module doc.
+const A_MIB_TWO_NODES: u64 = 1200;
+
+/// The allocator, the agents and the VMs. Fields drop in order: the VMs'
+/// QEMUs and the daemons before the namespaces they run in.
+pub(super) struct Setup {
+    pub allocator: Allocator,
+    pub agents: Vec<Agent>,
+    /// [`PG1`], [`PG2`], both first started on node a.
+    pub vms: Vec<PgVm>,
+    /// Dropped last: its namespaces end whatever still runs in them.
+    pub _fabric: Fabric,
 }
 
 impl Setup {
-    pub(super) fn check(&mut self) -> anyhow::Result<()> {
-        match self {
-            Setup::Single { node, idle } => {
-                node.check()?;
-                idle.check()
-            }
-            Setup::TwoNodes { allocator, agents, .. } => {
-                allocator.daemon.check()?;
-                agents.iter_mut().try_for_each(|a| a.daemon.check())
+    /// Boots both VMs on node a (they go on booting), starts the allocator
+    /// and the agents (`two`: node b's too). Returns at once: the agents
+    /// connect to the informants once the guests are up.
+    pub fn start(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        image: &crate::debian::DebianImage,
+        two: bool,
+    ) -> anyhow::Result<Setup> {
+        let fabric = Fabric::new(if two { 2 } else { 1 })?;
+        let config = AllocatorConfig {
+            watermark: 0.9,
+            plan_interval_ms: 1000,
+            order_timeout_ms: 120_000,
+            ..Default::default()
+        };
+        let allocator = Allocator::start(root, dir, &fabric, config)?;
+        let mut vms = Vec::new();
+        for (id, host) in [(PG1, 61), (PG2, 62)] {
+            let plan = plan(id, host);
+            vms.push(PgVm::boot(image, &fabric, 0, &plan, &dir.join(id))?);
+        }
+        let specs: Vec<_> =
+            vms.iter().map(|v| v.plan.spec(&v.agent_qmp, Some(v.informant_address()))).collect();
+        let a_mib = if two { A_MIB_TWO_NODES } else { 8192 };
+        let mut agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &agent(A, a_mib), &specs)?];
+        if two {
+            agents.push(Agent::start(root, dir, &fabric, 1, &allocator.url, &agent(B, 2048), &[])?);
+        }
+        Ok(Setup { allocator, agents, vms, _fabric: fabric })
+    }
+
+    pub fn two_nodes(&self) -> bool {
+        self.agents.len() > 1
+    }
+
+    pub fn vm(&self, id: &str) -> Option<&PgVm> {
+        self.vms.iter().find(|v| v.plan.id == id)
+    }
+
+    /// Fails when a daemon stopped, or the QEMU of a VM that is not moving
+    /// (a moved VM's first QEMU quits by design).
+    pub fn check(&mut self, moving: &[String]) -> anyhow::Result<()> {
+        self.allocator.daemon.check()?;
+        for a in &mut self.agents {
+            a.daemon.check()?;
+        }
+        for v in self.vms.iter_mut().filter(|v| !moving.contains(&v.plan.id)) {
+            if let Some(why) = v.qemu.exited() {
+                anyhow::bail!("{} stopped: {why}\n{}", v.plan.id, v.qemu.logs());
             }
         }
+        Ok(())
     }
 
     /// Every agent's VMs: id -> (node, its `/state` entry).
-    pub(super) fn vms(&self) -> BTreeMap<String, (String, serde_json::Value)> {
+    pub fn agent_vms(&self) -> BTreeMap<String, (String, serde_json::Value)> {
         let mut out = BTreeMap::new();
-        let mut add = |node: &str, s: Option<serde_json::Value>| {
+        for a in &self.agents {
+            let s = a.state();
             for (id, v) in s.as_ref().and_then(|s| s["vms"].as_object()).into_iter().flatten() {
-                out.insert(id.clone(), (node.to_owned(), v.clone()));
+                out.insert(id.clone(), (a.name.clone(), v.clone()));
             }
-        };
-        match self {
-            Setup::Single { node, .. } => {
-                add(cluster::NODE, cluster::http_json(node.agent_http, "/state").ok())
-            }
-            Setup::TwoNodes { agents, .. } => agents.iter().for_each(|a| add(&a.name, a.state())),
         }
         out
     }
 
-    pub(super) fn allocator_state(&self) -> Option<Cluster> {
-        match self {
-            Setup::Single { node, .. } => cluster::allocator_state(node.allocator_http),
-            Setup::TwoNodes { allocator, .. } => allocator.state(),
-        }
+    pub fn allocator_state(&self) -> Option<Cluster> {
+        self.allocator.state()
+    }
+
+    /// Where to look for logs.
+    pub fn logs(&self, dir: &std::path::Path) -> String {
+        format!(
+            "logs in {}: allocator.log, {A}.log{}, pg-1/ and pg-2/ (console.log, qemu.log, pgbench-*)",
+            dir.display(),
+            if self.two_nodes() { format!(", {B}.log") } else { String::new() }
+        )
     }
 }
 
-/// A VM plan of the demo: CUs of 1/8 vCPU and 128 MiB, 1 GiB from boot.
-pub(super) fn plan(id: &str, max_cus: u32, workload: Option<String>) -> VmPlan {
-    VmPlan {
-        id: id.into(),
-        cu_milli_cpu: 125,
-        cu_mib: 128,
-        min_cus: 8,
-        max_cus,
-        boot_mib: 1024,
-        boot_dimms: 0,
+/// A demo VM: see the module doc. The informant is reached over TCP on the
+/// guest's address: pg-2 must be movable (QEMU refuses to migrate the
+/// vhost-user vsock this host would need), and one node's agent plugs one
+/// kind of DIMM backend, so pg-1 beside it uses TCP too.
+fn plan(id: &str, host: u8) -> PgVmPlan {
+    PgVmPlan {
         cpus: 2,
         max_cpus: 2,
-        workload,
-    }
-}
-
-/// Node names in the two-node setup.
-pub(super) const A: &str = "node-a";
-pub(super) const B: &str = "node-b";
-
-/// The allocator, node a (the busy VM, and the idle VM on a tap) and node b.
-/// Node a holds both VMs (2 GiB) under its watermark (90% of 2304 MiB);
-/// the busy VM's first step up passes it, and the allocator moves the idle
-/// VM to node b, which has room for it (90% of 1152 MiB) and not for the
-/// busy one (which could not move anyway: its 9p share of the host's root
-/// blocks migration).
-pub(super) fn two_nodes(
-    root: &Path,
-    dir: &Path,
-    image: &crate::guest::Image,
-    busy: &Vm,
-) -> anyhow::Result<Setup> {
-    let fabric = Fabric::new(2)?;
-    fabric.add_tap(0, TAP)?;
-    fabric.add_tap(1, TAP)?;
-    let config = AllocatorConfig { watermark: 0.9, plan_interval_ms: 1000, ..Default::default() };
-    let allocator = net::Allocator::start(root, dir, &fabric, config)?;
-    let shape = Shape {
-        cpus: 2,
-        max_cpus: 2,
-        virtio_mem_mib: 0,
-        extra_cmdline: vec!["vmscale.informant=--cpu-mode,sysfs".into()],
-        ..Shape::new(1024)
-    };
-    let idle_dir = dir.join("idle");
-    let qmp = idle_dir.join("agent.qmp");
-    let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
-    let idle =
-        migration::start(&fabric, 0, &shape.base_args(image, &fabric), &["-qmp".into(), qmp_arg], &idle_dir)?;
-    // The busy VM's informant is forwarded on the host's loopback only;
-    // node a's agent reaches it through the fabric's host address.
-    let forward = SocketAddr::from((fabric.gateway(), crate::harness::free_port_on(fabric.gateway())?));
-    net::forward(forward, SocketAddr::from(([127, 0, 0, 1], busy.informant_port)))?;
-    let busy_spec = VmSpec {
-        informant: Some(InformantAddr::http(forward.ip().to_string(), forward.port())),
-        ..busy.agent_spec()
-    };
-    let idle_plan = plan("idle", 12, None);
-    let idle_spec = VmSpec {
-        id: "idle".into(),
-        qmp: qmp.display().to_string(),
-        informant: Some(InformantAddr::http(
-            migration::guest_ip(&fabric).to_string(),
-            crate::guest::INFORMANT_PORT,
-        )),
-        cu: Cu { milli_cpu: idle_plan.cu_milli_cpu, memory_bytes: idle_plan.cu_mib * MIB },
-        min_cus: idle_plan.min_cus,
-        max_cus: idle_plan.max_cus,
         cpu_mode: CpuMode::Sysfs,
-        memory: MemoryMode::Dimm { dimm_bytes: idle_plan.cu_mib * MIB },
-        policy: None,
-    };
-    let agent = |name: &str, cpu: u64, mib: u64| net::AgentPlan {
+        boot_mib: 512,
+        cu: Cu { milli_cpu: 250, memory_bytes: 128 * MIB },
+        min_cus: 4,
+        max_cus: 8,
+        link: Link::Tcp,
+        ..PgVmPlan::small(id, host, Memory::Dimm)
+    }
+}
+
+/// A node's agent: CPU ample, `mib` of memory; down one CU 2 s apart after
+/// 5 s of low use, so that quiet shows within the demo.
+fn agent(name: &str, mib: u64) -> AgentPlan {
+    AgentPlan {
         name: name.into(),
-        capacity_milli_cpu: cpu,
+        capacity_milli_cpu: 8000,
         capacity_mib: mib,
-        policy: Default::default(),
-        transfer: Default::default(),
-        confirm_grace_ms: 10_000,
-    };
-    let a = net::Agent::start(
-        root,
-        dir,
-        &fabric,
-        0,
-        &allocator.url,
-        &agent(A, 8000, 2304),
-        &[busy_spec, idle_spec],
-    )?;
-    let b = net::Agent::start(root, dir, &fabric, 1, &allocator.url, &agent(B, 4000, 1152), &[])?;
-    eprintln!(
-        "    allocator: http://127.0.0.1:{}/state, agents: http://{}/state, http://{}/state; Ctrl-C stops the demo",
-        allocator.http, a.http, b.http
-    );
-    let echo = SocketAddr::from((migration::guest_ip(&fabric), migration::ECHO_PORT));
-    Ok(Setup::TwoNodes { allocator, agents: vec![a, b], _idle: idle, echo, _fabric: fabric })
+        policy: Policy { downscale_after_ms: 5000, downscale_step_ms: 2000, ..Policy::default() },
+        transfer: vmscale_agent::qmp::migrate::MigrationConfig { timeout_ms: 90_000, ..Default::default() },
+        confirm_grace_ms: 5000,
+        dimm_backend: DimmBackend::Ram,
+    }
 }
