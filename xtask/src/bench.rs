@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Which benchmark: allocator, agent, informant or e2e.
+    /// Which benchmark: allocator, agent, informant, e2e, migration or pgbench.
     pub name: String,
     /// Shorter runs for trying things out: the JSON is written, BENCHMARKS.md is left alone
     /// (except by e2e, whose quick run is recorded, marked as such: its full run takes 15 minutes).
@@ -22,8 +22,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "informant" => crate::bench_nodes::informant(a.quick),
         "migration" => crate::bench_migration::run(a.quick),
         "e2e" => crate::bench_e2e::run(a.quick),
+        "pgbench" => crate::bench_pgbench::run(a.quick),
         other => bail!(
-            "unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant, e2e, migration"
+            "unknown benchmark {other:?}; the benchmarks are: allocator, agent, informant, e2e, migration, pgbench"
         ),
     }
 }

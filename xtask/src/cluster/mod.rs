@@ -144,6 +144,21 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
 }
 
+/// An agent's executed actions of one kind (all outcomes), from its
+/// `/metrics` at `addr`; 0 while it does not answer.
+pub fn agent_operations(addr: std::net::SocketAddr, action: &str) -> u64 {
+    let Ok(text) = http_get_at(addr, "/metrics") else { return 0 };
+    let label = format!("action=\"{action}\"");
+    let total = text
+        .lines()
+        .filter(|l| l.starts_with("vmscale_agent_operations_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a counter's value, whole and >= 0
+    let count = total as u64;
+    count
+}
+
 /// `GET path` over HTTP/1.0 at `addr`; the body.
 pub fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;

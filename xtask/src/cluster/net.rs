@@ -17,6 +17,7 @@ use vmscale_agent::config::Config as AgentConfig;
 use vmscale_agent::core::policy::Policy;
 use vmscale_agent::migration::settings::MigrationSettings;
 use vmscale_agent::qmp::migrate::MigrationConfig;
+use vmscale_agent::qmp::DimmBackend;
 use vmscale_agent::vms::VmSpec;
 use vmscale_allocator::config::Config as AllocatorConfig;
 use vmscale_allocator::core::Cluster;
@@ -83,6 +84,9 @@ pub struct AgentPlan {
     pub transfer: MigrationConfig,
     /// `confirm_grace_ms` of `[migration]`.
     pub confirm_grace_ms: u64,
+    /// The plugged DIMMs' backend: `Memfd` where a VM has a vhost-user
+    /// device (vsock here), which must map all guest memory.
+    pub dimm_backend: DimmBackend,
 }
 
 /// An agent running in a node's namespace.
@@ -131,6 +135,7 @@ impl Agent {
             allocator_retry_base_ms: 100,
             allocator_retry_max_ms: 1000,
             policy: plan.policy.clone(),
+            dimm_backend: plan.dimm_backend,
             migration: MigrationSettings {
                 listen: Some(listen),
                 qemu: "qemu-system-x86_64".into(),

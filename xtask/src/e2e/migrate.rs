@@ -235,6 +235,7 @@ async fn start_agents(scene: &mut Scene<'_>) -> anyhow::Result<(Agent, Agent)> {
         policy: Default::default(),
         transfer: transfer.clone(),
         confirm_grace_ms: 5000,
+        dimm_backend: vmscale_agent::qmp::DimmBackend::Ram,
     };
     let (ctx, fabric, url) = (scene.ctx, scene.fabric, scene.alloc.url.clone());
     // Node a holds exactly the VM (2 vCPUs, 512 MiB): past 0.9 of it.

@@ -65,6 +65,17 @@ pub enum Scenario {
     /// memfd memory and DIMMs): its link shakes hands, the informant sees the
     /// host as CID 2, a memory ramp gets DIMMs the informant onlines.
     Vsock,
+    /// The Debian guest with Postgres: idle, its second vCPU goes offline;
+    /// pgbench load brings it back, quiet takes it (and the DIMMs that came
+    /// with it) away; a memory-hungry sort gets memory without an OOM kill,
+    /// and the agent unplugs it afterwards.
+    PgScale,
+    /// The Debian guest with a virtio-mem device: a memory-hungry sort grows
+    /// it, the agent shrinks it afterwards.
+    PgVirtioMem,
+    /// pgbench through a live migration of its Postgres guest between two
+    /// network-namespace nodes: no failed transaction, no broken connection.
+    PgMigrate,
 }
 
 impl Scenario {
@@ -79,7 +90,15 @@ impl Scenario {
             Scenario::Migrate => "migrate",
             Scenario::FullBootMemory => "full-boot-memory",
             Scenario::Vsock => "vsock",
+            Scenario::PgScale => "pg-scale",
+            Scenario::PgVirtioMem => "pg-virtio-mem",
+            Scenario::PgMigrate => "pg-migrate",
         }
+    }
+
+    /// Whether it runs on the Debian guest with Postgres (`crate::pg`).
+    fn on_postgres(self) -> bool {
+        matches!(self, Scenario::PgScale | Scenario::PgVirtioMem | Scenario::PgMigrate)
     }
 }
 
@@ -87,9 +106,11 @@ impl Scenario {
 pub struct Args {
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// Seconds the scenario may take once the VM is booted (builds excluded).
-    #[arg(long, default_value_t = 360)]
-    pub timeout: u64,
+    /// Seconds the scenario may take once the VM is booted (builds
+    /// excluded); by default 360, and 1200 for the pg- scenarios, whose
+    /// load average takes minutes to fall after a load.
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// A word for the guest kernel's command line after the image's own (a
     /// later word wins), e.g. `memory_hotplug.memmap_on_memory=0` to see what
     /// a setting is worth. Repeatable.
@@ -134,6 +155,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(w) = a.guest_args.iter().find(|w| w.is_empty() || w.contains(char::is_whitespace)) {
         anyhow::bail!("--guest-arg {w:?}: one kernel command line word, without spaces");
     }
+    if a.scenario.on_postgres() {
+        return run_on_postgres(a.scenario, Duration::from_secs(a.timeout.unwrap_or(1200)));
+    }
     let mut steps = Steps::new(crate::guest::step_count(&Default::default()) + 2);
     let image = crate::guest::build(&Default::default(), &mut steps)?;
     // In a shared checkout other builds may hold cargo's lock for many
@@ -168,7 +192,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         full,
         kernel_args: a.guest_args,
         dimm_mib: a.dimm_mib,
-        timeout: Duration::from_secs(a.timeout),
+        timeout: Duration::from_secs(a.timeout.unwrap_or(360)),
     };
     let mut result = None;
     let parts = match a.scenario {
@@ -186,10 +210,48 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Scenario::Migrate => migrate::migrate(&ctx),
             Scenario::FullBootMemory => full::full_boot_memory(&ctx),
             Scenario::Vsock => vsock::vsock_link(&ctx),
+            Scenario::PgScale | Scenario::PgVirtioMem | Scenario::PgMigrate => {
+                Err(anyhow::anyhow!("{name} runs on the Debian guest (run_on_postgres)"))
+            }
         });
         Ok(())
     })?;
     let summary = result.context("no result")?.with_context(|| format!("logs in {}", dir.display()))?;
+    println!("e2e {name} passed: {summary}");
+    Ok(())
+}
+
+/// The scenarios on the Debian guest: its image, the daemons, a directory.
+fn run_on_postgres(scenario: Scenario, timeout: Duration) -> anyhow::Result<()> {
+    let mut steps = Steps::new(crate::debian::ENSURE_STEPS + 2);
+    let image = crate::debian::ensure(&mut steps)?;
+    if std::env::var_os("VMSCALE_E2E_PREBUILT").is_some() {
+        eprintln!("    VMSCALE_E2E_PREBUILT: using target/release's allocator and agent as they are");
+    } else {
+        cluster::build_daemons(&mut steps)?;
+    }
+    let root = crate::workspace_root();
+    let name = scenario.name();
+    let dir = root.join("target/e2e").join(format!("{name}-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let ctx = crate::pg::PgCtx { root, image, dir: dir.clone(), timeout };
+    let mut result = None;
+    steps.call(
+        &format!(
+            "scenario {name} (Debian guest with Postgres under TCG, real informant, allocator and agents)"
+        ),
+        || {
+            result = Some(match scenario {
+                Scenario::PgScale => crate::pg::scale(&ctx),
+                Scenario::PgVirtioMem => crate::pg::virtio_mem(&ctx),
+                Scenario::PgMigrate => crate::pg::migrate(&ctx),
+                _ => Err(anyhow::anyhow!("{name} runs on the busybox guest")),
+            });
+            Ok(())
+        },
+    )?;
+    let summary = result.context("no result")?.with_context(|| crate::pg::logs(&dir))?;
     println!("e2e {name} passed: {summary}");
     Ok(())
 }
@@ -289,16 +351,7 @@ impl Ledger {
 
 /// The agent's executed actions of one kind (all outcomes), from `/metrics`.
 fn agent_ops(n: &Node, action: &str) -> u64 {
-    let Ok(text) = cluster::http_get(n.agent_http, "/metrics") else { return 0 };
-    let label = format!("action=\"{action}\"");
-    let total = text
-        .lines()
-        .filter(|l| l.starts_with("vmscale_agent_operations_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a counter's value, whole and >= 0
-    let count = total as u64;
-    count
+    cluster::agent_operations(std::net::SocketAddr::from(([127, 0, 0, 1], n.agent_http)), action)
 }
 
 /// The agent's view of the VM: (current milli-vCPU, current bytes).
