@@ -316,8 +316,7 @@ fn measure(
     // allocator neither moves pg-hot nor sends pg-boot here.
     let plan = agent_plan(NODE_H, (2500, 2560), never_down(), &b.hot);
     let spec = spec_of(&b.hot, &plan.policy);
-    b.start_agent(NODE_H, &plan, &[spec])?;
-    f.scale_up = Some(phases::scale_up(&mut b)?);
+    f.scale_up = Some(phases::scale_up(&mut b, &plan, spec)?);
     phases::rounds(&mut b, report::Phase::After, &mut f.rounds)?;
     match moves::memory(&mut b) {
         Ok(m) => f.memory = Some(m),

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use super::report::{Phase, Round, ScaleUp};
 use super::{Bench, CLIENTS, NODE_H};
+use crate::cluster::net::AgentPlan;
 use crate::pg::vm::PgVm;
 use crate::pgbench::{self, Pgbench};
+use vmscale_agent::vms::VmSpec;
 
 /// One timed pgbench run of `secs` with `clients` on `vm`; its summary.
 pub(super) fn timed(vm: &PgVm, clients: u32, run: Duration) -> anyhow::Result<pgbench::Summary> {
@@ -51,30 +53,62 @@ fn phase_name(p: Phase) -> &'static str {
     }
 }
 
-/// A query that returns once the guest has CPUs 0 and 1 online: a shell
-/// loop in the guest (run by Postgres, `COPY FROM PROGRAM`) reading the
-/// kernel's `online` list every 50 ms, for at most `4000` tries (some
-/// minutes under TCG) so that it ends even if psql is gone. It prints the
-/// list it saw last.
-const WAIT_FOR_CPU1: &str = "CREATE TEMP TABLE w(l text); \
-    COPY w FROM PROGRAM 'i=0; while [ \"$(cat /sys/devices/system/cpu/online)\" != 0-1 ] && [ $i -lt 4000 ]; \
-    do sleep 0.05; i=$((i+1)); done; cat /sys/devices/system/cpu/online'; \
-    SELECT string_agg(l, ',') FROM w;";
+/// A query that returns once the guest has CPUs 0 and 1 online: a perl
+/// loop in the guest (run by Postgres, `COPY FROM PROGRAM`; perl-base is in
+/// every Debian) reading the kernel's `online` list every 20 ms, in one
+/// process, so that watching costs the 1-vCPU guest next to nothing (a
+/// shell loop forking `cat` and `sleep` would load it itself). At most
+/// 15,000 reads, so it ends even if psql is gone; it prints the list it saw
+/// last.
+const WAIT_FOR_CPU1: &str = r#"CREATE TEMP TABLE w(l text);
+COPY w FROM PROGRAM 'perl -e ''my $l = ""; for (1..15000) { open(my $f, "<", "/sys/devices/system/cpu/online") or die; $l = <$f>; close $f; chomp $l; last if $l eq "0-1"; select(undef, undef, undef, 0.02) } print "$l\n"''';
+SELECT string_agg(l, ',') FROM w;"#;
 
-/// pgbench on `pg-hot` (its agent running) until its second vCPU is online
-/// in the guest, then 10 s more; the time from pgbench's start to it.
-pub(super) fn scale_up(b: &mut Bench) -> anyhow::Result<ScaleUp> {
-    let agent = b.agent(NODE_H)?;
-    let plugs0 = crate::cluster::agent_operations(agent.http, "plug");
-    let vm = &b.hot;
-    ensure!(vm.conn.guest()?.online_cpus == 1, "pg-hot has more than one vCPU online before its scale-up");
-    let target = vm.conn.target.clone();
+/// The guest's 1-minute load average, through Postgres.
+fn load1(vm: &PgVm) -> anyhow::Result<f64> {
+    let sql = "CREATE TEMP TABLE a(l text); COPY a FROM PROGRAM 'cat /proc/loadavg'; SELECT l FROM a;";
+    let out = vm.conn.query(sql, Duration::from_secs(30))?;
+    out.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("/proc/loadavg said {out:?}"))
+}
+
+/// Starts `pg-hot`'s agent (its policy never scales down) and times its
+/// scale-up under pgbench: from pgbench's start to the guest's second vCPU
+/// online, then 10 s more of load.
+///
+/// The agent starts only now, once the guest's 1-minute load average (the
+/// agent's CPU signal) has fallen after the rounds before: started at once,
+/// it plugged the vCPU for that old load before pgbench began (seen in a
+/// quick run).
+pub(super) fn scale_up(b: &mut Bench, plan: &AgentPlan, spec: VmSpec) -> anyhow::Result<ScaleUp> {
+    let load = crate::harness::wait_for(
+        "pg-hot's load average to fall below 0.3",
+        Duration::from_secs(400),
+        || {
+            b.check()?;
+            let l = load1(&b.hot)?;
+            Ok((l < 0.3).then_some(l))
+        },
+    )?;
+    eprintln!("    pg-hot idle (1-minute load {load:.2}); starting its agent");
+    ensure!(b.hot.conn.guest()?.online_cpus == 1, "pg-hot has more than one vCPU online before its scale-up");
+    let target = b.hot.conn.target.clone();
     let watcher = std::thread::Builder::new()
         .name("cpu1-online".into())
-        .spawn(move || pgbench::sql(&target, &pgbench::host, WAIT_FOR_CPU1, Duration::from_secs(400)))?;
-    // Long enough for psql to connect and the loop to be running before
-    // the clock starts.
-    std::thread::sleep(Duration::from_secs(2));
+        .spawn(move || pgbench::sql(&target, &pgbench::host, WAIT_FOR_CPU1, Duration::from_secs(600)))?;
+    b.start_agent(NODE_H, plan, &[spec])?;
+    let plugs0 = crate::cluster::agent_operations(b.agent(NODE_H)?.http, "plug");
+    if watcher.is_finished() {
+        let out = watcher.join().map_err(|_| anyhow::anyhow!("the vCPU watcher's thread panicked"))??;
+        anyhow::bail!(
+            "pg-hot's second vCPU came online before pgbench started (the agent grew the idle guest: CPU \
+             pressure from a busy host?); the watcher said {out:?}; see {}'s log",
+            plan.name
+        );
+    }
+    let vm = &b.hot;
     let bench = Pgbench::start(&crate::pg::bench_options(vm, CLIENTS, None), &pgbench::host)?;
     let t0 = Instant::now();
     let seen = loop {
@@ -95,8 +129,7 @@ pub(super) fn scale_up(b: &mut Bench) -> anyhow::Result<ScaleUp> {
     ensure!(out.output.trim() == "0-1", "the guest's vCPU watch ended without CPU 1 online: {}", out.output);
     std::thread::sleep(Duration::from_secs(10));
     let s = bench.stop()?;
-    let agent = b.agent(NODE_H)?;
-    let plugs = crate::cluster::agent_operations(agent.http, "plug").saturating_sub(plugs0);
+    let plugs = crate::cluster::agent_operations(b.agent(NODE_H)?.http, "plug").saturating_sub(plugs0);
     let ms = seen.as_secs_f64() * 1000.0;
     eprintln!(
         "    pg-hot: second vCPU online {ms:.0} ms after pgbench started; {plugs} plug(s) by the agent"
