@@ -88,17 +88,6 @@ impl GuestView {
     pub fn mem_total_mib(&self) -> u64 {
         self.mem_total_kib / 1024
     }
-
-    /// Memory in use (total less available), as a fraction of the total.
-    pub fn use_fraction(&self) -> f64 {
-        #[allow(clippy::cast_precision_loss)] // KiB counts of a guest, far below 2^52
-        let (total, avail) = (self.mem_total_kib as f64, self.mem_available_kib as f64);
-        if total > 0.0 {
-            (total - avail) / total
-        } else {
-            0.0
-        }
-    }
 }
 
 /// How many CPUs a kernel CPU list (`0-1,3`) names.
@@ -144,7 +133,6 @@ mod tests {
             }
         );
         assert_eq!(v.mem_total_mib(), 980);
-        assert!((v.use_fraction() - 0.25).abs() < 0.01);
         let e = GuestView::parse("0", "MemTotal: 1 kB\n", vmstat, "0.1").unwrap_err();
         assert!(format!("{e:#}").contains("MemAvailable"), "{e:#}");
     }

@@ -41,14 +41,15 @@ const NODE: &str = "node-a";
 
 /// The one node, its daemons and its guest.
 struct Scene {
-    // Dropped last: the namespaces go after everything in them.
+    // Fields drop in order: the fabric, last, takes its namespaces away
+    // after everything that runs in them has gone.
     alloc: Allocator,
     agent: Agent,
     vm: PgVm,
     watch: Qmp,
     t0: Instant,
     timeout: Duration,
-    fabric: Fabric,
+    _fabric: Fabric,
 }
 
 impl Scene {
@@ -134,7 +135,7 @@ fn start(ctx: &PgCtx, plan: &PgVmPlan) -> anyhow::Result<Scene> {
     let spec = plan.spec(&vm.agent_qmp, Some(informant));
     let agent = Agent::start(&ctx.root, &ctx.dir, &fabric, 0, &alloc.url, &agent_plan, &[spec])?;
     let watch = Qmp::connect(&vm.qemu.dir.join("qmp.sock"))?;
-    let mut scene = Scene { alloc, agent, vm, watch, t0, timeout: ctx.timeout, fabric };
+    let mut scene = Scene { alloc, agent, vm, watch, t0, timeout: ctx.timeout, _fabric: fabric };
     let id = plan.id.clone();
     scene.wait(
         "the agent to hold the VM with its informant and the allocator",

@@ -198,8 +198,6 @@ pub struct PgVm {
     /// The agent's QMP socket (QEMU's first monitor); the harness watches
     /// through `qemu.qmp()`.
     pub agent_qmp: PathBuf,
-    /// QEMU's arguments, for a migration target on another node.
-    pub base: Vec<String>,
     pub conn: Conn,
     /// The vsock device's host side, when it has one.
     pub vsock: Option<Vsock>,
@@ -242,7 +240,7 @@ impl PgVm {
         let qemu = crate::migration::start(fabric, node, &base, &extra, dir)?;
         let ip = fabric.addr(plan.host);
         let conn = Conn::new(ip);
-        Ok(PgVm { plan: plan.clone(), qemu, ip, agent_qmp, base, conn, vsock, backend })
+        Ok(PgVm { plan: plan.clone(), qemu, ip, agent_qmp, conn, vsock, backend })
     }
 
     /// Waits for the guest's ready line and a first query; the line.
