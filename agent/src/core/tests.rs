@@ -520,3 +520,31 @@ fn cpu_pressure_grows_only_where_more_cus_bring_more_cpu() {
     vm.input(10, Input::Pressure(PressureKind::PsiCpu));
     assert_eq!(vm.step(10).action, Some(Action::RequestPermit { target: Size::new(1500, 512 * MIB) }));
 }
+
+#[test]
+fn a_vm_with_more_vcpus_than_its_cus_hold_gives_the_excess_back() {
+    // Booted with 2 vCPUs online (8 CUs of CPU) and memory for 4 CUs: at a
+    // goal of 4 CUs the second vCPU is excess, and it goes once use has
+    // stayed low; then nothing more is asked.
+    let found = Size::new(2000, 4 * GIB);
+    let mut vm = VmCore::new(CU, 4, 16, whole_plugs(), found, found, 42);
+    vm.input(0, Input::InformantConnected(true));
+    vm.input(0, Input::AllocatorConnected(true));
+    let mut s = Sim { vm, now: 0 };
+    s.at(10).using(0.5);
+    assert_eq!(s.step(), None, "use must stay low for a while first");
+    let later = 10 + Policy::default().downscale_after_ms + 1;
+    s.at(later).using(0.5);
+    let asked = s.step();
+    assert!(
+        matches!(asked, Some(Action::AskDownscale { target, .. }) if target == Size::new(1000, 4 * GIB)),
+        "{asked:?}"
+    );
+    s.feed(Input::DownscaleAnswer { approved: true });
+    assert!(matches!(s.step(), Some(Action::Unplug { target }) if target == Size::new(1000, 4 * GIB)));
+    s.feed(Input::Unplugged { size: Size::new(1000, 4 * GIB) });
+    assert!(matches!(s.step(), Some(Action::Release { .. })));
+    s.feed(Input::Released);
+    s.at(later + 600_000).using(0.5);
+    assert_eq!(s.step(), None, "at its CUs' shape nothing more is asked");
+}

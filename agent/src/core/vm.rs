@@ -375,7 +375,13 @@ impl VmCore {
             }
             return None;
         }
-        if goal == cur || cur <= self.min_cus {
+        // A VM can hold more of one resource than its whole CUs: a guest
+        // booted with every vCPU online in sysfs mode (2 vCPUs, memory for
+        // 4 CUs of a quarter vCPU) sits at 4 CUs, and at a goal of 4 CUs it
+        // would keep its second vCPU for ever. Trim it to its CUs' shape.
+        let shaped = Size::of_cus(cur, self.cu).max(self.floor()).min(self.current);
+        let trim = goal == cur && shaped != self.current;
+        if !trim && (goal == cur || cur <= self.min_cus) {
             self.low_since = None;
             return None;
         }
@@ -393,7 +399,8 @@ impl VmCore {
         // One CU less, but never below what QEMU can take away: boot memory
         // has no device to unplug. When the floor leaves nothing to shrink,
         // don't ask: an approval could not be carried out.
-        let target = Size::of_cus(cur - 1, self.cu).max(self.floor()).min(self.current);
+        let target =
+            if trim { shaped } else { Size::of_cus(cur - 1, self.cu).max(self.floor()).min(self.current) };
         if target == self.current {
             return None;
         }
