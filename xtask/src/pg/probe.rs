@@ -33,24 +33,38 @@ impl Conn {
         }
     }
 
-    /// A guest file's contents, read by the guest's Postgres. `path` is ours,
-    /// a constant: it goes into SQL and a shell inside the guest.
-    fn read_file(&self, path: &'static str) -> anyhow::Result<String> {
-        debug_assert!(path.chars().all(|c| c.is_ascii_alphanumeric() || "/_.-".contains(c)));
-        let sql = format!(
-            "CREATE TEMP TABLE f(l text); COPY f FROM PROGRAM 'cat {path}'; SELECT string_agg(l, E'\\n') FROM f;"
-        );
-        self.query(&sql, Duration::from_secs(20))
-    }
-
-    /// What the guest's kernel shows now.
+    /// What the guest's kernel shows now: its files read by the guest's
+    /// Postgres in one session and one program. Each probe costs the guest
+    /// a backend and a shell, which under TCG is visible in its load
+    /// average: poll it every few seconds, not in a tight loop.
     pub fn guest(&self) -> anyhow::Result<GuestView> {
-        let online = self.read_file("/sys/devices/system/cpu/online")?;
-        let meminfo = self.read_file("/proc/meminfo")?;
-        let vmstat = self.read_file("/proc/vmstat")?;
-        let loadavg = self.read_file("/proc/loadavg")?;
-        GuestView::parse(&online, &meminfo, &vmstat, &loadavg)
+        // Our constant: it goes into SQL and a shell inside the guest.
+        let files = GUEST_FILES.join(" ");
+        let sql = format!(
+            "CREATE TEMP TABLE f(n serial, l text); \
+             COPY f(l) FROM PROGRAM 'for f in {files}; do echo \"=={{}}== $f\"; cat $f; done'; \
+             SELECT string_agg(l, E'\\n' ORDER BY n) FROM f;"
+        );
+        let out = self.query(&sql, Duration::from_secs(20))?;
+        let part = |file: &str| section(&out, file).with_context(|| format!("the guest's answer lacks {file}: {out:.300}"));
+        GuestView::parse(
+            part(GUEST_FILES[0])?,
+            part(GUEST_FILES[1])?,
+            part(GUEST_FILES[2])?,
+            part(GUEST_FILES[3])?,
+        )
     }
+}
+
+/// The guest files a probe reads, in the order [`GuestView::parse`] takes them.
+const GUEST_FILES: [&str; 4] = ["/sys/devices/system/cpu/online", "/proc/meminfo", "/proc/vmstat", "/proc/loadavg"];
+
+/// The lines after `=={}== <file>` up to the next such line.
+fn section<'a>(out: &'a str, file: &str) -> Option<&'a str> {
+    let head = format!("=={{}}== {file}\n");
+    let start = out.find(&head)? + head.len();
+    let rest = &out[start..];
+    Some(rest.find("=={}== ").map_or(rest, |end| &rest[..end]))
 }
 
 /// The guest's CPUs and memory as its kernel has them.
@@ -114,6 +128,15 @@ mod tests {
         assert_eq!(cpu_count(""), None);
         assert_eq!(cpu_count("3-1"), None);
         assert_eq!(cpu_count("x"), None);
+    }
+
+    #[test]
+    fn a_probe_answer_splits_into_its_files() {
+        let out = "=={}== /a\n0-1\n=={}== /b\nx 1\ny 2\n=={}== /c\n";
+        assert_eq!(section(out, "/a"), Some("0-1\n"));
+        assert_eq!(section(out, "/b"), Some("x 1\ny 2\n"));
+        assert_eq!(section(out, "/c"), Some(""));
+        assert_eq!(section(out, "/d"), None);
     }
 
     #[test]
