@@ -138,6 +138,11 @@ pub fn ensure_in(root: &Path, steps: &mut Steps) -> anyhow::Result<DebianImage> 
     let hash = sha256_hex(inputs.as_bytes());
     let mut image = None;
     steps.call("the Debian root filesystem (mmdebstrap, mkfs.ext4)", || {
+        // Two runs at once (a test and the demo, say) would build into one
+        // staging directory and break each other: the second waits, then
+        // finds the image up to date. The lock goes with the file handle.
+        let lock = fs::File::create(dir.join(".build.lock"))?;
+        lock.lock().with_context(|| format!("locking {}", dir.join(".build.lock").display()))?;
         image = Some(build_if_changed(&dir, &package.path, &inputs, &hash)?);
         Ok(())
     })?;
