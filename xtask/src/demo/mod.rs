@@ -145,7 +145,7 @@ fn show(a: &Args, dir: &Path, stop: &AtomicBool, mut setup: Setup, plan: Plan) -
             }
             setup.check(&live.moving())?;
             live.tick(&setup, &|id| director.latest(id))?;
-            director.advance(&setup, &mut live)?;
+            director.advance(&mut setup, &mut live)?;
         }
         anyhow::Ok(())
     })();

@@ -6,14 +6,21 @@
 //! 512 MiB of boot memory, in CUs of a quarter vCPU and 128 MiB (one DIMM):
 //! 4 CUs (1 vCPU, 512 MiB: the boot memory, which nothing unplugs) to 8 (2
 //! vCPUs, 1 GiB). So vCPUs go 2 -> 1 when idle, back to 2 under load and
-//! down again, and memory 512 MiB -> 1 GiB and back. With two nodes, node a
-//! holds both VMs (1 GiB at the start) under its watermark (90% of 1200
-//! MiB, 1080 MiB); one CU more for pg-1 passes it, and the smallest VM that
-//! covers the excess, pg-2, is ordered to node b, which has room for it
-//! under its own watermark. CPU capacity is ample on both, so memory alone
-//! decides. Alone on node a, pg-1 can reach its maximum.
+//! down again, and memory 512 MiB -> 1 GiB and back.
+//!
+//! With two nodes, node a holds both VMs under its watermark at their
+//! minimum (1 GiB of 90% of 1200 MiB, 1080 MiB), and pg-1's growth passes
+//! it. Node b's agent starts only when the demo wants the move (see
+//! `phases.rs`): once pgbench runs against pg-2 and pg-1 wants more than
+//! pg-2, so that pg-2 is the smallest VM that covers node a's excess, which
+//! the allocator moves (a guest's boot, under TCG, takes both VMs to their
+//! maximum at once: with node b there from the start, a VM would move
+//! before any pgbench ran). Node b has room for either under its own
+//! watermark. CPU capacity is ample on both, so memory alone decides.
+//! Alone on node a, pg-1 can reach its maximum.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use vmscale_agent::core::policy::{Cu, Policy};
 use vmscale_agent::qmp::DimmBackend;
@@ -39,21 +46,25 @@ const A_MIB_TWO_NODES: u64 = 1200;
 /// The allocator, the agents and the VMs. Fields drop in order: the VMs'
 /// QEMUs and the daemons before the namespaces they run in.
 pub(super) struct Setup {
+    two: bool,
+    root: PathBuf,
+    dir: PathBuf,
     pub allocator: Allocator,
     pub agents: Vec<Agent>,
     /// [`PG1`], [`PG2`], both first started on node a.
     pub vms: Vec<PgVm>,
     /// Dropped last: its namespaces end whatever still runs in them.
-    pub _fabric: Fabric,
+    pub fabric: Fabric,
 }
 
 impl Setup {
     /// Boots both VMs on node a (they go on booting), starts the allocator
-    /// and the agents (`two`: node b's too). Returns at once: the agents
-    /// connect to the informants once the guests are up.
+    /// and node a's agent (`two`: node b's comes with [`Setup::start_b`]).
+    /// Returns at once: the agent connects to the informants once the
+    /// guests are up.
     pub fn start(
-        root: &std::path::Path,
-        dir: &std::path::Path,
+        root: &Path,
+        dir: &Path,
         image: &crate::debian::DebianImage,
         two: bool,
     ) -> anyhow::Result<Setup> {
@@ -73,15 +84,29 @@ impl Setup {
         let specs: Vec<_> =
             vms.iter().map(|v| v.plan.spec(&v.agent_qmp, Some(v.informant_address()))).collect();
         let a_mib = if two { A_MIB_TWO_NODES } else { 8192 };
-        let mut agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &agent(A, a_mib), &specs)?];
-        if two {
-            agents.push(Agent::start(root, dir, &fabric, 1, &allocator.url, &agent(B, 2048), &[])?);
-        }
-        Ok(Setup { allocator, agents, vms, _fabric: fabric })
+        let agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &agent(A, a_mib), &specs)?];
+        Ok(Setup { two, root: root.to_owned(), dir: dir.to_owned(), allocator, agents, vms, fabric })
     }
 
     pub fn two_nodes(&self) -> bool {
-        self.agents.len() > 1
+        self.two
+    }
+
+    /// Starts node b's agent, with no VM of its own: a node with room joins.
+    pub fn start_b(&mut self) -> anyhow::Result<()> {
+        if self.two && self.agents.len() < 2 {
+            let b = Agent::start(
+                &self.root,
+                &self.dir,
+                &self.fabric,
+                1,
+                &self.allocator.url,
+                &agent(B, 2048),
+                &[],
+            )?;
+            self.agents.push(b);
+        }
+        Ok(())
     }
 
     pub fn vm(&self, id: &str) -> Option<&PgVm> {
@@ -120,7 +145,7 @@ impl Setup {
     }
 
     /// Where to look for logs.
-    pub fn logs(&self, dir: &std::path::Path) -> String {
+    pub fn logs(&self, dir: &Path) -> String {
         format!(
             "logs in {}: allocator.log, {A}.log{}, pg-1/ and pg-2/ (console.log, qemu.log, pgbench-*)",
             dir.display(),
@@ -148,13 +173,19 @@ fn plan(id: &str, host: u8) -> PgVmPlan {
 }
 
 /// A node's agent: CPU ample, `mib` of memory; down one CU 2 s apart after
-/// 5 s of low use, so that quiet shows within the demo.
+/// 5 s of low use, a pressure event holding the size 10 s (not 30), so that
+/// quiet shows within the demo.
 fn agent(name: &str, mib: u64) -> AgentPlan {
     AgentPlan {
         name: name.into(),
         capacity_milli_cpu: 8000,
         capacity_mib: mib,
-        policy: Policy { downscale_after_ms: 5000, downscale_step_ms: 2000, ..Policy::default() },
+        policy: Policy {
+            downscale_after_ms: 5000,
+            downscale_step_ms: 2000,
+            pressure_hold_ms: 10_000,
+            ..Policy::default()
+        },
         transfer: vmscale_agent::qmp::migrate::MigrationConfig { timeout_ms: 90_000, ..Default::default() },
         confirm_grace_ms: 5000,
         dimm_backend: DimmBackend::Ram,

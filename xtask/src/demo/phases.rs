@@ -3,13 +3,15 @@
 //! slow work (pgbench -i, the sort) runs on a thread of its own, pgbench in
 //! the background.
 //!
-//! boot -> warm-up (pgbench -i) -> rising load (pgbench on pg-1, more
-//! clients each step: vCPUs, and memory with them, grow) -> cool-down (back
-//! to the minimum) -> memory-hungry sort on pg-1 (memory grows, no OOM
-//! kill) -> quiet (back to the minimum, the ledger released) -> done. With
-//! two nodes, pgbench runs against pg-2 from the first load step; pg-1's
-//! growth passes node a's watermark and the allocator moves pg-2 to node b
-//! under it; that run ends a while after the move.
+//! boot -> warm-up (pgbench -i) -> idle (down to the minimum: a guest's
+//! boot under TCG takes it to its maximum) -> rising load (pgbench on pg-1,
+//! more clients each step: vCPUs, and memory with them, grow) -> cool-down
+//! (back to the minimum) -> memory-hungry sort on pg-1 (memory grows, no
+//! OOM kill) -> quiet (back to the minimum, the ledger released) -> done.
+//! With two nodes, pgbench runs against pg-2 from the first load step;
+//! once pg-1's growth has passed node a's watermark and pg-1 wants more
+//! than pg-2, node b's agent starts and the allocator moves pg-2 there under
+//! pgbench; that run ends a while after the move.
 
 use anyhow::{bail, Context};
 use std::thread::JoinHandle;
@@ -51,7 +53,7 @@ impl Plan {
         Plan {
             clients: vec![4, 16],
             step: Duration::from_secs(20),
-            settle: Duration::from_secs(120),
+            settle: Duration::from_secs(150),
             after_move: Duration::from_secs(10),
             ..Plan::full()
         }
@@ -73,6 +75,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 enum Stage {
     Boot,
     WarmUp(JoinHandle<anyhow::Result<()>>),
+    Idle { until: Instant },
     Load { step: usize, bench: Pgbench, until: Instant },
     CoolDown { until: Instant },
     Sort { query: JoinHandle<anyhow::Result<String>>, started: Instant },
@@ -120,14 +123,22 @@ impl Director {
     }
 
     /// One step: moves on where the current stage is over.
-    pub fn advance(&mut self, setup: &Setup, live: &mut Live) -> anyhow::Result<()> {
+    pub fn advance(&mut self, setup: &mut Setup, live: &mut Live) -> anyhow::Result<()> {
         self.side(setup, live)?;
+        if self.side.is_some() && setup.agents.len() < 2 && move_wanted(live) {
+            setup.start_b()?;
+            live.event("node-b's agent joins: node-a is above its watermark and pg-2 its smallest VM");
+        }
         let stage = std::mem::replace(&mut self.stage, Stage::Done);
         self.stage = match stage {
             Stage::Boot => self.boot(setup, live)?,
             Stage::WarmUp(init) if init.is_finished() => {
                 join(init).context("pgbench -i (the warm-up)")?;
                 live.event("pgbench tables ready");
+                live.phase("idle");
+                Stage::Idle { until: Instant::now() + self.plan.settle }
+            }
+            Stage::Idle { until } if at_min(setup, live) || Instant::now() >= until => {
                 self.load(setup, live, 0)?
             }
             Stage::Load { step, bench, until } if Instant::now() >= until => {
@@ -270,6 +281,16 @@ impl Director {
             }
         }
     }
+}
+
+/// Node a is above its watermark and pg-1 wants more than pg-2 there (its
+/// reservation and denied demand together): the allocator's planner, which
+/// moves the smallest VM that covers the excess, would pick pg-2.
+fn move_wanted(live: &Live) -> bool {
+    let Some(a) = live.ledger.as_ref().and_then(|s| s.nodes.get(super::nodes::A)) else { return false };
+    let wants = |id: &str| a.vms.get(id).map(|e| e.reserved.saturating_add(e.unmet));
+    let (Some(p1), Some(p2)) = (wants(PG1), wants(PG2)) else { return false };
+    !a.wanted().fits_in(a.watermark_level()) && p1.memory_bytes > p2.memory_bytes
 }
 
 /// pg-1 at its minimum as its agent has it.
