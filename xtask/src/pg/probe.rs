@@ -46,7 +46,9 @@ impl Conn {
              SELECT string_agg(l, E'\\n' ORDER BY n) FROM f;"
         );
         let out = self.query(&sql, Duration::from_secs(20))?;
-        let part = |file: &str| section(&out, file).with_context(|| format!("the guest's answer lacks {file}: {out:.300}"));
+        let part = |file: &str| {
+            section(&out, file).with_context(|| format!("the guest's answer lacks {file}: {out:.300}"))
+        };
         GuestView::parse(
             part(GUEST_FILES[0])?,
             part(GUEST_FILES[1])?,
@@ -57,7 +59,8 @@ impl Conn {
 }
 
 /// The guest files a probe reads, in the order [`GuestView::parse`] takes them.
-const GUEST_FILES: [&str; 4] = ["/sys/devices/system/cpu/online", "/proc/meminfo", "/proc/vmstat", "/proc/loadavg"];
+const GUEST_FILES: [&str; 4] =
+    ["/sys/devices/system/cpu/online", "/proc/meminfo", "/proc/vmstat", "/proc/loadavg"];
 
 /// The lines after `=={}== <file>` up to the next such line.
 fn section<'a>(out: &'a str, file: &str) -> Option<&'a str> {
