@@ -359,9 +359,10 @@ fn markdown(f: &Figures, s: &Session<'_>) -> String {
          machine's noise falls on both. Before the plug no agent runs either guest; then `pg-hot`'s agent \
          plugs its second vCPU under pgbench (QMP `device_add`; under TCG a vCPU `device_del` corrupts QEMU, \
          so that VM's policy has `downscale_after_ms = i64::MAX`, the most its VM file can say: use never \
-         stays low that long, and its agent never scales it down). `scale_up_ms` is timed from pgbench's \
-         start to a shell loop inside the guest (started through Postgres, polling every 50 ms) seeing \
-         `/sys/devices/system/cpu/online` = `0-1`, whose query returns at that moment.\n",
+         stays low that long, and its agent never scales it down). The agent starts once the guest's \
+         1-minute load average is below 0.5 after its rounds (or after 240 s). `scale_up_ms` is timed from \
+         pgbench's start to a perl loop inside the guest (started through Postgres before pgbench, reading \
+         `/sys/devices/system/cpu/online` every 20 ms) seeing `0-1`, whose query returns at that moment.\n",
         f.shape
     );
     let _ = writeln!(
@@ -388,7 +389,7 @@ fn markdown(f: &Figures, s: &Session<'_>) -> String {
             md,
             "The move: one pgbench run of {} clients at {} transactions/s for {} s on `pg-boot` (the witness), \
              with 4 clients flat out beside it from 5 s (the burst) until 5 s after the move. The burst grows \
-             the VM to its 8 CUs on node a (2000 milli-vCPU, 2 GiB: full, past its 0.9 watermark); then node \
+             the VM to its 8 CUs on node a (whose 2000 milli-vCPU it then fills, past its 0.9 watermark); then node \
              b's agent starts and the allocator has the VM moved there live; after the burst, node b's agent \
              scales it down. Seen at: scale-up {}, move completed {}, scale-down {}. The witness processed {} \
              transactions: {} failed, {} broken connections; its longest transaction over the run {} ms, in \
@@ -412,8 +413,9 @@ fn markdown(f: &Figures, s: &Session<'_>) -> String {
     if let Some(m) = memory {
         let _ = writeln!(
             md,
-            "The sort: {} rows shuffled and counted in memory (`work_mem` 2 GB) on `pg-boot` on node a, {:.0} s; \
-             QEMU's memory {} MiB before, {} MiB at most while it ran, {} MiB {:.0} s after it ended; {} OOM \
+            "The sort: {} rows shuffled and counted in memory (`work_mem` 2 GB) on `pg-boot` on node a once its \
+             agent has given back what it grew for the rounds' load (or after 240 s), {:.0} s; QEMU's memory {} \
+             MiB before, {} MiB at most while it ran, {} MiB {:.0} s after it ended; {} OOM \
              kills (the guest's `oom_kill` counter).\n",
             m.rows, m.query_s, m.before_mib, m.peak_mib, m.after_mib, m.settle_s, m.oom_kills
         );
