@@ -359,7 +359,9 @@ fn markdown(f: &Figures, s: &Session<'_>) -> String {
          machine's noise falls on both. Before the plug no agent runs either guest; then `pg-hot`'s agent \
          plugs its second vCPU under pgbench (QMP `device_add`; under TCG a vCPU `device_del` corrupts QEMU, \
          so that VM's policy has `downscale_after_ms = i64::MAX`, the most its VM file can say: use never \
-         stays low that long, and its agent never scales it down). The agent starts once the guest's \
+         stays low that long, and its agent never scales it down). Both guests' agents count CPU pressure events without acting on \
+         them (`ignore_pressure = [\"psi_cpu\"]`: an idle TCG guest beside others feels some every few \
+         seconds), so CPU follows the load average. The agent starts once the guest's \
          1-minute load average is below 0.5 after its rounds (or after 240 s). `scale_up_ms` is timed from \
          pgbench's start to a perl loop inside the guest (started through Postgres before pgbench, reading \
          `/sys/devices/system/cpu/online` every 20 ms) seeing `0-1`, whose query returns at that moment.\n",
