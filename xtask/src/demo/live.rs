@@ -20,8 +20,6 @@ use super::view::{Frame, LastAction, VmRow};
 use crate::cluster::MIB;
 use crate::pgbench::Sample;
 
-/// Both VMs have two vCPUs from boot (sysfs mode).
-const MAX_VCPUS: f64 = 2.0;
 /// A frame in a log this often (on a terminal: every second, in place).
 const LOG_EVERY: Duration = Duration::from_secs(2);
 /// A pgbench sample older than this is not "now" any more.
@@ -165,7 +163,8 @@ impl Live {
         let mut rows = Vec::new();
         for id in self.ids.clone() {
             let latest = bench(&id).filter(|s| now - s.secs_after(self.t0_wall) <= FRESH_S);
-            rows.push(self.vm_row(&id, now, agents.get(&id), latest));
+            let max = setup.vm(&id).map(|v| f64::from(v.plan.max_cpus));
+            rows.push(VmRow { max_vcpus: max, ..self.vm_row(&id, now, agents.get(&id), latest) });
         }
         let frame = Frame {
             elapsed: self.t0.elapsed(),
@@ -278,7 +277,6 @@ impl Live {
         };
         VmRow {
             vcpus,
-            max_vcpus: Some(MAX_VCPUS),
             memory_mib,
             used_mib: used,
             tps: bench.map(|s| s.tps),
