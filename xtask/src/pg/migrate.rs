@@ -73,9 +73,12 @@ pub fn migrate(ctx: &PgCtx) -> anyhow::Result<String> {
     vm.wait_ready(Duration::from_secs(300))?;
     super::init_pgbench(&vm)?;
     let transfer = vmscale_agent::qmp::migrate::MigrationConfig { timeout_ms: 90_000, ..Default::default() };
-    let agent_plan = |name: &str, mib: u64| AgentPlan {
+    // Node a holds exactly the VM, past its watermark; node b has room for
+    // it under its own (the allocator never moves a VM onto a node it
+    // would take past its watermark).
+    let agent_plan = |name: &str, milli_cpu: u64, mib: u64| AgentPlan {
         name: name.into(),
-        capacity_milli_cpu: 1000,
+        capacity_milli_cpu: milli_cpu,
         capacity_mib: mib,
         policy: Default::default(),
         transfer: transfer.clone(),
@@ -83,8 +86,15 @@ pub fn migrate(ctx: &PgCtx) -> anyhow::Result<String> {
         dimm_backend: vmscale_agent::qmp::DimmBackend::Ram,
     };
     let spec = plan.spec(&vm.agent_qmp, Some(vm.informant_address()));
-    let mut a =
-        Agent::start(&ctx.root, &ctx.dir, &fabric, 0, &alloc.url, &agent_plan(A, plan.boot_mib), &[spec])?;
+    let mut a = Agent::start(
+        &ctx.root,
+        &ctx.dir,
+        &fabric,
+        0,
+        &alloc.url,
+        &agent_plan(A, 1000, plan.boot_mib),
+        &[spec],
+    )?;
     crate::harness::wait_for("agent a to hold the VM", left(), || {
         a.daemon.check()?;
         Ok((held(&alloc, &plan.id) == [(A.to_owned(), VmState::Active)]).then_some(()))
@@ -95,8 +105,15 @@ pub fn migrate(ctx: &PgCtx) -> anyhow::Result<String> {
     let t_bench = Instant::now();
     // Some transactions on node a first.
     std::thread::sleep(Duration::from_secs(10));
-    let mut b =
-        Agent::start(&ctx.root, &ctx.dir, &fabric, 1, &alloc.url, &agent_plan(B, 4 * plan.boot_mib), &[])?;
+    let mut b = Agent::start(
+        &ctx.root,
+        &ctx.dir,
+        &fabric,
+        1,
+        &alloc.url,
+        &agent_plan(B, 4000, 4 * plan.boot_mib),
+        &[],
+    )?;
     let t_move = Instant::now();
     let moved = crate::harness::wait_for("the allocator to move the VM to node b", left(), || {
         a.daemon.check()?;
