@@ -158,7 +158,11 @@ impl Live {
             }
         }
         let agents = setup.agent_vms();
-        self.ledger = setup.allocator_state();
+        // The last answer stays: on Ctrl-C the allocator stops first, and the
+        // summary wants its ledger.
+        if let Some(s) = setup.allocator_state() {
+            self.ledger = Some(s);
+        }
         self.orders_seen(now);
         let mut rows = Vec::new();
         for id in self.ids.clone() {
