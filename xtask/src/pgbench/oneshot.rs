@@ -67,8 +67,8 @@ pub fn sql(
 
 /// A query that needs about `rows` × 100 bytes of backend memory at once (a
 /// shuffled series counted; 8 million rows took 813 MB), with `work_mem`
-/// raised to `work_mem_mib` so the
-/// sort stays in memory instead of spilling to disk: the memory-hungry phase.
+/// raised to `work_mem_mib` so the sort stays in memory instead of spilling
+/// to disk: the memory-hungry phase.
 pub fn memory_hungry_sql(rows: u64, work_mem_mib: u64) -> String {
     format!(
         "SET work_mem = '{work_mem_mib}MB'; \
