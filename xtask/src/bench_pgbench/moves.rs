@@ -98,17 +98,6 @@ pub(super) fn memory(b: &mut Bench) -> anyhow::Result<MemoryRun> {
     Ok(m)
 }
 
-/// The state of the last order for `vm` and when it ended.
-fn last_order(b: &Bench, vm: &str) -> Option<(u64, OrderState, String)> {
-    let s = b.alloc.state()?;
-    s.orders
-        .into_values()
-        .chain(s.finished_orders)
-        .filter(|o| o.vm == vm)
-        .max_by_key(|o| o.id)
-        .map(|o| (o.id, o.state, o.reason))
-}
-
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
@@ -158,7 +147,7 @@ pub(super) fn migration_run(b: &mut Bench) -> anyhow::Result<MoveRun> {
     let moved =
         crate::harness::wait_for("the allocator to move pg-boot to node b", Duration::from_secs(150), || {
             b.check()?;
-            match last_order(b, &id) {
+            match crate::pg::last_order(&b.alloc, &id) {
                 Some((_, OrderState::Completed, _)) => Ok(Some(Instant::now())),
                 Some((n, state, reason)) if state.is_final() => {
                     bail!("order {n} ended {}: {reason}", state.name())

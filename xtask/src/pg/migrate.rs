@@ -38,8 +38,9 @@ fn held(alloc: &Allocator, vm: &str) -> Vec<(String, VmState)> {
         .collect()
 }
 
-/// The state and reason of the last order for `vm`.
-fn last_order(alloc: &Allocator, vm: &str) -> Option<(u64, OrderState, String)> {
+/// The state and reason of the last order for `vm` (the scenario's and the
+/// pgbench benchmark's).
+pub fn last_order(alloc: &Allocator, vm: &str) -> Option<(u64, OrderState, String)> {
     let s = alloc.state()?;
     s.orders
         .into_values()

@@ -22,7 +22,7 @@ pub mod probe;
 mod scale;
 pub mod vm;
 
-pub use migrate::migrate;
+pub use migrate::{last_order, migrate};
 pub use scale::{logs, scale, virtio_mem, PgCtx};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
