@@ -9,7 +9,10 @@
 //! - [`stats`]: nearest-rank percentiles for benchmarks and tests.
 //! - [`time`]: durations in whole milliseconds, saturating.
 //! - [`sync`]: a mutex lock that outlives a panicked holder.
-//! - [`testing`]: how a test that cannot run here says so (and fails in CI).
+//! - [`testing`]: how a test that cannot run here says so (and fails in CI);
+//!   with the `testing` feature, a throw-away CA (`TestPki`).
+//! - [`tls`]: mutual TLS for every link: identities, PEM files, rustls and
+//!   tonic configs, who the peer is, certificate rotation.
 
 pub mod backoff;
 pub mod config;
@@ -21,3 +24,4 @@ pub mod stats;
 pub mod sync;
 pub mod testing;
 pub mod time;
+pub mod tls;

@@ -16,3 +16,8 @@ pub fn skip_unless_ci(reason: &str) -> bool {
     eprintln!("skipping: {reason}");
     true
 }
+
+#[cfg(any(test, feature = "testing"))]
+mod pki;
+#[cfg(any(test, feature = "testing"))]
+pub use pki::{PkiError, TestPki, LEAF_VALIDITY};
