@@ -1,11 +1,14 @@
 //! The allocator's configuration: a TOML file (unknown keys are an error) with
 //! every threshold documented here, and command-line flags that override it.
 
+use crate::core::endpoint::EndpointScheme;
+use crate::core::limits::Limits;
+use crate::core::order_ids::MIN_KEY_BYTES;
 use crate::core::units::Resources;
 use crate::core::CoreConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -48,6 +51,18 @@ pub struct Config {
     pub hello_timeout_ms: u64,
     /// Messages queued towards one agent before the session is considered stuck. Default 4096.
     pub session_queue: usize,
+    /// A file holding the cluster's order key: at least 32 bytes, e.g.
+    /// `head -c 32 /dev/urandom` (the harnesses make one; in Kubernetes a
+    /// Secret mounted as a file). Migration order ids are signed with it, so
+    /// that a restarted allocator adopts the moves its agents report and no
+    /// others (`core/order_ids.rs`); every replica must have the same key.
+    /// Unset: a key of this run's own, and after a restart the moves under
+    /// way are not adopted (their VMs count as not moving).
+    pub order_key: Option<PathBuf>,
+    /// `[limits]`: bounds on what agents can make the allocator keep (nodes,
+    /// VMs per node, open orders, reasons); keys and defaults in
+    /// `core/limits.rs`.
+    pub limits: Limits,
     /// Set when the allocator runs in a Kubernetes cluster: leader election on
     /// a Lease, node capacity from the cluster. Unset: one allocator, capacity
     /// as each agent reports it.
@@ -113,6 +128,8 @@ impl Default for Config {
             move_retry_max_ms: 300_000,
             hello_timeout_ms: 10_000,
             session_queue: 4096,
+            order_key: None,
+            limits: Limits::default(),
             kubernetes: None,
         }
     }
@@ -152,6 +169,10 @@ impl Config {
         }
         if self.session_queue == 0 {
             return bad("session_queue", "0".into(), "must be at least 1");
+        }
+        self.limits.validate().map_err(ConfigError::Rule)?;
+        if let Some(p) = &self.order_key {
+            read_order_key(p)?;
         }
         if self.contended_p99_us == 0 {
             return bad(
@@ -195,9 +216,34 @@ impl Config {
             contended_p99_us: self.contended_p99_us,
             move_retry_base_ms: self.move_retry_base_ms,
             move_retry_max_ms: self.move_retry_max_ms,
+            limits: self.limits.clone(),
+            known_nodes_only: self.kubernetes.as_ref().is_some_and(|k| k.capacity_from_nodes),
+            // The agents' links run TLS exactly when the allocator's does.
+            endpoint_scheme: if self.tls.is_some() { EndpointScheme::Https } else { EndpointScheme::Http },
         }
     }
 }
+
+/// The order key in `path` (see [`Config::order_key`]).
+pub fn read_order_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let bad = |reason: String| ConfigError::invalid("order_key", path.display(), reason);
+    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    // A key is a few dozen bytes; a large file is the wrong file.
+    if meta.len() > MAX_ORDER_KEY_BYTES {
+        return Err(bad(format!("is {} bytes; a key has {MIN_KEY_BYTES} to {MAX_ORDER_KEY_BYTES}", meta.len())));
+    }
+    let key = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if key.len() < MIN_KEY_BYTES {
+        return Err(bad(format!(
+            "holds {} bytes; a key needs at least {MIN_KEY_BYTES} (e.g. head -c 32 /dev/urandom > FILE)",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+/// Longest order key file taken.
+const MAX_ORDER_KEY_BYTES: u64 = 4096;
 
 impl KubernetesConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -295,6 +341,28 @@ mod tests {
         assert!(e.to_string().contains("renew_deadline_ms"), "{e}");
         assert!(Config::parse("[kubernetes]\nlease = \"x\"", "t").is_err());
         assert!(Config::parse("[kubernetes]\nlease_name = \"A_b\"", "t").is_err());
+    }
+
+    #[test]
+    fn limits_and_the_order_key() {
+        let c = Config::parse("insecure = true\n[limits]\nmax_vms_per_node = 10", "t").unwrap();
+        assert_eq!(c.core().limits.max_vms_per_node, 10);
+        assert_eq!(c.core().limits.max_open_orders, Limits::default().max_open_orders);
+        let e = Config::parse("insecure = true\n[limits]\nmax_nodes = 0", "t").unwrap_err();
+        assert!(e.to_string().contains("limits.max_nodes"), "{e}");
+        assert!(Config::parse("insecure = true\n[limits]\nmax_node = 1", "t").is_err(), "unknown key");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("order.key");
+        let with_key = format!("insecure = true\norder_key = {:?}", key.display().to_string());
+        let e = Config::parse(&with_key, "t").unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
+        std::fs::write(&key, b"short").unwrap();
+        let e = Config::parse(&with_key, "t").unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        let c = Config::parse(&with_key, "t").unwrap();
+        assert_eq!(read_order_key(c.order_key.as_deref().unwrap()).unwrap(), [7u8; 32]);
     }
 
     #[test]

@@ -5,9 +5,10 @@ use crate::core::contention::{ContentionReport, VmContention};
 use crate::core::error::{CoreError, ErrorKind};
 use crate::core::ledger::{Grant, Outcome};
 use crate::core::migration::{Order, OrderState};
+use crate::core::names::{cut, MAX_ID_LEN, MAX_NODE_LEN};
 use crate::core::units::{ComputeUnit, Resources};
 use crate::core::vm::{Bounds, VmRegistration};
-use crate::core::{NodeRegistration, Reservation};
+use crate::core::{NodeRegistration, Reservation, VmRefusal};
 use vmscale_proto::allocator as pb;
 
 /// A message that could not be turned into a domain value.
@@ -42,6 +43,7 @@ pub fn code_of(e: &CoreError) -> tonic::Code {
         ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
     }
 }
 
@@ -86,18 +88,39 @@ impl TryFrom<pb::VmRegistration> for VmRegistration {
     }
 }
 
-impl TryFrom<pb::Hello> for NodeRegistration {
-    type Error = EdgeError;
-
-    fn try_from(h: pb::Hello) -> Result<Self, EdgeError> {
-        let vms = h.vms.into_iter().map(VmRegistration::try_from).collect::<Result<Vec<_>, _>>()?;
-        Ok(NodeRegistration {
-            node: h.node,
-            capacity: resources(h.capacity, "hello.capacity")?,
-            vms,
-            migration_endpoint: h.migration_endpoint,
-        })
+/// A hello into the node's registration. A VM whose values are bad is
+/// refused alone (the core lists it in the welcome); only the node's own
+/// fields fail the hello, and so does a hello of more than `max_vms` VMs,
+/// before any of them is read.
+pub fn hello(h: pb::Hello, max_vms: usize) -> Result<NodeRegistration, EdgeError> {
+    if h.vms.len() > max_vms {
+        let what = format!("the hello of node {:?} lists {} VMs", cut(&h.node, MAX_NODE_LEN), h.vms.len());
+        return Err(CoreError::too_many(what, max_vms, "max_vms_per_node").into());
     }
+    let mut vms = Vec::with_capacity(h.vms.len());
+    let mut refused = Vec::new();
+    for v in h.vms {
+        let id = cut(&v.vm_id, MAX_ID_LEN).to_owned();
+        match VmRegistration::try_from(v) {
+            Ok(reg) => vms.push(reg),
+            Err(EdgeError::Core(error)) => refused.push(VmRefusal { vm: id, error }),
+            Err(e @ EdgeError::Missing(_)) => {
+                refused.push(VmRefusal { vm: id, error: CoreError::invalid("vm", e.to_string()) })
+            }
+        }
+    }
+    Ok(NodeRegistration {
+        node: h.node,
+        capacity: resources(h.capacity, "hello.capacity")?,
+        vms,
+        migration_endpoint: h.migration_endpoint,
+        refused,
+    })
+}
+
+/// One entry of the welcome's `refused`.
+pub fn refusal(r: &VmRefusal) -> pb::VmRefusal {
+    pb::VmRefusal { vm_id: r.vm.clone(), code: code_of(&r.error) as i32, message: r.error.to_string() }
 }
 
 impl TryFrom<pb::NodeContention> for ContentionReport {
@@ -218,6 +241,36 @@ mod tests {
             assert!(e.to_string().contains(want), "{e} should mention {want}");
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
         }
+    }
+
+    fn hello_of(vms: Vec<pb::VmRegistration>) -> pb::Hello {
+        pb::Hello { node: "a".into(), capacity: res(8000, 32 << 30), vms, ..pb::Hello::default() }
+    }
+
+    #[test]
+    fn a_bad_vm_in_a_hello_is_refused_alone() {
+        let absurd = pb::VmRegistration { vm_id: "huge".into(), current: res(u64::MAX, 0), ..vm() };
+        let nameless = pb::VmRegistration { vm_id: "x".repeat(10_000), bounds: None, ..vm() };
+        let reg = hello(hello_of(vec![vm(), absurd, nameless]), 16).unwrap();
+        assert_eq!(reg.vms.len(), 1);
+        let refused: Vec<_> = reg.refused.iter().map(|r| (r.vm.len(), r.error.label())).collect();
+        assert_eq!(refused, [(4, "absurd_amount"), (253, "invalid")], "ids are cut to 253 bytes");
+        let p = refusal(&reg.refused[1]);
+        assert_eq!(p.code, tonic::Code::InvalidArgument as i32);
+        assert!(p.message.contains("missing field vm.bounds"), "{}", p.message);
+    }
+
+    #[test]
+    fn a_hello_with_too_many_vms_is_refused_before_any_is_read() {
+        let e = hello(hello_of(vec![pb::VmRegistration::default(); 1_000_000]), 1024).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.to_string().contains("lists 1000000 VMs") && e.to_string().contains("max_vms_per_node"),
+            "{e}"
+        );
+        // The node's own fields still fail the whole hello.
+        let e = hello(pb::Hello { capacity: None, ..hello_of(vec![]) }, 16).unwrap_err();
+        assert_eq!(e, EdgeError::Missing("hello.capacity"));
     }
 
     #[test]

@@ -217,6 +217,7 @@ mod tests {
             contended_p99_us: 5_000,
             move_retry_base_ms: 5_000,
             move_retry_max_ms: 300_000,
+            ..CoreConfig::default()
         });
         let mut n = NodeLedger::new(Resources::new(4000, 1 << 34), Resources::ZERO, 0.9);
         let v = |p99_us| VmContention { p50_us: 10, p99_us, mean_us: 20, max_us: 5000, samples: 9 };

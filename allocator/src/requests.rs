@@ -6,6 +6,7 @@ use crate::convert::{self, EdgeError};
 use crate::core::contention::ContentionReport;
 use crate::core::error::CoreError;
 use crate::core::ledger::Outcome;
+use crate::core::names::{cut, MAX_NODE_LEN};
 use crate::core::vm::VmRegistration;
 use crate::core::SessionRef;
 use crate::metrics::{ErrorLabels, RequestLabels};
@@ -46,7 +47,8 @@ impl Shared {
 /// The request's kind (the metrics' label) and its decision.
 fn decide(sh: &Shared, s: &SessionRef, m: pb::AgentMessage) -> (&'static str, Decided) {
     if !m.node.is_empty() && m.node != s.node {
-        let e = CoreError::NotOwnNode { own: s.node.clone(), requested: m.node };
+        let e =
+            CoreError::NotOwnNode { own: s.node.clone(), requested: cut(&m.node, MAX_NODE_LEN).to_owned() };
         return ("any", Err(e.into()));
     }
     let Some(body) = m.body else {
@@ -110,8 +112,9 @@ fn node_contention(sh: &Shared, s: &SessionRef, c: pb::NodeContention) -> Decide
 fn migration_status(sh: &Shared, s: &SessionRef, st: &pb::MigrationStatus) -> Decided {
     let phase = convert::phase(st.phase)?;
     let now = sh.now_ms();
-    sh.lock().cluster.migration_status(s, st.order_id, phase, &st.reason, now)?;
-    info!(node = %s.node, order = st.order_id, phase = phase.name(), reason = %st.reason, "migration status");
+    let reason = cut(&st.reason, sh.config.limits.max_reason_bytes);
+    sh.lock().cluster.migration_status(s, st.order_id, phase, reason, now)?;
+    info!(node = %s.node, order = st.order_id, phase = phase.name(), reason = %reason.escape_debug(), "migration status");
     sh.metrics.orders.get_or_create(&RequestLabels { kind: "migration", outcome: phase.name() }).inc();
     ack()
 }

@@ -3,7 +3,7 @@
 //! or the allocator shuts down.
 
 use crate::convert::status_of;
-use crate::core::{NodeRegistration, SessionRef};
+use crate::core::SessionRef;
 use crate::shared::Shared;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -69,7 +69,7 @@ impl pb::allocator_server::Allocator for AllocatorService {
             )));
         };
         let agent = hello.agent.clone();
-        let reg = NodeRegistration::try_from(hello).map_err(|e| status_of(&e))?;
+        let reg = crate::convert::hello(hello, sh.config.limits.max_vms_per_node).map_err(|e| status_of(&e))?;
         let node = reg.node.clone();
         let vms = reg.vms.len();
 
@@ -77,12 +77,16 @@ impl pb::allocator_server::Allocator for AllocatorService {
         let cancel = sh.shutdown.child_token();
         let opened = sh.open(reg, tx.clone(), cancel.clone()).map_err(|e| status_of(&e.into()))?;
         info!(%node, session = opened.session.id, vms, %agent, version, replaced = ?opened.replaced, "session opened");
+        for r in &opened.refused {
+            warn!(%node, vm = %r.vm, "vm of the hello refused: {}", r.error);
+        }
         let welcome = pb::AllocatorMessage {
             request_id: first.request_id,
             body: Some(Reply::Welcome(pb::Welcome {
                 version,
                 session_id: opened.session.id,
                 vms: opened.reservations.iter().map(crate::convert::reservation).collect(),
+                refused: opened.refused.iter().map(crate::convert::refusal).collect(),
             })),
         };
         // The queue is new and empty: this cannot fail for lack of room.

@@ -7,15 +7,16 @@
 use crate::config::Config;
 use crate::convert;
 use crate::core::error::CoreError;
+use crate::core::order_ids::OrderIds;
 use crate::core::{Cluster, NodeRegistration, SessionRef};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{ErrorLabels, Metrics, RequestLabels};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use vmscale_common::sync::lock;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
@@ -47,18 +48,32 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// Order ids of this run start above any earlier run's: wall-clock ms << 16
-/// leaves room for 65536 orders per millisecond of uptime.
-fn order_id_base() -> u64 {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    u64::try_from(ms).unwrap_or(0) << 16
+/// This run's order ids: signed with the cluster's order key, so that a
+/// restarted allocator adopts the orders agents report (and no others); a
+/// key of this run's own when the config names none.
+fn order_ids(config: &Config) -> OrderIds {
+    let started =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let started = u64::try_from(started).unwrap_or(0);
+    let Some(path) = &config.order_key else {
+        warn!("no order_key: this run signs its migration orders with a key of its own, so after a restart the moves under way are not adopted");
+        return OrderIds::one_run();
+    };
+    match crate::config::read_order_key(path) {
+        Ok(key) => OrderIds::new(&key, started),
+        Err(e) => {
+            // Checked when the config was validated; gone since.
+            error!("{e}; signing with a key of this run's own");
+            OrderIds::one_run()
+        }
+    }
 }
 
 impl Shared {
     pub fn new(config: Config, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(State {
-                cluster: Cluster::new(config.core()).with_order_ids_from(order_id_base()),
+                cluster: Cluster::with_order_ids(config.core(), order_ids(&config)),
                 outboxes: HashMap::new(),
             }),
             metrics: Metrics::new(),
@@ -80,6 +95,20 @@ impl Shared {
         lock(&self.state)
     }
 
+    /// The state as `/state` shows it, pretty JSON. Only the copy is made
+    /// under the lock; the encoding (the slow part) runs after it.
+    pub fn state_json(&self) -> serde_json::Result<String> {
+        let cluster = self.lock().cluster.clone();
+        serde_json::to_string_pretty(&cluster)
+    }
+
+    /// The metrics as `/metrics` shows them; the ledger's figures are read
+    /// from a copy taken under the lock.
+    pub fn metrics_text(&self) -> String {
+        let cluster = self.lock().cluster.clone();
+        self.metrics.render(&cluster)
+    }
+
     /// Registers a node for a new session and installs its queue, replacing
     /// (and cancelling) any older session of the same node.
     pub(crate) fn open(
@@ -91,6 +120,13 @@ impl Shared {
         let now = self.now_ms();
         let mut st = self.lock();
         let opened = st.cluster.open_session(reg, now)?;
+        // Forged order ids among them: a hostile or misconfigured agent.
+        for r in &opened.refused {
+            self.metrics
+                .errors
+                .get_or_create(&ErrorLabels { kind: "hello_vm", error: r.error.label() })
+                .inc();
+        }
         let ob = Outbox { session: opened.session.id, tx, cancel };
         if let Some(old) = st.outboxes.insert(opened.session.node.clone(), ob) {
             old.cancel.cancel();

@@ -168,7 +168,6 @@ async fn version_mismatch_and_bad_hello_are_refused_with_a_reason() {
         (hello("n1", 0, 16 * GIB, vec![]), "zero dimension"),
         (hello("", 4000, 16 * GIB, vec![]), "node name"),
         (hello("n1", u64::MAX, 16 * GIB, vec![]), "milli-vCPU"),
-        (hello("n1", 4000, GIB, vec![vm("a", 250, GIB, None), vm("a", 250, GIB, None)]), "twice"),
     ];
     for (h, want) in bad {
         match open(&srv.addr, h).await {
@@ -181,6 +180,27 @@ async fn version_mismatch_and_bad_hello_are_refused_with_a_reason() {
     }
     // Nothing was registered by the refused sessions.
     assert_eq!(srv.state()["nodes"].as_object().unwrap().len(), 0);
+
+    // Bad VMs are refused alone: the node registers with the good one, and
+    // the welcome says which VMs were refused and why.
+    let mut forged = vm("c", 250, GIB, None);
+    forged.migration = Some(pb::MigrationInProgress { order_id: u64::MAX, target_node: "n2".into() });
+    let vms = vec![vm("a", 250, GIB, None), vm("a", 500, GIB, None), vm("b", u64::MAX, GIB, None), forged];
+    let s = open(&srv.addr, hello("n1", 4000, 16 * GIB, vms)).await.unwrap();
+    let refused: Vec<_> = s.welcome.refused.iter().map(|r| (r.vm_id.as_str(), r.code)).collect();
+    let invalid = tonic::Code::InvalidArgument as i32;
+    let denied = tonic::Code::PermissionDenied as i32;
+    assert_eq!(refused, [("b", invalid), ("a", invalid), ("c", denied)], "{:?}", s.welcome.refused);
+    assert!(s.welcome.refused[1].message.contains("twice"), "{:?}", s.welcome.refused[1]);
+    assert!(
+        s.welcome.refused[2].message.contains("not issued by this cluster"),
+        "{:?}",
+        s.welcome.refused[2]
+    );
+    let registered: Vec<_> = s.welcome.vms.iter().map(|v| (v.vm_id.as_str(), v.migrating)).collect();
+    assert_eq!(registered, [("a", false), ("c", false)]);
+    assert_eq!(node_reserved(&srv.state(), "n1"), (500, 2 * GIB), "a and c count, b does not");
+    assert!(srv.state()["orders"].as_object().unwrap().is_empty(), "the forged order is not adopted");
     srv.stop().await;
 }
 

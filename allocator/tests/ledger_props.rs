@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use vmscale_allocator::core::error::CoreError;
 use vmscale_allocator::core::ledger::{Grant, Outcome};
 use vmscale_allocator::core::migration::OrderState;
+use vmscale_allocator::core::order_ids::OrderIds;
 use vmscale_allocator::core::units::{ComputeUnit, Resources};
 use vmscale_allocator::core::vm::{Bounds, VmRegistration, VmState};
 use vmscale_allocator::core::{Cluster, CoreConfig, NodeRegistration, SessionRef};
@@ -21,6 +22,11 @@ const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 const TIMEOUT_MS: u64 = 60_000;
 const START_MS: u64 = 10_000;
+
+/// The cluster's order key, the same for every allocator run of a world.
+fn order_ids() -> OrderIds {
+    OrderIds::new(b"ledger_props order key: 32 bytes", 1_796_547_600_000)
+}
 
 /// One thing that happens. Small integers pick nodes, VMs and amounts modulo
 /// whatever exists at that step, so that shrinking keeps sequences valid.
@@ -176,7 +182,8 @@ impl Agent {
             node: self.name.clone(),
             capacity: self.capacity,
             vms,
-            migration_endpoint: format!("http://{}:7073", self.name),
+            migration_endpoint: format!("https://{}:7073", self.name),
+            refused: Vec::new(),
         }
     }
 }
@@ -211,9 +218,10 @@ impl World {
             contended_p99_us: 5_000,
             move_retry_base_ms: 5_000,
             move_retry_max_ms: 300_000,
+            ..CoreConfig::default()
         };
         let mut w = World {
-            cluster: Cluster::new(config.clone()),
+            cluster: Cluster::with_order_ids(config.clone(), order_ids()),
             config,
             agents: Vec::new(),
             now: START_MS,
@@ -461,7 +469,8 @@ impl World {
                 self.note("stale request", r);
             }
             Op::Restart { seed } => {
-                self.cluster = Cluster::new(self.config.clone());
+                // The same order key: the new run adopts the old run's orders.
+                self.cluster = Cluster::with_order_ids(self.config.clone(), order_ids());
                 for a in &mut self.agents {
                     a.session = None;
                     a.stale.clear(); // those connections died with the allocator

@@ -77,6 +77,7 @@ pub fn run(quick: bool) -> Map<String, Value> {
             capacity: NODE,
             vms,
             migration_endpoint: format!("http://node-{n}:7073"),
+            refused: Vec::new(),
         };
         sessions.push(cluster.open_session(reg, 0).expect("registration accepted").session);
         names.push(ids);

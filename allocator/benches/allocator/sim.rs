@@ -84,6 +84,7 @@ impl Sim {
                 capacity: node,
                 vms,
                 migration_endpoint: format!("http://{name}:7073"),
+                refused: Vec::new(),
             };
             sessions.push(cluster.open_session(reg, 0).expect("registration accepted").session);
         }

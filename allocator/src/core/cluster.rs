@@ -3,9 +3,13 @@
 //! release). Sessions are opened and closed in `sessions`, orders are
 //! created and finished in `orders`.
 
+use super::endpoint::EndpointScheme;
 use super::error::{CoreError, Result};
 use super::ledger::{Grant, NodeLedger};
+use super::limits::Limits;
 use super::migration::Order;
+use super::names::{cut, MAX_ID_LEN};
+use super::order_ids::OrderIds;
 use super::orders::MoveBackoff;
 use super::sessions::{Reservation, SessionRef};
 use super::units::Resources;
@@ -33,6 +37,32 @@ pub struct CoreConfig {
     /// doubled after each further failure in a row up to `move_retry_max_ms`.
     pub move_retry_base_ms: u64,
     pub move_retry_max_ms: u64,
+    /// Bounds on what agents can make the core keep.
+    pub limits: Limits,
+    /// Kubernetes mode (`capacity_from_nodes`): only nodes the cluster knows
+    /// (a Node object) register, with the cluster's capacity, never their
+    /// agent's claim.
+    pub known_nodes_only: bool,
+    /// The scheme agents' migration endpoints must use.
+    pub endpoint_scheme: EndpointScheme,
+}
+
+/// The defaults of `crate::config`, for tests and embedders.
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            system_reserve: Resources::ZERO,
+            watermark: 0.9,
+            order_timeout_ms: 600_000,
+            max_moves_per_round: 16,
+            contended_p99_us: 5_000,
+            move_retry_base_ms: 5_000,
+            move_retry_max_ms: 300_000,
+            limits: Limits::default(),
+            known_nodes_only: false,
+            endpoint_scheme: EndpointScheme::Https,
+        }
+    }
 }
 
 impl CoreConfig {
@@ -42,9 +72,12 @@ impl CoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Cluster {
     pub config: CoreConfig,
+    /// Issues and checks migration order ids (the cluster's order key).
+    #[serde(skip)]
+    pub(super) order_ids: OrderIds,
     #[serde(serialize_with = "sorted_nodes")]
     pub nodes: HashMap<String, NodeLedger>,
     pub orders: BTreeMap<u64, Order>,
@@ -55,7 +88,6 @@ pub struct Cluster {
     /// VMs whose last move failed, by id (see [`CoreConfig::move_retry_base_ms`]).
     pub move_backoff: BTreeMap<String, MoveBackoff>,
     pub(super) next_session: u64,
-    pub(super) next_order: u64,
 }
 
 fn sorted_nodes<S: serde::Serializer>(
@@ -67,29 +99,27 @@ fn sorted_nodes<S: serde::Serializer>(
 }
 
 impl Cluster {
+    /// A cluster with an order key of its own, good for one run (tests,
+    /// benchmarks): its orders are not adopted by another run. The server
+    /// uses [`Cluster::with_order_ids`] and the cluster's key.
     pub fn new(config: CoreConfig) -> Self {
+        Cluster::with_order_ids(config, OrderIds::one_run())
+    }
+
+    pub fn with_order_ids(config: CoreConfig, order_ids: OrderIds) -> Self {
         Cluster {
             config,
+            order_ids,
             nodes: HashMap::new(),
             orders: BTreeMap::new(),
             finished_orders: VecDeque::new(),
             cluster_capacity: BTreeMap::new(),
             move_backoff: BTreeMap::new(),
             next_session: 1,
-            next_order: 1,
         }
     }
 
-    /// Starts this run's order ids at `base`. The server passes a value from
-    /// the wall clock (ms << 16) so that an allocator that restarted never
-    /// reuses an id an agent may still hold from the previous run.
-    pub fn with_order_ids_from(mut self, base: u64) -> Self {
-        self.next_order = self.next_order.max(base);
-        self
-    }
-
-    /// Starts a session for a node: checks the whole registration first, then
-    /// replaces the node's ledger with what the agent reports. A session that
+    /// The node a session owns, if the session still owns it.
     pub(super) fn owned(&self, s: &SessionRef) -> Result<&NodeLedger> {
         let n = self.nodes.get(&s.node).ok_or_else(|| CoreError::UnknownNode(s.node.clone()))?;
         if n.session != Some(s.id) {
@@ -107,6 +137,8 @@ impl Cluster {
     }
 
     pub(super) fn missing_vm(&self, s: &SessionRef, vm: &str) -> CoreError {
+        // The id is the agent's, unchecked: quoted only in part.
+        let vm = cut(vm, MAX_ID_LEN);
         // Only on the error path: say where the VM is, if anywhere.
         let owner = self
             .nodes
@@ -135,6 +167,10 @@ impl Cluster {
         let n = self.owned(s)?;
         if n.vms.contains_key(&reg.id) {
             return Err(CoreError::VmExists(reg.id));
+        }
+        let limit = self.config.limits.max_vms_per_node;
+        if n.vms.len() >= limit {
+            return Err(CoreError::too_many(format!("vms on node {:?}", s.node), limit, "max_vms_per_node"));
         }
         if reg.migration.is_some() {
             return Err(CoreError::invalid(

@@ -37,6 +37,7 @@ mod tests {
             contended_p99_us: 5_000,
             move_retry_base_ms: 5_000,
             move_retry_max_ms: 300_000,
+            ..CoreConfig::default()
         })
     }
 
@@ -48,6 +49,7 @@ mod tests {
             capacity: Resources::new(16_000, 64 * GI),
             vms: vec![],
             migration_endpoint: String::new(),
+            refused: Vec::new(),
         };
         assert!(c.set_cluster_capacity("a", Some(Resources::new(6000, 20 * GI))));
         assert!(!c.set_cluster_capacity("a", Some(Resources::new(6000, 20 * GI))));

@@ -6,7 +6,7 @@
 //! over-committed in fact, whatever its ledger says.
 
 use super::error::{CoreError, Result};
-use super::vm::check_id;
+use super::names::check_vm_id;
 use super::{Cluster, SessionRef};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -65,7 +65,7 @@ impl ContentionReport {
         }
         let mut seen = std::collections::HashSet::new();
         for (vm, c) in &vms {
-            check_id("vm id", vm)?;
+            check_vm_id("vm id", vm)?;
             if !seen.insert(vm.as_str()) {
                 return Err(CoreError::DuplicateVm(vm.clone()));
             }
@@ -132,6 +132,7 @@ mod tests {
             contended_p99_us: 5_000,
             move_retry_base_ms: 5_000,
             move_retry_max_ms: 300_000,
+            ..CoreConfig::default()
         });
         let cu = ComputeUnit::new(Resources::new(250, GIB)).unwrap();
         let bounds = Bounds::new(Resources::new(250, GIB), Resources::new(4000, 16 * GIB)).unwrap();
@@ -146,7 +147,8 @@ mod tests {
             node: node.into(),
             capacity: Resources::new(8000, 32 * GIB),
             vms,
-            migration_endpoint: format!("http://{node}:7073"),
+            migration_endpoint: format!("https://{node}:7073"),
+            refused: Vec::new(),
         };
         let opened = c.open_session(reg, 0).unwrap();
         (c, opened.session)

@@ -1,5 +1,6 @@
 //! Errors of the pure core. Every error leaves the cluster state exactly as it was.
 
+use super::order_ids::OrderIdError;
 use super::units::AbsurdAmount;
 
 /// What kind of mistake an error is; the gRPC edge maps it onto a status code.
@@ -10,6 +11,7 @@ pub enum ErrorKind {
     AlreadyExists,
     FailedPrecondition,
     PermissionDenied,
+    ResourceExhausted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,12 @@ pub enum CoreError {
     OrderNotOwned { order: u64, node: String, source_node: String },
     #[error("migration order {order} cannot go from {from} to {to}")]
     BadTransition { order: u64, from: &'static str, to: &'static str },
+    #[error("{what}: at most {limit} allowed (the allocator's `{setting}`)")]
+    TooMany { what: String, limit: usize, setting: &'static str },
+    #[error("node {0:?} is not a Node of this cluster; only nodes the cluster knows may register (if the Node is new, retry in a few seconds)")]
+    NotClusterNode(String),
+    #[error(transparent)]
+    OrderId(#[from] OrderIdError),
 }
 
 impl CoreError {
@@ -47,7 +55,12 @@ impl CoreError {
         use CoreError::*;
         match self {
             UnknownNode(_) | UnknownVm { .. } | UnknownOrder(_) => ErrorKind::NotFound,
-            VmOnOtherNode { .. } | NotOwnNode { .. } | OrderNotOwned { .. } => ErrorKind::PermissionDenied,
+            VmOnOtherNode { .. }
+            | NotOwnNode { .. }
+            | OrderNotOwned { .. }
+            | NotClusterNode(_)
+            | OrderId(_) => ErrorKind::PermissionDenied,
+            TooMany { .. } => ErrorKind::ResourceExhausted,
             StaleSession { .. } | Migrating { .. } | BadTransition { .. } => ErrorKind::FailedPrecondition,
             VmExists(_) => ErrorKind::AlreadyExists,
             DuplicateVm(_) | Invalid { .. } | Absurd(_) => ErrorKind::InvalidArgument,
@@ -71,7 +84,16 @@ impl CoreError {
             UnknownOrder(_) => "unknown_order",
             OrderNotOwned { .. } => "order_not_owned",
             BadTransition { .. } => "bad_transition",
+            TooMany { .. } => "too_many",
+            NotClusterNode(_) => "not_cluster_node",
+            OrderId(OrderIdError::Forged { .. }) => "forged_order",
+            OrderId(OrderIdError::Expired { .. }) => "expired_order",
+            OrderId(OrderIdError::Future { .. }) => "future_order",
         }
+    }
+
+    pub(crate) fn too_many(what: impl Into<String>, limit: usize, setting: &'static str) -> Self {
+        CoreError::TooMany { what: what.into(), limit, setting }
     }
 
     pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {

@@ -1,6 +1,7 @@
 //! The lifecycle of one migration order, as the allocator sees it.
 
 use super::error::{CoreError, Result};
+use super::ledger::NodeLedger;
 use super::units::Resources;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,15 @@ pub struct Order {
     pub created_ms: u64,
     pub deadline_ms: u64,
     pub reason: String,
+}
+
+impl Order {
+    /// What the order holds on its target: its reservation, never more than
+    /// the target's usable capacity (an adopted order's size is the source
+    /// agent's word, which must not block a whole other node and more).
+    pub fn hold_on(&self, target: &NodeLedger) -> Resources {
+        self.reserved.min(target.usable())
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use super::error::{CoreError, Result};
 use super::migration::{Order, OrderState};
+use super::names::cut;
 use super::planner;
 use super::sessions::SessionRef;
 use super::units::Resources;
@@ -20,11 +21,9 @@ pub struct MoveBackoff {
     pub until_ms: u64,
 }
 
-/// How many finished orders the state dump remembers.
-pub(super) const FINISHED_ORDERS_KEPT: usize = 256;
-
 impl Cluster {
-    /// Re-creates an order a source agent reports after an allocator restart.
+    /// Re-creates an order a source agent reports after an allocator
+    /// restart, once `sessions` has checked that this cluster issued it.
     pub(super) fn adopt_order(
         &mut self,
         id: u64,
@@ -34,7 +33,6 @@ impl Cluster {
         reserved: Resources,
         now_ms: u64,
     ) {
-        self.next_order = self.next_order.max(id.saturating_add(1));
         if self.orders.contains_key(&id) {
             return;
         }
@@ -64,14 +62,16 @@ impl Cluster {
             return;
         }
         let hold = VmEntry {
-            reserved: o.reserved,
+            reserved: o.hold_on(dst),
             unmet: Resources::ZERO,
             state: VmState::Incoming { order: order_id },
             ..like.clone()
         };
         dst.insert(o.vm.clone(), hold);
     }
-    /// The source agent reports on a migration order.
+
+    /// The source agent reports on a migration order. Its `reason` is kept
+    /// cut to `max_reason_bytes`.
     pub fn migration_status(
         &mut self,
         s: &SessionRef,
@@ -103,7 +103,7 @@ impl Cluster {
         let Some(mut order) = self.orders.remove(&order_id) else { return };
         order.state = next;
         if !reason.is_empty() {
-            order.reason = reason.to_owned();
+            order.reason = cut(reason, self.config.limits.max_reason_bytes).to_owned();
         }
         if !next.is_final() {
             self.orders.insert(order_id, order);
@@ -144,7 +144,7 @@ impl Cluster {
             }
         }
         self.finished_orders.push_back(order);
-        while self.finished_orders.len() > FINISHED_ORDERS_KEPT {
+        while self.finished_orders.len() > self.config.limits.finished_orders_kept {
             self.finished_orders.pop_front();
         }
     }
@@ -164,13 +164,19 @@ impl Cluster {
     }
 
     /// Plans moves off hot nodes and applies them: capacity is held on each
-    /// target and the VM frozen on its source. Returns the new orders.
+    /// target and the VM frozen on its source. Returns the new orders. No
+    /// more than `max_open_orders` are open at once, and no id is issued
+    /// that this run still holds (see `order_ids`).
     pub fn plan_and_order(&mut self, now_ms: u64) -> Vec<Order> {
         let moves = planner::plan(self, now_ms);
         let mut out = Vec::with_capacity(moves.len());
         for m in moves {
-            let id = self.next_order;
-            self.next_order += 1;
+            if self.orders.len() >= self.config.limits.max_open_orders {
+                break;
+            }
+            let held =
+                |id: u64| self.orders.contains_key(&id) || self.finished_orders.iter().any(|o| o.id == id);
+            let Some(id) = self.order_ids.issue(now_ms, &m.vm, &m.source, &m.target, held) else { continue };
             let order = Order {
                 id,
                 vm: m.vm.clone(),

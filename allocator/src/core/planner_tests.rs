@@ -26,6 +26,7 @@ fn config(max_moves_per_round: usize) -> CoreConfig {
         contended_p99_us: 5_000,
         move_retry_base_ms: 5_000,
         move_retry_max_ms: 300_000,
+        ..CoreConfig::default()
     }
 }
 
@@ -59,7 +60,8 @@ impl World {
             node: node.into(),
             capacity: r(10_000, 40),
             vms: vms.iter().map(|(id, size)| vm(id, *size)).collect(),
-            migration_endpoint: format!("http://{node}:7073"),
+            migration_endpoint: format!("https://{node}:7073"),
+            refused: Vec::new(),
         };
         let opened = self.c.open_session(reg, NOW).unwrap();
         self.sessions.insert(node.into(), opened.session);
@@ -215,6 +217,7 @@ fn never_onto_a_node_whose_agent_takes_no_vms_in() {
         capacity: r(10_000, 40),
         vms: vec![],
         migration_endpoint: String::new(),
+        refused: Vec::new(),
     };
     let opened = w.c.open_session(reg, NOW).unwrap();
     w.sessions.insert("b".into(), opened.session);
@@ -250,7 +253,7 @@ fn in_flight_orders_count_on_both_ends() {
     assert_eq!(w.c.nodes["b"].wanted(), r(8000, 32));
     assert!(w.round().is_empty());
     // A started move still counts.
-    let id = *w.c.orders.keys().next().unwrap();
+    let id = w.c.orders.values().find(|o| o.source == "a").unwrap().id;
     w.c.migration_status(&w.sessions["a"], id, OrderState::Started, "", NOW).unwrap();
     assert!(w.round().is_empty());
     w.finish_all(OrderState::Completed);

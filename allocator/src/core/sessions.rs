@@ -2,14 +2,23 @@
 //! cluster replaces the node's ledger with that report, reconciled with the
 //! orders still open (a restarted agent or allocator must find every move
 //! where it left it). A session that ends leaves its VMs' reservations.
+//!
+//! The agent is believed about its own node only: its name must be one the
+//! cluster knows (Kubernetes mode), its capacity gives way to the cluster's,
+//! and a move it reports is adopted only with an order id this cluster
+//! issued for that very move ([`super::order_ids`]). A bad VM is refused
+//! alone, with why, and the rest of the node registers.
 
+use super::endpoint::check_endpoint;
 use super::error::{CoreError, Result};
 use super::ledger::NodeLedger;
 use super::migration::OrderState;
+use super::names::check_node_name;
 use super::units::Resources;
-use super::vm::{check_id, VmEntry, VmRegistration, VmState};
+use super::vm::{VmEntry, VmRegistration, VmState};
 use super::Cluster;
 use serde::Serialize;
+use std::collections::{HashMap, HashSet};
 
 /// The identity every request after the hello carries: which node, which session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +35,16 @@ pub struct NodeRegistration {
     pub vms: Vec<VmRegistration>,
     /// Where the agent takes VMs in; empty if it does not.
     pub migration_endpoint: String,
+    /// VMs the edge could not read (bad values), refused alone.
+    pub refused: Vec<VmRefusal>,
+}
+
+/// A VM of a hello that was not registered, or whose reported move was not
+/// adopted (then the VM registers as not moving).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRefusal {
+    pub vm: String,
+    pub error: CoreError,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -41,22 +60,8 @@ pub struct Opened {
     /// The session this one replaced, which must now be closed.
     pub replaced: Option<u64>,
     pub reservations: Vec<Reservation>,
-}
-
-/// An agent's migration endpoint: empty, or an http(s) URL of sane length.
-fn check_endpoint(e: &str) -> Result<()> {
-    let ok = e.is_empty()
-        || ((e.starts_with("http://") || e.starts_with("https://"))
-            && e.len() <= 256
-            && !e.chars().any(|c| c.is_whitespace() || c.is_control()));
-    if ok {
-        Ok(())
-    } else {
-        Err(CoreError::invalid(
-            "migration endpoint",
-            format!("{e:?} must be empty or an http(s) URL such as http://10.0.0.2:7073"),
-        ))
-    }
+    /// What was not taken from the hello, in the order of the hello.
+    pub refused: Vec<VmRefusal>,
 }
 
 impl Cluster {
@@ -65,33 +70,53 @@ impl Cluster {
     /// owned the node before is replaced (never two live sessions per node).
     /// Moves the agent reports are adopted (after an allocator restart) and
     /// hold room on their targets; moves it no longer reports for a VM it
-    /// runs are failed.
+    /// runs are failed. An error about the node changes nothing; a bad VM is
+    /// left out and listed in [`Opened::refused`].
     pub fn open_session(&mut self, reg: NodeRegistration, now_ms: u64) -> Result<Opened> {
-        let capacity = self.check_registration(&reg)?;
+        let capacity = self.check_node(&reg)?;
+        let NodeRegistration { node, vms, migration_endpoint, refused: edge_refused, .. } = reg;
+        let (vms, mut refused) = self.sort_vms(&node, vms, now_ms);
+        refused.splice(0..0, edge_refused);
 
         // Checked; from here on nothing fails.
-        self.fail_abandoned_moves(&reg, now_ms);
+        self.fail_abandoned_moves(&node, &vms, now_ms);
         let session = self.next_session;
-        self.next_session += 1;
+        self.next_session = self.next_session.saturating_add(1);
         let mut ledger = NodeLedger::new(capacity, self.config.system_reserve, self.config.watermark);
         ledger.session = Some(session);
-        ledger.migration_endpoint = reg.migration_endpoint;
-        let old = self.nodes.remove(&reg.node);
+        ledger.migration_endpoint = migration_endpoint;
+        let old = self.nodes.remove(&node);
         let replaced = old.as_ref().and_then(|n| n.session);
-        for v in reg.vms {
-            self.register_vm(&mut ledger, v, &reg.node, now_ms);
+        for v in vms {
+            self.register_vm(&mut ledger, v, &node, now_ms);
         }
-        self.keep_leaving_vms(&mut ledger, &reg.node, old.as_ref());
-        self.hold_incoming_vms(&mut ledger, &reg.node, old.as_ref());
+        self.keep_leaving_vms(&mut ledger, &node, old.as_ref());
+        self.hold_incoming_vms(&mut ledger, &node, old.as_ref());
         let reservations = reservations(&ledger);
-        self.nodes.insert(reg.node.clone(), ledger);
-        Ok(Opened { session: SessionRef { node: reg.node, id: session }, replaced, reservations })
+        self.nodes.insert(node.clone(), ledger);
+        Ok(Opened { session: SessionRef { node, id: session }, replaced, reservations, refused })
     }
 
-    /// The whole registration, checked before anything changes; the node's
-    /// capacity to use (the cluster's figure wins over the agent's).
-    fn check_registration(&self, reg: &NodeRegistration) -> Result<Resources> {
-        check_id("node name", &reg.node)?;
+    /// What is checked about the node itself, before anything changes; the
+    /// node's capacity to use (the cluster's figure wins over the agent's).
+    fn check_node(&self, reg: &NodeRegistration) -> Result<Resources> {
+        check_node_name("node name", &reg.node)?;
+        let known = self.cluster_capacity.get(&reg.node).copied();
+        if self.config.known_nodes_only && known.is_none() {
+            return Err(CoreError::NotClusterNode(reg.node.clone()));
+        }
+        let limits = &self.config.limits;
+        if !self.nodes.contains_key(&reg.node) && self.nodes.len() >= limits.max_nodes {
+            return Err(CoreError::too_many("nodes registered", limits.max_nodes, "max_nodes"));
+        }
+        let listed = reg.vms.len().saturating_add(reg.refused.len());
+        if listed > limits.max_vms_per_node {
+            return Err(CoreError::too_many(
+                format!("the hello of node {:?} lists {listed} VMs", reg.node),
+                limits.max_vms_per_node,
+                "max_vms_per_node",
+            ));
+        }
         let capacity = reg.capacity.checked("node capacity")?;
         if capacity.milli_cpu == 0 || capacity.memory_bytes == 0 {
             return Err(CoreError::invalid(
@@ -99,37 +124,90 @@ impl Cluster {
                 format!("{capacity} has a zero dimension; report the node's schedulable cpu and memory"),
             ));
         }
-        check_endpoint(&reg.migration_endpoint)?;
-        let mut seen = std::collections::HashSet::new();
-        for v in &reg.vms {
-            if !seen.insert(v.id.as_str()) {
-                return Err(CoreError::DuplicateVm(v.id.clone()));
+        check_endpoint(&reg.migration_endpoint, self.config.endpoint_scheme)?;
+        Ok(known.unwrap_or(capacity))
+    }
+
+    /// The VMs to register, and those refused: a second entry for one id, or
+    /// a move that cannot be adopted (the VM then registers as not moving).
+    fn sort_vms(
+        &self,
+        node: &str,
+        vms: Vec<VmRegistration>,
+        now_ms: u64,
+    ) -> (Vec<VmRegistration>, Vec<VmRefusal>) {
+        let mut seen = HashSet::new();
+        let mut taken = Vec::with_capacity(vms.len());
+        let mut refused = Vec::new();
+        let mut adopting = 0usize;
+        for mut v in vms {
+            if !seen.insert(v.id.clone()) {
+                refused.push(VmRefusal { vm: v.id.clone(), error: CoreError::DuplicateVm(v.id) });
+                continue;
             }
-            if let Some((_, target)) = &v.migration {
-                check_id("migration target node", target)?;
-                if *target == reg.node {
-                    return Err(CoreError::invalid(
-                        "migration",
-                        format!("vm {:?} cannot migrate to its own node", v.id),
-                    ));
+            if let Some((order, target)) = &v.migration {
+                match self.check_adoption(node, &v.id, *order, target, now_ms, adopting) {
+                    Ok(new) => adopting += usize::from(new),
+                    Err(error) => {
+                        refused.push(VmRefusal { vm: v.id.clone(), error });
+                        v.migration = None;
+                    }
                 }
             }
+            taken.push(v);
         }
-        Ok(self.cluster_capacity.get(&reg.node).copied().unwrap_or(capacity))
+        (taken, refused)
+    }
+
+    /// Whether the move `node` reports for `vm` may be adopted; true when it
+    /// opens an order this run does not hold yet (`adopting` such orders of
+    /// the same hello come before it).
+    fn check_adoption(
+        &self,
+        node: &str,
+        vm: &str,
+        order: u64,
+        target: &str,
+        now_ms: u64,
+        adopting: usize,
+    ) -> Result<bool> {
+        check_node_name("migration target node", target)?;
+        if target == node {
+            return Err(CoreError::invalid("migration", format!("vm {vm:?} cannot migrate to its own node")));
+        }
+        if let Some(o) = self.orders.get(&order) {
+            if o.vm == vm && o.source == node && o.target == target {
+                return Ok(false);
+            }
+        }
+        self.order_ids.check(order, vm, node, target, now_ms, self.config.order_timeout_ms)?;
+        if let Some(done) = self.finished_orders.iter().find(|o| o.id == order) {
+            return Err(CoreError::invalid(
+                "migration",
+                format!(
+                    "order {order} for vm {vm:?} already {}; report the vm as not moving",
+                    done.state.name()
+                ),
+            ));
+        }
+        let limit = self.config.limits.max_open_orders;
+        if self.orders.len().saturating_add(adopting) >= limit {
+            return Err(CoreError::too_many("open migration orders", limit, "max_open_orders"));
+        }
+        Ok(true)
     }
 
     /// Moves this node runs as their source that its agent no longer
     /// reports although it reports the VM: the agent trusts QEMU, and QEMU
     /// runs the VM here, not moving. Failed first, so that their targets'
     /// holds go and the VM can never become active on two nodes.
-    fn fail_abandoned_moves(&mut self, reg: &NodeRegistration, now_ms: u64) {
+    fn fail_abandoned_moves(&mut self, node: &str, vms: &[VmRegistration], now_ms: u64) {
+        let reported: HashMap<&str, Option<u64>> =
+            vms.iter().map(|v| (v.id.as_str(), v.migration.as_ref().map(|m| m.0))).collect();
         let abandoned: Vec<u64> = self
             .orders
             .values()
-            .filter(|o| {
-                o.source == reg.node
-                    && reg.vms.iter().any(|v| v.id == o.vm && v.migration.as_ref().map(|m| m.0) != Some(o.id))
-            })
+            .filter(|o| o.source == node && reported.get(o.vm.as_str()).is_some_and(|r| *r != Some(o.id)))
             .map(|o| o.id)
             .collect();
         for id in abandoned {
@@ -181,7 +259,7 @@ impl Cluster {
                 .or_else(|| self.nodes.get(&o.source).and_then(|n| n.vms.get(&o.vm)));
             if let Some(like) = like {
                 let hold = VmEntry {
-                    reserved: o.reserved,
+                    reserved: o.hold_on(ledger),
                     unmet: Resources::ZERO,
                     state: VmState::Incoming { order: o.id },
                     ..like.clone()

@@ -1,6 +1,7 @@
 //! One VM's entry in a node's ledger, and the validated registration it comes from.
 
 use super::error::{CoreError, Result};
+use super::names::check_vm_id;
 use super::units::{ComputeUnit, Resources};
 use serde::{Deserialize, Serialize};
 
@@ -39,22 +40,6 @@ pub struct VmRegistration {
     pub migration: Option<(u64, String)>,
 }
 
-/// Longest VM id accepted; ids are names, not payloads.
-pub const MAX_ID_LEN: usize = 253;
-
-pub fn check_id(what: &str, id: &str) -> Result<()> {
-    if id.is_empty() {
-        return Err(CoreError::invalid(what, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(CoreError::invalid(what, format!("longer than {MAX_ID_LEN} bytes")));
-    }
-    if id.chars().any(char::is_control) {
-        return Err(CoreError::invalid(what, "contains control characters"));
-    }
-    Ok(())
-}
-
 impl VmRegistration {
     pub fn new(
         id: String,
@@ -63,7 +48,7 @@ impl VmRegistration {
         bounds: Bounds,
         cu: ComputeUnit,
     ) -> Result<Self> {
-        check_id("vm id", &id)?;
+        check_vm_id("vm id", &id)?;
         let current = current.checked(&format!("vm {id:?} current"))?;
         let last_permit = last_permit.checked(&format!("vm {id:?} last_permit"))?;
         Ok(VmRegistration { id, current, last_permit, bounds, cu, migration: None })

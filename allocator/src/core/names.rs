@@ -1,0 +1,111 @@
+//! What a name or a free-text field from an agent may be. Names are keys of
+//! the core's maps and appear in logs, metrics labels and certificates, so
+//! each has a length bound and a character set; free text (a move's reason)
+//! is cut to a bound instead of refused.
+
+use super::error::{CoreError, Result};
+
+/// Longest VM id accepted: a Kubernetes object name's bound, and the
+/// contract's (`vmscale_contract::annotations`).
+pub const MAX_ID_LEN: usize = 253;
+
+/// Longest node name: the agent's certificate names it as
+/// `<node>.node.vmscale`, which must stay within a DNS name's 253 bytes.
+pub const MAX_NODE_LEN: usize = 240;
+
+/// A node name: an RFC 1123 subdomain (what Kubernetes allows for a Node,
+/// and what the node's certificate carries), lower case.
+pub fn check_node_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(CoreError::invalid(what, "must not be empty"));
+    }
+    if name.len() > MAX_NODE_LEN {
+        return Err(CoreError::invalid(what, format!("is longer than {MAX_NODE_LEN} bytes")));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return Err(CoreError::invalid(
+            what,
+            format!(
+                "{:?} is not a DNS name: use lower-case letters, digits, '-' and '.' (as a Kubernetes Node name)",
+                cut(name, 64)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A VM id: 1 to [`MAX_ID_LEN`] bytes of ASCII letters, digits and
+/// `-._:/@+` (the Kubernetes default `<namespace>/<pod>` among them).
+pub fn check_vm_id(what: &str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(CoreError::invalid(what, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(CoreError::invalid(what, format!("is longer than {MAX_ID_LEN} bytes")));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:/@+".contains(&b)) {
+        return Err(CoreError::invalid(
+            what,
+            format!("{:?} may hold only ASCII letters, digits and -._:/@+", cut(id, 64)),
+        ));
+    }
+    Ok(())
+}
+
+/// `s` cut to at most `max` bytes at a character boundary: what is kept of
+/// free text (and what is quoted of a bad name in an error).
+pub fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_dns_names() {
+        for ok in ["a", "node-a", "n1.example", "x".repeat(63).as_str()] {
+            assert!(check_node_name("node", ok).is_ok(), "{ok}");
+        }
+        let long = format!("{}.{}.{}.{}", "a".repeat(60), "b".repeat(60), "c".repeat(60), "d".repeat(60));
+        for bad in ["", "Node", "a_b", "-a", "a-", "a..b", "a/b", "a\n", "ä", long.as_str(), &"x".repeat(64)]
+        {
+            let e = check_node_name("node", bad).unwrap_err();
+            assert!(e.to_string().starts_with("invalid node"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn vm_ids_are_bounded_and_printable_ascii() {
+        for ok in ["pg-1", "db/pg", "ns/pod.x:1@a+b", &"v".repeat(MAX_ID_LEN)] {
+            assert!(check_vm_id("vm id", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a\u{7}", "é", "a,b", "a=b", &"v".repeat(MAX_ID_LEN + 1)] {
+            assert!(check_vm_id("vm id", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        assert_eq!(cut("abc", 5), "abc");
+        assert_eq!(cut("abcdef", 3), "abc");
+        // 'é' is two bytes: a cut in its middle drops it whole.
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut("ééé", 4), "éé");
+        assert_eq!(cut("", 0), "");
+    }
+}
