@@ -15,8 +15,17 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     /// gRPC address agents connect to.
     pub listen: SocketAddr,
-    /// HTTP address for `/metrics` (Prometheus), `/state` (JSON) and `/healthz`.
+    /// HTTP address for `/metrics` (Prometheus), `/state` (JSON) and
+    /// `/healthz`. Default `127.0.0.1:7071`: `/state` lists every node, VM
+    /// and order, so it is open only on loopback unless `http_tls` is set
+    /// (or, for tests, `insecure`).
     pub http_listen: SocketAddr,
+    /// Serve `http_listen` over TLS with required client certificates
+    /// signed by the cluster CA (the `[tls]` files). Default false.
+    pub http_tls: bool,
+    /// Plain-text gRPC without `[tls]`, and `http_listen` beyond loopback
+    /// without `http_tls`: for tests on one machine. Default false.
+    pub insecure: bool,
     /// Fraction of a node's usable capacity (after the system reserve) above
     /// which the planner moves VMs away. Default 0.9.
     pub watermark: f64,
@@ -51,6 +60,10 @@ pub struct Config {
     pub hello_timeout_ms: u64,
     /// Messages queued towards one agent before the session is considered stuck. Default 4096.
     pub session_queue: usize,
+    /// `[tls]`: the cluster CA and the allocator's certificate
+    /// (`allocator.vmscale`). Agents must then present their node's
+    /// certificate (`<node>.node.vmscale`), and may register only as it.
+    pub tls: Option<vmscale_common::tls::TlsFiles>,
     /// A file holding the cluster's order key: at least 32 bytes, e.g.
     /// `head -c 32 /dev/urandom` (the harnesses make one; in Kubernetes a
     /// Secret mounted as a file). Migration order ids are signed with it, so
@@ -115,7 +128,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7070)),
-            http_listen: SocketAddr::from(([0, 0, 0, 0], 7071)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            http_tls: false,
+            tls: None,
+            insecure: false,
             watermark: 0.9,
             system_reserve_milli_cpu: 0,
             system_reserve_memory_bytes: 0,
@@ -203,6 +219,24 @@ impl Config {
         }
         if let Some(k) = &self.kubernetes {
             k.validate()?;
+        }
+        self.validate_transport()
+    }
+
+    /// `[tls]` or `insecure`; `http_tls` only with `[tls]`; `/state` open
+    /// beyond loopback only when insecure.
+    fn validate_transport(&self) -> Result<(), ConfigError> {
+        vmscale_common::tls::check_transport(self.tls.as_ref(), self.insecure)?;
+        if self.http_tls && self.tls.is_none() {
+            return Err(ConfigError::Rule("http_tls = true needs a [tls] section".into()));
+        }
+        if !self.http_tls && !self.insecure && !self.http_listen.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                "http_listen",
+                self.http_listen,
+                "is not loopback, and /state would be open to anyone: set http_tls = true (client \
+                 certificates) or listen on 127.0.0.1",
+            ));
         }
         Ok(())
     }
@@ -297,8 +331,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn empty_file_gives_defaults() {
-        assert_eq!(Config::parse("", "t").unwrap(), Config::default());
+    fn empty_file_gives_defaults_but_a_transport_must_be_chosen() {
+        let e = Config::parse("", "t").unwrap_err();
+        assert!(e.to_string().contains("set [tls]"), "{e}");
+        let c = Config::parse("insecure = true", "t").unwrap();
+        assert_eq!(c, Config { insecure: true, ..Config::default() });
+        assert!(c.http_listen.ip().is_loopback(), "/state is on loopback unless asked");
+    }
+
+    #[test]
+    fn tls_section_and_http_listener() {
+        let tls = "[tls]\nca = \"/c\"\ncert = \"/a\"\nkey = \"/k\"\n";
+        let c = Config::parse(tls, "t").unwrap();
+        assert_eq!(c.tls.unwrap().cert, Path::new("/a"));
+        let e = Config::parse(&format!("http_listen = \"0.0.0.0:7071\"\n{tls}"), "t").unwrap_err();
+        assert!(e.to_string().contains("http_tls = true"), "{e}");
+        assert!(Config::parse(&format!("http_listen = \"0.0.0.0:7071\"\nhttp_tls = true\n{tls}"), "t").is_ok());
+        let e = Config::parse("http_tls = true\ninsecure = true", "t").unwrap_err();
+        assert!(e.to_string().contains("needs a [tls]"), "{e}");
+        assert!(Config::parse("http_listen = \"0.0.0.0:7071\"\ninsecure = true", "t").is_ok());
+        assert!(Config::parse(&format!("{tls}crt = 1"), "t").is_err(), "unknown keys in [tls]");
     }
 
     #[test]
@@ -319,13 +371,13 @@ mod tests {
 
     #[test]
     fn values_are_read() {
-        let c = Config::parse("watermark = 0.8\nlisten = \"127.0.0.1:9000\"\nplan_interval_ms = 250", "t")
+        let c = Config::parse("insecure = true\nwatermark = 0.8\nlisten = \"127.0.0.1:9000\"\nplan_interval_ms = 250", "t")
             .unwrap();
         assert_eq!(c.watermark, 0.8);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.core().watermark, 0.8);
         let c =
-            Config::parse("contended_p99_us = 2000\nmove_retry_base_ms = 100\nmove_retry_max_ms = 400", "t")
+            Config::parse("insecure = true\ncontended_p99_us = 2000\nmove_retry_base_ms = 100\nmove_retry_max_ms = 400", "t")
                 .unwrap();
         assert_eq!(c.core().contended_p99_us, 2000);
         assert_eq!([1, 2, 3, 4].map(|n| c.core().move_retry_wait_ms(n)), [100, 200, 400, 400]);
@@ -333,7 +385,7 @@ mod tests {
 
     #[test]
     fn kubernetes_section() {
-        let c = Config::parse("[kubernetes]\nlease_name = \"x\"", "t").unwrap();
+        let c = Config::parse("insecure = true\n[kubernetes]\nlease_name = \"x\"", "t").unwrap();
         let k = c.kubernetes.unwrap();
         assert_eq!(k.lease_name, "x");
         assert_eq!(k.lease_duration_ms, 10_000);

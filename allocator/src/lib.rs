@@ -5,7 +5,8 @@
 //! - [`convert`]: wire types into domain types, rejecting bad values.
 //! - [`session`]: one agent's gRPC stream; [`requests`]: one function per request kind.
 //! - [`shared`]: the state sessions, planner and HTTP endpoints share, under one lock.
-//! - [`server`]: binds the gRPC and HTTP listeners and runs the planner loop.
+//! - [`server`]: binds the gRPC and HTTP listeners and runs the planner loop;
+//!   [`https`]: the HTTP listener over TLS, and who called ([`https::Peer`]).
 //! - [`config`]: the config file and its validation; [`metrics`]: Prometheus.
 //! - [`leader`]: leader election on a Lease (Kubernetes mode).
 //! - [`capacity`]: node capacities from the cluster (Kubernetes mode).
@@ -16,6 +17,7 @@ pub mod config;
 pub mod convert;
 pub mod core;
 pub mod extender;
+pub mod https;
 pub mod leader;
 pub mod metrics;
 pub mod requests;

@@ -47,6 +47,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(args.log.as_str()).with_writer(std::io::stderr).init();
     let config = config(&args)?;
+    if config.insecure {
+        vmscale_common::tls::warn_insecure("allocator");
+    }
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", config.listen))?;

@@ -1,8 +1,15 @@
 //! Binds the allocator to its listeners: gRPC for agents, HTTP for operators.
 //! Takes bound listeners and a shutdown token, so tests and the demo can run it
 //! on port 0 and stop it when they like.
+//!
+//! With `[tls]` the gRPC listener speaks TLS and requires a client
+//! certificate of the cluster CA (`session.rs` then binds it to the hello's
+//! node), and so does the HTTP listener with `http_tls`; the certificate
+//! files are polled and a renewed certificate is served without a restart
+//! (`vmscale_common::tls`), so the ledger is never lost to a renewal.
 
 use crate::config::Config;
+use crate::https::{Peer, TlsListener};
 use crate::session::AllocatorService;
 use crate::shared::Shared;
 use axum::extract::State;
@@ -16,10 +23,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
+use vmscale_common::tls::{incoming, Tls, RELOAD_INTERVAL};
 use vmscale_proto::allocator::allocator_server::AllocatorServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("cannot set up TLS")]
+    Tls(#[from] vmscale_common::tls::TlsError),
     #[error("gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
     #[error("HTTP server failed")]
@@ -62,7 +72,11 @@ pub async fn serve_with(
     extras: Extras,
 ) -> Result<(), ServerError> {
     let shutdown = shared.shutdown.clone();
-    info!(grpc = ?grpc.local_addr().ok(), http = ?http.local_addr().ok(), "allocator serving");
+    let tls = shared.config.tls.as_ref().map(Tls::load).transpose()?;
+    if let Some(t) = &tls {
+        tokio::spawn(t.clone().keep_fresh(RELOAD_INTERVAL, shutdown.clone()));
+    }
+    info!(grpc = ?grpc.local_addr().ok(), http = ?http.local_addr().ok(), tls = tls.is_some(), "allocator serving");
     let planner = tokio::spawn(plan_loop(shared.clone()));
 
     let leader = extras.leader;
@@ -77,18 +91,31 @@ pub async fn serve_with(
         app = app.merge(routes);
     }
     let http_stop = shutdown.clone();
+    let http_tls = tls.as_ref().filter(|_| shared.config.http_tls).map(Tls::rustls_server);
     let http_task = tokio::spawn(async move {
-        axum::serve(http, app).with_graceful_shutdown(http_stop.cancelled_owned()).await
+        // Handlers learn who called from `ConnectInfo<Peer>` (https.rs).
+        let app = app.into_make_service_with_connect_info::<Peer>();
+        let stop = http_stop.cancelled_owned();
+        match http_tls {
+            Some(config) => {
+                axum::serve(TlsListener::new(http, config), app).with_graceful_shutdown(stop).await
+            }
+            None => axum::serve(http, app).with_graceful_shutdown(stop).await,
+        }
     });
 
-    let incoming = TcpIncoming::from(grpc).with_nodelay(Some(true));
-    let grpc_result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AllocatorServer::with_interceptor(AllocatorService::new(shared.clone()), gate(leader)))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
-        .await;
+        .add_service(AllocatorServer::with_interceptor(AllocatorService::new(shared.clone()), gate(leader)));
+    let stop = shutdown.clone().cancelled_owned();
+    let grpc_result = match &tls {
+        Some(t) => router.serve_with_incoming_shutdown(incoming(grpc, t.rustls_server()), stop).await,
+        None => {
+            router.serve_with_incoming_shutdown(TcpIncoming::from(grpc).with_nodelay(Some(true)), stop).await
+        }
+    };
     shutdown.cancel(); // a failed gRPC server stops the rest too
     let _ = planner.await;
     let http_result = http_task.await.unwrap_or(Ok(()));

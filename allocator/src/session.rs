@@ -16,6 +16,8 @@ use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
+use rustls::pki_types::CertificateDer;
+use vmscale_common::tls::{certs_identity_is, describe_peer, Identity};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
@@ -44,6 +46,11 @@ impl pb::allocator_server::Allocator for AllocatorService {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let sh = &self.shared;
+        // Taken before the body: with [tls], the hello must come from its node.
+        let peer = (sh.config.tls.is_some()).then(|| PeerCert {
+            certs: req.peer_certs().map(|c| c.to_vec()).unwrap_or_default(),
+            described: describe_peer(&req),
+        });
         let mut inbound = req.into_inner();
         let wait = Duration::from_millis(sh.config.hello_timeout_ms);
         let first = tokio::time::timeout(wait, inbound.message())
@@ -58,6 +65,9 @@ impl pb::allocator_server::Allocator for AllocatorService {
         let Some(Body::Hello(hello)) = first.body else {
             return Err(Status::invalid_argument("the first message of a session must be hello"));
         };
+        if let Some(peer) = &peer {
+            may_register(peer, &hello.node).inspect_err(|s| warn!("hello refused: {}", s.message()))?;
+        }
         let v = hello.versions.unwrap_or_default();
         let Some(version) = negotiate(&ALLOCATOR_PROTOCOL, v.min, v.max) else {
             return Err(Status::failed_precondition(format!(
@@ -104,6 +114,34 @@ impl pb::allocator_server::Allocator for AllocatorService {
         };
         Ok(Response::new(Box::pin(replies)))
     }
+}
+
+/// The client certificate of a session's connection, when the allocator
+/// serves TLS.
+struct PeerCert {
+    certs: Vec<CertificateDer<'static>>,
+    /// Its names, for the refusal.
+    described: String,
+}
+
+/// Longest piece of a remote node name quoted back in a refusal or a log.
+const NODE_SHOWN: usize = 64;
+
+/// Whether the peer may register `node`: only with the certificate of
+/// `<node>.node.vmscale`, exactly (no wildcard), so no agent can open a
+/// session as a node of its own invention or as another node (which would
+/// close that node's real session). Refused before anything changes.
+fn may_register(peer: &PeerCert, node: &str) -> Result<(), Status> {
+    if certs_identity_is(&peer.certs, &Identity::Node(node.to_owned())) {
+        return Ok(());
+    }
+    let shown: String = node.chars().take(NODE_SHOWN).collect();
+    Err(Status::permission_denied(format!(
+        "{} may not register node {shown:?}: a node registers only as itself, with the certificate of \
+         {}",
+        peer.described,
+        Identity::Node(shown.clone()),
+    )))
 }
 
 /// Requests read and decided in one go when an agent pipelines them.
@@ -199,5 +237,43 @@ impl Drop for Replies {
         if self.sh.close(&self.session) {
             info!(why, "session closed; the node keeps its reservations until its agent registers again");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmscale_common::testing::TestPki;
+
+    fn peer_of(pki: &TestPki, who: &Identity) -> PeerCert {
+        use rustls::pki_types::pem::PemObject;
+        let files = pki.issue(who);
+        let certs =
+            CertificateDer::pem_file_iter(&files.cert).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+        PeerCert { certs, described: format!("the certificate of {who}") }
+    }
+
+    #[test]
+    fn a_node_registers_only_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new(dir.path());
+        let a = peer_of(&pki, &Identity::Node("a".into()));
+        assert!(may_register(&a, "a").is_ok());
+        // (peer, hello's node): none may register.
+        let b = peer_of(&pki, &Identity::Node("b".into()));
+        let alloc = peer_of(&pki, &Identity::Allocator);
+        let none = PeerCert { certs: Vec::new(), described: "a peer without a client certificate".into() };
+        let long = "x".repeat(10_000);
+        for (peer, node) in
+            [(&a, "b"), (&a, "A"), (&a, ""), (&b, "a"), (&alloc, "a"), (&none, "a"), (&a, &long)]
+        {
+            let s = may_register(peer, node).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{node}");
+            assert!(s.message().contains(&peer.described), "{}", s.message());
+            assert!(s.message().len() < 400, "a long name is cut: {}", s.message().len());
+        }
+        let m = may_register(&b, "a").unwrap_err();
+        assert!(m.message().contains("b.node.vmscale may not register node \"a\""), "{}", m.message());
+        assert!(m.message().contains("a.node.vmscale"), "{}", m.message());
     }
 }
