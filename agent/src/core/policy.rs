@@ -23,9 +23,12 @@ impl Size {
         Size { milli_cpu, memory_bytes }
     }
 
-    /// `n` compute units.
+    /// `n` compute units. Saturating by design: a VM's spec is validated
+    /// so that its largest size fits (`VmSpec::validate`), so this only
+    /// saturates for values no spec lets through.
     pub fn of_cus(n: u32, cu: Cu) -> Size {
-        Size::new(u64::from(n) * cu.milli_cpu, u64::from(n) * cu.memory_bytes)
+        let n = u64::from(n);
+        Size::new(n.saturating_mul(cu.milli_cpu), n.saturating_mul(cu.memory_bytes))
     }
 
     /// Whole compute units this size holds in both dimensions (rounded down).

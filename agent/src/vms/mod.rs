@@ -59,9 +59,13 @@ pub struct VmSpec {
     pub policy: Option<Policy>,
 }
 
-/// Largest compute unit accepted: more is a unit mix-up (vCPU vs milli-vCPU).
-const MAX_CU_MILLI_CPU: u64 = 64 * 1000;
-const MAX_CU_MEMORY: u64 = 1 << 40;
+// The bounds a pod's annotations are held to (one definition of each):
+// a compute unit beyond them is a unit mix-up (vCPU vs milli-vCPU), and a
+// largest size beyond one million vCPUs or 1 PiB is what the allocator
+// refuses as absurd.
+use vmscale_contract::annotations::{
+    MAX_CU_MEMORY_BYTES as MAX_CU_MEMORY, MAX_CU_MILLI_CPU, MAX_SIZE_MEMORY_BYTES, MAX_SIZE_MILLI_CPU,
+};
 
 impl VmSpec {
     /// Checks a spec from a file or an annotation; the message names the VM
@@ -87,6 +91,17 @@ impl VmSpec {
             return Err(format!(
                 "vm {id}: need 1 <= min_cus ({}) <= max_cus ({})",
                 self.min_cus, self.max_cus
+            ));
+        }
+        // Checked here, so that no size of this VM (all at most max_cus
+        // units) can overflow later, nor make the allocator refuse the VM.
+        let max = u64::from(self.max_cus);
+        let fits = |unit: u64, limit: u64| unit.checked_mul(max).is_some_and(|v| v <= limit);
+        if !(fits(cu.milli_cpu, MAX_SIZE_MILLI_CPU) && fits(cu.memory_bytes, MAX_SIZE_MEMORY_BYTES)) {
+            return Err(format!(
+                "vm {id}: max_cus ({}) times the compute unit is beyond {MAX_SIZE_MILLI_CPU} milli-vCPU or \
+                 {MAX_SIZE_MEMORY_BYTES} bytes; check the units or lower max_cus",
+                self.max_cus
             ));
         }
         match &self.memory {
@@ -144,6 +159,20 @@ pub(crate) mod tests {
             (VmSpec { cu: Cu { milli_cpu: 0, memory_bytes: 1 }, ..spec("a") }, "compute unit"),
             (VmSpec { cu: Cu { milli_cpu: 250_000_000, memory_bytes: 1 << 30 }, ..spec("a") }, "absurdly"),
             (VmSpec { min_cus: 3, max_cus: 2, ..spec("a") }, "min_cus"),
+            // 2^32 - 1 units of 1 TiB overflow u64; a million and one vCPUs
+            // and 4 PiB do not, but are beyond any machine.
+            (
+                VmSpec { cu: Cu { milli_cpu: 1000, memory_bytes: 1 << 40 }, max_cus: u32::MAX, ..spec("a") },
+                "max_cus (4294967295) times the compute unit",
+            ),
+            (
+                VmSpec { cu: Cu { milli_cpu: 1000, memory_bytes: 1 << 20 }, max_cus: 1_000_001, ..spec("a") },
+                "max_cus",
+            ),
+            (
+                VmSpec { cu: Cu { milli_cpu: 250, memory_bytes: 1 << 40 }, max_cus: 4096, ..spec("a") },
+                "max_cus",
+            ),
             (VmSpec { memory: MemoryMode::Dimm { dimm_bytes: 100 << 20 }, ..spec("a") }, "dimm_bytes"),
             (
                 VmSpec {
