@@ -71,6 +71,7 @@ async fn start_allocator() -> (String, Arc<Shared>, CancellationToken) {
         system_reserve_memory_bytes: 0,
         plan_interval_ms: 200,
         order_timeout_ms: 120_000,
+        insecure: true,
         ..Default::default()
     };
     let shared = Shared::new(config, stop.clone());
@@ -99,7 +100,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "node = \"{node}\"\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 200\n\
+                "node = \"{node}\"\ninsecure = true\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 200\n\
                  http_listen = \"127.0.0.1:{http}\"\ncapacity_milli_cpu = 4000\n\
                  capacity_memory_bytes = {}\nallocator_retry_base_ms = 50\nallocator_retry_max_ms = 500\n\
                  [contention]\nenabled = false\n[migration]\nstate_dir = \"{}\"\n{extra}\n",

@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmscale_agent::migration::command_line::read_base_args;
+use vmscale_agent::migration::command_line::read_args;
+use vmscale_agent::migration::machine::MachineSpec;
+use vmscale_agent::migration::machine_from_args::machine_from_args;
+use vmscale_agent::migration::settings::MigrationSettings;
 use vmscale_agent::migration::source::carry_out;
 use vmscale_agent::migration::target::{
     kill_unconfirmed, AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
@@ -26,7 +29,7 @@ struct Setup {
     source: QemuProcess,
     client: QmpClient,
     target: Arc<LocalIncoming>,
-    base: Vec<String>,
+    machine: MachineSpec,
     _dirs: (TempDir, TempDir),
 }
 
@@ -37,10 +40,12 @@ async fn setup(test: &str, shape: impl FnOnce(&mut QemuOptions)) -> Option<Setup
     shape(&mut options);
     let source = QemuProcess::spawn(&options, src_dir.path()).await.unwrap();
     let client = QmpClient::connect(source.endpoint(), client_config()).await.unwrap();
-    let base = read_base_args(Path::new("/proc"), source.pid().unwrap()).unwrap();
+    let template = MigrationSettings::default().template();
+    let args = read_args(Path::new("/proc"), source.pid().unwrap()).unwrap();
+    let machine = machine_from_args(&args, &template).unwrap();
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let target = Arc::new(LocalIncoming::new(binary, dst_dir.path().join("target"), listen));
-    Some(Setup { source, client, target, base, _dirs: (src_dir, dst_dir) })
+    let target = Arc::new(LocalIncoming::new(binary, template, dst_dir.path().join("target"), listen));
+    Some(Setup { source, client, target, machine, _dirs: (src_dir, dst_dir) })
 }
 
 type Reports = Arc<Mutex<Vec<(Phase, String)>>>;
@@ -86,7 +91,7 @@ async fn a_grown_vm_moves_and_only_the_target_runs_it() {
     let before = vm.read_size().await.unwrap();
     let (reports, report) = recorder();
     let config = MigrationConfig { timeout_ms: 60_000, ..MigrationConfig::default() };
-    let done = carry_out(1, "vm-a", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap();
+    let done = carry_out(1, "vm-a", &s.client, s.machine.clone(), &*s.target, &config, report).await.unwrap();
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
     assert_eq!(done.devices.cpus.len(), 1);
     // The source QEMU quit; the target runs the guest with its devices.
@@ -104,7 +109,7 @@ async fn a_paused_vm_moves_and_stays_paused() {
     let Some(s) = setup("move_paused", |o| o.paused = true).await else { return };
     assert!(!source_runs(&s.client).await);
     let (reports, report) = recorder();
-    carry_out(5, "vm-e", &s.client, s.base.clone(), &*s.target, &MigrationConfig::default(), report)
+    carry_out(5, "vm-e", &s.client, s.machine.clone(), &*s.target, &MigrationConfig::default(), report)
         .await
         .unwrap();
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
@@ -117,10 +122,10 @@ async fn a_paused_vm_moves_and_stays_paused() {
 #[tokio::test]
 async fn a_target_that_cannot_start_fails_the_move_and_the_source_runs_on() {
     let Some(s) = setup("move_target_fails", |_| {}).await else { return };
-    let mut base = s.base.clone();
-    base.extend(["-object".into(), "no-such-backend,id=x".into()]);
+    // A valid spec this QEMU cannot run.
+    let machine = MachineSpec { cpu_model: Some("no-such-cpu-model".into()), ..s.machine.clone() };
     let (reports, report) = recorder();
-    let e = carry_out(2, "vm-b", &s.client, base, &*s.target, &MigrationConfig::default(), report)
+    let e = carry_out(2, "vm-b", &s.client, machine, &*s.target, &MigrationConfig::default(), report)
         .await
         .unwrap_err();
     assert!(matches!(e, MoveError::TargetStart(_)), "{e:#}");
@@ -137,7 +142,8 @@ async fn a_move_that_does_not_converge_is_cancelled_and_the_target_killed() {
     let (reports, report) = recorder();
     let config =
         MigrationConfig { max_bandwidth_bytes_per_s: MIB, timeout_ms: 1_000, ..MigrationConfig::default() };
-    let e = carry_out(3, "vm-c", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap_err();
+    let e =
+        carry_out(3, "vm-c", &s.client, s.machine.clone(), &*s.target, &config, report).await.unwrap_err();
     assert!(e.to_string().contains("migration"), "{e:#}");
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
     assert!(reports.lock().unwrap()[1].1.contains("did not complete"), "{:?}", reports.lock().unwrap());
@@ -163,7 +169,8 @@ async fn a_target_that_dies_mid_move_fails_it_and_the_source_runs_on() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         target.abort().await;
     });
-    let e = carry_out(4, "vm-d", &s.client, s.base.clone(), &*s.target, &config, report).await.unwrap_err();
+    let e =
+        carry_out(4, "vm-d", &s.client, s.machine.clone(), &*s.target, &config, report).await.unwrap_err();
     assert!(e.to_string().contains("migration"), "{e:#}");
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Failed]);
     assert!(source_runs(&s.client).await);
@@ -228,7 +235,7 @@ async fn a_confirm_whose_answer_is_lost_completes_the_move_without_resuming_the_
     };
     let (reports, report) = recorder();
     let config = MigrationConfig { timeout_ms: 60_000, ..MigrationConfig::default() };
-    let e = carry_out(6, "vm-f", &s.client, s.base.clone(), &link, &config, report).await;
+    let e = carry_out(6, "vm-f", &s.client, s.machine.clone(), &link, &config, report).await;
     assert!(e.is_ok(), "the guest runs on the target, so the move is done: {e:?}");
     assert_eq!(phases(&reports), vec![Phase::Started, Phase::Completed]);
     assert!(!*link.source_ran_meanwhile.lock().unwrap(), "the source ran while the target could not say");
@@ -252,7 +259,7 @@ async fn a_confirm_that_never_arrived_resumes_the_source_once_the_target_says_so
         source_ran_meanwhile: Mutex::new(false),
     };
     let (reports, report) = recorder();
-    let e = carry_out(7, "vm-g", &s.client, s.base.clone(), &link, &MigrationConfig::default(), report)
+    let e = carry_out(7, "vm-g", &s.client, s.machine.clone(), &link, &MigrationConfig::default(), report)
         .await
         .unwrap_err();
     assert!(matches!(e, MoveError::Switchover(_)), "{e:#}");

@@ -5,7 +5,7 @@
 //! Each round moves the guest twice: once by the agent's own move executor
 //! (`migration::agent_move`: `carry_out` with the target side the target
 //! agent runs, `LocalIncoming`, started in the target node's namespace: the
-//! base command line read from the source's /proc, its devices,
+//! VM described from the source's /proc, its devices,
 //! capabilities, bandwidth and downtime limits, progress polled every 50 ms
 //! and woken by QEMU's events, the target paused until the confirm resumes
 //! it) and once as
@@ -121,6 +121,7 @@ async fn size_run(
     let fabric = Fabric::new(2)?;
     let dir = crate::migration::run_dir()?.join(format!("{mib}"));
     let base = Shape::new(mib).base_args(image, &fabric);
+    let template = crate::migration::template(image);
     fabric.add_tap(0, TAP)?;
     fabric.add_tap(1, TAP)?;
     let mut boot = start(&fabric, 0, &base, &[], &dir.join("boot"))?;
@@ -147,7 +148,9 @@ async fn size_run(
             let order = u64::from(round) + 1;
             let (moved_vm, sample) = with_client(addr, async {
                 match kind {
-                    Kind::Ours => agent_move(&fabric, &mut vm, to, config, &dir.join(&name), order).await,
+                    Kind::Ours => {
+                        agent_move(&fabric, &mut vm, to, (config, &template), &dir.join(&name), order).await
+                    }
                     Kind::Bare => bare_move(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await,
                 }
             })

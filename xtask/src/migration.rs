@@ -7,7 +7,7 @@
 //!
 //! The move is the agent's own executor ([`agent_move`]: `carry_out` to the
 //! target side a target agent runs, started in the other namespace): the
-//! base command line from the source's /proc, its devices, the paused
+//! VM described from the source's /proc, its devices, the paused
 //! target resumed by the confirm, the source quit. QEMU announces the guest
 //! on the target's tap after the switch-over (self-announce, on by default),
 //! so the bridges learn where it went. The benchmark and this harness move
@@ -18,11 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use vmscale_agent::migration::command_line::read_qemu_base_args;
+use vmscale_agent::migration::command_line::read_machine;
+use vmscale_agent::migration::settings::MigrationSettings;
 use vmscale_agent::migration::source::carry_out;
 use vmscale_agent::migration::target::{
     AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
 };
+use vmscale_agent::migration::template::Template;
 use vmscale_agent::qmp::migrate::{Migration, MigrationConfig, MigrationInfo};
 use vmscale_agent::qmp::qemu_args::{Accel, DirectBoot, Network, QemuArgs, VirtioMem};
 use vmscale_agent::qmp::{ClientConfig, Endpoint, Hotplug, HotplugConfig, QmpClient, QmpVm};
@@ -349,20 +351,29 @@ impl IncomingTarget for Watched {
     }
 }
 
+/// The `[migration]` template of every node here: the guest image's
+/// directory holds the kernels, taps are `vm...`.
+pub fn template(image: &Image) -> Template {
+    MigrationSettings { image_dir: Some(image.dir.clone()), ..MigrationSettings::default() }.template()
+}
+
 /// The agent's move: `carry_out` from the source to a `LocalIncoming` in
-/// node `to`'s namespace (a wrapper runs QEMU there), the base command line
-/// read from the source QEMU's /proc as the source agent reads it.
+/// node `to`'s namespace (a wrapper runs QEMU there), the VM described from
+/// the source QEMU's /proc as the source agent describes it, and the
+/// target's command line built by `template` as the target agent builds it.
 pub async fn agent_move(
     fabric: &Fabric,
     source: &mut Running,
     to: usize,
-    config: &MigrationConfig,
+    (config, template): (&MigrationConfig, &Template),
     dir: &Path,
     order: u64,
 ) -> anyhow::Result<(Running, MoveFigures)> {
     let t0 = Instant::now();
     let client = source.client().await?;
-    let base = read_qemu_base_args(&client, Path::new("/proc")).await.map_err(anyhow::Error::msg)?;
+    let machine = read_machine(&client, Path::new("/proc"), template)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))?;
     std::fs::create_dir_all(dir)?;
     let wrapper = dir.join("qemu-in-node");
     std::fs::write(
@@ -371,11 +382,16 @@ pub async fn agent_move(
     )?;
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let target = Watched {
-        inner: LocalIncoming::new(wrapper, dir.to_owned(), (fabric.nodes[to].addr, INCOMING_PORT).into()),
+        inner: LocalIncoming::new(
+            wrapper,
+            template.clone(),
+            dir.to_owned(),
+            (fabric.nodes[to].addr, INCOMING_PORT).into(),
+        ),
         events: std::sync::Mutex::new(None),
     };
     let mut source_events = client.events();
-    let done = carry_out(order, "bench", &client, base, &target, config, |_, _| {})
+    let done = carry_out(order, "bench", &client, machine, &target, config, |_, _| {})
         .await
         .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))
         .with_context(|| source.logs())?;
@@ -411,12 +427,17 @@ pub async fn grow(vm: &GuestVm) -> anyhow::Result<()> {
 /// A move to the other node with its link to the switch down: the migration
 /// cannot connect, our deadline cancels it, the target is killed, and the
 /// guest still runs on the source. The link comes back afterwards.
-async fn cut_network_move(fabric: &Fabric, vm: &mut Running, dir: &Path) -> anyhow::Result<()> {
+async fn cut_network_move(
+    fabric: &Fabric,
+    vm: &mut Running,
+    template: &Template,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let to = (vm.node() + 1) % fabric.nodes.len();
     eprintln!("    a move to node {to} with its network cut (must fail)");
     fabric.set_link(to, false)?;
     let config = MigrationConfig { timeout_ms: 3_000, ..MigrationConfig::default() };
-    let attempt = agent_move(fabric, vm, to, &config, &dir.join("vm-cut"), 1).await;
+    let attempt = agent_move(fabric, vm, to, (&config, template), &dir.join("vm-cut"), 1).await;
     fabric.set_link(to, true)?;
     match attempt {
         Ok(_) => bail!("a move to node {to} succeeded with its network cut"),
@@ -515,8 +536,9 @@ async fn scenario(
     // Let the client run a while on the first node.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let config = MigrationConfig::default();
+    let template = template(image);
     if a.break_network {
-        cut_network_move(fabric, &mut vm, dir).await?;
+        cut_network_move(fabric, &mut vm, &template, dir).await?;
     }
     let mut moves = Vec::new();
     for i in 0..a.moves {
@@ -524,7 +546,8 @@ async fn scenario(
         eprintln!("    move {}: node {} -> node {to}", i + 1, vm.node());
         let order = u64::from(i) + 2;
         let (target, figures) =
-            agent_move(fabric, &mut vm, to, &config, &dir.join(format!("vm-{}", i + 1)), order).await?;
+            agent_move(fabric, &mut vm, to, (&config, &template), &dir.join(format!("vm-{}", i + 1)), order)
+                .await?;
         vm = target;
         moves.push(figures);
         let after = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;

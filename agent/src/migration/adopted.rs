@@ -31,7 +31,41 @@ pub struct AdoptedRecord {
     /// Set once it was resumed here: a guest found paused after that was
     /// paused by someone else, and stays so.
     pub resumed: bool,
+    /// The node it came from (empty in records written before it was kept).
+    #[serde(default)]
+    pub source_node: String,
     pub spec: VmSpec,
+}
+
+/// What a restart found of the VMs taken in.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Their QEMU runs them (or holds them paused on purpose): adopted.
+    pub running: Vec<AdoptedRecord>,
+    /// Their QEMU is gone (no QMP socket). The guest may have run here, so
+    /// the order is remembered as such (the caller writes its tombstone,
+    /// then removes the record with [`forget_record`]).
+    pub gone: Vec<AdoptedRecord>,
+    /// Their incoming stream failed before the guest was ever resumed
+    /// here: the QEMU was killed and the record removed; the source holds
+    /// the guest, and may resume it.
+    pub never_ran: Vec<AdoptedRecord>,
+    /// Their QEMU is there but could not be brought up: left alone, record
+    /// kept, for a person to look at; never killed, since the guest may
+    /// have run there and nowhere else may hold it now.
+    pub stuck: Vec<AdoptedRecord>,
+}
+
+/// Removes the record of the VM `r` names.
+pub fn forget_record(dir: &Path, r: &AdoptedRecord) {
+    let _ = std::fs::remove_file(record_path(dir, &r.spec.id));
+}
+
+impl Recovered {
+    /// Every record whose QEMU must be left running.
+    pub fn kept(&self) -> Vec<AdoptedRecord> {
+        self.running.iter().chain(&self.stuck).cloned().collect()
+    }
 }
 
 /// Why a VM confirmed here before a restart cannot be taken in again.
@@ -63,11 +97,11 @@ pub fn persist(dir: &Path, r: &AdoptedRecord) -> Result<(), super::RecordError> 
         .map_err(|source| super::RecordError { path, source })
 }
 
-/// The VMs recorded in `dir` whose QEMU still runs them (a confirmed guest
-/// a restart caught paused before its resume is resumed first). The
-/// records of the others go, and their QEMUs are killed.
-pub async fn recover(dir: &Path) -> Vec<AdoptedRecord> {
-    let mut records = Vec::new();
+/// The VMs recorded in `dir`, sorted by what became of their QEMU (see
+/// [`Recovered`]); a confirmed guest a restart caught paused before its
+/// resume is resumed first.
+pub async fn recover(dir: &Path) -> Recovered {
+    let mut out = Recovered::default();
     for path in json_files(dir) {
         let record = std::fs::read(&path)
             .map_err(|e| e.to_string())
@@ -80,23 +114,37 @@ pub async fn recover(dir: &Path) -> Vec<AdoptedRecord> {
             }
         };
         if !Path::new(&r.spec.qmp).exists() {
-            info!(vm = %r.spec.id, "a VM taken in earlier is gone (no QMP socket); forgetting it");
-            let _ = std::fs::remove_file(&path);
+            info!(vm = %r.spec.id, order = r.order_id, "a VM taken in earlier is gone (no QMP socket)");
+            out.gone.push(r);
             continue;
         }
         match bring_up(&r).await {
-            Ok(()) => records.push(r),
-            Err(e) => {
-                let why = super::reason(&e);
-                warn!(vm = %r.spec.id, order = r.order_id, "a VM confirmed here does not run: {why}; its QEMU is killed");
+            Ok(()) => out.running.push(r),
+            // Paused since its start (-S) and never resumed: the guest never
+            // ran here, and this QEMU holds no complete copy of it.
+            Err(BringUpError::StreamFailed) if !r.resumed => {
+                warn!(vm = %r.spec.id, order = r.order_id, "a VM confirmed here lost its stream before it ever ran; its QEMU is killed");
                 if let Some(dir) = Path::new(&r.spec.qmp).parent() {
                     kill_unconfirmed(dir);
                 }
                 let _ = std::fs::remove_file(&path);
+                out.never_ran.push(r);
+            }
+            Err(e) => {
+                let why = super::reason(&e);
+                tracing::error!(
+                    vm = %r.spec.id, order = r.order_id,
+                    "a VM confirmed here cannot be brought up: {why}; its QEMU ({}) is left alone and the \
+                     order still answers that the guest ran here. Look at it: resume it with QMP `cont`, or \
+                     make sure no copy of the guest is needed and remove {}",
+                    r.spec.qmp,
+                    path.display()
+                );
+                out.stuck.push(r);
             }
         }
     }
-    records
+    out
 }
 
 /// Kills the incoming QEMUs under `incoming_dir` that none of `kept` runs

@@ -5,10 +5,12 @@
 //! The source:
 //! - [`MoveState`]: the lifecycle of one move with its one transition
 //!   function; what the allocator hears follows from it ([`MoveState::report`]).
-//! - [`command_line`]: the VM's base QEMU command line, read from the source
-//!   QEMU's `/proc/<pid>/cmdline` with everything that belongs to this
-//!   process only (QMP socket, `-incoming`, devices added by hotplug or by an
-//!   earlier move) taken out (pure, tested on captured lines).
+//! - [`machine`]: the VM as typed, bounded data ([`machine::MachineSpec`]),
+//!   all a target gets to build its QEMU from; [`command_line`] and
+//!   [`machine_from_args`] describe the source's QEMU that way from its
+//!   `/proc/<pid>/cmdline`, refusing what cannot be described (pure).
+//! - [`stream_uri`]: the only stream URI the source hands QEMU,
+//!   `tcp:<the target agent's address>:<port>` (pure).
 //! - [`target`]: the narrow boundary to whoever starts the incoming QEMU
 //!   ([`target::IncomingTarget`]), and [`target::LocalIncoming`], which starts
 //!   it on this host (the target agent's executor, and the tests').
@@ -24,7 +26,11 @@
 //!
 //! The target:
 //! - [`target_state`]: an order's lifecycle on the target (starting,
-//!   prepared, confirming, running) and the authorised orders (pure).
+//!   prepared, confirming, running), its source node, and the authorised
+//!   orders, each good for one prepare by that node (pure).
+//! - [`template`]: the incoming QEMU's command line from this node's
+//!   template and the VM's spec (pure).
+//! - [`tombstones`]: orders confirmed here, remembered for good.
 //! - [`target_node`]: starts an incoming QEMU only under an order the
 //!   allocator pushed to this node, resumes the guest on the source's
 //!   confirm, and adopts the VM once it runs here; [`adopted`]: what of that
@@ -35,15 +41,21 @@
 
 pub mod adopted;
 pub mod command_line;
+pub mod machine;
+pub mod machine_from_args;
 pub mod mover;
 pub mod recovery;
 pub mod remote;
 pub mod service;
 pub mod settings;
 pub mod source;
+pub mod stream_tls;
+pub mod stream_uri;
 pub mod target;
 pub mod target_node;
 pub mod target_state;
+pub mod template;
+pub mod tombstones;
 
 use crate::qmp::migrate::MigrateError;
 use vmscale_proto::allocator::migration_status::Phase;
@@ -123,10 +135,14 @@ pub enum MoveError {
     NotQuiet(std::time::Duration),
     #[error("cannot read the source vm's command line")]
     CommandLine(#[from] command_line::CommandLineError),
+    #[error("cannot describe the vm for the target")]
+    Describe(#[source] machine_from_args::ArgsError),
     #[error("cannot ask the source qemu whether the guest runs")]
     SourceStatus(#[source] MigrateError),
     #[error("no way to the target agent")]
     Target(#[source] target::IncomingError),
+    #[error("cannot set the stream's tls up (migration.tls needs the agent's [tls] files)")]
+    StreamTls(#[source] Option<stream_tls::StreamTlsError>),
     #[error("cannot record the move")]
     NotRecorded(#[source] RecordError),
     #[error("the target qemu did not start")]

@@ -21,18 +21,22 @@ use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::migration_status::Phase;
 
-use super::command_line::read_qemu_base_args;
+use super::command_line::read_machine;
 use super::recovery::{recovery, QemuSays, Step, TargetSays};
-use super::remote::RemoteTarget;
+use super::remote::{RemoteTarget, TargetLink};
 use super::source::{carry_out, AskAgain};
+use super::stream_tls::StreamTls;
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget};
+use super::template::Template;
 use super::MoveError;
 use crate::links::allocator::{Registry, Session};
+use crate::links::dial::TcpSecurity;
 use crate::qmp::migrate::{Migration, MigrationConfig, Progress};
 use crate::qmp::QmpClient;
 use crate::vm_loop::StatusMap;
 use crate::vms::VmSpec;
 use vmscale_common::error::Chain;
+use vmscale_common::tls::Tls;
 
 /// How long the VM's loop may take to finish its last action.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(15);
@@ -53,6 +57,13 @@ pub struct MoverNode {
     pub status: StatusMap,
     pub proc_root: PathBuf,
     pub transfer: MigrationConfig,
+    /// This node's `[migration]` directories, which name the VM's files.
+    pub template: Template,
+    /// This agent's `[tls]` (read at every move, so a renewed certificate
+    /// is used from the next move on), or plain text if `insecure`.
+    pub security: TcpSecurity,
+    /// Streams go over QEMU's TLS (`migration.tls`).
+    pub stream_tls: bool,
     pub state_dir: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -146,6 +157,27 @@ pub fn unsettled(state_dir: &Path) -> Vec<MoveRecord> {
 }
 
 impl MoverNode {
+    /// Sets the source QEMU's next stream up: over TLS to `target`'s QEMU
+    /// when `migration.tls` says so, else plain (clearing an earlier setup).
+    async fn stream_tls(&self, client: &QmpClient, target: &str) -> Result<(), MoveError> {
+        let tls = if self.stream_tls {
+            let files = self.security.tls.as_ref().ok_or(MoveError::StreamTls(None))?;
+            let dir = self.state_dir.join("qemu-tls");
+            super::stream_tls::write_creds_dir(files, &dir).map_err(|e| MoveError::StreamTls(Some(e)))?;
+            Some(StreamTls { dir, peer_node: target.to_owned() })
+        } else {
+            None
+        };
+        super::stream_tls::apply(client, super::stream_tls::source_commands(tls.as_ref()))
+            .await
+            .map_err(|e| MoveError::StreamTls(Some(e)))
+    }
+
+    /// The `[tls]` files read now, if set.
+    fn tls(&self) -> Result<Option<Tls>, IncomingError> {
+        self.security.tls.as_ref().map(Tls::load).transpose().map_err(IncomingError::Tls)
+    }
+
     /// Only while the VM has a status entry: one that left keeps none.
     fn set_status(&self, vm: &str, what: Option<String>) {
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,11 +296,14 @@ impl MoverNode {
         if tokio::time::timeout(QUIET_TIMEOUT, quiet.wait_for(|q| *q)).await.is_err() {
             return Err(MoveError::NotQuiet(QUIET_TIMEOUT));
         }
-        let base = read_qemu_base_args(&vm.client, &self.proc_root).await?;
+        let machine = read_machine(&vm.client, &self.proc_root, &self.template).await?;
         let source_running =
             Migration::new(vm.client.clone()).run_status().await.map_err(MoveError::SourceStatus)?.running;
-        let target =
-            RemoteTarget::new(&order.target_endpoint, id, vm.spec.clone()).map_err(MoveError::Target)?;
+        let tls = self.tls().map_err(MoveError::Target)?;
+        self.stream_tls(&vm.client, &order.target_node).await?;
+        let link =
+            TargetLink { endpoint: &order.target_endpoint, node: &order.target_node, tls: tls.as_ref() };
+        let target = RemoteTarget::new(link, id, vm.spec.clone()).map_err(MoveError::Target)?;
         let record = MoveRecord {
             order_id: id,
             vm: order.vm_id.clone(),
@@ -300,7 +335,7 @@ impl MoverNode {
             }
         };
         let mover = async {
-            let r = carry_out(id, &order.vm_id, &vm.client, base, &recorded, &self.transfer, |p, why| {
+            let r = carry_out(id, &order.vm_id, &vm.client, machine, &recorded, &self.transfer, |p, why| {
                 let _ = tx.send((p, why.to_owned()));
             })
             .await;
@@ -347,7 +382,12 @@ impl IncomingTarget for Recorded<'_> {
 /// [`recovery`] says; the record is gone afterwards. After a confirm it
 /// waits, asking, until the target can say whether the guest runs there.
 pub async fn recover(node: &MoverNode, r: &MoveRecord) -> Ended {
-    let target = match RemoteTarget::new(&r.target_endpoint, r.order_id, r.spec.clone()) {
+    let tls = node.tls().unwrap_or_else(|e| {
+        warn!(order = r.order_id, "{}", super::reason(&e));
+        None
+    });
+    let link = TargetLink { endpoint: &r.target_endpoint, node: &r.target_node, tls: tls.as_ref() };
+    let target = match RemoteTarget::new(link, r.order_id, r.spec.clone()) {
         Ok(t) => Some(t),
         Err(e) => {
             warn!(order = r.order_id, "bad target endpoint in the move record: {}", super::reason(&e));

@@ -27,6 +27,9 @@ fn harness(session: Option<Arc<ScriptedSession>>) -> Harness {
         status: Default::default(),
         proc_root: dir.path().join("proc"),
         transfer: MigrationConfig::default(),
+        template: crate::migration::settings::MigrationSettings::default().template(),
+        security: crate::links::dial::TcpSecurity { tls: None, insecure: true },
+        stream_tls: false,
         state_dir: dir.path().to_owned(),
         metrics: Arc::default(),
     };

@@ -10,6 +10,8 @@ use vmscale_proto::migration::migration_target_client::MigrationTargetClient;
 
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget};
 use crate::vms::VmSpec;
+use std::net::IpAddr;
+use vmscale_common::tls::{Identity, Tls};
 
 /// How long an abort may take before the source gives up on it.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -30,20 +32,58 @@ pub struct RemoteTarget {
     client: MigrationTargetClient<Channel>,
 }
 
+/// The target node of an order and how to reach its agent.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetLink<'a> {
+    pub endpoint: &'a str,
+    pub node: &'a str,
+    /// With TLS, the target's certificate must name `node`
+    /// (`Identity::Node`); without, anyone at `endpoint` is believed.
+    pub tls: Option<&'a Tls>,
+}
+
 impl RemoteTarget {
     /// Connects lazily: a target that cannot be reached fails `prepare`.
-    pub fn new(endpoint: &str, order_id: u64, spec: VmSpec) -> Result<Self, IncomingError> {
-        let channel = Channel::from_shared(endpoint.to_owned())
+    pub fn new(link: TargetLink<'_>, order_id: u64, spec: VmSpec) -> Result<Self, IncomingError> {
+        let endpoint = link.endpoint;
+        let bad = |why: &str| IncomingError::BadUrl {
+            endpoint: super::stream_uri::shown(endpoint),
+            why: why.to_owned(),
+        };
+        let mut channel = Channel::from_shared(endpoint.to_owned())
             .map_err(|source| IncomingError::BadEndpoint { endpoint: endpoint.to_owned(), source })?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
+            .timeout(CALL_TIMEOUT);
+        match (link.tls, endpoint.starts_with("https://")) {
+            (Some(tls), true) => {
+                channel = channel
+                    .tls_config(tls.client_config(&Identity::Node(link.node.to_owned())))
+                    .map_err(|e| bad(&e.to_string()))?;
+            }
+            (Some(_), false) => return Err(bad("this agent has [tls]: the target must be https://")),
+            (None, true) => return Err(bad("https:// needs [tls] on this agent")),
+            (None, false) => {}
+        }
         Ok(Self {
             endpoint: endpoint.to_owned(),
             order_id,
             spec,
-            client: MigrationTargetClient::new(channel),
+            client: MigrationTargetClient::new(channel.connect_lazy()),
         })
+    }
+
+    /// The addresses the calls to the target agent go to: the stream must
+    /// go to one of them.
+    async fn target_ips(&self) -> Vec<IpAddr> {
+        let Ok(uri) = self.endpoint.parse::<tonic::codegen::http::Uri>() else { return Vec::new() };
+        let Some(host) = uri.host() else { return Vec::new() };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return vec![ip];
+        }
+        let port = uri.port_u16().unwrap_or(443);
+        let found = tokio::net::lookup_host(format!("{host}:{port}")).await;
+        found.map(|addrs| addrs.map(|a| a.ip()).collect()).unwrap_or_default()
     }
 
     fn why(&self, s: &tonic::Status) -> IncomingError {
@@ -57,6 +97,7 @@ impl RemoteTarget {
 
 /// What the target gets in `PrepareRequest.handoff_json`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WireHandoff {
     pub handoff: Handoff,
     pub vm: VmSpec,
@@ -69,7 +110,11 @@ impl IncomingTarget for RemoteTarget {
         let handoff_json = serde_json::to_string(&wire).map_err(IncomingError::Encode)?;
         let req = pb::PrepareRequest { order_id: self.order_id, vm_id: handoff.vm_id.clone(), handoff_json };
         let r = self.client.clone().prepare(req).await.map_err(|s| self.why(&s))?;
-        Ok(r.into_inner().uri)
+        // From the network: QEMU would run an `exec:` URI with /bin/sh.
+        let uri = r.into_inner().uri;
+        let addr =
+            super::stream_uri::check(&uri, &self.target_ips().await).map_err(IncomingError::StreamUri)?;
+        Ok(crate::qmp::migrate::tcp_uri(addr))
     }
 
     async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {
@@ -131,8 +176,9 @@ mod tests {
     async fn a_confirm_to_an_agent_that_is_down_was_never_delivered() {
         // A port nobody listens on: the connection is refused.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let t =
-            RemoteTarget::new(&format!("http://127.0.0.1:{port}"), 3, crate::vms::tests::spec("vm")).unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let link = TargetLink { endpoint: &endpoint, node: "b", tls: None };
+        let t = RemoteTarget::new(link, 3, crate::vms::tests::spec("vm")).unwrap();
         let e = t.confirm(Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(e, ConfirmError::NotDelivered(_)), "{e:?}");
         assert!(matches!(t.abort().await, AfterAbort::Unknown(_)));

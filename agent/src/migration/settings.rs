@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::template::Template;
 use crate::qmp::migrate::{ConfigError as TransferError, MigrationConfig};
 
 /// A `[migration]` setting that cannot work; the message names the setting
@@ -25,7 +26,16 @@ pub enum SettingsError {
     AdvertiseWithoutListen,
     #[error("migration.confirm_grace_ms must be above zero")]
     NoConfirmGrace,
+    #[error("migration.tap_prefix = {0:?} must be 1-{MAX_TAP_PREFIX} of [A-Za-z0-9_-]")]
+    TapPrefix(String),
+    #[error("migration.{0} must be an absolute path")]
+    RelativeDir(&'static str),
+    #[error("migration.tombstone_max_age_days must be 1..=36500")]
+    TombstoneAge,
 }
+
+/// Leaves room in the 15 bytes of a tap's name.
+const MAX_TAP_PREFIX: usize = 12;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +60,30 @@ pub struct MigrationSettings {
     /// transfer timeout before it kills an incoming QEMU by itself, ms.
     /// Default 30000.
     pub confirm_grace_ms: u64,
+    /// Run incoming QEMUs with `-sandbox on,...` (QEMU's seccomp filter).
+    /// Default true.
+    pub sandbox: bool,
+    /// Where the kernels and initrds of VMs booted directly are, on this
+    /// node: a moving VM's files are named relative to it. Default none (such
+    /// VMs neither leave nor come).
+    pub image_dir: Option<PathBuf>,
+    /// Where the VMs' disk files are, on this node. Default none.
+    pub disk_dir: Option<PathBuf>,
+    /// Where the VMs' vhost-user vsock sockets are, on this node. Default none.
+    pub vsock_dir: Option<PathBuf>,
+    /// The taps a VM taken in may use start with this. Default `vm`.
+    pub tap_prefix: String,
+    /// Whether a VM taken in may have the read-only 9p share of the host's
+    /// root (test guests run host programs through it). Default false.
+    pub host_root_share: bool,
+    /// QEMU's own TLS on the migration stream (`tls-creds-x509`, the
+    /// target's `tls-authz` naming the order's source node). Default: on
+    /// when the agent has `[tls]`. On without `[tls]`, moves fail.
+    pub tls: Option<bool>,
+    /// How long the target remembers an order whose guest was confirmed
+    /// here (so that it never tells the source "none" for it), days.
+    /// Default 30.
+    pub tombstone_max_age_days: u64,
 }
 
 impl Default for MigrationSettings {
@@ -62,6 +96,14 @@ impl Default for MigrationSettings {
             state_dir: PathBuf::from("/var/lib/vmscale/migration"),
             transfer: MigrationConfig::default(),
             confirm_grace_ms: 30_000,
+            sandbox: true,
+            image_dir: None,
+            disk_dir: None,
+            vsock_dir: None,
+            tap_prefix: "vm".to_owned(),
+            host_root_share: false,
+            tombstone_max_age_days: 30,
+            tls: None,
         }
     }
 }
@@ -85,16 +127,59 @@ impl MigrationSettings {
         if self.confirm_grace_ms == 0 {
             return Err(SettingsError::NoConfirmGrace);
         }
+        if !super::machine::is_plain_name(&self.tap_prefix, MAX_TAP_PREFIX) || self.tap_prefix.contains('.') {
+            return Err(SettingsError::TapPrefix(self.tap_prefix.clone()));
+        }
+        if !(1..=36_500).contains(&self.tombstone_max_age_days) {
+            return Err(SettingsError::TombstoneAge);
+        }
+        for (name, dir) in
+            [("image_dir", &self.image_dir), ("disk_dir", &self.disk_dir), ("vsock_dir", &self.vsock_dir)]
+        {
+            if dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+                return Err(SettingsError::RelativeDir(name));
+            }
+        }
         Ok(())
+    }
+
+    /// What this node puts on the command line of the QEMUs it takes VMs in
+    /// with, and where it finds the files their specs name.
+    pub fn template(&self) -> Template {
+        Template {
+            sandbox: self.sandbox,
+            image_dir: self.image_dir.clone(),
+            disk_dir: self.disk_dir.clone(),
+            vsock_dir: self.vsock_dir.clone(),
+            tap_prefix: self.tap_prefix.clone(),
+            host_root_share: self.host_root_share,
+        }
     }
 
     /// What the hello tells the allocator: empty when no VMs are taken in.
     pub fn endpoint(&self) -> String {
+        self.endpoint_for(false)
+    }
+
+    /// [`Self::endpoint`] with `https://` by default when the agent has `[tls]`.
+    pub fn endpoint_for(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
         match (self.listen, &self.advertise) {
             (None, _) => String::new(),
             (Some(_), Some(a)) => a.clone(),
-            (Some(l), None) => format!("http://{l}"),
+            (Some(l), None) => format!("{scheme}://{l}"),
         }
+    }
+
+    /// Whether streams go over QEMU's TLS, for an agent with (`has_tls`)
+    /// or without `[tls]`.
+    pub fn stream_tls(&self, has_tls: bool) -> bool {
+        self.tls.unwrap_or(has_tls)
+    }
+
+    /// Where QEMU reads this node's certificate for the stream's TLS.
+    pub fn qemu_tls_dir(&self) -> PathBuf {
+        self.state_dir.join("qemu-tls")
     }
 
     /// The address incoming QEMUs listen on.
@@ -149,5 +234,9 @@ mod tests {
         let e = parse("[transfer]\nmax_bandwidth_bytes_per_s = 0").validate().unwrap_err();
         assert_eq!(e.to_string(), "migration max_bandwidth_bytes_per_s must be above zero");
         assert!(toml::from_str::<MigrationSettings>("lissen = \"x\"").is_err());
+        let e = parse("tap_prefix = \"vm,script=x\"").validate().unwrap_err();
+        assert!(e.to_string().contains("migration.tap_prefix"), "{e}");
+        let e = parse("disk_dir = \"disks\"").validate().unwrap_err();
+        assert_eq!(e, SettingsError::RelativeDir("disk_dir"));
     }
 }

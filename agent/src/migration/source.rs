@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use vmscale_proto::allocator::migration_status::Phase;
 
+use super::machine::MachineSpec;
 use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use super::{MoveError, MoveState};
-use crate::qmp::migrate::{Migration, MigrationConfig, MigrationInfo, RunState};
+use crate::qmp::migrate::{MigrateError, Migration, MigrationConfig, MigrationInfo, RunState};
 use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
 use crate::qmp::QmpClient;
 use vmscale_common::error::Chain;
@@ -55,13 +56,13 @@ pub async fn carry_out(
     order_id: u64,
     vm_id: &str,
     source: &QmpClient,
-    base_args: Vec<String>,
+    machine: MachineSpec,
     target: &dyn IncomingTarget,
     config: &MigrationConfig,
     mut report: impl FnMut(Phase, &str),
 ) -> Result<MoveReport, MoveError> {
     let mut run = Run { state: MoveState::Ordered, report: &mut report };
-    let result = attempt(order_id, vm_id, source, base_args, target, config, &mut run).await;
+    let result = attempt(order_id, vm_id, source, machine, target, config, &mut run).await;
     match &result {
         Ok(_) => run.enter(MoveState::Completed, ""),
         Err(e) => {
@@ -93,19 +94,27 @@ async fn attempt<R: FnMut(Phase, &str)>(
     order_id: u64,
     vm_id: &str,
     source: &QmpClient,
-    base_args: Vec<String>,
+    machine: MachineSpec,
     target: &dyn IncomingTarget,
     config: &MigrationConfig,
     run: &mut Run<'_, R>,
 ) -> Result<MoveReport, MoveError> {
     run.enter(MoveState::Preparing, "");
     let devices = read_spec(source).await?;
+    let machine = MachineSpec { devices: devices.clone(), ..machine };
+    // Checked here too: a move the target would refuse fails before it starts.
+    machine.validate().map_err(|e| MoveError::Describe(e.into()))?;
     let out = Migration::new(source.clone());
+    // As the source's QEMU is set up (`super::stream_tls`): the target
+    // checks it against its own.
+    let params: serde_json::Value =
+        source.execute("query-migrate-parameters", None).await.map_err(MigrateError::from)?;
+    let stream_tls = params["tls-creds"].as_str().is_some_and(|c| !c.is_empty());
     let handoff = Handoff {
         order_id,
         vm_id: vm_id.to_owned(),
-        base_args,
-        devices: devices.clone(),
+        machine,
+        stream_tls,
         config: config.clone(),
         source_running: out.run_status().await?.running,
     };

@@ -11,23 +11,29 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
+use super::machine::MachineSpec;
+use super::stream_tls::StreamTls;
+use super::template::{incoming_command_line, IncomingFiles, Template, TemplateError, STREAM_FD};
 use crate::qmp::migrate::{nap, tcp_uri, MigrateError, Migration, MigrationConfig, Progress};
-use crate::qmp::migrate_spec::DeviceSpec;
 use crate::qmp::{ClientConfig, Endpoint, QmpClient};
 
 /// How long a starting target QEMU may take to open its QMP socket.
 const QMP_WAIT: Duration = Duration::from_secs(15);
 
-/// What the source hands the target: enough to start the same VM.
+/// What the source hands the target: enough to start the same VM, as data
+/// (no command line: the target builds its own, see [`super::template`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Handoff {
     pub order_id: u64,
     pub vm_id: String,
-    /// The VM's base command line (see [`super::command_line`]).
-    pub base_args: Vec<String>,
-    /// The source's vCPUs, DIMMs and virtio-mem sizes now.
-    pub devices: DeviceSpec,
+    /// The VM's machine with its vCPUs, DIMMs and virtio-mem sizes now.
+    pub machine: MachineSpec,
     pub config: MigrationConfig,
+    /// Whether the source's QEMU sends the stream over TLS (a target with
+    /// TLS on refuses to take it in plain text).
+    #[serde(default)]
+    pub stream_tls: bool,
     /// Whether the guest ran on the source: a paused VM stays paused.
     #[serde(default = "running_by_default")]
     pub source_running: bool,
@@ -64,6 +70,10 @@ pub enum IncomingError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start this vm here")]
+    Spec(#[from] TemplateError),
+    #[error("cannot set up the stream's tls")]
+    StreamTls(#[from] super::stream_tls::StreamTlsError),
     #[error("cannot run {}", binary.display())]
     Spawn {
         binary: PathBuf,
@@ -74,6 +84,12 @@ pub enum IncomingError {
     Exited { status: std::process::ExitStatus, log: String },
     #[error("no qmp from the target qemu within {after:?}: {log}")]
     NoQmp { after: Duration, log: String },
+    #[error("cannot listen for the stream on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the target qemu does not listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -100,6 +116,12 @@ pub enum IncomingError {
         #[source]
         source: tonic::codegen::http::uri::InvalidUri,
     },
+    #[error("the target endpoint {endpoint} cannot be used: {why}")]
+    BadUrl { endpoint: String, why: String },
+    #[error("cannot read this agent's [tls] files")]
+    Tls(#[source] vmscale_common::tls::TlsError),
+    #[error("the target agent's answer is refused")]
+    StreamUri(#[source] super::stream_uri::StreamUriError),
     #[error("cannot encode the handoff")]
     Encode(#[source] serde_json::Error),
     /// The source could not write down that it sends the confirm, so it
@@ -177,6 +199,9 @@ impl Drop for Owned {
 #[derive(Debug)]
 pub struct LocalIncoming {
     binary: PathBuf,
+    template: Template,
+    /// QEMU's TLS on the stream, taken only from this peer node.
+    stream_tls: Option<StreamTls>,
     dir: PathBuf,
     listen: SocketAddr,
     running: Mutex<Option<(Owned, Migration)>>,
@@ -187,10 +212,27 @@ pub struct LocalIncoming {
 }
 
 impl LocalIncoming {
-    /// `dir` gets the QMP socket, QEMU's pid file and its log; `listen` is
-    /// this node's address for the migration stream.
-    pub fn new(binary: PathBuf, dir: PathBuf, listen: SocketAddr) -> Self {
-        Self { binary, dir, listen, running: Mutex::new(None), resume: true.into(), adopted: false.into() }
+    /// `binary` runs with the command line `template` makes of the VM's
+    /// spec; `dir` gets the QMP socket, QEMU's pid file, its log and
+    /// console; `listen` is this node's address for the migration stream
+    /// (port 0: any free port, bound here and handed to QEMU).
+    pub fn new(binary: PathBuf, template: Template, dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            binary,
+            template,
+            stream_tls: None,
+            dir,
+            listen,
+            running: Mutex::new(None),
+            resume: true.into(),
+            adopted: false.into(),
+        }
+    }
+
+    /// The stream arrives over QEMU's TLS, from `tls.peer_node` only.
+    pub fn with_stream_tls(mut self, tls: Option<StreamTls>) -> Self {
+        self.stream_tls = tls;
+        self
     }
 
     /// The QMP endpoint of the incoming QEMU (for the agent to adopt it).
@@ -233,31 +275,53 @@ impl LocalIncoming {
         owned.release()
     }
 
-    async fn start(&self, handoff: &Handoff) -> Result<(Owned, Migration), IncomingError> {
+    /// Starts the QEMU with the stream's listener, bound here, as its file
+    /// descriptor [`STREAM_FD`]: no port is probed and given back, so no
+    /// other process can take it between a probe and QEMU's own bind.
+    async fn start(&self, handoff: &Handoff) -> Result<(Owned, Migration, SocketAddr), IncomingError> {
         fn files(path: &Path) -> impl FnOnce(std::io::Error) -> IncomingError + '_ {
             move |source| IncomingError::Files { path: path.to_owned(), source }
         }
-        std::fs::create_dir_all(&self.dir).map_err(files(&self.dir))?;
         let qmp = self.dir.join("qmp.sock");
+        let incoming = IncomingFiles {
+            qmp: qmp.clone(),
+            pid_file: Self::pid_file(&self.dir),
+            console: self.dir.join("console.log"),
+            tls: self.stream_tls.clone(),
+        };
+        // Built before anything is touched: a spec this node cannot start
+        // changes nothing.
+        let args = incoming_command_line(&self.template, &handoff.machine, &incoming)?;
+        std::fs::create_dir_all(&self.dir).map_err(files(&self.dir))?;
         let _ = std::fs::remove_file(&qmp);
         let log_path = self.dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(files(&log_path))?;
         let log2 = log.try_clone().map_err(files(&log_path))?;
-        // -S: the guest stays paused after the stream until confirm resumes
+        let listener = std::net::TcpListener::bind(self.listen)
+            .map_err(|source| IncomingError::Bind { addr: self.listen, source })?;
+        let addr =
+            listener.local_addr().map_err(|source| IncomingError::Bind { addr: self.listen, source })?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // The guest stays paused (-S) after the stream until confirm resumes
         // it, so the target never runs it unless the source agent says so.
-        let child = Command::new(&self.binary)
-            .args(&handoff.base_args)
-            .args(handoff.devices.qemu_args())
-            .args(["-S", "-incoming", "defer", "-pidfile"])
-            .arg(Self::pid_file(&self.dir))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| IncomingError::Spawn { binary: self.binary.clone(), source })?;
+        let mut command = Command::new(&self.binary);
+        command.args(args).stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
+        // SAFETY: runs in the forked child before exec, and calls only
+        // dup2(2), which is async-signal-safe; `fd` stays open in the parent
+        // (`listener` lives past `spawn`). dup2 leaves the copy without
+        // FD_CLOEXEC, so QEMU inherits exactly this one descriptor.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, STREAM_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child =
+            command.spawn().map_err(|source| IncomingError::Spawn { binary: self.binary.clone(), source })?;
+        // QEMU holds its own copy now.
+        drop(listener);
         let mut owned = Owned { child: Some(child) };
         let deadline = tokio::time::Instant::now() + QMP_WAIT;
         let client = loop {
@@ -277,15 +341,13 @@ impl LocalIncoming {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let incoming = Migration::new(client);
-        let listen = async {
-            incoming.configure(&handoff.config).await?;
-            incoming.listen(&tcp_uri(self.listen)).await
-        };
-        if let Err(source) = listen.await {
+        // QEMU listens from its start (`-incoming` on its command line); the
+        // source connects only once this prepare has answered.
+        if let Err(source) = incoming.configure(&handoff.config).await {
             owned.kill().await;
-            return Err(IncomingError::Listen { addr: self.listen, source });
+            return Err(IncomingError::Listen { addr, source });
         }
-        Ok((owned, incoming))
+        Ok((owned, incoming, addr))
     }
 }
 
@@ -296,10 +358,10 @@ impl IncomingTarget for LocalIncoming {
         if running.is_some() {
             return Err(IncomingError::AlreadyRunning);
         }
-        let started = self.start(handoff).await?;
+        let (owned, incoming, addr) = self.start(handoff).await?;
         self.resume.store(handoff.source_running, std::sync::atomic::Ordering::Relaxed);
-        *running = Some(started);
-        Ok(tcp_uri(self.listen))
+        *running = Some((owned, incoming));
+        Ok(tcp_uri(addr))
     }
 
     async fn confirm(&self, timeout: Duration) -> Result<(), ConfirmError> {

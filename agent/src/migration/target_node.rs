@@ -17,14 +17,21 @@ use tracing::{error, info, warn};
 
 use super::adopted::{self, AdoptedRecord};
 use super::settings::MigrationSettings;
+use super::stream_tls::StreamTls;
 use super::target::{Handoff, IncomingError, IncomingTarget, LocalIncoming};
-use super::target_state::{Authorised, Move, Moves, TargetState};
+use super::target_state::{Authorised, Caller, Move, Moves, Refusal, TargetState};
+use super::tombstones::{self, Tombstone};
 use crate::vms::VmSpec;
+use vmscale_common::tls::TlsFiles;
 
 /// How long a prepare waits for the allocator's copy of its order: the
 /// allocator pushes the order to both agents at once, and the source's call
 /// may overtake the target's copy by a moment.
 const AUTHORISATION_WAIT: Duration = Duration::from_secs(3);
+
+/// The longest a stream may take as a source asks, before its incoming
+/// QEMU is killed unconfirmed (plus `migration.confirm_grace_ms`).
+const MAX_STREAM_WAIT: Duration = Duration::from_secs(3600);
 
 /// What a prepared order holds until it is confirmed or thrown away: the
 /// spec the VM is scaled by once it runs here, and its paused QEMU.
@@ -49,22 +56,35 @@ pub enum TargetError {
          {order} and vm {vm:?}"
     )]
     Mismatch { handoff_order: u64, handoff_vm: String, spec_vm: String, order: u64, vm: String },
+    #[error("the source sends the stream {} and this node takes it only {}", tls_word(*theirs), tls_word(!*theirs))]
+    StreamTls { theirs: bool },
+    #[error("migration.tls is on and this agent has no [tls] files")]
+    NoTlsFiles,
+    #[error("the handoff is {0} bytes, more than any vm needs")]
+    HandoffSize(usize),
     #[error("{0}")]
     BadSpec(String),
+    #[error("the vm's machine is refused")]
+    BadMachine(#[source] super::machine::SpecError),
+    #[error("the transfer settings are refused")]
+    BadTransfer(#[source] crate::qmp::migrate::ConfigError),
     #[error("this agent takes no vms in (no migration.listen)")]
     NotTakingVms,
-    #[error("no migration order {order} from the allocator names vm {vm:?} and this node")]
+    #[error("no migration order {order} from the allocator names vm {vm:?} and this node (or it was used)")]
     NotAuthorised { order: u64, vm: String },
+    #[error("order {order} is node {source_node}'s to carry out, and the caller is not that node")]
+    NotTheSource { order: u64, source_node: String },
+    #[error("order {0} belongs to another node")]
+    NotYours(u64),
+    #[error(
+        "order {0}'s qemu did not come back after this agent restarted, and nobody can say whether the guest \
+         runs here; the target's log says what to look at"
+    )]
+    Stuck(u64),
     #[error("order {0} was prepared already")]
     AlreadyPrepared(u64),
     #[error("vm {0:?} runs on this node already")]
     AlreadyHere(String),
-    #[error("no free port on {ip} for the stream")]
-    NoPort {
-        ip: std::net::IpAddr,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("the target qemu did not start")]
     NotStarted(#[source] IncomingError),
     #[error("no incoming qemu for order {0} (never prepared, aborted or timed out)")]
@@ -79,26 +99,45 @@ pub enum TargetError {
     NotResumed(#[source] IncomingError),
 }
 
+fn tls_word(tls: bool) -> &'static str {
+    if tls {
+        "over tls"
+    } else {
+        "in plain text"
+    }
+}
+
 /// The target side of this node's moves; shared by the gRPC service and the
 /// node supervisor.
 #[derive(Debug)]
 pub struct TargetNode {
     settings: MigrationSettings,
+    /// The agent's `[tls]`: also the stream's, laid out for QEMU.
+    tls: Option<TlsFiles>,
     moves: Mutex<Moves<Prepared>>,
     /// Watched by prepares that wait for their order.
     authorised: watch::Sender<Authorised>,
     /// VMs taken in (and read back after a restart), for the node to scale.
     adopted: watch::Sender<Vec<VmSpec>>,
+    /// Orders whose QEMU a restart could not bring up: nobody can say
+    /// whether the guest runs there until a person looks.
+    stuck: Mutex<std::collections::BTreeSet<u64>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl TargetNode {
-    pub fn new(settings: MigrationSettings, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
+    pub fn new(
+        settings: MigrationSettings,
+        tls: Option<TlsFiles>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
+            tls,
             moves: Mutex::default(),
             authorised: watch::Sender::new(Authorised::default()),
             adopted: watch::Sender::new(Vec::new()),
+            stuck: Mutex::default(),
             metrics,
         })
     }
@@ -131,9 +170,24 @@ impl TargetNode {
         self.adopted.subscribe()
     }
 
-    /// The allocator named this node the target of `order` for `vm`.
-    pub fn authorise(&self, order: u64, vm: &str) {
-        self.authorised.send_modify(|a| a.insert(order, vm));
+    /// The allocator named this node the target of `order` for `vm`, to be
+    /// prepared by the agent of node `source`.
+    pub fn authorise(&self, order: u64, vm: &str, source: &str) {
+        self.authorised.send_modify(|a| a.insert(order, vm, source));
+    }
+
+    fn tombstone_dir(&self) -> PathBuf {
+        self.settings.state_dir.join("settled")
+    }
+
+    fn ask(&self, order: u64, caller: &Caller) -> Result<(), TargetError> {
+        if !self.moves().may_ask(order, caller) {
+            return Err(TargetError::NotYours(order));
+        }
+        if self.stuck.lock().unwrap_or_else(|p| p.into_inner()).contains(&order) {
+            return Err(TargetError::Stuck(order));
+        }
+        Ok(())
     }
 
     /// The VM left this node (moved away again, or gone): its record goes.
@@ -151,39 +205,92 @@ impl TargetNode {
     /// is still there; incoming QEMUs nobody confirmed are killed. Returns
     /// how many of each.
     pub async fn recover(&self) -> (usize, usize) {
-        let records = adopted::recover(&self.adopted_dir()).await;
-        let killed = adopted::kill_unconfirmed_qemus(&self.incoming_dir(), &records);
-        for r in &records {
-            self.step(r.order_id, Some(Move::Running { vm: r.spec.id.clone() }));
+        let max_age = self.settings.tombstone_max_age_days.saturating_mul(86_400);
+        // First the orders confirmed here: whatever became of their VM, the
+        // guest ran (or may have run) here, and its source must hear so.
+        for t in tombstones::load(&self.tombstone_dir(), tombstones::now_unix_s(), max_age) {
+            self.step(t.order_id, Some(Move::Running { vm: t.vm.clone() }));
+            self.moves().set_source(t.order_id, &t.source_node);
         }
-        let n = records.len();
-        self.adopted.send_replace(records.into_iter().map(|r| r.spec).collect());
+        let recovered = adopted::recover(&self.adopted_dir()).await;
+        let killed = adopted::kill_unconfirmed_qemus(&self.incoming_dir(), &recovered.kept());
+        for r in &recovered.gone {
+            // Its QEMU may have run the guest before it went: remembered so.
+            let t = Tombstone {
+                order_id: r.order_id,
+                vm: r.spec.id.clone(),
+                source_node: r.source_node.clone(),
+                at_unix_s: tombstones::now_unix_s(),
+            };
+            let kept = self.status_of(r.order_id) == TargetState::Running
+                || tombstones::record(&self.tombstone_dir(), &t).is_ok();
+            if kept {
+                adopted::forget_record(&self.adopted_dir(), r);
+            }
+        }
+        for r in &recovered.never_ran {
+            tombstones::remove(&self.tombstone_dir(), r.order_id);
+            if self.status_of(r.order_id) == TargetState::Running {
+                // Read from its tombstone above; it never ran here after all.
+                self.moves().forget_running(r.order_id);
+            }
+        }
+        for r in recovered.running.iter().chain(&recovered.gone) {
+            if self.status_of(r.order_id) != TargetState::Running {
+                self.step(r.order_id, Some(Move::Running { vm: r.spec.id.clone() }));
+                self.moves().set_source(r.order_id, &r.source_node);
+            }
+        }
+        *self.stuck.lock().unwrap_or_else(|p| p.into_inner()) =
+            recovered.stuck.iter().map(|r| r.order_id).collect();
+        let n = recovered.running.len();
+        self.adopted.send_replace(recovered.running.into_iter().map(|r| r.spec).collect());
         (n, killed)
     }
 
-    /// Where `order` stands here.
-    pub fn status(&self, order: u64) -> TargetState {
+    fn status_of(&self, order: u64) -> TargetState {
         self.moves().state(order)
     }
 
-    /// Starts a paused incoming QEMU for an authorised order; the URI it
-    /// listens on for the stream.
-    pub async fn prepare(self: &Arc<Self>, p: Prepare) -> Result<String, TargetError> {
+    /// Where `order` stands here, for its source node (or anyone, for an
+    /// order not held here).
+    pub fn status(&self, order: u64, caller: &Caller) -> Result<TargetState, TargetError> {
+        self.ask(order, caller)?;
+        Ok(self.status_of(order))
+    }
+
+    /// Starts a paused incoming QEMU for an authorised order, called by its
+    /// source node's agent; the URI it listens on for the stream. The
+    /// authorisation is used up by the first prepare that names it.
+    pub async fn prepare(self: &Arc<Self>, p: Prepare, caller: &Caller) -> Result<String, TargetError> {
         let Some(ip) = self.settings.stream_ip() else { return Err(TargetError::NotTakingVms) };
         let order = p.order_id;
         let mut authorised = self.authorised.subscribe();
         let _ = tokio::time::timeout(AUTHORISATION_WAIT, authorised.wait_for(|a| a.contains(order))).await;
-        if !self.authorised.borrow().names(order, &p.vm.id) {
-            return Err(TargetError::NotAuthorised { order, vm: p.vm.id });
-        }
+        let mut taken = Err(Refusal::NoOrder);
+        self.authorised.send_if_modified(|a| {
+            taken = a.take(order, &p.vm.id, caller);
+            taken.is_ok()
+        });
+        let source = match taken {
+            Ok(a) => a.source,
+            Err(Refusal::NoOrder) => return Err(TargetError::NotAuthorised { order, vm: p.vm.id }),
+            Err(Refusal::NotTheSource(source_node)) => {
+                return Err(TargetError::NotTheSource { order, source_node })
+            }
+        };
         if self.adopted.borrow().iter().any(|s| s.id == p.vm.id) {
             return Err(TargetError::AlreadyHere(p.vm.id));
         }
         // Held while QEMU starts, so a second prepare of the order is refused.
-        if self.moves().step(order, Some(Move::Starting)).is_err() {
-            return Err(TargetError::AlreadyPrepared(order));
+        {
+            let mut moves = self.moves();
+            if moves.step(order, Some(Move::Starting)).is_err() {
+                return Err(TargetError::AlreadyPrepared(order));
+            }
+            moves.set_source(order, &source);
         }
-        let incoming = match self.start(&p, ip).await {
+        let incoming = match self.start(&p, ip, &source) {
             Ok(incoming) => Arc::new(incoming),
             Err(e) => {
                 self.step(order, None);
@@ -199,18 +306,36 @@ impl TargetNode {
         };
         self.step(order, Some(Move::Prepared((Box::new(p.vm.clone()), incoming.clone()))));
         info!(order, vm = %p.vm.id, %uri, "incoming QEMU waits for the stream");
-        let wait = p.handoff.config.timeout() + Duration::from_millis(self.settings.confirm_grace_ms);
+        // The source's transfer timeout, within bounds: it cannot hold a
+        // paused QEMU here for longer than any move takes.
+        let wait = p.handoff.config.timeout().min(MAX_STREAM_WAIT)
+            + Duration::from_millis(self.settings.confirm_grace_ms);
         self.kill_if_unconfirmed(order, wait);
         Ok(uri)
     }
 
-    /// The incoming QEMU of `p`, not started yet, on a free port of `ip`.
-    async fn start(&self, p: &Prepare, ip: std::net::IpAddr) -> Result<LocalIncoming, TargetError> {
-        // Not a bind(0) probe: its port goes back to the kernel's pool and
-        // another process may take it before QEMU binds it.
-        let port = vmscale_common::net::free_port(ip).map_err(|source| TargetError::NoPort { ip, source })?;
+    /// The incoming QEMU of `p`, not started yet, on a free port of `ip`,
+    /// taking the stream from `source`'s QEMU.
+    fn start(&self, p: &Prepare, ip: std::net::IpAddr, source: &str) -> Result<LocalIncoming, TargetError> {
+        let tls = self.settings.stream_tls(self.tls.is_some());
+        if p.handoff.stream_tls != tls {
+            return Err(TargetError::StreamTls { theirs: p.handoff.stream_tls });
+        }
+        let stream_tls = if tls {
+            let files = self.tls.as_ref().ok_or(TargetError::NoTlsFiles)?;
+            let dir = self.settings.qemu_tls_dir();
+            super::stream_tls::write_creds_dir(files, &dir)
+                .map_err(|e| TargetError::NotStarted(IncomingError::StreamTls(e)))?;
+            Some(StreamTls { dir, peer_node: source.to_owned() })
+        } else {
+            None
+        };
+        // Bound by LocalIncoming and handed to QEMU as it is.
+        let port = 0;
         let dir = self.incoming_dir().join(p.order_id.to_string());
-        Ok(LocalIncoming::new(self.settings.qemu.clone(), dir, SocketAddr::new(ip, port)))
+        let template = self.settings.template();
+        Ok(LocalIncoming::new(self.settings.qemu.clone(), template, dir, SocketAddr::new(ip, port))
+            .with_stream_tls(stream_tls))
     }
 
     /// Nobody confirmed within `wait`: the source gave up or is gone.
@@ -228,7 +353,8 @@ impl TargetNode {
     }
 
     /// Resumes the guest of a prepared order here once its stream is in.
-    pub async fn confirm(&self, order: u64, timeout: Duration) -> Result<(), TargetError> {
+    pub async fn confirm(&self, order: u64, timeout: Duration, caller: &Caller) -> Result<(), TargetError> {
+        self.ask(order, caller)?;
         let (vm, incoming) = {
             let mut moves = self.moves();
             match moves.take_prepared(order, Some(Move::Confirming)) {
@@ -246,10 +372,21 @@ impl TargetNode {
         };
         let mut spec = *vm;
         spec.qmp = incoming.qmp_path().to_string_lossy().into_owned();
+        let source_node = self.moves().source(order).unwrap_or_default().to_owned();
         // Recorded before the guest may run here: a restarted agent must
-        // still say it runs here, or the source would resume it too.
-        let mut record = AdoptedRecord { order_id: order, resume: incoming.resumes(), resumed: false, spec };
-        let confirmed = match adopted::persist(&self.adopted_dir(), &record) {
+        // still say it runs here, or the source would resume it too. The
+        // tombstone outlives the VM's record (it goes when the VM leaves).
+        let tombstone = Tombstone {
+            order_id: order,
+            vm: spec.id.clone(),
+            source_node: source_node.clone(),
+            at_unix_s: tombstones::now_unix_s(),
+        };
+        let mut record =
+            AdoptedRecord { order_id: order, resume: incoming.resumes(), resumed: false, source_node, spec };
+        let recorded = tombstones::record(&self.tombstone_dir(), &tombstone)
+            .and_then(|()| adopted::persist(&self.adopted_dir(), &record));
+        let confirmed = match recorded {
             Ok(()) => incoming.confirm(timeout).await.map_err(|e| match e {
                 super::target::ConfirmError::NotDelivered(e) | super::target::ConfirmError::Failed(e) => {
                     TargetError::NotResumed(e)
@@ -260,7 +397,10 @@ impl TargetNode {
         if let Err(e) = confirmed {
             self.count("failed");
             incoming.abort().await;
+            // Its QEMU is gone and the guest never ran here: the source may
+            // resume it, and hears "none".
             let _ = std::fs::remove_file(adopted::record_path(&self.adopted_dir(), &record.spec.id));
+            tombstones::remove(&self.tombstone_dir(), order);
             self.step(order, None);
             return Err(e);
         }
@@ -284,7 +424,8 @@ impl TargetNode {
 
     /// Kills the order's QEMU unless the guest runs here; where the order
     /// stands afterwards ([`TargetState::Absent`] or [`TargetState::Running`]).
-    pub async fn abort(&self, order: u64) -> Result<TargetState, TargetError> {
+    pub async fn abort(&self, order: u64, caller: &Caller) -> Result<TargetState, TargetError> {
+        self.ask(order, caller)?;
         let prepared = self.moves().take_prepared(order, None);
         if let Some((vm, incoming)) = prepared {
             incoming.abort().await;
@@ -292,7 +433,7 @@ impl TargetNode {
             info!(order, vm = %vm.id, "move aborted by the source; incoming QEMU killed");
             return Ok(TargetState::Absent);
         }
-        match self.status(order) {
+        match self.status_of(order) {
             s @ (TargetState::Running | TargetState::Absent) => Ok(s),
             TargetState::Starting | TargetState::Prepared | TargetState::Confirming => Err(TargetError::Busy),
         }

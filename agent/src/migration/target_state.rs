@@ -1,8 +1,9 @@
 //! The target's side of a move as a lifecycle, kept apart from the I/O that
 //! drives it: [`TargetState`] with the one function that says which steps
 //! an order may take on this node, [`Moves`] (the orders this node holds,
-//! changed only through that function) and [`Authorised`] (the orders the
-//! allocator pushed naming this node the target).
+//! changed only through that function, each with the node that prepared
+//! it), [`Authorised`] (the orders the allocator pushed naming this node the
+//! target, each good for one prepare) and [`Caller`] (who sent a request).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -78,15 +79,17 @@ impl<P> Move<P> {
     }
 }
 
-/// The orders this node holds as a target.
+/// The orders this node holds as a target, and the source node of each:
+/// only that node's agent hears about or changes the order.
 #[derive(Debug)]
 pub struct Moves<P> {
     by_order: HashMap<u64, Move<P>>,
+    sources: HashMap<u64, String>,
 }
 
 impl<P> Default for Moves<P> {
     fn default() -> Self {
-        Self { by_order: HashMap::new() }
+        Self { by_order: HashMap::new(), sources: HashMap::new() }
     }
 }
 
@@ -102,8 +105,41 @@ impl<P> Moves<P> {
         self.state(order).transition(next, order)?;
         Ok(match to {
             Some(m) => self.by_order.insert(order, m),
-            None => self.by_order.remove(&order),
+            None => {
+                self.sources.remove(&order);
+                self.by_order.remove(&order)
+            }
         })
+    }
+
+    /// Names the node whose agent prepared `order` (or, after a restart,
+    /// whose guest runs here under it).
+    pub fn set_source(&mut self, order: u64, node: &str) {
+        self.sources.insert(order, node.to_owned());
+    }
+
+    /// Drops a running order read back after a restart that, as its VM's
+    /// record shows, never ran here after all (the one way out of
+    /// `Running`, and only before anyone was told about it).
+    pub fn forget_running(&mut self, order: u64) {
+        if self.state(order) == TargetState::Running {
+            self.by_order.remove(&order);
+            self.sources.remove(&order);
+        }
+    }
+
+    pub fn source(&self, order: u64) -> Option<&str> {
+        self.sources.get(&order).map(String::as_str)
+    }
+
+    /// Whether `caller` may ask about or change `order`: its source node, or
+    /// anyone for an order this node does not hold (it learns only "none").
+    /// An empty source (a record from before sources were kept) is anyone's.
+    pub fn may_ask(&self, order: u64, caller: &Caller) -> bool {
+        match self.sources.get(&order) {
+            Some(source) => source.is_empty() || caller.is_node(source),
+            None => true,
+        }
     }
 
     /// What a prepared order holds, taken as it steps to `to`; `None` (and
@@ -119,15 +155,50 @@ impl<P> Moves<P> {
     }
 }
 
-/// Orders the allocator pushed naming this node the target, with their VM.
+/// Who sent a request, as far as its link can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A link without TLS (`insecure = true`): anyone may be calling.
+    Anyone,
+    /// The node names in the caller's certificate (none: not a node's).
+    Nodes(Vec<String>),
+}
+
+impl Caller {
+    pub fn is_node(&self, node: &str) -> bool {
+        match self {
+            Caller::Anyone => true,
+            Caller::Nodes(names) => names.iter().any(|n| n == node),
+        }
+    }
+}
+
+/// What the allocator's order allows: one prepare of `vm`, by `source`'s agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorisation {
+    pub vm: String,
+    pub source: String,
+}
+
+/// Why a prepare is not authorised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No order (or it was used already), or one for another VM.
+    NoOrder,
+    /// The order's source node is not the caller.
+    NotTheSource(String),
+}
+
+/// Orders the allocator pushed naming this node the target; each is used
+/// by the first prepare that names it, and gone afterwards.
 #[derive(Debug, Default)]
 pub struct Authorised {
-    by_order: BTreeMap<u64, String>,
+    by_order: BTreeMap<u64, Authorisation>,
 }
 
 impl Authorised {
-    pub fn insert(&mut self, order: u64, vm: &str) {
-        self.by_order.insert(order, vm.to_owned());
+    pub fn insert(&mut self, order: u64, vm: &str, source: &str) {
+        self.by_order.insert(order, Authorisation { vm: vm.to_owned(), source: source.to_owned() });
         while self.by_order.len() > MAX_AUTHORISED_ORDERS {
             self.by_order.pop_first();
         }
@@ -137,9 +208,15 @@ impl Authorised {
         self.by_order.contains_key(&order)
     }
 
-    /// Whether `order` is authorised, and for `vm`.
-    pub fn names(&self, order: u64, vm: &str) -> bool {
-        self.by_order.get(&order).is_some_and(|v| v == vm)
+    /// Uses the authorisation of `order` if it names `vm` and `caller` is
+    /// its source node: it is gone afterwards, whatever the prepare does. A
+    /// refused prepare leaves it for the real source.
+    pub fn take(&mut self, order: u64, vm: &str, caller: &Caller) -> Result<Authorisation, Refusal> {
+        let a = self.by_order.get(&order).filter(|a| a.vm == vm).ok_or(Refusal::NoOrder)?;
+        if !caller.is_node(&a.source) {
+            return Err(Refusal::NotTheSource(a.source.clone()));
+        }
+        self.by_order.remove(&order).ok_or(Refusal::NoOrder)
     }
 }
 
@@ -197,13 +274,45 @@ mod tests {
         assert_eq!(moves.state(2), Running);
     }
 
+    fn node(n: &str) -> Caller {
+        Caller::Nodes(vec![n.to_owned()])
+    }
+
     #[test]
-    fn authorisations_name_their_vm_and_the_oldest_go_first() {
+    fn an_authorisation_is_good_for_one_prepare_by_its_source() {
         let mut a = Authorised::default();
-        a.insert(7, "vm2");
-        assert!(a.contains(7) && !a.names(7, "vm1") && a.names(7, "vm2"));
+        a.insert(7, "vm2", "a");
+        assert_eq!(a.take(7, "vm1", &node("a")), Err(Refusal::NoOrder), "another vm");
+        assert_eq!(a.take(7, "vm2", &node("c")), Err(Refusal::NotTheSource("a".into())), "another node");
+        assert_eq!(a.take(7, "vm2", &Caller::Nodes(vec![])), Err(Refusal::NotTheSource("a".into())));
+        assert!(a.contains(7), "a refused prepare leaves it for the real source");
+        assert_eq!(a.take(7, "vm2", &node("a")), Ok(Authorisation { vm: "vm2".into(), source: "a".into() }));
+        assert_eq!(a.take(7, "vm2", &node("a")), Err(Refusal::NoOrder), "used once, then gone");
+        a.insert(8, "vm2", "a");
+        assert!(a.take(8, "vm2", &Caller::Anyone).is_ok(), "a link without tls cannot tell");
+    }
+
+    #[test]
+    fn only_the_source_asks_about_its_order() {
+        let mut moves = Moves::<&str>::default();
+        moves.step(1, Some(Move::Starting)).unwrap();
+        moves.set_source(1, "a");
+        assert!(moves.may_ask(1, &node("a")) && moves.may_ask(1, &Caller::Anyone));
+        assert!(!moves.may_ask(1, &node("c")) && !moves.may_ask(1, &Caller::Nodes(vec![])));
+        assert!(moves.may_ask(2, &node("c")), "an order not held here: none, to anyone");
+        moves.step(1, None).unwrap();
+        assert!(moves.may_ask(1, &node("c")), "gone with its order");
+        moves.step(3, Some(Move::Running { vm: "vm".into() })).unwrap();
+        moves.set_source(3, "");
+        assert!(moves.may_ask(3, &node("c")), "a record from before sources were kept");
+    }
+
+    #[test]
+    fn authorisations_the_oldest_go_first() {
+        let mut a = Authorised::default();
+        a.insert(7, "vm2", "a");
         for order in 100..100 + MAX_AUTHORISED_ORDERS as u64 {
-            a.insert(order, "vm");
+            a.insert(order, "vm", "a");
         }
         assert!(!a.contains(7), "the oldest order went");
         assert!(a.contains(100) && a.contains(99 + MAX_AUTHORISED_ORDERS as u64));
