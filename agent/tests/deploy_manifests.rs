@@ -417,8 +417,19 @@ struct Extender {
     node_cache_capable: bool,
     #[serde(rename = "enableHTTPS")]
     enable_https: bool,
+    tls_config: Option<ExtenderTls>,
     http_timeout: String,
     ignorable: bool,
+}
+
+/// `ExtenderTLSConfig`, the fields the example uses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExtenderTls {
+    server_name: String,
+    cert_file: String,
+    key_file: String,
+    ca_file: String,
 }
 
 #[test]
@@ -431,10 +442,16 @@ fn the_scheduler_example_points_at_the_allocator() {
         vmscale_allocator::config::Config::load(&kustomize_dir().join("base/allocator.toml")).unwrap();
     assert_eq!(
         e.url_prefix,
-        format!("http://vmscale-allocator.vmscale-system.svc:{}/scheduler", alloc.http_listen.port())
+        format!("https://vmscale-allocator.vmscale-system.svc:{}/scheduler", alloc.http_listen.port())
     );
     assert_eq!((e.filter_verb.as_str(), e.prioritize_verb.as_str()), ("filter", "prioritize"));
-    assert!(e.node_cache_capable, "the extender answers with NodeNames");
+    assert!(e.node_cache_capable, "the extender takes and answers NodeNames only");
+    // HTTPS with kube-scheduler's client certificate, the allocator's
+    // checked as allocator.vmscale (the extender answers no other client).
+    let tls = e.tls_config.as_ref().expect("tlsConfig");
+    assert!(e.enable_https);
+    assert_eq!(tls.server_name, vmscale_common::tls::Identity::Allocator.dns_name());
+    assert!([&tls.cert_file, &tls.key_file, &tls.ca_file].iter().all(|f| f.starts_with('/')), "{tls:?}");
 }
 
 /// The agent's ClusterRole grants exactly the requests its pod source and

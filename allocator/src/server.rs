@@ -9,6 +9,7 @@
 //! (`vmscale_common::tls`), so the ledger is never lost to a renewal.
 
 use crate::config::Config;
+use crate::http_serve;
 use crate::https::{Peer, TlsListener};
 use crate::session::AllocatorService;
 use crate::shared::Shared;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 use vmscale_common::tls::{incoming, Tls, RELOAD_INTERVAL};
@@ -32,9 +34,15 @@ pub enum ServerError {
     Tls(#[from] vmscale_common::tls::TlsError),
     #[error("gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
-    #[error("HTTP server failed")]
-    Http(#[source] std::io::Error),
 }
+
+/// gRPC streams one connection may hold: an agent needs one session.
+const GRPC_STREAMS_PER_CONNECTION: u32 = 4;
+/// Largest gRPC message taken: a hello of `max_vms_per_node` VMs with
+/// 253-byte ids is well under it.
+const GRPC_MAX_MESSAGE: usize = 2 << 20;
+/// Largest header block a gRPC client may send.
+const GRPC_MAX_HEADERS: u32 = 16 << 10;
 
 /// Serves until `shutdown` is cancelled, then closes every session (agents
 /// are told to reconnect) and returns once both servers have stopped.
@@ -92,23 +100,33 @@ pub async fn serve_with(
     }
     let http_stop = shutdown.clone();
     let http_tls = tls.as_ref().filter(|_| shared.config.http_tls).map(Tls::rustls_server);
+    // Handlers learn who called from `ConnectInfo<Peer>` (https.rs); the
+    // loop bounds connections and the time to send a request's head.
     let http_task = tokio::spawn(async move {
-        // Handlers learn who called from `ConnectInfo<Peer>` (https.rs).
-        let app = app.into_make_service_with_connect_info::<Peer>();
-        let stop = http_stop.cancelled_owned();
         match http_tls {
-            Some(config) => {
-                axum::serve(TlsListener::new(http, config), app).with_graceful_shutdown(stop).await
+            Some(config) => http_serve::serve(TlsListener::new(http, config), app, http_stop, |p| p).await,
+            None => {
+                let peer = |addr| Peer { addr: Some(addr), ..Peer::default() };
+                http_serve::serve(http, app, http_stop, peer).await;
             }
-            None => axum::serve(http, app).with_graceful_shutdown(stop).await,
         }
     });
 
+    // Streams, messages and headers bounded per connection; a session is
+    // long-lived, so no per-call timeout here (the hello has its own).
+    let service = InterceptedService::new(
+        AllocatorServer::new(AllocatorService::new(shared.clone()))
+            .max_decoding_message_size(GRPC_MAX_MESSAGE),
+        gate(leader),
+    );
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AllocatorServer::with_interceptor(AllocatorService::new(shared.clone()), gate(leader)));
+        .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(GRPC_STREAMS_PER_CONNECTION as usize)
+        .http2_max_header_list_size(GRPC_MAX_HEADERS)
+        .add_service(service);
     let stop = shutdown.clone().cancelled_owned();
     let grpc_result = match &tls {
         Some(t) => router.serve_with_incoming_shutdown(incoming(grpc, t.rustls_server()), stop).await,
@@ -118,10 +136,9 @@ pub async fn serve_with(
     };
     shutdown.cancel(); // a failed gRPC server stops the rest too
     let _ = planner.await;
-    let http_result = http_task.await.unwrap_or(Ok(()));
+    let _ = http_task.await;
     info!("allocator stopped");
-    grpc_result.map_err(ServerError::Grpc)?;
-    http_result.map_err(ServerError::Http)
+    grpc_result.map_err(ServerError::Grpc)
 }
 
 /// Plans on a timer and right after a request is denied, at most once per
@@ -168,19 +185,13 @@ fn gate(
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
-    let text = {
-        let st = sh.lock();
-        sh.metrics.render(&st.cluster)
-    };
+    // Encoded from a copy: the lock is held only to take it.
+    let text = sh.metrics_text();
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 
 async fn state(State(sh): State<Arc<Shared>>) -> impl IntoResponse {
-    let body = {
-        let st = sh.lock();
-        serde_json::to_string_pretty(&st.cluster)
-    };
-    match body {
+    match sh.state_json() {
         Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
         Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode state: {e}\n"))
             .into_response(),

@@ -70,7 +70,7 @@ fn vm_pod(min_cus: &str) -> Value {
             "resourceVersion": "48211", "creationTimestamp": "2026-11-28T03:00:00Z",
             "labels": {"app": "postgres", "vmscale.io/autoscale": "true"},
             "annotations": {
-                "vmscale.io/qmp": "/var/run/vmscale/pg-0/qmp.sock",
+                "vmscale.io/qmp": "qmp.sock",
                 "vmscale.io/cu-milli-cpu": "250", "vmscale.io/cu-memory-bytes": "1Gi",
                 "vmscale.io/min-cus": min_cus, "vmscale.io/max-cus": "16",
                 "vmscale.io/memory": "virtio-mem:vm0",
@@ -110,7 +110,8 @@ async fn filter_and_prioritize_answer_kube_scheduler_payloads() {
     let addr = format!("http://{}", grpc.local_addr().unwrap());
     let http_addr = http.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
-    let shared = Shared::new(Config { max_moves_per_round: 0, ..Config::default() }, stop.clone());
+    let config = Config { max_moves_per_round: 0, insecure: true, ..Config::default() };
+    let shared = Shared::new(config, stop.clone());
     let label = VmLabel { key: "vmscale.io/autoscale".into(), value: "true".into() };
     let routes = vmscale_allocator::extender::http::router(shared.clone(), label);
     let (_leader, rx) = watch::channel(true);
@@ -149,16 +150,27 @@ async fn filter_and_prioritize_answer_kube_scheduler_payloads() {
         ])
     );
 
-    // nodeCacheCapable: false -> whole Node objects in, the kept ones out.
+    // nodeCacheCapable: false -> whole Node objects: refused, with the fix.
     let list = json!({"metadata": {}, "items": [node_object("node-a"), node_object("node-c")]});
     let args = json!({"Pod": vm_pod("4"), "Nodes": list, "NodeNames": null});
     let (status, r) = post(&http_addr, "/scheduler/filter", &args).await;
-    assert_eq!(status, 200, "{r}");
-    let kept: Vec<_> =
-        r["Nodes"]["items"].as_array().unwrap().iter().map(|n| n["metadata"]["name"].clone()).collect();
-    assert_eq!(kept, [json!("node-a")], "{r}");
-    assert_eq!(r["Nodes"]["items"][0]["status"]["allocatable"]["cpu"], "8", "returned whole");
-    assert!(r.get("NodeNames").is_none());
+    assert_eq!(status, 422, "{r}");
+    assert!(r.as_str().unwrap().contains("nodeCacheCapable: true"), "{r}");
+
+    // A body announced over 1 MiB (64 MiB): 413 before a byte of it is read.
+    let mut s = tokio::net::TcpStream::connect(&http_addr).await.unwrap();
+    let head = "POST /scheduler/filter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 67108864\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = s.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("over 1048576 bytes"), "{answer}");
+
+    // A name sent twice is answered once.
+    let args = json!({"Pod": vm_pod("4"), "NodeNames": ["node-a", "node-a"]});
+    let (_, r) = post(&http_addr, "/scheduler/filter", &args).await;
+    assert_eq!(r["NodeNames"], json!(["node-a"]), "{r}");
 
     // Not a VM: every node passes, no preference.
     let mut web = vm_pod("1");
@@ -183,6 +195,61 @@ async fn filter_and_prioritize_answer_kube_scheduler_payloads() {
     for s in sessions {
         s.close();
     }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Over TLS (`http_tls`) the extender answers kube-scheduler's certificate
+/// only; another certificate of the cluster CA gets 403 and no answer.
+#[tokio::test]
+async fn over_tls_only_the_scheduler_is_answered() {
+    use tokio_rustls::TlsConnector;
+    use vmscale_common::testing::TestPki;
+    use vmscale_common::tls::{Identity, Tls};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(dir.path());
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let config = Config {
+        max_moves_per_round: 0,
+        tls: Some(pki.issue(&Identity::Allocator)),
+        http_tls: true,
+        ..Config::default()
+    };
+    let shared = Shared::new(config, stop.clone());
+    let routes = vmscale_allocator::extender::http::router(shared.clone(), VmLabel::default());
+    let task = tokio::spawn(serve_with(shared, grpc, http, Extras { leader: None, routes: Some(routes) }));
+
+    let call = |who: Identity| {
+        let files = pki.issue(&who);
+        async move {
+            let tls = Tls::load(&files).unwrap();
+            let connector = TlsConnector::from(tls.rustls_client());
+            let tcp = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from(Identity::Allocator.dns_name()).unwrap();
+            let mut s = connector.connect(name, tcp).await.unwrap();
+            let body = serde_json::to_vec(&json!({"Pod": vm_pod("4"), "NodeNames": ["node-a"]})).unwrap();
+            let head = format!(
+                "POST /scheduler/filter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&body).await.unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let answer = call(Identity::Scheduler).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("no vmscale agent"), "{answer}");
+    let answer = call(Identity::Node("node-a".into())).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("kube-scheduler.vmscale"), "{answer}");
+
     stop.cancel();
     task.await.unwrap().unwrap();
 }
