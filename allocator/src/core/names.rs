@@ -4,6 +4,7 @@
 //! is cut to a bound instead of refused.
 
 use super::error::{CoreError, Result};
+use vmscale_common::tls::node_name_ok;
 
 /// Longest VM id accepted: a Kubernetes object name's bound, and the
 /// contract's (`vmscale_contract::annotations`).
@@ -13,8 +14,10 @@ pub const MAX_ID_LEN: usize = 253;
 /// `<node>.node.vmscale`, which must stay within a DNS name's 253 bytes.
 pub const MAX_NODE_LEN: usize = 240;
 
-/// A node name: an RFC 1123 subdomain (what Kubernetes allows for a Node,
-/// and what the node's certificate carries), lower case.
+/// A node name: what can be the node's certificate identity
+/// (`vmscale_common::tls::node_name_ok`: lower-case DNS labels, as a
+/// Kubernetes Node name, no wildcard), so that the name a hello carries is
+/// one a certificate can vouch for.
 pub fn check_node_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(CoreError::invalid(what, "must not be empty"));
@@ -22,14 +25,7 @@ pub fn check_node_name(what: &str, name: &str) -> Result<()> {
     if name.len() > MAX_NODE_LEN {
         return Err(CoreError::invalid(what, format!("is longer than {MAX_NODE_LEN} bytes")));
     }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if !name.split('.').all(label_ok) {
+    if !node_name_ok(name) {
         return Err(CoreError::invalid(
             what,
             format!(
