@@ -72,11 +72,13 @@ impl CoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cluster {
     pub config: CoreConfig,
     /// Issues and checks migration order ids (the cluster's order key).
-    #[serde(skip)]
+    /// Never shown; a state read back from `/state` (the harnesses) gets a
+    /// key of its own.
+    #[serde(skip, default = "OrderIds::one_run")]
     pub(super) order_ids: OrderIds,
     #[serde(serialize_with = "sorted_nodes")]
     pub nodes: HashMap<String, NodeLedger>,

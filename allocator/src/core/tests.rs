@@ -752,3 +752,16 @@ fn no_grant_before_the_node_re_registers() {
     let e = fails(&mut c, |c| c.reserve(&old, "x", r(2000, 8)));
     assert_eq!(e.label(), "unknown_node");
 }
+
+/// The harnesses read `/state` back as a `Cluster` (xtask's
+/// `allocator_state`): everything shown reads back, the order key is never
+/// shown.
+#[test]
+fn the_state_reads_back_without_its_order_key() {
+    let (c, _a, _b, id) = hot_pair();
+    let shown = serde_json::to_string(&c).unwrap();
+    let back: Cluster = serde_json::from_str(&shown).unwrap();
+    assert_eq!(state(&back), state(&c));
+    assert_eq!(back.orders[&id].vm, "x");
+    assert!(!shown.contains("order_ids") && !shown.contains("key"), "{shown}");
+}
