@@ -43,7 +43,8 @@ async fn setup(test: &str, shape: impl FnOnce(&mut QemuOptions)) -> Option<Setup
     let template = MigrationSettings::default().template();
     let args = read_args(Path::new("/proc"), source.pid().unwrap()).unwrap();
     let machine = machine_from_args(&args, &template).unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Port 0: the target binds it and hands the socket to its QEMU.
+    let listen = "127.0.0.1:0".parse().unwrap();
     let target = Arc::new(LocalIncoming::new(binary, template, dst_dir.path().join("target"), listen));
     Some(Setup { source, client, target, machine, _dirs: (src_dir, dst_dir) })
 }
