@@ -279,6 +279,23 @@ pub fn read_order_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
 /// Longest order key file taken.
 const MAX_ORDER_KEY_BYTES: u64 = 4096;
 
+/// Makes an order key file at `path` (32 random bytes, readable by its
+/// owner only) unless one is there: for the harnesses and the demo, whose
+/// allocators must keep one key across restarts. Kubernetes mounts a Secret.
+pub fn ensure_order_key(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key: [u8; MIN_KEY_BYTES] = rand::random();
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(mut f) => {
+            f.write_all(&key)?;
+            f.sync_all()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl KubernetesConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, value: String, reason: &str| Err(ConfigError::invalid(field, value, reason));
@@ -415,6 +432,14 @@ mod tests {
         std::fs::write(&key, [7u8; 32]).unwrap();
         let c = Config::parse(&with_key, "t").unwrap();
         assert_eq!(read_order_key(c.order_key.as_deref().unwrap()).unwrap(), [7u8; 32]);
+        // A harness's key: made once, then kept.
+        let made = dir.path().join("made.key");
+        ensure_order_key(&made).unwrap();
+        let first = read_order_key(&made).unwrap();
+        ensure_order_key(&made).unwrap();
+        assert_eq!(read_order_key(&made).unwrap(), first);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&made).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
