@@ -11,14 +11,20 @@ use std::path::{Path, PathBuf};
 pub struct Config {
     /// This node's name, as the allocator knows it. Default: the host name.
     pub node: String,
-    /// The allocator's gRPC address. Default `http://127.0.0.1:7070`.
+    /// The allocator's gRPC address: `https://HOST:PORT` with `[tls]` (its
+    /// certificate must be `allocator.vmscale`, whatever HOST is), or
+    /// `http://` with `insecure = true`. Default `https://127.0.0.1:7070`.
     pub allocator: String,
+    /// Allow plain-text links (`http://`) without `[tls]`; logs a warning at
+    /// start. For tests on one machine. Default false.
+    pub insecure: bool,
     /// Where VMs come from: a TOML file of `[[vm]]` entries. Default
     /// `/etc/vmscale/vms.toml`.
     pub vms_file: PathBuf,
     /// How often the VM file is checked for changes, ms. Default 1000.
     pub vms_file_interval_ms: u64,
-    /// HTTP address for `/metrics`, `/state` and `/healthz`. Default `0.0.0.0:7072`.
+    /// HTTP address for `/metrics`, `/state` and `/healthz` (plain text,
+    /// unauthenticated: loopback unless you mean it). Default `127.0.0.1:7072`.
     pub http_listen: SocketAddr,
     /// The node's schedulable CPU in milli-vCPU; 0 reads the host's CPU count.
     pub capacity_milli_cpu: u64,
@@ -40,6 +46,11 @@ pub struct Config {
     /// has no vhost-vsock: such a device maps all guest memory, so memory
     /// that is not shared breaks it. Harmless for other VMs.
     pub dimm_backend: crate::qmp::DimmBackend,
+    /// `[tls]`: the cluster CA and this node's certificate
+    /// (`<node>.node.vmscale`) and key. The allocator link, the migration
+    /// service and informants on TCP use it; the files are re-read for each
+    /// new connection, so a renewed certificate needs no restart.
+    pub tls: Option<vmscale_common::tls::TlsFiles>,
     /// The scaling policy for VMs that don't bring their own.
     pub policy: Policy,
     /// When set, VMs come from pods on this node (Kubernetes API) instead of
@@ -84,10 +95,12 @@ impl Default for Config {
             node: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
-            allocator: "http://127.0.0.1:7070".into(),
+            allocator: "https://127.0.0.1:7070".into(),
+            tls: None,
+            insecure: false,
             vms_file: PathBuf::from("/etc/vmscale/vms.toml"),
             vms_file_interval_ms: 1000,
-            http_listen: SocketAddr::from(([0, 0, 0, 0], 7072)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7072)),
             capacity_milli_cpu: 0,
             capacity_memory_bytes: 0,
             proc_root: PathBuf::from("/proc"),
@@ -118,9 +131,8 @@ impl Config {
         if self.node.is_empty() {
             return bad("node is empty and the host name could not be read; set node = \"...\"".into());
         }
-        if !(self.allocator.starts_with("http://") || self.allocator.starts_with("https://")) {
-            return bad(format!("allocator = {:?} must be an http:// or https:// URL", self.allocator));
-        }
+        vmscale_common::tls::check_transport(self.tls.as_ref(), self.insecure)?;
+        vmscale_common::tls::check_url("allocator", &self.allocator, self.tls.as_ref(), self.insecure)?;
         if self.allocator_retry_base_ms == 0 || self.allocator_retry_max_ms < self.allocator_retry_base_ms {
             return bad("allocator_retry_base_ms must be > 0 and <= allocator_retry_max_ms".into());
         }
@@ -165,36 +177,51 @@ mod tests {
 
     #[test]
     fn parses_validates_and_names_errors() {
+        // A node on plain text, for the checks that are not about TLS.
+        const PLAIN: &str = "node = \"n1\"\ninsecure = true\nallocator = \"http://a:1\"\n";
         let dir = std::env::temp_dir().join(format!("vmscale-agent-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("agent.toml");
-        std::fs::write(&p, "node = \"n1\"\n[policy]\nmemory_target = 0.6\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[policy]\nmemory_target = 0.6\n")).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!((c.node.as_str(), c.policy.memory_target), ("n1", 0.6));
-        std::fs::write(&p, "node = \"n1\"\nallocator = \"127.0.0.1:7070\"\n").unwrap();
+        std::fs::write(&p, "node = \"n1\"\ninsecure = true\nallocator = \"127.0.0.1:7070\"\n").unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("http://"));
         assert_eq!(c.policy.polling, None, "event-driven unless asked");
-        std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 2000\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[policy.polling]\nloop_interval_ms = 2000\n")).unwrap();
         let polling = Config::load(&p).unwrap().policy.polling.unwrap();
         assert_eq!((polling.loop_interval_ms, polling.sample_average_ms), (2000, 500));
-        std::fs::write(&p, "node = \"n1\"\n[policy.polling]\nloop_interval_ms = 20000\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[policy.polling]\nloop_interval_ms = 20000\n")).unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("sample_max_age_ms"));
-        std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"psi_cpu\"]\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[policy]\nignore_pressure = [\"psi_cpu\"]\n")).unwrap();
         let psi_cpu = crate::core::pressure::PressureKind::PsiCpu;
         assert_eq!(Config::load(&p).unwrap().policy.ignore_pressure.iter().collect::<Vec<_>>(), [psi_cpu]);
-        std::fs::write(&p, "node = \"n1\"\n[policy]\nignore_pressure = [\"PSI_CPU\"]\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[policy]\nignore_pressure = [\"PSI_CPU\"]\n")).unwrap();
         let e = Config::load(&p).unwrap_err();
         assert!(vmscale_common::error::chain(&e).contains("no pressure kind"), "{e:?}");
-        std::fs::write(&p, "node = \"n1\"\n[kubernetes]\n[migration]\nlisten = \"10.0.0.2:7073\"\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[kubernetes]\n[migration]\nlisten = \"10.0.0.2:7073\"\n"))
+            .unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("inside the agent's pod"));
-        std::fs::write(&p, "node = \"n1\"\n[migration]\nlisten = \"0.0.0.0:7073\"\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}[migration]\nlisten = \"0.0.0.0:7073\"\n")).unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().contains("migration.advertise"));
         assert_eq!(c.dimm_backend, crate::qmp::DimmBackend::Ram, "private RAM unless asked");
-        std::fs::write(&p, "node = \"n1\"\ndimm_backend = \"memfd\"\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}dimm_backend = \"memfd\"\n")).unwrap();
         assert_eq!(Config::load(&p).unwrap().dimm_backend, crate::qmp::DimmBackend::Memfd);
-        std::fs::write(&p, "node = \"n1\"\ndimm_backend = \"shm\"\n").unwrap();
+        std::fs::write(&p, format!("{PLAIN}dimm_backend = \"shm\"\n")).unwrap();
         let e = vmscale_common::error::chain(&Config::load(&p).unwrap_err());
         assert!(e.contains("unknown variant") && e.contains("memfd"), "{e}");
+        // The transport: [tls] with https://, or insecure with http://.
+        std::fs::write(&p, "node = \"n1\"\nallocator = \"http://a:1\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("set [tls]"), "{e}");
+        let tls = "[tls]\nca = \"/ca.pem\"\ncert = \"/n1.pem\"\nkey = \"/n1.key\"\n";
+        std::fs::write(&p, format!("node = \"n1\"\nallocator = \"https://a:1\"\n{tls}")).unwrap();
+        assert_eq!(Config::load(&p).unwrap().tls.unwrap().cert, Path::new("/n1.pem"));
+        std::fs::write(&p, format!("node = \"n1\"\nallocator = \"http://a:1\"\n{tls}")).unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("plain text"));
+        std::fs::write(&p, "node = \"n1\"\ninsecure = true\nallocator = \"https://a:1\"\n").unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("needs a [tls]"));
+        assert!(Config::default().http_listen.ip().is_loopback(), "/state on loopback unless asked");
         std::fs::write(&p, "nod = \"n1\"\n").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse { .. })));
         std::fs::write(dir.join("stat"), "cpu  1 2 3\ncpu0 1 2\ncpu1 1 2\nintr 5\n").unwrap();

@@ -30,6 +30,8 @@ pub enum DaemonError {
     Kube(#[source] kube::Error),
     #[error(transparent)]
     KubeSource(#[from] KubeSourceError),
+    #[error("the [tls] files are not usable")]
+    Tls(#[from] vmscale_common::tls::TlsError),
     #[error("cannot listen for HTTP on {addr}")]
     Http {
         addr: SocketAddr,
@@ -41,6 +43,14 @@ pub enum DaemonError {
 /// Runs the agent described by `c` until `cancel`.
 pub async fn run(c: Config, cancel: CancellationToken) -> Result<(), DaemonError> {
     c.validate()?;
+    if c.insecure {
+        vmscale_common::tls::warn_insecure("agent");
+    }
+    // Read again for every connection; checked once here so that a bad
+    // file stops the agent at start, naming it.
+    if let Some(files) = &c.tls {
+        vmscale_common::tls::Tls::load(files)?;
+    }
     let capacity = capacity(&c)?;
     let (vms, reporter) = start_vm_source(&c, &cancel).await?;
     let (session_tx, session_rx) = watch::channel(None);
@@ -69,6 +79,7 @@ pub fn node_config(c: &Config, capacity: Size) -> NodeConfig {
     NodeConfig {
         link: LinkConfig {
             addr: c.allocator.clone(),
+            tls: c.tls.clone(),
             node: c.node.clone(),
             capacity,
             migration_endpoint: c.migration.endpoint(),
@@ -85,6 +96,7 @@ pub fn node_config(c: &Config, capacity: Size) -> NodeConfig {
         contention: c.contention.clone(),
         proc_root: c.proc_root.clone(),
         migration: c.migration.clone(),
+        informants: crate::links::dial::TcpSecurity { tls: c.tls.clone(), insecure: c.insecure },
     }
 }
 

@@ -195,6 +195,8 @@ fn start_agent(allocator: &str, capacity: Size, spec: VmSpec, policy: Policy) ->
     let config = Config {
         node: "node-a".into(),
         allocator: allocator.to_owned(),
+        // A plain-text allocator and informant on loopback.
+        insecure: true,
         allocator_retry_base_ms: 50,
         allocator_retry_max_ms: 500,
         qmp_timeout_ms: 5000,

@@ -406,6 +406,8 @@ async fn the_node_agent_reports_contention_and_sets_the_quota() {
     let config = vmscale_agent::config::Config {
         node: "node-a".into(),
         allocator: addr,
+        // A plain-text allocator on loopback.
+        insecure: true,
         allocator_retry_base_ms: 50,
         allocator_retry_max_ms: 500,
         qmp_timeout_ms: 5000,

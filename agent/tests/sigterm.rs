@@ -63,6 +63,8 @@ fn write_config(dir: &TempDir, allocator: &str, qmp: &str) -> std::path::PathBuf
     let mut c = Config {
         node: "node-a".into(),
         allocator: allocator.to_owned(),
+        // A plain-text allocator on loopback.
+        insecure: true,
         vms_file,
         vms_file_interval_ms: 100,
         http_listen: (ip, vmscale_common::net::free_port(ip).unwrap()).into(),

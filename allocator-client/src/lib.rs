@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use vmscale_common::sync::lock;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
@@ -27,6 +27,10 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("cannot load this node's TLS files")]
+    Tls(#[source] vmscale_common::tls::TlsError),
+    #[error("allocator address {addr}: {reason}")]
+    Scheme { addr: String, reason: &'static str },
     #[error("the allocator refused the session: {0}")]
     Refused(tonic::Status),
     #[error("the session ended: {0}")]
@@ -51,17 +55,39 @@ pub struct SessionClient {
     pub ended: Arc<Mutex<Option<tonic::Status>>>,
 }
 
-/// Opens a gRPC channel with the settings sessions want (no Nagle delay).
+/// Opens a plain-text gRPC channel (`http://` only) with the settings
+/// sessions want (no Nagle delay).
 pub async fn channel(addr: &str) -> Result<tonic::transport::Channel, ClientError> {
+    channel_with(addr, None).await
+}
+
+/// Opens a gRPC channel: TLS with `tls` (`https://` only; the config names
+/// the server identity it checks), plain text without (`http://` only).
+/// A mismatch is refused before anything is sent, so an `https://` address
+/// never quietly goes out in plain text.
+pub async fn channel_with(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<tonic::transport::Channel, ClientError> {
+    let scheme = |reason| Err(ClientError::Scheme { addr: addr.chars().take(80).collect(), reason });
+    match (&tls, addr.starts_with("https://"), addr.starts_with("http://")) {
+        (Some(_), true, _) | (None, _, true) => {}
+        (Some(_), false, _) => return scheme("TLS is configured: write https://"),
+        (None, true, _) => {
+            return scheme("https:// needs TLS ([tls]); without it write http:// and set insecure")
+        }
+        (None, false, false) => return scheme("must be an http:// or https:// URL"),
+    }
     let err = |source| ClientError::Connect { addr: addr.to_owned(), source };
-    Endpoint::from_shared(addr.to_owned())
+    let mut ep = Endpoint::from_shared(addr.to_owned())
         .map_err(err)?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(err)
+        .http2_keep_alive_interval(Duration::from_secs(10));
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls).map_err(err)?;
+    }
+    ep.connect().await.map_err(err)
 }
 
 impl SessionClient {

@@ -5,7 +5,8 @@
 //!
 //! | form | transport |
 //! |---|---|
-//! | `http://HOST:PORT` | TCP (host: IPv4, `[IPv6]` or a DNS name) |
+//! | `http://HOST:PORT` | TCP, plain text (the agent's `insecure = true` only; host: IPv4, `[IPv6]` or a DNS name) |
+//! | `https://HOST:PORT` | TCP with mutual TLS: the informant's certificate is `informant.vmscale`, the agent presents its node's |
 //! | `vsock://CID:PORT` | AF_VSOCK to the guest's CID (3 or more): hosts with the kernel's vhost-vsock |
 //! | `vsock+unix:///PATH:PORT` | the host socket of a vhost-user vsock backend (vhost-device-vsock's `uds-path`), then `CONNECT PORT` |
 //!
@@ -32,7 +33,7 @@ const MAX_LEN: usize = 512;
 /// DNS names are at most 253 characters.
 const MAX_HOST: usize = 253;
 
-const FORMS: &str = "http://HOST:PORT, vsock://CID:PORT or vsock+unix:///PATH:PORT";
+const FORMS: &str = "https://HOST:PORT, http://HOST:PORT, vsock://CID:PORT or vsock+unix:///PATH:PORT";
 
 /// A checked informant address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,6 +41,8 @@ const FORMS: &str = "http://HOST:PORT, vsock://CID:PORT or vsock+unix:///PATH:PO
 pub enum InformantAddr {
     /// `http://HOST:PORT`; `host` as written (`[::1]` keeps its brackets).
     Http { host: String, port: u16 },
+    /// `https://HOST:PORT`: as `Http`, with mutual TLS.
+    Https { host: String, port: u16 },
     /// `vsock://CID:PORT`.
     Vsock { cid: u32, port: u32 },
     /// `vsock+unix:///PATH:PORT`: the backend's host socket and the guest's
@@ -67,6 +70,7 @@ impl fmt::Display for InformantAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InformantAddr::Http { host, port } => write!(f, "http://{host}:{port}"),
+            InformantAddr::Https { host, port } => write!(f, "https://{host}:{port}"),
             InformantAddr::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
             InformantAddr::VsockUnix { path, port } => write!(f, "vsock+unix://{}:{port}", path.display()),
         }
@@ -106,7 +110,10 @@ fn parse(s: &str) -> Result<InformantAddr, String> {
         return Err("holds whitespace or control characters".to_owned());
     }
     if let Some(rest) = s.strip_prefix("http://") {
-        return http(rest);
+        return tcp(rest, "http").map(|(host, port)| InformantAddr::Http { host, port });
+    }
+    if let Some(rest) = s.strip_prefix("https://") {
+        return tcp(rest, "https").map(|(host, port)| InformantAddr::Https { host, port });
     }
     if let Some(rest) = s.strip_prefix("vsock+unix://") {
         return vsock_unix(rest);
@@ -114,18 +121,16 @@ fn parse(s: &str) -> Result<InformantAddr, String> {
     if let Some(rest) = s.strip_prefix("vsock://") {
         return vsock(rest);
     }
-    if s.starts_with("https://") {
-        return Err("asks for TLS, which the informant does not serve; write http://HOST:PORT".to_owned());
-    }
     if s.starts_with("vsock:") {
         return Err("is the informant's listen syntax; the agent dials vsock://CID:PORT".to_owned());
     }
     Err(format!("has no scheme this agent dials; write one of {FORMS}"))
 }
 
-fn http(rest: &str) -> Result<InformantAddr, String> {
+/// `HOST:PORT` after `scheme://`.
+fn tcp(rest: &str, scheme: &str) -> Result<(String, u16), String> {
     let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err("has no port: write http://HOST:PORT".to_owned());
+        return Err(format!("has no port: write {scheme}://HOST:PORT"));
     };
     let port = port
         .parse::<u16>()
@@ -140,7 +145,7 @@ fn http(rest: &str) -> Result<InformantAddr, String> {
     if !ok {
         return Err(format!("has host {host:?}: an IPv4 address, [IPv6] in brackets or a DNS name"));
     }
-    Ok(InformantAddr::Http { host: host.to_owned(), port })
+    Ok((host.to_owned(), port))
 }
 
 fn dns_name(h: &str) -> bool {
@@ -210,6 +215,7 @@ mod tests {
             ("http://10.0.2.15:7080", InformantAddr::http("10.0.2.15", 7080)),
             ("http://[::1]:7080", InformantAddr::http("[::1]", 7080)),
             ("http://pg-1.vms.example:80", InformantAddr::http("pg-1.vms.example", 80)),
+            ("https://10.0.2.15:7080", InformantAddr::Https { host: "10.0.2.15".into(), port: 7080 }),
             ("vsock://3:7072", InformantAddr::Vsock { cid: 3, port: 7072 }),
             ("vsock://4294967294:1", InformantAddr::Vsock { cid: u32::MAX - 1, port: 1 }),
             (
@@ -233,9 +239,13 @@ mod tests {
         let long_path = format!("vsock+unix:///{}:1", "a".repeat(120));
         let huge = "x".repeat(600);
         let cases: &[(&str, &str)] = &[
-            ("", "is empty; write one of http://"),
-            ("10.0.2.15:7080", "has no scheme this agent dials; write one of http://HOST:PORT"),
-            ("https://10.0.2.15:7080", "asks for TLS"),
+            ("", "is empty; write one of https://"),
+            (
+                "10.0.2.15:7080",
+                "has no scheme this agent dials; write one of https://HOST:PORT, http://HOST:PORT",
+            ),
+            ("https://10.0.2.15", "has no port: write https://HOST:PORT"),
+            ("https://a_b:7080", "a DNS name"),
             ("vsock:3:7072", "listen syntax; the agent dials vsock://CID:PORT"),
             ("http://10.0.2.15", "has no port"),
             ("http://10.0.2.15:0", "a TCP port is 1-65535"),

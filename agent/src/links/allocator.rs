@@ -11,10 +11,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use vmscale_allocator_client::{channel, ClientError, SessionClient};
+use vmscale_allocator_client::{channel_with, ClientError, SessionClient};
 use vmscale_common::backoff::{clock_seed, Backoff};
 use vmscale_common::error::Chain;
 use vmscale_common::sync::lock;
+use vmscale_common::tls::{Identity, Tls, TlsFiles};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 use vmscale_proto::allocator::allocator_message::Body as Reply;
@@ -105,8 +106,12 @@ pub fn registration(id: &str, r: &Registered) -> pb::VmRegistration {
 /// Settings of the link.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
-    /// `http://HOST:PORT` of the allocator.
+    /// `https://HOST:PORT` (with `tls`) or `http://HOST:PORT` of the allocator.
     pub addr: String,
+    /// This node's certificate files: read again for every new session, so
+    /// a renewed certificate is presented from the next reconnect on; the
+    /// allocator's certificate must be `allocator.vmscale`. None: plain text.
+    pub tls: Option<TlsFiles>,
     pub node: String,
     pub capacity: Size,
     /// This agent's migration endpoint for other agents; empty: it takes no
@@ -209,7 +214,8 @@ pub async fn run(
 }
 
 async fn open(cfg: &LinkConfig, registry: &Registry) -> Result<SessionClient, ClientError> {
-    let ch = channel(&cfg.addr).await?;
+    let tls = cfg.tls.as_ref().map(Tls::load).transpose().map_err(ClientError::Tls)?;
+    let ch = channel_with(&cfg.addr, tls.map(|t| t.client_config(&Identity::Allocator))).await?;
     let hello = pb::Hello {
         versions: Some(pb::VersionRange {
             min: *vmscale_proto::ALLOCATOR_PROTOCOL.start(),
@@ -312,6 +318,7 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         let cfg = LinkConfig {
             addr: String::new(),
+            tls: None,
             node: String::new(),
             capacity: Size::default(),
             migration_endpoint: String::new(),

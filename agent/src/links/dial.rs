@@ -1,5 +1,6 @@
 //! Dials a VM's informant at its [`InformantAddr`]: TCP (with TCP_NODELAY:
-//! without it small gRPC messages wait 40 ms for an ACK), AF_VSOCK, or the
+//! without it small gRPC messages wait 40 ms for an ACK; `https://` with
+//! mutual TLS, `http://` only when the agent is `insecure`), AF_VSOCK, or the
 //! host socket of a vhost-user vsock backend (vhost-device-vsock's
 //! `uds-path`), where the first line names the guest's port. The latter two
 //! go through tonic's `connect_with_connector` with a service that returns
@@ -19,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_vsock::{VsockAddr, VsockStream};
 use tonic::transport::{Channel, Endpoint, Uri};
+use vmscale_common::tls::{Identity, Tls, TlsFiles};
 
 pub use vmscale_contract::informant_addr::{InformantAddr, InformantAddrError};
 
@@ -64,6 +66,19 @@ pub enum DialError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(
+        "informant address {addr} is plain text: write https:// (the informant with [tls]) or set \
+         insecure = true in the agent's config"
+    )]
+    Plain { addr: String },
+    #[error("informant address {addr} asks for TLS: the agent needs a [tls] section")]
+    NoTls { addr: String },
+    #[error("cannot load the agent's TLS files for {addr}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: vmscale_common::tls::TlsError,
+    },
     #[error("cannot connect to the informant at {addr}")]
     Connect {
         addr: String,
@@ -72,13 +87,35 @@ pub enum DialError {
     },
 }
 
+/// How the agent may reach informants over TCP: with its `[tls]` files
+/// (re-read at every connection, so a renewed certificate is used from the
+/// next one on), and plain text only if `insecure`. vsock needs neither:
+/// there the informant serves only the host.
+#[derive(Debug, Clone, Default)]
+pub struct TcpSecurity {
+    pub tls: Option<TlsFiles>,
+    pub insecure: bool,
+}
+
 /// An HTTP/2 channel to the informant at `addr`, connected now.
-pub async fn channel(addr: &InformantAddr) -> Result<Channel, DialError> {
+pub async fn channel(addr: &InformantAddr, security: &TcpSecurity) -> Result<Channel, DialError> {
     let connect_err = |source| DialError::Connect { addr: addr.to_string(), source };
+    let address_err = |source| DialError::Address { addr: addr.to_string(), source };
     match addr {
         InformantAddr::Http { .. } => {
+            if !security.insecure {
+                return Err(DialError::Plain { addr: addr.to_string() });
+            }
+            let ep = Endpoint::from_shared(addr.to_string()).map_err(address_err)?;
+            tuned(ep.tcp_nodelay(true)).connect().await.map_err(connect_err)
+        }
+        InformantAddr::Https { .. } => {
+            let files = security.tls.as_ref().ok_or_else(|| DialError::NoTls { addr: addr.to_string() })?;
+            let tls = Tls::load(files).map_err(|source| DialError::Tls { addr: addr.to_string(), source })?;
             let ep = Endpoint::from_shared(addr.to_string())
-                .map_err(|source| DialError::Address { addr: addr.to_string(), source })?;
+                .map_err(address_err)?
+                .tls_config(tls.client_config(&Identity::Informant))
+                .map_err(address_err)?;
             tuned(ep.tcp_nodelay(true)).connect().await.map_err(connect_err)
         }
         InformantAddr::Vsock { cid, port } => {
@@ -257,12 +294,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, _task) = backend(dir.path(), None).await;
         let addr = InformantAddr::VsockUnix { path, port: 7072 };
-        let e = vmscale_common::error::chain(&channel(&addr).await.unwrap_err());
+        let e = vmscale_common::error::chain(&channel(&addr, &TcpSecurity::default()).await.unwrap_err());
         assert!(e.contains(&format!("cannot connect to the informant at {addr}")), "{e}");
         assert!(e.contains("nothing listens on vsock port 7072"), "{e}");
         let addr = InformantAddr::Vsock { cid: 1_000_000, port: 7072 };
-        let e = vmscale_common::error::chain(&channel(&addr).await.unwrap_err());
+        let e = vmscale_common::error::chain(&channel(&addr, &TcpSecurity::default()).await.unwrap_err());
         assert!(e.contains("cannot connect to the informant at vsock://1000000:7072"), "{e}");
+    }
+
+    /// TCP: plain text only when insecure, TLS only with files; refused
+    /// before any connection is tried.
+    #[tokio::test]
+    async fn tcp_needs_tls_or_insecure() {
+        let plain: InformantAddr = "http://127.0.0.1:1".parse().unwrap();
+        let e = channel(&plain, &TcpSecurity::default()).await.unwrap_err();
+        assert!(matches!(e, DialError::Plain { .. }), "{e}");
+        assert!(e.to_string().contains("insecure = true"), "{e}");
+        let secure: InformantAddr = "https://127.0.0.1:1".parse().unwrap();
+        let e = channel(&secure, &TcpSecurity { tls: None, insecure: true }).await.unwrap_err();
+        assert!(matches!(e, DialError::NoTls { .. }), "{e}");
+        let files = TlsFiles { ca: "/nonexistent/ca.pem".into(), cert: "/c".into(), key: "/k".into() };
+        let e = channel(&secure, &TcpSecurity { tls: Some(files), insecure: false }).await.unwrap_err();
+        assert!(vmscale_common::error::chain(&e).contains("/nonexistent/ca.pem"), "{e}");
     }
 
     #[test]

@@ -133,6 +133,7 @@ impl GuestChannels {
     /// the VM's `cpu_mode`; without an address, a guest that never connects.
     pub fn connect(
         addr: Option<InformantAddr>,
+        security: dial::TcpSecurity,
         cpu_mode: CpuMode,
         cancel: CancellationToken,
     ) -> GuestChannels {
@@ -140,7 +141,7 @@ impl GuestChannels {
         let (link_tx, link) = watch::channel(None);
         let (notes_tx, notes) = watch::channel(Vec::new());
         if let Some(addr) = addr {
-            let guest = LinkEnds { cpu_mode, events: events_tx, link: link_tx, notes: notes_tx };
+            let guest = LinkEnds { cpu_mode, security, events: events_tx, link: link_tx, notes: notes_tx };
             tokio::spawn(run(addr, guest, cancel));
         }
         GuestChannels { events, link, notes }
@@ -152,6 +153,8 @@ impl GuestChannels {
 #[derive(Debug)]
 pub struct LinkEnds {
     pub cpu_mode: CpuMode,
+    /// TLS or plain text on TCP.
+    pub security: dial::TcpSecurity,
     pub events: mpsc::Sender<GuestEvent>,
     pub link: watch::Sender<Link>,
     /// The guest's notes on its kernel settings, at each connection.
@@ -212,8 +215,11 @@ pub fn to_guest_event(e: &pb::Event) -> Option<GuestEvent> {
 
 /// Connects and shakes hands; the client and the guest's notes on its
 /// kernel settings (logged here, shown in the VM's status).
-async fn connect(addr: &InformantAddr) -> Result<(InformantClient<Channel>, Vec<String>), LinkError> {
-    let mut c = InformantClient::new(dial::channel(addr).await?);
+async fn connect(
+    addr: &InformantAddr,
+    security: &dial::TcpSecurity,
+) -> Result<(InformantClient<Channel>, Vec<String>), LinkError> {
+    let mut c = InformantClient::new(dial::channel(addr, security).await?);
     let ours = vmscale_proto::INFORMANT_PROTOCOL;
     let hs = c
         .handshake(pb::HandshakeRequest {
@@ -236,13 +242,13 @@ async fn connect(addr: &InformantAddr) -> Result<(InformantClient<Channel>, Vec<
 
 /// Keeps one VM's informant connection until `cancel`.
 pub async fn run(addr: InformantAddr, guest: LinkEnds, cancel: CancellationToken) {
-    let LinkEnds { cpu_mode, events, link: client_tx, notes: notes_tx } = guest;
+    let LinkEnds { cpu_mode, security, events, link: client_tx, notes: notes_tx } = guest;
     let cpu_mode = wire_cpu_mode(cpu_mode);
     let seed = seed_of(&addr.to_string());
     let mut failures: u32 = 0;
     loop {
         let attempt = async {
-            let (mut c, notes) = connect(&addr).await?;
+            let (mut c, notes) = connect(&addr, &security).await?;
             let stream = c.subscribe(pb::SubscribeRequest {}).await?.into_inner();
             notes_tx.send_replace(notes);
             Ok::<_, LinkError>((c, stream))

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub proc_root: PathBuf,
     /// Live migration: taking VMs in, and how moves out run.
     pub migration: MigrationSettings,
+    /// TLS (or, insecure, plain text) towards informants on TCP.
+    pub informants: crate::links::dial::TcpSecurity,
 }
 
 /// How long a VM's loop may take to end once cancelled.
@@ -294,6 +296,7 @@ impl Shell {
             default_policy: self.cfg.policy.clone(),
             reporter: self.handles.reporter.clone(),
             proc_root: self.cfg.proc_root.clone(),
+            informants: self.cfg.informants.clone(),
         };
         let span = tracing::info_span!("vm", vm = %spec.id);
         let (gate, moving, quiet) = MoveGate::new();
@@ -392,6 +395,7 @@ mod tests {
         let cfg = NodeConfig {
             link: LinkConfig {
                 addr: "http://127.0.0.1:1".into(),
+                tls: None,
                 node: "node-a".into(),
                 capacity: Size::new(4000, 4 << 30),
                 migration_endpoint: String::new(),
@@ -405,6 +409,7 @@ mod tests {
             contention: ContentionConfig::default(),
             proc_root: "/proc".into(),
             migration: MigrationSettings::default(),
+            informants: Default::default(),
         };
         let (ended_tx, _) = mpsc::unbounded_channel();
         let shell =

@@ -49,6 +49,8 @@ pub struct LoopContext {
     pub reporter: Option<crate::vms::kube::status::StatusReporter>,
     /// Where `/proc` is, for the QEMU process's cgroup (`policy.cpu_max_cgroup`).
     pub proc_root: std::path::PathBuf,
+    /// TLS (or, insecure, plain text) towards informants on TCP.
+    pub informants: crate::links::dial::TcpSecurity,
 }
 
 impl std::fmt::Debug for LoopContext {
@@ -86,7 +88,12 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let Some(qemu) = read_qemu(hv.as_ref(), &spec.id, &cancel).await else { return };
-    let guest = GuestChannels::connect(spec.informant.clone(), spec.cpu_mode, cancel.child_token());
+    let guest = GuestChannels::connect(
+        spec.informant.clone(),
+        ctx.informants.clone(),
+        spec.cpu_mode,
+        cancel.child_token(),
+    );
     let vm = spec.id.clone();
     VmLoop::new(spec, hv, ctx, &qemu, last_permit, guest, gate).run(&cancel).await;
     // The VM left this node (or the agent stops): the allocator hears of it

@@ -66,6 +66,7 @@ fn start_with(spec: VmSpec, qemu: VmSize, session_up: bool) -> Harness {
         default_policy: Policy::default(),
         reporter: None,
         proc_root: "/nonexistent".into(),
+        informants: Default::default(),
     };
     let (guest_channels, ends) = channels();
     let guest = Arc::new(FakeGuest::default());
