@@ -156,12 +156,9 @@ impl MigrationSettings {
         }
     }
 
-    /// What the hello tells the allocator: empty when no VMs are taken in.
-    pub fn endpoint(&self) -> String {
-        self.endpoint_for(false)
-    }
-
-    /// [`Self::endpoint`] with `https://` by default when the agent has `[tls]`.
+    /// What the hello tells the allocator: empty when no VMs are taken in;
+    /// by default `https://<listen>` for an agent with `[tls]` (`tls`),
+    /// `http://<listen>` for one without.
     pub fn endpoint_for(&self, tls: bool) -> String {
         let scheme = if tls { "https" } else { "http" };
         match (self.listen, &self.advertise) {
@@ -201,7 +198,7 @@ mod tests {
     fn no_listen_means_no_endpoint() {
         let s = MigrationSettings::default();
         assert_eq!(s.validate(), Ok(()));
-        assert_eq!(s.endpoint(), "");
+        assert_eq!(s.endpoint_for(false), "");
         assert_eq!(s.stream_ip(), None);
     }
 
@@ -209,7 +206,8 @@ mod tests {
     fn endpoint_and_stream_address_follow_listen() {
         let s = parse("listen = \"10.0.0.2:7073\"\n[transfer]\ndowntime_limit_ms = 100\n");
         assert_eq!(s.validate(), Ok(()));
-        assert_eq!(s.endpoint(), "http://10.0.0.2:7073");
+        assert_eq!(s.endpoint_for(false), "http://10.0.0.2:7073");
+        assert_eq!(s.endpoint_for(true), "https://10.0.0.2:7073");
         assert_eq!(s.stream_ip(), Some("10.0.0.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))));
         assert_eq!(s.transfer.downtime_limit_ms, 100);
     }
@@ -222,7 +220,7 @@ mod tests {
             "listen = \"0.0.0.0:7073\"\nadvertise = \"http://10.0.0.2:7073\"\nstream_address = \"10.0.0.2\"",
         );
         assert_eq!(ok.validate(), Ok(()));
-        assert_eq!(ok.endpoint(), "http://10.0.0.2:7073");
+        assert_eq!(ok.endpoint_for(false), "http://10.0.0.2:7073");
     }
 
     #[test]

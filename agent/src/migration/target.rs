@@ -202,6 +202,8 @@ pub struct LocalIncoming {
     template: Template,
     /// QEMU's TLS on the stream, taken only from this peer node.
     stream_tls: Option<StreamTls>,
+    /// The stream's listener, bound by the caller; else bound at `listen`.
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     dir: PathBuf,
     listen: SocketAddr,
     running: Mutex<Option<(Owned, Migration)>>,
@@ -221,6 +223,7 @@ impl LocalIncoming {
             binary,
             template,
             stream_tls: None,
+            listener: std::sync::Mutex::new(None),
             dir,
             listen,
             running: Mutex::new(None),
@@ -232,6 +235,13 @@ impl LocalIncoming {
     /// The stream arrives over QEMU's TLS, from `tls.peer_node` only.
     pub fn with_stream_tls(mut self, tls: Option<StreamTls>) -> Self {
         self.stream_tls = tls;
+        self
+    }
+
+    /// The stream arrives on `listener` (bound where the caller could, e.g.
+    /// in another network namespace) instead of one bound at `listen`.
+    pub fn with_listener(self, listener: std::net::TcpListener) -> Self {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
         self
     }
 
@@ -297,8 +307,12 @@ impl LocalIncoming {
         let log_path = self.dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(files(&log_path))?;
         let log2 = log.try_clone().map_err(files(&log_path))?;
-        let listener = std::net::TcpListener::bind(self.listen)
-            .map_err(|source| IncomingError::Bind { addr: self.listen, source })?;
+        let given = self.listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let listener = match given {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(self.listen)
+                .map_err(|source| IncomingError::Bind { addr: self.listen, source })?,
+        };
         let addr =
             listener.local_addr().map_err(|source| IncomingError::Bind { addr: self.listen, source })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
