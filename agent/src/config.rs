@@ -76,6 +76,11 @@ pub struct KubernetesConfig {
     /// Only pods in this namespace; default all namespaces.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Each VM pod's socket directory as the agent sees it, `{uid}` for the
+    /// pod's UID: its QMP socket is there and nowhere else (`vms::kube::sockets`).
+    /// Default `/pods/{uid}/volumes/kubernetes.io~empty-dir/vmscale`.
+    #[serde(default = "crate::vms::kube::default_pod_socket_dir")]
+    pub pod_socket_dir: String,
     /// Rate limit and retries of the annotation write-back.
     #[serde(default)]
     pub status: crate::vms::kube::status::StatusConfig,
@@ -147,6 +152,10 @@ impl Config {
             return bad("migration.listen cannot be set with [kubernetes] yet: a VM moved here would run \
                         inside the agent's pod; moves between Kubernetes nodes need a target VM pod"
                 .into());
+        }
+        if let Some(k) = &self.kubernetes {
+            let sockets = crate::vms::kube::sockets::PodSockets::new(&k.pod_socket_dir);
+            sockets.map_err(|e| ConfigError::Rule(format!("kubernetes: {e}")))?;
         }
         self.policy.validate().map_err(|e| ConfigError::Rule(format!("policy: {e}")))
     }

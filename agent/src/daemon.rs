@@ -118,6 +118,7 @@ async fn start_vm_source(
             label_key: k.label_key.clone(),
             label_value: k.label_value.clone(),
             namespace: k.namespace.clone(),
+            pod_socket_dir: k.pod_socket_dir.clone(),
         },
     };
     let out = source.start(client.clone(), cancel.clone())?;

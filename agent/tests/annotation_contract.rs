@@ -7,9 +7,10 @@
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 use vmscale_agent::vms::kube::annotations::{pod_vm, PodVm};
+use vmscale_agent::vms::kube::sockets::PodSockets;
 use vmscale_agent::vms::kube::Selector;
 use vmscale_allocator::capacity::VmLabel;
-use vmscale_allocator::extender::demand;
+use vmscale_allocator::extender::{demand, PodMeta};
 
 const NODE: &str = "node-a";
 
@@ -17,7 +18,6 @@ const NODE: &str = "node-a";
 /// (`None` removes the key).
 fn pod(changes: &[(&str, Option<&str>)]) -> Pod {
     let mut annotations = json!({
-        "vmscale.io/qmp": "/run/vmscale/pg-0/qmp.sock",
         "vmscale.io/cu-milli-cpu": "250",
         "vmscale.io/cu-memory-bytes": "1Gi",
         "vmscale.io/min-cus": "1",
@@ -32,7 +32,7 @@ fn pod(changes: &[(&str, Option<&str>)]) -> Pod {
     }
     serde_json::from_value(json!({
         "metadata": {
-            "namespace": "db", "name": "pg-0",
+            "namespace": "db", "name": "pg-0", "uid": "7c9e6679-7425-40de-944b-e07fc1f90ae7",
             "labels": {"vmscale.io/autoscale": "true"},
             "annotations": annotations,
         },
@@ -44,14 +44,14 @@ fn pod(changes: &[(&str, Option<&str>)]) -> Pod {
 
 /// (extender accepts, agent accepts, the agent's reason if it refuses).
 fn verdicts(p: &Pod) -> (bool, bool, String) {
-    let placed = demand(p, &VmLabel::default());
+    let placed = demand(&PodMeta { metadata: p.metadata.clone() }, &VmLabel::default());
     assert!(!matches!(placed, Ok(None)), "the extender must see a VM pod");
     let sel = Selector {
         node_name: NODE.into(),
         label_key: "vmscale.io/autoscale".into(),
         label_value: "true".into(),
     };
-    let (scaled, why) = match pod_vm(p, &sel) {
+    let (scaled, why) = match pod_vm(p, &sel, &PodSockets::default()) {
         PodVm::Vm(_) => (true, String::new()),
         PodVm::Bad(e) => (false, e.to_string()),
         PodVm::Ineligible(why) => panic!("the agent must see a VM pod, not one {why}"),
@@ -82,7 +82,15 @@ fn extender_and_agent_accept_and_refuse_the_same_pods() {
         (vec![("vmscale.io/max-cus", Some("4000000000"))], false),
         (vec![("vmscale.io/cu-milli-cpu", Some("0"))], false),
         (vec![("vmscale.io/cu-milli-cpu", Some("0.25"))], false),
-        (vec![("vmscale.io/qmp", None)], false),
+        // The QMP socket is in the pod's own directory: the pod names at
+        // most the file, never a path or a TCP endpoint.
+        (vec![("vmscale.io/qmp", Some("monitor.sock"))], true),
+        (vec![("vmscale.io/qmp", Some("tcp:10.0.0.9:4444"))], false),
+        (vec![("vmscale.io/qmp", Some("/var/run/vmscale/other-pod/qmp.sock"))], false),
+        // VM ids are bound to the pod's namespace.
+        (vec![("vmscale.io/vm-id", Some("other-ns/pg"))], false),
+        // cpu_max_cgroup is the node's setting alone.
+        (vec![("vmscale.io/policy", Some(r#"{"cpu_max_cgroup": true}"#))], false),
         (vec![("vmscale.io/memory", None)], false),
         (vec![("vmscale.io/memory", Some("dimm:100Mi"))], false),
         (

@@ -105,15 +105,20 @@ fn reply_events(send: Reply, events: &[(&str, Value)]) {
     reply(send, StatusCode::OK, &body);
 }
 
+/// A pod's UID: a UUID derived from its namespace and name.
+fn uid(ns: &str, name: &str) -> String {
+    let n = format!("{ns}/{name}").bytes().fold(0u64, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+    format!("00000000-0000-4000-8000-{:012x}", n & 0xffff_ffff_ffff)
+}
+
 /// A running pod of this node, selected, with good annotations (max 8 CUs).
 fn pod(ns: &str, name: &str, rv: &str, extra: &[(&str, Value)]) -> Value {
     let mut p = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "namespace": ns, "name": name, "uid": format!("uid-{ns}-{name}"), "resourceVersion": rv,
+            "namespace": ns, "name": name, "uid": uid(ns, name), "resourceVersion": rv,
             "labels": {"vmscale.io/autoscale": "true", "app": "postgres"},
             "annotations": {
-                "vmscale.io/qmp": format!("/run/vmscale/{name}/qmp.sock"),
                 "vmscale.io/informant": "http://10.0.2.15:7080",
                 "vmscale.io/cu-milli-cpu": "250",
                 "vmscale.io/cu-memory-bytes": "1Gi",
@@ -169,7 +174,7 @@ async fn source_lists_watches_and_relists_with_exact_requests() {
     reply_list(send, "100", list);
     wait_for_set(&mut src.vms, &[("ns1/pg-1", 8)]).await;
     assert_eq!(src.stats.skipped(), BTreeMap::from([("invalid", 1)]));
-    assert_eq!(src.pods.get("ns1/pg-1").unwrap().uid.as_deref(), Some("uid-ns1-pg-1"));
+    assert_eq!(src.pods.get("ns1/pg-1").unwrap().uid, Some(uid("ns1", "pg-1")));
 
     // 2. Watch from the list's version; changes arrive as events.
     let (req, send) = next_request(&mut api).await;
@@ -191,8 +196,8 @@ async fn source_lists_watches_and_relists_with_exact_requests() {
             ("BOOKMARK", bookmark),
         ],
     );
-    wait_for_set(&mut src.vms, &[("db-2", 8), ("ns1/pg-1", 16), ("ns1/pg-pending", 8)]).await;
-    assert_eq!(src.pods.get("db-2").unwrap().name, "pg-2");
+    wait_for_set(&mut src.vms, &[("ns1/pg-1", 16), ("ns1/pg-pending", 8), ("ns2/db-2", 8)]).await;
+    assert_eq!(src.pods.get("ns2/db-2").unwrap().name, "pg-2");
 
     // 3. The watch ended: watch again from the bookmark. The server has
     // compacted that version away (410): the watcher must list again.
@@ -218,7 +223,7 @@ async fn source_lists_watches_and_relists_with_exact_requests() {
     reply_list(send, "200", vec![broken, pod("ns1", "pg-3", "190", &[])]);
     wait_for_set(&mut src.vms, &[("ns1/pg-1", 16), ("ns1/pg-3", 8)]).await;
     assert_eq!(src.stats.skipped(), BTreeMap::from([("invalid", 2)]));
-    assert!(src.pods.get("db-2").is_none());
+    assert!(src.pods.get("ns2/db-2").is_none());
 
     // 5. Watching again from the new list; stopping drops the request and the client.
     let (req, _held) = next_request(&mut api).await;
@@ -270,7 +275,7 @@ async fn status_is_written_as_a_merge_patch_of_annotations_only() {
     let mut p = pod("ns2", "pg-2", "10", &[]);
     p["metadata"]["annotations"]["vmscale.io/vm-id"] = json!("db-2");
     reply_list(send, "11", vec![p.clone()]);
-    wait_for_set(&mut src.vms, &[("db-2", 8)]).await;
+    wait_for_set(&mut src.vms, &[("ns2/db-2", 8)]).await;
     let (req, _held) = next_request(&mut source_api).await;
     assert_watch(&req, "/api/v1/namespaces/ns2/pods", "11");
 
@@ -282,13 +287,13 @@ async fn status_is_written_as_a_merge_patch_of_annotations_only() {
 
     // The first report is written at once.
     let t0 = Instant::now();
-    reporter.report("db-2", status(500, 1_800_000_000));
+    reporter.report("ns2/db-2", status(500, 1_800_000_000));
     let send = assert_patch(&mut api, path, &patch_body("500", "750", "2027-01-15T08:00:00Z")).await;
     reply(send, StatusCode::OK, &serde_json::to_vec(&p).unwrap());
 
     // Two changes right after: one patch with the latest, once the interval is over.
-    reporter.report("db-2", status(750, 1_800_000_010));
-    reporter.report("db-2", status(1000, 1_800_000_011));
+    reporter.report("ns2/db-2", status(750, 1_800_000_010));
+    reporter.report("ns2/db-2", status(1000, 1_800_000_011));
     let want = patch_body("1000", "1250", "2027-01-15T08:00:11Z");
     let send = assert_patch(&mut api, path, &want).await;
     assert!(t0.elapsed() >= Duration::from_millis(300), "second patch after {:?}", t0.elapsed());
@@ -304,11 +309,55 @@ async fn status_is_written_as_a_merge_patch_of_annotations_only() {
     reply(send, StatusCode::OK, &serde_json::to_vec(&p).unwrap());
 
     // The same sizes at a later time, and a VM with no pod: nothing to write.
-    reporter.report("db-2", status(1000, 1_800_000_020));
+    reporter.report("ns2/db-2", status(1000, 1_800_000_020));
     reporter.report("no-such-vm", status(500, 1_800_000_020));
     assert_quiet(&mut api, Duration::from_millis(1_000)).await;
 
     cancel.cancel();
     drop(reporter);
     assert_closed(&mut api).await;
+}
+
+/// A pod that names a `tcp:` QMP monitor is not scaled, and says why on
+/// itself: one merge patch of `vmscale.io/refused`, removed (`null`) once
+/// the pod is fixed.
+#[tokio::test]
+async fn a_tcp_qmp_pod_is_refused_with_a_note_on_the_pod() {
+    let (client, mut source_api) = mock_client();
+    let cancel = CancellationToken::new();
+    let mut src =
+        KubeSource { config: KubeSourceConfig::new("node-a") }.start(client, cancel.clone()).unwrap();
+    let (client, mut api) = mock_client();
+    let cfg = StatusConfig { min_interval_ms: 300, write_timeout_ms: 5_000, retry_max_ms: 1_000 };
+    let _reporter =
+        StatusReporter::start(KubeStatusWriter::new(client), src.pods.clone(), cfg, cancel.clone());
+
+    let (req, send) = next_request(&mut source_api).await;
+    assert_list(&req, "/api/v1/pods");
+    let tcp = pod("ns1", "pg-tcp", "10", &[]);
+    let mut tcp = tcp;
+    tcp["metadata"]["annotations"]["vmscale.io/qmp"] = json!("tcp:10.0.0.9:4444");
+    reply_list(send, "11", vec![tcp.clone(), pod("ns1", "pg-1", "9", &[])]);
+    wait_for_set(&mut src.vms, &[("ns1/pg-1", 8)]).await;
+
+    let path = "/api/v1/namespaces/ns1/pods/pg-tcp";
+    let (req, send) = next_request(&mut api).await;
+    assert_request(&req, Method::PATCH, path, &[("fieldManager", "vmscale-agent")]);
+    let body: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    let note = body["metadata"]["annotations"]["vmscale.io/refused"].as_str().unwrap().to_owned();
+    assert!(note.contains("QMP over TCP is not allowed for pods"), "{note}");
+    assert_eq!(body["metadata"]["annotations"].as_object().unwrap().len(), 1, "{body}");
+    reply(send, StatusCode::OK, &serde_json::to_vec(&tcp).unwrap());
+
+    // The pod is fixed (and shows the note): the note goes.
+    let (req, send) = next_request(&mut source_api).await;
+    assert_watch(&req, "/api/v1/pods", "11");
+    let mut fixed = pod("ns1", "pg-tcp", "12", &[]);
+    fixed["metadata"]["annotations"]["vmscale.io/refused"] = json!(note);
+    reply_events(send, &[("MODIFIED", fixed)]);
+    wait_for_set(&mut src.vms, &[("ns1/pg-1", 8), ("ns1/pg-tcp", 8)]).await;
+    let want = json!({"metadata": {"annotations": {"vmscale.io/refused": null}}});
+    let send = assert_patch(&mut api, path, &want).await;
+    reply(send, StatusCode::OK, &serde_json::to_vec(&tcp).unwrap());
+    cancel.cancel();
 }

@@ -6,6 +6,7 @@ use crate::informant_addr::InformantAddr;
 use crate::keys::*;
 use crate::policy::Policy;
 use crate::quantity;
+use crate::vm_id;
 use std::collections::BTreeMap;
 
 /// Largest compute unit accepted: more is a unit mix-up (vCPU against
@@ -20,15 +21,23 @@ pub const MAX_SIZE_MEMORY_BYTES: u64 = 1 << 50;
 const MIB: u64 = 1 << 20;
 /// virtio-mem moves in blocks of at least 2 MiB; 128 MiB on x86 Linux guests.
 const VIRTIO_MEM_BLOCK: u64 = 128 << 20;
-/// VM ids are names in the allocator (and Kubernetes object names at most this long).
-const MAX_ID_LEN: usize = 253;
+/// Longest `vmscale.io/qmp` file name: the socket's whole path must fit in
+/// a unix socket address (107 bytes), under a directory the agent names.
+pub const MAX_QMP_FILE_LEN: usize = 16;
+/// The QMP socket's file name in the pod's socket directory when the pod
+/// names none.
+pub const DEFAULT_QMP_FILE: &str = "qmp.sock";
 
 /// What a VM pod's annotations say, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmAnnotations {
-    /// `vmscale.io/vm-id`, or the default the caller passed.
+    /// `<namespace>/<vmscale.io/vm-id>`, or `<namespace>/<pod name>`
+    /// ([`crate::vm_id::of_pod`]).
     pub id: String,
-    pub qmp: String,
+    /// The QMP socket's file name in the pod's socket directory, which the
+    /// agent derives from the pod's UID (never a path or `tcp:`: the pod
+    /// must not point the agent at another process's monitor).
+    pub qmp_file: String,
     pub informant: Option<InformantAddr>,
     pub cu_milli_cpu: u64,
     pub cu_memory_bytes: u64,
@@ -91,12 +100,16 @@ impl AnnotationError {
 
 /// `<namespace>/<name>`: a pod's VM id when it sets none.
 pub fn default_vm_id(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
+    vm_id::of_pod(namespace, name)
 }
 
-/// Checks a VM pod's annotations; `default_id` is the VM's id when
-/// `vmscale.io/vm-id` is absent. Annotations outside `vmscale.io/` are ignored.
-pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotations, AnnotationError> {
+/// Checks the annotations of pod `name` in `namespace`. Annotations outside
+/// `vmscale.io/` are ignored.
+pub fn parse(
+    a: &BTreeMap<String, String>,
+    namespace: &str,
+    name: &str,
+) -> Result<VmAnnotations, AnnotationError> {
     if let Some(key) = a.keys().find(|k| is_unknown(k)) {
         return Err(AnnotationError::Unknown { key: key.clone() });
     }
@@ -120,14 +133,9 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotat
     };
     let policy = optional(a, POLICY)?.map(|json| policy(a, json)).transpose()?;
     Ok(VmAnnotations {
-        id: vm_id(a, default_id)?,
-        qmp: required(a, QMP)?.to_owned(),
-        informant: optional(a, INFORMANT)?
-            .map(|v| {
-                v.parse::<InformantAddr>()
-                    .map_err(|e| invalid(INFORMANT, a, &format!("is not an address: {}", e.reason)))
-            })
-            .transpose()?,
+        id: vm_id(a, namespace, name)?,
+        qmp_file: qmp_file(a)?,
+        informant: informant(a)?,
         cu_milli_cpu,
         cu_memory_bytes,
         min_cus,
@@ -141,8 +149,13 @@ pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmAnnotat
 /// `vmscale.io/policy`: a JSON object of policy fields, each checked as the
 /// agent's `[policy]` is.
 fn policy(a: &BTreeMap<String, String>, json: &str) -> Result<Policy, AnnotationError> {
-    if let Err(e) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
-        return Err(invalid(POLICY, a, &format!("is not a JSON object: {e}")));
+    let fields = match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
+        Ok(fields) => fields,
+        Err(e) => return Err(invalid(POLICY, a, &format!("is not a JSON object: {e}"))),
+    };
+    if let Some(f) = crate::policy::NODE_ONLY_FIELDS.iter().find(|f| fields.contains_key(**f)) {
+        let reason = format!("sets {f}, which only the node's [policy] may set");
+        return Err(invalid(POLICY, a, &reason));
     }
     let p: Policy = serde_json::from_str(json)
         .map_err(|e| invalid(POLICY, a, &format!("is not a JSON policy object: {e}")))?;
@@ -162,16 +175,61 @@ fn sizes(a: &BTreeMap<String, String>) -> Result<(u32, u32), AnnotationError> {
     Ok((min_cus, max_cus))
 }
 
-fn vm_id(a: &BTreeMap<String, String>, default_id: &str) -> Result<String, AnnotationError> {
-    let id = optional(a, VM_ID)?.unwrap_or(default_id);
-    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
-        let reason = format!("vm id {id:?} must be 1-{MAX_ID_LEN} printable characters");
-        return Err(match a.get(VM_ID) {
-            Some(_) => invalid(VM_ID, a, &reason),
-            None => AnnotationError::Spec { reason },
+/// The VM id of pod `name` in `namespace`, bound to the namespace: the pod
+/// chooses at most the part after the `/` (`vmscale.io/vm-id`). The one
+/// derivation: the agent registers its VM under it, and the allocator finds
+/// a VM pod's VM in its ledger by it.
+pub fn vm_id(a: &BTreeMap<String, String>, namespace: &str, name: &str) -> Result<String, AnnotationError> {
+    let chosen = optional(a, VM_ID)?;
+    if let Some(c) = chosen {
+        if !vm_id::is_pod_chosen_name(c) {
+            let reason = "must be letters, digits, `.`, `_` and `-` (the namespace is prepended, so no `/`)";
+            return Err(invalid(VM_ID, a, reason));
+        }
+    }
+    let id = vm_id::of_pod(namespace, chosen.unwrap_or(name));
+    if let Err(e) = vm_id::check(&id) {
+        return Err(match chosen {
+            Some(_) => invalid(VM_ID, a, &format!("makes the vm id {id:?}, which is refused: {e}")),
+            None => AnnotationError::Spec { reason: format!("the pod's vm id {id:?} is refused: {e}") },
         });
     }
-    Ok(id.to_owned())
+    Ok(id)
+}
+
+/// `vmscale.io/informant`. A `vsock+unix` address names a host socket path
+/// the agent would connect to as root: no pod may point it at one.
+fn informant(a: &BTreeMap<String, String>) -> Result<Option<InformantAddr>, AnnotationError> {
+    let Some(v) = optional(a, INFORMANT)? else { return Ok(None) };
+    let addr = v
+        .parse::<InformantAddr>()
+        .map_err(|e| invalid(INFORMANT, a, &format!("is not an address: {}", e.reason)))?;
+    if matches!(addr, InformantAddr::VsockUnix { .. }) {
+        let reason =
+            "names a host socket path, which a pod may not; use vsock://CID:PORT or https://HOST:PORT";
+        return Err(invalid(INFORMANT, a, reason));
+    }
+    Ok(Some(addr))
+}
+
+/// `vmscale.io/qmp`: a file name in the pod's socket directory, no path and
+/// no `tcp:`.
+fn qmp_file(a: &BTreeMap<String, String>) -> Result<String, AnnotationError> {
+    let Some(v) = optional(a, QMP)? else { return Ok(DEFAULT_QMP_FILE.to_owned()) };
+    if v.starts_with("tcp:") {
+        let reason = "is refused: QMP over TCP is not allowed for pods; have QEMU listen on a unix socket \
+                      in the pod's socket directory (`-qmp unix:<dir>/qmp.sock,server=on,wait=off`)";
+        return Err(invalid(QMP, a, reason));
+    }
+    let plain = !v.starts_with('.') && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !plain || v.len() > MAX_QMP_FILE_LEN {
+        let reason = format!(
+            "must be a file name in the pod's socket directory (letters, digits, `.`, `_`, `-`, at most \
+             {MAX_QMP_FILE_LEN} bytes, no `/`); default {DEFAULT_QMP_FILE}"
+        );
+        return Err(invalid(QMP, a, &reason));
+    }
+    Ok(v.to_owned())
 }
 
 fn memory(a: &BTreeMap<String, String>, cu_memory_bytes: u64) -> Result<Memory, AnnotationError> {
@@ -259,7 +317,7 @@ mod tests {
 
     fn good() -> BTreeMap<String, String> {
         [
-            (QMP, "/run/vmscale/pg-1/qmp.sock"),
+            (QMP, "monitor.sock"),
             (INFORMANT, "http://10.0.2.15:7080"),
             (CU_MILLI_CPU, "250"),
             (CU_MEMORY_BYTES, "1Gi"),
@@ -288,8 +346,9 @@ mod tests {
 
     #[test]
     fn good_annotations_give_a_vm() {
-        let v = parse(&good(), "ns/pg-1").unwrap();
+        let v = parse(&good(), "ns", "pg-1").unwrap();
         assert_eq!(v.id, "ns/pg-1");
+        assert_eq!(v.qmp_file, "monitor.sock");
         assert_eq!((v.cu_milli_cpu, v.cu_memory_bytes), (250, 1 << 30));
         assert_eq!((v.min_cus, v.max_cus), (1, 8));
         assert_eq!(v.cpu_mode, CpuMode::Sysfs);
@@ -306,11 +365,14 @@ mod tests {
                 (INFORMANT, None),
                 (MIN_CUS, Some("2")),
                 (POLICY, Some(r#"{"cpu_target": 0.5}"#)),
+                (QMP, None),
             ]),
-            "ns/pg-1",
+            "ns",
+            "pg-1",
         )
         .unwrap();
-        assert_eq!(v.id, "db-7");
+        assert_eq!(v.id, "ns/db-7", "bound to the pod's namespace");
+        assert_eq!(v.qmp_file, DEFAULT_QMP_FILE);
         assert_eq!(v.cpu_mode, CpuMode::Hotplug);
         assert_eq!(v.memory, Memory::VirtioMem { device: "vm0".into() });
         assert_eq!(v.informant, None);
@@ -322,10 +384,10 @@ mod tests {
     fn memory_is_a_kubernetes_quantity_of_whole_mib() {
         for (q, want) in [("1Gi", 1 << 30), ("1536Mi", 3 << 29), ("1.5Gi", 3 << 29), ("1073741824", 1 << 30)]
         {
-            let v = parse(&with(&[(CU_MEMORY_BYTES, Some(q))]), "ns/pg").unwrap();
+            let v = parse(&with(&[(CU_MEMORY_BYTES, Some(q))]), "ns", "pg").unwrap();
             assert_eq!(v.cu_memory_bytes, want, "{q}");
         }
-        let v = parse(&with(&[(MEMORY, Some("dimm:0.25Gi"))]), "ns/pg").unwrap();
+        let v = parse(&with(&[(MEMORY, Some("dimm:0.25Gi"))]), "ns", "pg").unwrap();
         assert_eq!(v.memory, Memory::Dimm { dimm_bytes: 256 << 20 });
     }
 
@@ -334,8 +396,17 @@ mod tests {
         // (annotation changes to the good set, text the error must contain)
         type Case = (Vec<(&'static str, Option<&'static str>)>, &'static str);
         let cases: Vec<Case> = vec![
-            (vec![(QMP, None)], "annotation vmscale.io/qmp is missing"),
             (vec![(QMP, Some(" "))], "vmscale.io/qmp=\" \" is empty"),
+            (vec![(QMP, Some("tcp:10.0.0.1:4444"))], "QMP over TCP is not allowed for pods"),
+            (
+                vec![(QMP, Some("/run/other-vm/qmp.sock"))],
+                "must be a file name in the pod's socket directory",
+            ),
+            (vec![(QMP, Some("../qmp.sock"))], "must be a file name"),
+            (vec![(QMP, Some(".."))], "must be a file name"),
+            (vec![(VM_ID, Some("other-ns/db"))], "vmscale.io/vm-id=\"other-ns/db\" must be letters"),
+            (vec![(POLICY, Some(r#"{"cpu_max_cgroup": true}"#))], "sets cpu_max_cgroup, which only the node"),
+            (vec![(POLICY, Some(r#"{"cpu_max_cgroup": false}"#))], "only the node's [policy] may set"),
             (vec![(MAX_CUS, Some("lots"))], "vmscale.io/max-cus=\"lots\" is not a whole"),
             (vec![(MIN_CUS, Some("-1"))], "vmscale.io/min-cus=\"-1\" is not a whole"),
             (vec![(MIN_CUS, Some("0"))], "vmscale.io/min-cus=\"0\" must be at least 1"),
@@ -361,20 +432,26 @@ mod tests {
                 "vmscale.io/informant=\"10.0.2.15:7080\" is not an address: has no scheme",
             ),
             (vec![(INFORMANT, Some("vsock://2:7072"))], "is not an address: has CID 2, the host itself"),
+            (vec![(INFORMANT, Some("vsock+unix:///run/other/vsock.sock:7072"))], "names a host socket path"),
             (vec![(POLICY, Some("[1]"))], "vmscale.io/policy=\"[1]\" is not a JSON object"),
-            (vec![(VM_ID, Some("a\u{7}b"))], "printable"),
+            (vec![(VM_ID, Some("a\u{7}b"))], "must be letters"),
             (vec![("vmscale.io/min-cu", Some("1"))], "annotation vmscale.io/min-cu is not one"),
         ];
         for (changes, want) in cases {
-            let e = parse(&with(&changes), "ns/pg-1").unwrap_err();
+            let e = parse(&with(&changes), "ns", "pg-1").unwrap_err();
             assert!(e.to_string().contains(want), "{changes:?}: {e} should contain {want}");
         }
+        // 250 bytes chosen, 253 with the namespace: one too many.
+        let long = "a".repeat(250);
+        let e = parse(&with(&[(VM_ID, Some(&long))]), "ns4", "pg-1").unwrap_err();
+        assert!(e.to_string().contains("254 bytes long; at most 253"), "{e}");
     }
 
     #[test]
     fn default_id_is_checked_too() {
-        let e = parse(&good(), "").unwrap_err();
+        let e = parse(&good(), "ns", &".".repeat(80)).unwrap_err();
         assert_eq!(e.kind(), "spec");
+        assert!(e.to_string().contains("file name"), "{e}");
         assert_eq!(default_vm_id("db", "pg-0"), "db/pg-0");
     }
 }

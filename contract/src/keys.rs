@@ -24,9 +24,13 @@ pub const POLICY: &str = "vmscale.io/policy";
 pub const SPEC_KEYS: [&str; 10] =
     [VM_ID, QMP, INFORMANT, CU_MILLI_CPU, CU_MEMORY_BYTES, MIN_CUS, MAX_CUS, CPU_MODE, MEMORY, POLICY];
 
+/// Written by the agent on a pod it refuses to scale: why (bounded in
+/// length); removed once the pod's annotations are good again.
+pub const REFUSED: &str = "vmscale.io/refused";
+
 /// Keys under these (after the prefix) belong to the agent's write-back;
 /// they are ignored on read, also ones a newer agent may add.
-pub const STATUS_KEY_STARTS: [&str; 3] = ["current-", "approved-", "updated-at"];
+pub const STATUS_KEY_STARTS: [&str; 4] = ["current-", "approved-", "updated-at", "refused"];
 
 /// Whether `key` is a `vmscale.io/` key that is neither the owner's nor the
 /// agent's write-back: most likely a typo (`min-cu`).

@@ -67,7 +67,8 @@ pub struct Policy {
     /// bandwidth (`cpu.max`, or v1 `cpu.cfs_quota_us`) whenever that size has
     /// a fractional vCPU, e.g. 750 milli-vCPU: one vCPU online, 75 ms per
     /// 100 ms. Whole vCPUs lift the cap. QEMU must run in a cgroup of its own
-    /// (see the agent's `vm_loop/cpu_max.rs`). Default false.
+    /// (see the agent's `vm_loop/cpu_max.rs`). Default false. A node setting
+    /// ([`NODE_ONLY_FIELDS`]): it has the agent write into QEMU's cgroup.
     pub cpu_max_cgroup: bool,
     /// `[policy.polling]`: decide like Neon's autoscaler, from averaged samples
     /// once per loop interval, ignoring pressure events (the agent's `core::polling`).
@@ -112,7 +113,21 @@ impl Default for Policy {
     }
 }
 
+/// Fields only the node's `[policy]` sets: a VM's own policy (a pod's
+/// `vmscale.io/policy`) may not, and [`Policy::for_vm`] takes them from the
+/// node. `cpu_max_cgroup` has the agent, as root, write into the cgroup of
+/// the VM's QEMU: the node's decision, not the VM owner's.
+pub const NODE_ONLY_FIELDS: [&str; 1] = ["cpu_max_cgroup"];
+
 impl Policy {
+    /// The policy a VM runs with: its own if it has one, else the node's;
+    /// the [`NODE_ONLY_FIELDS`] always the node's.
+    pub fn for_vm(own: Option<&Policy>, node: &Policy) -> Policy {
+        let mut p = own.unwrap_or(node).clone();
+        p.cpu_max_cgroup = node.cpu_max_cgroup;
+        p
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let frac = |name: &str, v: f64| {
             if v > 0.0 && v <= 1.0 {
@@ -180,5 +195,22 @@ impl Polling {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod node_only_tests {
+    use super::*;
+
+    #[test]
+    fn node_only_fields_come_from_the_node() {
+        let node = Policy { cpu_max_cgroup: false, cpu_target: 0.6, ..Policy::default() };
+        let own = Policy { cpu_max_cgroup: true, cpu_target: 0.5, ..Policy::default() };
+        let p = Policy::for_vm(Some(&own), &node);
+        assert_eq!((p.cpu_target, p.cpu_max_cgroup), (0.5, false));
+        let node = Policy { cpu_max_cgroup: true, ..node };
+        let p = Policy::for_vm(Some(&Policy::default()), &node);
+        assert!(p.cpu_max_cgroup, "the node's setting holds for a VM with a policy of its own");
+        assert_eq!(Policy::for_vm(None, &node), node);
     }
 }

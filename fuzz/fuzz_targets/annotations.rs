@@ -15,7 +15,8 @@ struct Pod {
     known: Vec<(u8, String)>,
     /// Any other keys, typos and foreign prefixes included.
     other: Vec<(String, String)>,
-    default_id: String,
+    namespace: String,
+    name: String,
 }
 
 fuzz_target!(|pod: Pod| {
@@ -29,5 +30,5 @@ fuzz_target!(|pod: Pod| {
     if let Some(addr) = a.get(vmscale_contract::keys::INFORMANT) {
         let _ = InformantAddr::try_from(addr.clone());
     }
-    let _ = vmscale_contract::parse(&a, &pod.default_id);
+    let _ = vmscale_contract::parse(&a, &pod.namespace, &pod.name);
 });

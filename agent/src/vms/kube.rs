@@ -27,7 +27,9 @@
 //! # RBAC
 //!
 //! The agent lists and watches pods and patches their annotations; it never
-//! gets, creates or deletes them:
+//! gets, creates or deletes them. A ValidatingAdmissionPolicy
+//! (deploy/kustomize/base/agent-admission.yaml) narrows the patch to pods on
+//! the agent's own node and to `vmscale.io/` annotations:
 //!
 //! ```yaml
 //! apiVersion: rbac.authorization.k8s.io/v1
@@ -43,10 +45,11 @@
 //! The node name comes from the downward API (`fieldRef: spec.nodeName`).
 
 pub mod annotations;
+pub mod sockets;
 pub mod status;
 mod table;
 
-pub use table::{Skip, SkipReason};
+pub use table::{Refusal, Skip, SkipReason};
 
 use crate::vms::VmSpec;
 use futures::{Stream, StreamExt};
@@ -77,6 +80,15 @@ pub struct KubeSourceConfig {
     /// Only pods in this namespace (then a Role suffices); default all namespaces.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Each pod's socket directory as this agent sees it, `{uid}` standing
+    /// for the pod's UID (see [`sockets`]). Default
+    /// `/pods/{uid}/volumes/kubernetes.io~empty-dir/vmscale`.
+    #[serde(default = "default_pod_socket_dir")]
+    pub pod_socket_dir: String,
+}
+
+pub fn default_pod_socket_dir() -> String {
+    sockets::DEFAULT_TEMPLATE.into()
 }
 
 fn default_label_key() -> String {
@@ -95,6 +107,8 @@ pub enum KubeSourceError {
     Label { key: String, value: String },
     #[error("namespace {0:?} is not a valid namespace name")]
     Namespace(String),
+    #[error(transparent)]
+    SocketDir(#[from] sockets::SocketDirError),
 }
 
 impl KubeSourceConfig {
@@ -104,6 +118,7 @@ impl KubeSourceConfig {
             label_key: default_label_key(),
             label_value: default_label_value(),
             namespace: None,
+            pod_socket_dir: default_pod_socket_dir(),
         }
     }
 
@@ -130,6 +145,7 @@ impl KubeSourceConfig {
                 return Err(KubeSourceError::Namespace(ns.clone()));
             }
         }
+        sockets::PodSockets::new(&self.pod_socket_dir)?;
         Ok(())
     }
 
@@ -179,17 +195,44 @@ impl PodRef {
 }
 
 /// VM id -> pod, kept current by the source (updated before each publish,
-/// so any VM a consumer sees is already here). Shared with the status writer.
+/// so any VM a consumer sees is already here), and the refusals the source
+/// wants written on pods. Shared with the status writer.
 #[derive(Debug, Clone, Default)]
-pub struct PodIndex(Arc<RwLock<BTreeMap<String, PodRef>>>);
+pub struct PodIndex {
+    pods: Arc<RwLock<BTreeMap<String, PodRef>>>,
+    refusals: Arc<Mutex<BTreeMap<String, Refusal>>>,
+    refused: Arc<tokio::sync::Notify>,
+}
 
 impl PodIndex {
     pub fn get(&self, vm_id: &str) -> Option<PodRef> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).get(vm_id).cloned()
+        self.pods.read().unwrap_or_else(PoisonError::into_inner).get(vm_id).cloned()
     }
 
     pub(crate) fn replace(&self, pods: BTreeMap<String, PodRef>) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = pods;
+        *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
+    }
+
+    /// Queues `vmscale.io/refused` writes; the latest per pod wins.
+    pub(crate) fn refuse(&self, refusals: Vec<Refusal>) {
+        if refusals.is_empty() {
+            return;
+        }
+        let mut q = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        for r in refusals {
+            q.insert(r.pod.key(), r);
+        }
+        self.refused.notify_one();
+    }
+
+    /// Takes the queued refusals, by pod key.
+    pub(crate) fn take_refusals(&self) -> BTreeMap<String, Refusal> {
+        std::mem::take(&mut *self.refusals.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Resolves when refusals were queued since the last wake.
+    pub(crate) async fn refusals_queued(&self) {
+        self.refused.notified().await;
     }
 }
 
@@ -250,7 +293,8 @@ impl KubeSource {
         let events = watcher::watcher(api, self.config.watcher_config()).default_backoff();
         let (tx, rx) = watch::channel(Vec::new());
         let out = KubeVms { vms: rx, pods: PodIndex::default(), stats: Arc::default() };
-        let table = PodTable::new(self.config.selector());
+        let sockets = sockets::PodSockets::new(&self.config.pod_socket_dir)?;
+        let table = PodTable::new(self.config.selector(), sockets);
         tokio::spawn(run(events, table, tx, out.pods.clone(), out.stats.clone(), cancel));
         Ok(out)
     }
@@ -292,6 +336,7 @@ async fn run<S>(
                     tracing::info!(vms = table.specs().len(), "VM set changed");
                     tx.send_replace(table.specs().to_vec());
                 }
+                pods.refuse(applied.refusals);
             }
         }
     }

@@ -3,6 +3,7 @@
 //! uses the same, so a pod it places is one this agent scales). Pure: no
 //! client, no clock.
 
+use super::sockets::PodSockets;
 use super::Selector;
 use crate::core::policy::Cu;
 use crate::vms::{CpuMode, MemoryMode, VmSpec};
@@ -34,8 +35,9 @@ pub fn pod_key(pod: &Pod) -> String {
 
 /// Classifies a pod. The API server already filters by label and node; they
 /// are checked again because a VM on another node must never be scaled from
-/// here, whatever a proxy or a selector mix-up lets through.
-pub fn pod_vm(pod: &Pod, sel: &Selector) -> PodVm {
+/// here, whatever a proxy or a selector mix-up lets through. Its QMP socket
+/// is in its own directory under `sockets`.
+pub fn pod_vm(pod: &Pod, sel: &Selector, sockets: &PodSockets) -> PodVm {
     if pod.metadata.deletion_timestamp.is_some() {
         return PodVm::Ineligible("being deleted");
     }
@@ -51,20 +53,41 @@ pub fn pod_vm(pod: &Pod, sel: &Selector) -> PodVm {
     }
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    match parse(annotations, &pod_key(pod)) {
+    let m = &pod.metadata;
+    let at = PodAt {
+        namespace: m.namespace.as_deref().unwrap_or(""),
+        name: m.name.as_deref().unwrap_or(""),
+        uid: m.uid.as_deref(),
+        sockets,
+    };
+    match parse(annotations, &at) {
         Ok(spec) => PodVm::Vm(Box::new(spec)),
         Err(e) => PodVm::Bad(e),
     }
 }
 
-/// Builds and validates a spec from annotations; `default_id` is used when
-/// `vmscale.io/vm-id` is absent. The contract checks the annotations, the
-/// policy's fields included; this only builds the agent's own spec.
-pub fn parse(a: &BTreeMap<String, String>, default_id: &str) -> Result<VmSpec, AnnotationError> {
-    let vm = contract::parse(a, default_id)?;
+/// Which pod the annotations are of, and where this node keeps pods' sockets.
+#[derive(Debug, Clone, Copy)]
+pub struct PodAt<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: Option<&'a str>,
+    pub sockets: &'a PodSockets,
+}
+
+/// Builds and validates a spec from a pod's annotations. The contract checks
+/// the annotations, the policy's fields and the VM id (bound to the pod's
+/// namespace) included; this builds the agent's own spec, whose QMP socket
+/// is in the pod's own directory.
+pub fn parse(a: &BTreeMap<String, String>, pod: &PodAt<'_>) -> Result<VmSpec, AnnotationError> {
+    let vm = contract::parse(a, pod.namespace, pod.name)?;
+    let qmp = pod
+        .sockets
+        .qmp(pod.uid, &vm.qmp_file)
+        .map_err(|e| AnnotationError::Spec { reason: e.to_string() })?;
     let spec = VmSpec {
         id: vm.id,
-        qmp: vm.qmp,
+        qmp: qmp.to_string_lossy().into_owned(),
         informant: vm.informant,
         cu: Cu { milli_cpu: vm.cu_milli_cpu, memory_bytes: vm.cu_memory_bytes },
         min_cus: vm.min_cus,
@@ -89,7 +112,7 @@ mod tests {
 
     fn good() -> BTreeMap<String, String> {
         [
-            (QMP, "/run/vmscale/pg-1/qmp.sock"),
+            (QMP, "qmp.sock"),
             (INFORMANT, "http://10.0.2.15:7080"),
             (CU_MILLI_CPU, "250"),
             (CU_MEMORY_BYTES, "1Gi"),
@@ -111,10 +134,18 @@ mod tests {
         a
     }
 
+    const UID: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+    fn at(sockets: &PodSockets) -> PodAt<'_> {
+        PodAt { namespace: "ns", name: "pg-1", uid: Some(UID), sockets }
+    }
+
     #[test]
     fn good_annotations_give_a_spec() {
-        let s = parse(&good(), "ns/pg-1").unwrap();
+        let sockets = PodSockets::default();
+        let s = parse(&good(), &at(&sockets)).unwrap();
         assert_eq!(s.id, "ns/pg-1");
+        assert_eq!(s.qmp, format!("/pods/{UID}/volumes/kubernetes.io~empty-dir/vmscale/qmp.sock"));
         assert_eq!(s.cu, Cu { milli_cpu: 250, memory_bytes: 1 << 30 });
         assert_eq!((s.min_cus, s.max_cus), (1, 8));
         assert_eq!(s.cpu_mode, CpuMode::Sysfs);
@@ -130,10 +161,10 @@ mod tests {
                 (CU_MEMORY_BYTES, "1.5Gi"),
                 (POLICY, r#"{"cpu_target": 0.5}"#),
             ]),
-            "ns/pg-1",
+            &at(&sockets),
         )
         .unwrap();
-        assert_eq!(s.id, "db-7");
+        assert_eq!(s.id, "ns/db-7");
         assert_eq!(s.cu.memory_bytes, 3 << 29);
         assert_eq!(s.cpu_mode, CpuMode::Hotplug);
         assert_eq!(s.memory, MemoryMode::VirtioMem { device: "vm0".into() });
@@ -149,10 +180,19 @@ mod tests {
             (with(&[(MIN_CUS, "0")]), "vmscale.io/min-cus=\"0\" must be at least 1"),
             (with(&[(POLICY, r#"{"colour": 1}"#)]), "vmscale.io/policy="),
             (with(&[(POLICY, r#"{"cpu_target": 2.0}"#)]), "policy: cpu_target"),
+            (with(&[(QMP, "tcp:127.0.0.1:4444")]), "QMP over TCP is not allowed for pods"),
+            (with(&[(QMP, "/var/run/vmscale/other/qmp.sock")]), "must be a file name"),
         ];
+        let sockets = PodSockets::default();
         for (a, want) in cases {
-            let e = parse(&a, "ns/pg-1").unwrap_err();
+            let e = parse(&a, &at(&sockets)).unwrap_err();
             assert!(e.to_string().contains(want), "{e} should contain {want}");
         }
+        let no_uid = PodAt { uid: None, ..at(&sockets) };
+        let e = parse(&good(), &no_uid).unwrap_err();
+        assert!(e.to_string().contains("no UID"), "{e}");
+        let bad_uid = PodAt { uid: Some("../../run"), ..at(&sockets) };
+        let e = parse(&good(), &bad_uid).unwrap_err();
+        assert!(e.to_string().contains("not a UUID"), "{e}");
     }
 }

@@ -8,7 +8,7 @@
 //! (the latest report wins), and retries failures with a doubling delay.
 
 use super::annotations::PREFIX;
-use super::{PodIndex, PodRef};
+use super::{PodIndex, PodRef, Refusal};
 use crate::core::policy::Size;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
@@ -54,9 +54,15 @@ pub enum StatusError {
     Timeout { pod: String, after_ms: u64 },
 }
 
-/// The Kubernetes side of the write-back: put one VM's status on its pod.
+/// The Kubernetes side of the write-back: put one VM's status on its pod,
+/// or why the agent refuses to scale a pod (`None` removes the note).
 pub trait StatusWriter: Send + Sync + 'static {
     fn write(&self, pod: &PodRef, status: &VmStatus) -> impl Future<Output = Result<(), StatusError>> + Send;
+    fn write_refusal(
+        &self,
+        pod: &PodRef,
+        reason: Option<&str>,
+    ) -> impl Future<Output = Result<(), StatusError>> + Send;
 }
 
 /// Writes with a JSON merge patch of `metadata.annotations` only: the patch
@@ -80,15 +86,26 @@ impl KubeStatusWriter {
     }
 }
 
-impl StatusWriter for KubeStatusWriter {
-    async fn write(&self, pod: &PodRef, status: &VmStatus) -> Result<(), StatusError> {
+impl KubeStatusWriter {
+    /// A merge patch of these annotations (`null` removes one).
+    async fn patch(&self, pod: &PodRef, annotations: serde_json::Value) -> Result<(), StatusError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let body = serde_json::json!({ "metadata": { "annotations": status_annotations(status) } });
+        let body = serde_json::json!({ "metadata": { "annotations": annotations } });
         let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
         api.patch(&pod.name, &params, &Patch::Merge(body))
             .await
             .map(drop)
             .map_err(|source| StatusError::Patch { pod: pod.key(), source })
+    }
+}
+
+impl StatusWriter for KubeStatusWriter {
+    async fn write(&self, pod: &PodRef, status: &VmStatus) -> Result<(), StatusError> {
+        self.patch(pod, serde_json::json!(status_annotations(status))).await
+    }
+
+    async fn write_refusal(&self, pod: &PodRef, reason: Option<&str>) -> Result<(), StatusError> {
+        self.patch(pod, serde_json::json!({ vmscale_contract::keys::REFUSED: reason })).await
     }
 }
 
@@ -194,6 +211,7 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct StatusReporter {
     shared: Arc<Shared>,
+    pods: PodIndex,
 }
 
 impl StatusReporter {
@@ -205,8 +223,14 @@ impl StatusReporter {
         cancel: CancellationToken,
     ) -> Self {
         let shared = Arc::new(Shared::default());
-        tokio::spawn(run(writer, pods, config, shared.clone(), cancel));
-        StatusReporter { shared }
+        tokio::spawn(run(writer, pods.clone(), config, shared.clone(), cancel));
+        StatusReporter { shared, pods }
+    }
+
+    /// The UID of the VM's pod, if the source knows it (the pod's cgroup is
+    /// where the VM's QEMU must be, `vm_loop::cpu_max`).
+    pub fn pod_uid(&self, vm_id: &str) -> Option<String> {
+        self.pods.get(vm_id).and_then(|p| p.uid)
     }
 
     /// Records a VM's sizes for writing; returns at once. A VM whose pod the
@@ -226,8 +250,11 @@ async fn run<W: StatusWriter>(
     cancel: CancellationToken,
 ) {
     let mut gates: HashMap<String, Gate> = HashMap::new();
+    let mut refusals = RefusalQueue::default();
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     loop {
+        refusals.offer(pods.take_refusals());
+        refusals.write_due(&writer, timeout, &cfg).await;
         let reports = std::mem::take(&mut *shared.pending.lock().unwrap_or_else(PoisonError::into_inner));
         for (id, s) in reports {
             gates.entry(id).or_default().offer(s);
@@ -257,11 +284,58 @@ async fn run<W: StatusWriter>(
             }
         }
         let now = Instant::now();
-        let next = gates.values().filter_map(|g| g.due_at(now)).min();
+        let next = gates.values().filter_map(|g| g.due_at(now)).chain(refusals.due_at()).min();
         tokio::select! {
             () = cancel.cancelled() => return,
             () = shared.wake.notified() => {}
+            () = pods.refusals_queued() => {}
             () = sleep_until(next) => {}
+        }
+    }
+}
+
+/// Refusal notes waiting to be written, retried with a doubling delay.
+#[derive(Debug, Default)]
+struct RefusalQueue {
+    /// By pod key: the note, when it may go out, failures so far.
+    pending: BTreeMap<String, (Refusal, Option<Instant>, u32)>,
+}
+
+impl RefusalQueue {
+    /// A newer note for a pod replaces the older one and goes out at once.
+    fn offer(&mut self, fresh: BTreeMap<String, Refusal>) {
+        for (key, r) in fresh {
+            self.pending.insert(key, (r, None, 0));
+        }
+    }
+
+    fn due_at(&self) -> Option<Instant> {
+        self.pending.values().map(|(_, t, _)| t.unwrap_or_else(Instant::now)).min()
+    }
+
+    async fn write_due<W: StatusWriter>(&mut self, writer: &W, timeout: Duration, cfg: &StatusConfig) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, (_, t, _))| t.is_none_or(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some((r, _, failures)) = self.pending.remove(&key) else { continue };
+            let write = writer.write_refusal(&r.pod, r.reason.as_deref());
+            let result = match tokio::time::timeout(timeout, write).await {
+                Ok(r) => r,
+                Err(_) => Err(StatusError::Timeout { pod: key.clone(), after_ms: cfg.write_timeout_ms }),
+            };
+            if let Err(e) = result {
+                let failures = failures.saturating_add(1);
+                let backoff =
+                    vmscale_common::backoff::Backoff::from_ms(cfg.min_interval_ms, cfg.retry_max_ms);
+                let at = Instant::now() + Duration::from_millis(backoff.delay_ms(failures));
+                tracing::warn!(pod = %key, failures, "writing why the pod is refused failed, will retry: {}", super::chain(&e));
+                self.pending.insert(key, (r, Some(at), failures));
+            }
         }
     }
 }
@@ -344,6 +418,10 @@ mod tests {
     }
 
     impl StatusWriter for FakeWriter {
+        async fn write_refusal(&self, _: &PodRef, _: Option<&str>) -> Result<(), StatusError> {
+            Ok(())
+        }
+
         async fn write(&self, pod: &PodRef, status: &VmStatus) -> Result<(), StatusError> {
             self.writes.lock().unwrap().push((pod.key(), *status, Instant::now()));
             let mut fail = self.fail_next.lock().unwrap();
@@ -396,6 +474,57 @@ mod tests {
             "rate limit measured from the last write"
         );
         assert_eq!((w[3].1, w[3].2), (250, Duration::from_millis(4000)), "retried after twice the interval");
+        cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    /// (pod, note) of every refusal written.
+    type Written = Arc<StdMutex<Vec<(String, Option<String>)>>>;
+
+    #[derive(Clone, Default)]
+    struct Notes {
+        written: Written,
+        fail_first: Arc<StdMutex<bool>>,
+    }
+
+    impl StatusWriter for Notes {
+        async fn write(&self, _: &PodRef, _: &VmStatus) -> Result<(), StatusError> {
+            Ok(())
+        }
+
+        async fn write_refusal(&self, pod: &PodRef, reason: Option<&str>) -> Result<(), StatusError> {
+            self.written.lock().unwrap().push((pod.key(), reason.map(str::to_owned)));
+            let mut fail = self.fail_first.lock().unwrap();
+            if std::mem::take(&mut *fail) {
+                return Err(StatusError::Timeout { pod: pod.key(), after_ms: 0 });
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_written_and_a_failed_one_retried() {
+        let pods = PodIndex::default();
+        let notes = Notes::default();
+        *notes.fail_first.lock().unwrap() = true;
+        let cancel = CancellationToken::new();
+        let _r = StatusReporter::start(notes.clone(), pods.clone(), StatusConfig::default(), cancel.clone());
+        let pod = PodRef { namespace: "ns".into(), name: "b".into(), uid: Some("u2".into()) };
+        pods.refuse(vec![Refusal { pod: pod.clone(), reason: Some("tcp: refused".into()) }]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(notes.written.lock().unwrap().len(), 1, "written at once");
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        let w = notes.written.lock().unwrap().clone();
+        let note = ("ns/b".to_owned(), Some("tcp: refused".to_owned()));
+        assert_eq!(w, [note.clone(), note], "retried after a failure");
+        pods.refuse(vec![Refusal { pod, reason: None }]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(notes.written.lock().unwrap().last().unwrap().1, None, "the note is removed");
         cancel.cancel();
     }
 }

@@ -2,11 +2,18 @@
 //! feeds it events and acts on what it returns (publish, log, count).
 
 use super::annotations::{pod_key, pod_vm, AnnotationError, PodVm};
+use super::sockets::PodSockets;
 use super::{PodRef, Selector};
 use crate::vms::VmSpec;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher::Event;
 use std::collections::{BTreeMap, BTreeSet};
+use vmscale_contract::keys::REFUSED;
+
+/// Longest `vmscale.io/refused` the agent writes, bytes: the reason quotes
+/// the pod's own annotation values, which may be long.
+pub const MAX_REFUSED_LEN: usize = 1024;
 
 /// Why a pod that looks like ours is not (or no longer exactly) scaled.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +29,8 @@ pub struct Skip {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SkipReason {
     Annotations(AnnotationError),
-    /// Another pod (named here) already claims this VM id.
+    /// Another pod (named here) holds this VM id: the one that held it
+    /// first, or else the older one.
     DuplicateId {
         id: String,
         owner: String,
@@ -44,7 +52,7 @@ impl std::fmt::Display for SkipReason {
         match self {
             SkipReason::Annotations(e) => e.fmt(f),
             SkipReason::DuplicateId { id, owner } => {
-                write!(f, "vm id {id} is already claimed by pod {owner}")
+                write!(f, "vm id {id} is already held by pod {owner}")
             }
         }
     }
@@ -59,12 +67,27 @@ pub struct Applied {
     /// reported once, not on every update of it (our own status patches
     /// update pods all the time).
     pub skips: Vec<Skip>,
+    /// `vmscale.io/refused` to write on pods (the reason, or `None` to
+    /// remove it), where the pod's own annotation says otherwise.
+    pub refusals: Vec<Refusal>,
+}
+
+/// What a pod's `vmscale.io/refused` should say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub pod: PodRef,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
     pod: PodRef,
     state: State,
+    /// When the pod was created: the older of two pods claiming one VM id
+    /// gets it (after the one that held it already).
+    created: Option<Timestamp>,
+    /// The pod's `vmscale.io/refused` as the API server last showed it.
+    refused: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +110,7 @@ impl Entry {
 #[derive(Debug)]
 pub struct PodTable {
     sel: Selector,
+    sockets: PodSockets,
     live: BTreeMap<String, Entry>,
     /// Pods listed since the watcher's `Init`, swapped in whole at `InitDone`
     /// so a re-list never publishes a half-empty set.
@@ -94,12 +118,17 @@ pub struct PodTable {
     specs: Vec<VmSpec>,
     pods: BTreeMap<String, PodRef>,
     duplicates: BTreeSet<String>,
+    /// Refusals handed out and not yet seen on the pod, by pod key: not
+    /// handed out again on every event until the patch shows.
+    sent: BTreeMap<String, Option<String>>,
 }
 
 impl PodTable {
-    pub fn new(sel: Selector) -> Self {
+    pub fn new(sel: Selector, sockets: PodSockets) -> Self {
         PodTable {
             sel,
+            sockets,
+            sent: BTreeMap::new(),
             live: BTreeMap::new(),
             relist: None,
             specs: Vec::new(),
@@ -131,7 +160,7 @@ impl PodTable {
                 // pod is not reported again on every re-list.
                 let entry = self.entry(&pod, self.live.get(&key), &mut skips);
                 self.relist.get_or_insert_with(BTreeMap::new).insert(key, entry);
-                return Applied { changed: false, skips };
+                return Applied { skips, ..Applied::default() };
             }
             Event::InitDone => self.live = self.relist.take().unwrap_or_default(),
             Event::Apply(pod) => {
@@ -143,8 +172,32 @@ impl PodTable {
                 self.live.remove(&pod_key(&pod));
             }
         }
-        let changed = self.rebuild(&mut skips);
-        Applied { changed, skips }
+        let (changed, reasons) = self.rebuild(&mut skips);
+        let refusals = self.refusals(&reasons);
+        Applied { changed, skips, refusals }
+    }
+
+    /// The refusals to write: every scaled-or-refused pod whose
+    /// `vmscale.io/refused` differs from what it should say.
+    fn refusals(&mut self, reasons: &BTreeMap<String, String>) -> Vec<Refusal> {
+        let mut out = Vec::new();
+        self.sent.retain(|k, _| self.live.contains_key(k));
+        for (key, entry) in &self.live {
+            if matches!(entry.state, State::Ineligible) {
+                continue;
+            }
+            let want = reasons.get(key).map(|r| bounded(r));
+            if entry.refused == want {
+                self.sent.remove(key);
+                continue;
+            }
+            if self.sent.get(key) == Some(&want) {
+                continue;
+            }
+            self.sent.insert(key.clone(), want.clone());
+            out.push(Refusal { pod: entry.pod.clone(), reason: want });
+        }
+        out
     }
 
     fn entry(&self, pod: &Pod, prev: Option<&Entry>, skips: &mut Vec<Skip>) -> Entry {
@@ -156,7 +209,9 @@ impl PodTable {
         };
         // A pod re-created under the same name is a new VM: nothing carries over.
         let prev = prev.filter(|p| p.pod.uid == pod_ref.uid);
-        let state = match pod_vm(pod, &self.sel) {
+        let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let refused = pod.metadata.annotations.as_ref().and_then(|a| a.get(REFUSED)).cloned();
+        let state = match pod_vm(pod, &self.sel, &self.sockets) {
             PodVm::Ineligible(why) => {
                 tracing::debug!(pod = %key, "pod left out: {why}");
                 State::Ineligible
@@ -176,25 +231,36 @@ impl PodTable {
                 State::Bad { error, last_good }
             }
         };
-        Entry { pod: pod_ref, state }
+        Entry { pod: pod_ref, state, created, refused }
     }
 
-    /// Recomputes the published set; true if it changed.
-    fn rebuild(&mut self, skips: &mut Vec<Skip>) -> bool {
+    /// Recomputes the published set; whether it changed, and why each pod
+    /// that is not scaled as it says is refused (by pod key).
+    fn rebuild(&mut self, skips: &mut Vec<Skip>) -> (bool, BTreeMap<String, String>) {
         let mut specs: BTreeMap<String, VmSpec> = BTreeMap::new();
         let mut pods = BTreeMap::new();
         let mut duplicates = BTreeSet::new();
-        // Pod keys are visited in order, so the same pod wins a duplicate id
-        // every time, whatever order the events came in.
+        let mut reasons = BTreeMap::new();
         for (key, entry) in &self.live {
-            let Some(spec) = entry.spec() else { continue };
+            if let State::Bad { error, .. } = &entry.state {
+                reasons.insert(key.clone(), error.to_string());
+            }
+        }
+        // A VM id stays with the pod that holds it; other claimants queue by
+        // age, then by key, so no newcomer takes a running VM's id and the
+        // same pod wins every time, whatever order the events came in.
+        let mut claims: Vec<(&String, &Entry, &VmSpec)> =
+            self.live.iter().filter_map(|(k, e)| e.spec().map(|s| (k, e, s))).collect();
+        claims.sort_by_key(|(key, e, s)| {
+            let held = self.pods.get(&s.id) == Some(&e.pod);
+            (!held, e.created.is_none(), e.created, *key)
+        });
+        for (key, entry, spec) in claims {
             if let Some(owner) = pods.get(&spec.id).map(|p: &PodRef| p.key()) {
+                let reason = SkipReason::DuplicateId { id: spec.id.clone(), owner };
+                reasons.insert(key.clone(), reason.to_string());
                 if !self.duplicates.contains(key) {
-                    skips.push(Skip {
-                        pod: key.clone(),
-                        reason: SkipReason::DuplicateId { id: spec.id.clone(), owner },
-                        kept_last_good: false,
-                    });
+                    skips.push(Skip { pod: key.clone(), reason, kept_last_good: false });
                 }
                 duplicates.insert(key.clone());
                 continue;
@@ -207,14 +273,26 @@ impl PodTable {
         let changed = specs != self.specs || pods != self.pods;
         self.specs = specs;
         self.pods = pods;
-        changed
+        (changed, reasons)
     }
+}
+
+/// `reason`, cut at a character boundary to at most [`MAX_REFUSED_LEN`] bytes.
+fn bounded(reason: &str) -> String {
+    if reason.len() <= MAX_REFUSED_LEN {
+        return reason.to_owned();
+    }
+    let mut end = MAX_REFUSED_LEN - 3;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &reason[..end])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vms::kube::annotations::{MAX_CUS, VM_ID};
+    use crate::vms::kube::annotations::{MAX_CUS, QMP, VM_ID};
 
     fn sel() -> Selector {
         Selector {
@@ -224,9 +302,18 @@ mod tests {
         }
     }
 
+    fn table() -> PodTable {
+        PodTable::new(sel(), PodSockets::default())
+    }
+
+    /// A UUID made from a short tag, so tests can say "u1".
+    fn uuid(tag: &str) -> String {
+        let n = tag.bytes().fold(0u64, |a, b| a.wrapping_mul(256).wrapping_add(u64::from(b)));
+        format!("00000000-0000-0000-0000-{:012x}", n & 0xffff_ffff_ffff)
+    }
+
     fn pod(name: &str, uid: &str, extra: &[(&str, &str)]) -> Pod {
         let mut annotations = serde_json::json!({
-            "vmscale.io/qmp": format!("/run/{name}.qmp"),
             "vmscale.io/cu-milli-cpu": "250",
             "vmscale.io/cu-memory-bytes": "1Gi",
             "vmscale.io/min-cus": "1",
@@ -238,7 +325,7 @@ mod tests {
         }
         serde_json::from_value(serde_json::json!({
             "metadata": {
-                "namespace": "ns", "name": name, "uid": uid,
+                "namespace": "ns", "name": name, "uid": uuid(uid),
                 "labels": {"vmscale.io/autoscale": "true"},
                 "annotations": annotations,
             },
@@ -248,32 +335,51 @@ mod tests {
         .unwrap()
     }
 
+    fn created(mut p: Pod, at_s: i64) -> Pod {
+        let t = k8s_openapi::jiff::Timestamp::from_second(at_s).unwrap();
+        p.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t));
+        p
+    }
+
     fn ids(t: &PodTable) -> Vec<(&str, u32)> {
         t.specs().iter().map(|s| (s.id.as_str(), s.max_cus)).collect()
     }
 
+    fn refusals(a: &Applied) -> Vec<(String, Option<String>)> {
+        a.refusals.iter().map(|r| (r.pod.key(), r.reason.clone())).collect()
+    }
+
     #[test]
     fn eligibility() {
+        let s = PodSockets::default();
         let mut p = pod("a", "u1", &[]);
-        assert!(matches!(pod_vm(&p, &sel()), PodVm::Vm(_)));
+        assert!(matches!(pod_vm(&p, &sel(), &s), PodVm::Vm(_)));
         p.status.as_mut().unwrap().phase = Some("Pending".into());
-        assert_eq!(pod_vm(&p, &sel()), PodVm::Ineligible("not running"));
+        assert_eq!(pod_vm(&p, &sel(), &s), PodVm::Ineligible("not running"));
         let mut p = pod("a", "u1", &[]);
         p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
         ));
-        assert_eq!(pod_vm(&p, &sel()), PodVm::Ineligible("being deleted"));
+        assert_eq!(pod_vm(&p, &sel(), &s), PodVm::Ineligible("being deleted"));
         let mut p = pod("a", "u1", &[]);
         p.metadata.labels.as_mut().unwrap().insert("vmscale.io/autoscale".into(), "false".into());
-        assert_eq!(pod_vm(&p, &sel()), PodVm::Ineligible("without the selector label"));
+        assert_eq!(pod_vm(&p, &sel(), &s), PodVm::Ineligible("without the selector label"));
         let mut p = pod("a", "u1", &[]);
         p.spec.as_mut().unwrap().node_name = Some("node-b".into());
-        assert_eq!(pod_vm(&p, &sel()), PodVm::Ineligible("on another node"));
+        assert_eq!(pod_vm(&p, &sel(), &s), PodVm::Ineligible("on another node"));
+    }
+
+    #[test]
+    fn the_qmp_socket_is_in_the_pods_own_directory() {
+        let p = pod("a", "u1", &[]);
+        let PodVm::Vm(spec) = pod_vm(&p, &sel(), &PodSockets::default()) else { panic!("a VM") };
+        let want = format!("/pods/{}/volumes/kubernetes.io~empty-dir/vmscale/qmp.sock", uuid("u1"));
+        assert_eq!(spec.qmp, want);
     }
 
     #[test]
     fn events_fold_into_the_set() {
-        let mut t = PodTable::new(sel());
+        let mut t = table();
         assert_eq!(t.apply(Event::Init), Applied::default());
         assert_eq!(t.apply(Event::InitApply(pod("a", "u1", &[]))), Applied::default());
         let bad = t.apply(Event::InitApply(pod("b", "u2", &[(MAX_CUS, "x")])));
@@ -300,8 +406,39 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_pod_is_told_why_once_and_the_note_goes_when_it_is_fixed() {
+        let mut t = table();
+        t.apply(Event::Apply(pod("a", "u1", &[])));
+        let tcp = t.apply(Event::Apply(pod("b", "u2", &[(QMP, "tcp:10.0.0.9:4444")])));
+        let r = refusals(&tcp);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "ns/b");
+        let why = r[0].1.clone().unwrap();
+        assert!(why.contains("QMP over TCP is not allowed for pods"), "{why}");
+        assert_eq!(ids(&t), [("ns/a", 4)], "the tcp: pod is not scaled");
+        // Not asked again while the patch is on its way...
+        let before_patch = t.apply(Event::Apply(pod("b", "u2", &[(QMP, "tcp:10.0.0.9:4444"), ("x", "y")])));
+        assert!(before_patch.refusals.is_empty());
+        // ...nor once the pod shows it.
+        let patched = pod("b", "u2", &[(QMP, "tcp:10.0.0.9:4444"), (REFUSED, &why)]);
+        assert!(t.apply(Event::Apply(patched)).refusals.is_empty());
+        // Fixed: the note is removed.
+        let fixed = t.apply(Event::Apply(pod("b", "u2", &[(REFUSED, &why)])));
+        assert_eq!(refusals(&fixed), [("ns/b".to_owned(), None)]);
+        assert_eq!(ids(&t), [("ns/a", 4), ("ns/b", 4)]);
+    }
+
+    #[test]
+    fn refusal_notes_are_bounded() {
+        let long = "é".repeat(2000);
+        let b = bounded(&long);
+        assert!(b.len() <= MAX_REFUSED_LEN && b.ends_with("..."), "{}", b.len());
+        assert_eq!(bounded("short"), "short");
+    }
+
+    #[test]
     fn broken_annotations_keep_the_last_good_spec_of_the_same_pod() {
-        let mut t = PodTable::new(sel());
+        let mut t = table();
         t.apply(Event::Apply(pod("a", "u1", &[(MAX_CUS, "6")])));
         let broke = t.apply(Event::Apply(pod("a", "u1", &[(MAX_CUS, "six")])));
         assert!(!broke.changed);
@@ -321,7 +458,7 @@ mod tests {
 
     #[test]
     fn relist_replaces_the_set_at_once() {
-        let mut t = PodTable::new(sel());
+        let mut t = table();
         t.apply(Event::Apply(pod("a", "u1", &[])));
         t.apply(Event::Apply(pod("b", "u2", &[])));
         t.apply(Event::Init);
@@ -331,22 +468,43 @@ mod tests {
         assert_eq!(ids(&t), [("ns/b", 8)]);
     }
 
+    /// Before, the pod whose name sorted first won a contested id: a new pod
+    /// named `a` took the id of a running VM from pod `z`.
     #[test]
-    fn a_duplicate_id_goes_to_the_first_pod_by_name() {
-        let mut t = PodTable::new(sel());
-        t.apply(Event::Apply(pod("z", "u1", &[(VM_ID, "db")])));
-        let dup = t.apply(Event::Apply(pod("a", "u2", &[(VM_ID, "db")])));
+    fn a_newcomer_cannot_take_a_held_vm_id() {
+        let mut t = table();
+        t.apply(Event::Apply(created(pod("z", "u1", &[(VM_ID, "db")]), 100)));
+        assert_eq!(t.pods()["ns/db"].name, "z");
+        let dup = t.apply(Event::Apply(created(pod("a", "u2", &[(VM_ID, "db")]), 50)));
         assert_eq!(dup.skips.len(), 1);
-        assert_eq!(
-            dup.skips[0].reason,
-            SkipReason::DuplicateId { id: "db".into(), owner: "ns/a".into() },
-            "ns/a sorts first, so it owns the id"
-        );
-        assert_eq!(dup.skips[0].pod, "ns/z");
-        assert_eq!(t.pods()["db"].name, "a");
+        assert_eq!(dup.skips[0].reason, SkipReason::DuplicateId { id: "ns/db".into(), owner: "ns/z".into() });
+        assert_eq!(dup.skips[0].pod, "ns/a");
+        assert_eq!(t.pods()["ns/db"].name, "z", "the pod that held the id keeps it");
+        let note = refusals(&dup);
+        assert_eq!(note.len(), 1);
+        assert!(note[0].1.as_deref().unwrap().contains("already held by pod ns/z"), "{note:?}");
         // Still a duplicate after another update: not reported again.
-        assert!(t.apply(Event::Apply(pod("z", "u1", &[(VM_ID, "db"), ("x", "y")]))).skips.is_empty());
-        t.apply(Event::Delete(pod("a", "u2", &[])));
-        assert_eq!(t.pods()["db"].name, "z");
+        assert!(t.apply(Event::Apply(pod("a", "u2", &[(VM_ID, "db"), ("x", "y")]))).skips.is_empty());
+        t.apply(Event::Delete(pod("z", "u1", &[])));
+        assert_eq!(t.pods()["ns/db"].name, "a", "free again: the claimant gets it");
+    }
+
+    #[test]
+    fn after_a_restart_the_older_pod_gets_a_contested_id() {
+        let mut t = table();
+        t.apply(Event::Init);
+        t.apply(Event::InitApply(created(pod("a", "u2", &[(VM_ID, "db")]), 200)));
+        t.apply(Event::InitApply(created(pod("z", "u1", &[(VM_ID, "db")]), 100)));
+        t.apply(Event::InitDone);
+        assert_eq!(t.pods()["ns/db"].name, "z");
+    }
+
+    #[test]
+    fn no_pod_claims_an_id_in_another_namespace() {
+        let mut t = table();
+        let p = pod("a", "u1", &[(VM_ID, "other/db")]);
+        let a = t.apply(Event::Apply(p));
+        assert!(ids(&t).is_empty());
+        assert!(a.skips[0].reason.to_string().contains("vmscale.io/vm-id"), "{:?}", a.skips);
     }
 }
