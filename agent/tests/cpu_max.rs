@@ -93,7 +93,8 @@ impl Drop for Jailed {
     }
 }
 
-/// Stands in for QEMU: its one "vCPU thread" is the jailed process.
+/// Stands in for QEMU: the jailed process is the QMP socket's peer, and its
+/// one thread is the "vCPU thread" it reports.
 #[derive(Debug)]
 struct OneThread(u32);
 
@@ -107,6 +108,10 @@ impl VcpuThreads for OneThread {
             props: CpuProps::default(),
         }])
     }
+
+    fn qemu_pid(&self) -> Option<u32> {
+        Some(self.0)
+    }
 }
 
 #[tokio::test]
@@ -118,8 +123,10 @@ async fn a_real_process_gets_its_quota_and_is_held_to_it() {
     let cg = CpuCgroup::of_pid(proc_root, jail.pid()).unwrap();
     assert_eq!((cg.dir.as_path(), cg.version), (jail.dir.as_path(), version));
 
-    // Through the agent's path: vCPU thread -> process -> cgroup -> quota.
-    let applied = cpu_max::apply(&OneThread(jail.pid()), proc_root, 250).await.unwrap();
+    // Through the agent's path: the socket's peer and its threads checked,
+    // its cgroup, the quota. (A node's own VM list: any cgroup of its own.)
+    let applied =
+        cpu_max::apply(&OneThread(jail.pid()), proc_root, &cpu_max::Scope::Node, 250).await.unwrap();
     assert_eq!(applied.pid, jail.pid());
     assert_eq!(applied.limit, CpuLimit::Quota { quota_us: 25_000, period_us: DEFAULT_PERIOD_US });
     match version {

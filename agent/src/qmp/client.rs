@@ -175,6 +175,9 @@ struct Inner {
     endpoint: String,
     config: ClientConfig,
     reader: AbortHandle,
+    /// The process at the other end of a unix socket (`SO_PEERCRED`, as it
+    /// was when we connected), in this agent's pid namespace.
+    peer_pid: Option<u32>,
 }
 
 impl Drop for Inner {
@@ -208,7 +211,8 @@ impl QmpClient {
         match endpoint {
             Endpoint::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(connect_error)?;
-                Self::handshake(stream, name, config).await
+                let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+                Self::handshake_with_peer(stream, name, config, peer_pid).await
             }
             Endpoint::Tcp(addr) => {
                 let stream = tokio::net::TcpStream::connect(addr).await.map_err(connect_error)?;
@@ -221,6 +225,19 @@ impl QmpClient {
 
     /// Runs the QMP handshake over any byte stream (tests use an in-memory one).
     pub async fn handshake<S>(stream: S, endpoint: String, config: ClientConfig) -> Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Self::handshake_with_peer(stream, endpoint, config, None).await
+    }
+
+    /// [`Self::handshake`], knowing the process at the other end.
+    async fn handshake_with_peer<S>(
+        stream: S,
+        endpoint: String,
+        config: ClientConfig,
+        peer_pid: Option<u32>,
+    ) -> Result<Self>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -262,6 +279,7 @@ impl QmpClient {
                 endpoint: endpoint.clone(),
                 config: config.clone(),
                 reader,
+                peer_pid,
             }),
         };
         client
@@ -274,6 +292,12 @@ impl QmpClient {
     /// QEMU's version and capabilities, from the greeting.
     pub fn greeting(&self) -> &Greeting {
         &self.inner.greeting
+    }
+
+    /// The pid of the process that serves this QMP socket, from the unix
+    /// socket's peer credentials; `None` over TCP or an in-memory stream.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.inner.peer_pid
     }
 
     /// Where this client is connected, for messages.

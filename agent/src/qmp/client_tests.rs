@@ -213,3 +213,28 @@ fn endpoints_parse_from_config_strings() {
     let endpoint = Endpoint::Tcp("127.0.0.1:1".parse().expect("addr"));
     assert_eq!(endpoint.to_string().parse::<Endpoint>(), Ok(endpoint));
 }
+
+/// Over a unix socket the client knows the process that serves it (the
+/// kernel's SO_PEERCRED, here this test process); over a stream, nobody.
+#[tokio::test]
+async fn a_unix_socket_names_its_peer_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("qmp.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let server = async {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read, write) = tokio::io::split(stream);
+        let mut lines = BufReader::new(read).lines();
+        let mut write = write;
+        write.write_all(format!("{GREETING}\r\n").as_bytes()).await.expect("greet");
+        let line = lines.next_line().await.expect("read").expect("capabilities");
+        let caps: Value = serde_json::from_str(&line).expect("json");
+        write.write_all(format!("{}\r\n", json!({"return": {}, "id": caps["id"]})).as_bytes()).await.expect("reply");
+        (lines, write)
+    };
+    let endpoint = Endpoint::Unix(path);
+    let (client, _held) = tokio::join!(QmpClient::connect(&endpoint, config()), server);
+    assert_eq!(client.expect("connect").peer_pid(), Some(std::process::id()));
+    let (stream_client, _qemu) = connected().await;
+    assert_eq!(stream_client.peer_pid(), None);
+}

@@ -110,6 +110,13 @@ pub trait Hotplug: Send + Sync {
 pub trait VcpuThreads: Send + Sync {
     /// Host thread ids of the vCPUs.
     async fn vcpu_threads(&self) -> Result<Vec<VcpuThread>>;
+
+    /// QEMU's pid as the kernel vouches for it (the QMP unix socket's peer
+    /// credentials); `None` where nothing does (TCP), and then nothing is
+    /// written into QEMU's cgroup (`vm_loop::cpu_max`).
+    fn qemu_pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Both roles, for the per-VM loop that sizes a VM and caps its threads.

@@ -179,6 +179,10 @@ impl VcpuThreads for QmpVm {
     async fn vcpu_threads(&self) -> Result<Vec<VcpuThread>> {
         self.client.execute("query-cpus-fast", None).await
     }
+
+    fn qemu_pid(&self) -> Option<u32> {
+        self.client.peer_pid()
+    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,24 @@
 //! own (a pod's container, a systemd scope): the root cgroup cannot be
 //! limited and a shared one would cap its neighbours too.
 //!
-//! Where the pid comes from: the vCPU thread ids QEMU reports
-//! (`query-cpus-fast`) and their `Tgid` in `/proc/<tid>/status`. QMP has no
-//! pid query; the unix socket's peer credentials (SO_PEERCRED) would do too,
-//! but not over a TCP endpoint, and a pid file would be one more thing to
-//! configure that can go stale. The thread ids are what the run-queue
-//! eBPF already uses, so this needs the same thing (the agent sees the host's
-//! pid namespace) and nothing more.
+//! Whose cgroup: the agent runs as root and writes where it is told, so a
+//! VM must not be able to point it at another process (the review's
+//! confused deputy: a pod's `tcp:` QMP endpoint answering `query-cpus-fast`
+//! with another process's thread ids). So, before any write ([`apply`]):
+//!
+//! 1. QEMU's pid comes from the kernel, not from QEMU's answers: the QMP
+//!    unix socket's peer credentials (`SO_PEERCRED`, taken at connect,
+//!    [`crate::qmp::VcpuThreads::qemu_pid`]). Over TCP there is none, and
+//!    nothing is written.
+//! 2. Every vCPU thread id QEMU reports must be a thread of that pid
+//!    (`/proc/<pid>/task/<tid>` exists): a monitor that reports threads of
+//!    another process is not QEMU's own.
+//! 3. In Kubernetes, QEMU's cgroup must lie under the pod's
+//!    ([`Scope::Pod`]): the pod UID is a component of its kubepods path, with
+//!    `-` (cgroupfs driver: `/kubepods/burstable/pod<uid>/...`) or `_`
+//!    (systemd driver: `.../kubepods-burstable-pod<uid_>.slice/...`).
+//!
+//! Anything else: no write, and an error that says which check failed.
 //!
 //! Paths are parameters: tests build fake `/proc` and cgroup trees.
 
@@ -90,8 +101,26 @@ pub enum Error {
         dir = .dir.display()
     )]
     NoCpuMax { dir: PathBuf },
-    #[error("QEMU reported no vCPU thread ids, so its process is unknown")]
+    #[error("QEMU reported no vCPU thread ids")]
     NoVcpuThreads,
+    #[error(
+        "QEMU's pid is unknown: cpu.max is set only over a unix QMP socket, whose peer credentials name \
+         the QEMU process"
+    )]
+    NoPeerPid,
+    #[error(
+        "vCPU thread {tid} that QEMU reported is not a thread of the QMP socket's process {pid} (no {path}); \
+         nothing written",
+        path = .path.display()
+    )]
+    ForeignThread { tid: i64, pid: u32, path: PathBuf },
+    #[error(
+        "QEMU (process {pid}) is in cgroup {cgroup:?}, which is not under the cgroup of pod {pod_uid}; \
+         nothing written"
+    )]
+    OutsidePod { pid: u32, cgroup: String, pod_uid: String },
+    #[error("the VM's pod is unknown, so QEMU's cgroup cannot be checked against it; nothing written")]
+    NoPod,
     #[error("asking QEMU for its vCPU threads")]
     Qmp(#[source] crate::qmp::Error),
 }
@@ -132,6 +161,8 @@ pub enum Version {
 pub struct CpuCgroup {
     pub dir: PathBuf,
     pub version: Version,
+    /// The cgroup's path in its hierarchy, as `/proc/<pid>/cgroup` shows it.
+    pub path: String,
 }
 
 /// The lines of `/proc/<pid>/cgroup` (hierarchy id, controllers, path),
@@ -242,7 +273,7 @@ impl CpuCgroup {
         if version == Version::V2 && !dir.join("cpu.max").is_file() {
             return Err(Error::NoCpuMax { dir });
         }
-        Ok(CpuCgroup { dir, version })
+        Ok(CpuCgroup { dir, version, path: path.to_owned() })
     }
 
     /// The limit in force now.
@@ -310,16 +341,97 @@ pub struct Applied {
     pub limit: CpuLimit,
 }
 
-/// Caps the VM's QEMU process at `milli_cpu`: finds the process from its
-/// vCPU threads, its cpu cgroup, and writes the limit.
-pub async fn apply(hv: &dyn VcpuThreads, proc_root: &Path, milli_cpu: u64) -> Result<Applied> {
+/// Where QEMU's cgroup must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Any cgroup of its own (the VM list is the node's own file).
+    Node,
+    /// Under the cgroup of the pod with this UID (Kubernetes).
+    Pod { uid: String },
+    /// A Kubernetes VM whose pod is not known (it just left): no write.
+    UnknownPod,
+}
+
+impl Scope {
+    /// A VM's scope: `None` outside Kubernetes, else its pod's UID if known.
+    pub fn for_vm(pod_uid: Option<Option<String>>) -> Scope {
+        match pod_uid {
+            None => Scope::Node,
+            Some(None) => Scope::UnknownPod,
+            Some(Some(uid)) => Scope::Pod { uid },
+        }
+    }
+}
+
+/// Whether cgroup `path` lies under the cgroup of pod `uid`: a `kubepods`
+/// component, then one naming the pod (`pod<uid>` for the cgroupfs driver,
+/// `...-pod<uid with _>.slice` for systemd's). Paths with `.` or `..`
+/// components (another cgroup namespace's view) are never under a pod.
+pub fn in_pod(path: &str, uid: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if uid.is_empty() || parts.iter().any(|p| *p == "." || *p == "..") {
+        return false;
+    }
+    let Some(kubepods) = parts.iter().position(|p| p.starts_with("kubepods")) else { return false };
+    let cgroupfs = format!("pod{uid}");
+    let systemd = format!("-pod{}.slice", uid.replace('-', "_"));
+    parts[kubepods..].iter().any(|p| *p == cgroupfs || (p.starts_with("kubepods") && p.ends_with(&systemd)))
+}
+
+/// Checks that every vCPU thread id is a thread of process `pid`. QEMU
+/// reports its threads' ids in its own pid namespace (a pod has one): an id
+/// is the thread's if `/proc/<pid>/task/<tid>` exists, or if one of
+/// `pid`'s threads has it as its innermost id (`NSpid:` in its status).
+pub fn check_threads(proc_root: &Path, pid: u32, tids: &[i64]) -> Result<()> {
+    if tids.is_empty() {
+        return Err(Error::NoVcpuThreads);
+    }
+    let tasks = proc_root.join(pid.to_string()).join("task");
+    let mut inner_ids: Option<Vec<i64>> = None;
+    for &tid in tids {
+        let path = tasks.join(tid.to_string());
+        if tid > 0 && path.is_dir() {
+            continue;
+        }
+        let inner = inner_ids.get_or_insert_with(|| innermost_ids(&tasks));
+        if tid <= 0 || !inner.contains(&tid) {
+            return Err(Error::ForeignThread { tid, pid, path });
+        }
+    }
+    Ok(())
+}
+
+/// The innermost pid-namespace ids of the threads under `tasks`
+/// (`/proc/<pid>/task`), from the last field of each one's `NSpid:` line.
+fn innermost_ids(tasks: &Path) -> Vec<i64> {
+    let Ok(entries) = std::fs::read_dir(tasks) else { return Vec::new() };
+    entries
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("status")).ok())
+        .filter_map(|status| {
+            let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+            line.split_whitespace().last()?.parse().ok()
+        })
+        .collect()
+}
+
+/// Caps the VM's QEMU process at `milli_cpu`, after the checks in the
+/// module's documentation: its pid from the socket's peer credentials, its
+/// vCPU threads that process's, its cgroup within `scope`.
+pub async fn apply(hv: &dyn VcpuThreads, proc_root: &Path, scope: &Scope, milli_cpu: u64) -> Result<Applied> {
+    let pid = hv.qemu_pid().ok_or(Error::NoPeerPid)?;
     let threads = hv.vcpu_threads().await.map_err(Error::Qmp)?;
-    let tid = threads
-        .iter()
-        .find_map(|t| u32::try_from(t.thread_id).ok().filter(|t| *t > 0))
-        .ok_or(Error::NoVcpuThreads)?;
-    let pid = process_of_thread(proc_root, tid)?;
+    let tids: Vec<i64> = threads.iter().map(|t| t.thread_id).collect();
+    check_threads(proc_root, pid, &tids)?;
     let cgroup = CpuCgroup::of_pid(proc_root, pid)?;
+    match scope {
+        Scope::Node => {}
+        Scope::UnknownPod => return Err(Error::NoPod),
+        Scope::Pod { uid } => {
+            if !in_pod(&cgroup.path, uid) {
+                return Err(Error::OutsidePod { pid, cgroup: cgroup.path, pod_uid: uid.clone() });
+            }
+        }
+    }
     let limit = limit_for(milli_cpu, DEFAULT_PERIOD_US);
     cgroup.set(limit)?;
     Ok(Applied { pid, cgroup, limit })
@@ -474,18 +586,128 @@ mod tests {
         assert_eq!(unescape(r"/plain\0"), r"/plain\0");
     }
 
-    #[tokio::test]
-    async fn apply_goes_from_vcpu_threads_to_the_quota() {
+    /// QEMU as the checks see it: the socket's peer pid and the thread
+    /// ids it reports.
+    struct Qemu {
+        pid: Option<u32>,
+        tids: Vec<i64>,
+    }
+
+    #[async_trait::async_trait]
+    impl VcpuThreads for Qemu {
+        async fn vcpu_threads(&self) -> crate::qmp::Result<Vec<crate::qmp::types::VcpuThread>> {
+            Ok(self
+                .tids
+                .iter()
+                .enumerate()
+                .map(|(i, t)| crate::qmp::types::VcpuThread {
+                    cpu_index: u32::try_from(i).unwrap(),
+                    thread_id: *t,
+                    qom_path: format!("/machine/test/cpu{i}"),
+                    props: Default::default(),
+                })
+                .collect())
+        }
+
+        fn qemu_pid(&self) -> Option<u32> {
+            self.pid
+        }
+    }
+
+    const POD: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+    /// A fake host with QEMU (pid 777, threads 778 and 779) in a v1 cpu
+    /// cgroup `cgroup`, and a bystander (pid 900, thread 901) elsewhere.
+    fn host_with_qemu_in(cgroup: &str) -> Host {
         let h = Host::new(HYBRID);
-        let size = crate::qmp::VmSize { vcpus_present: 2, ..crate::qmp::VmSize::default() };
-        let hv = crate::qmp::fake::FakeHypervisor::new(size);
-        let tid = hv.vcpu_threads().await.unwrap()[0].thread_id;
-        h.put(&format!("proc/{tid}/status"), &status_of(777));
-        h.put("proc/777/cgroup", "1:cpu:/vm\n");
-        h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_quota_us", "-1");
-        h.put("sys/fs/cgroup/cpu/vm/cpu.cfs_period_us", "100000");
-        let a = apply(&hv, &h.proc(), 2_500).await.unwrap();
+        for t in [777, 778, 779] {
+            h.put(&format!("proc/777/task/{t}/stat"), "");
+        }
+        h.put("proc/900/task/901/stat", "");
+        h.put("proc/777/cgroup", &format!("1:cpu:{cgroup}\n"));
+        h.put("proc/900/cgroup", "1:cpu:/system.slice/sshd.service\n");
+        h.put(&format!("sys/fs/cgroup/cpu{cgroup}/cpu.cfs_quota_us"), "-1");
+        h.put(&format!("sys/fs/cgroup/cpu{cgroup}/cpu.cfs_period_us"), "100000");
+        h
+    }
+
+    const IN_POD: &str = "/kubepods/burstable/pod7c9e6679-7425-40de-944b-e07fc1f90ae7/0123abcd";
+
+    #[tokio::test]
+    async fn apply_checks_qemu_then_writes_the_quota() {
+        let h = host_with_qemu_in(IN_POD);
+        let qemu = Qemu { pid: Some(777), tids: vec![778, 779] };
+        let pod = Scope::Pod { uid: POD.into() };
+        let a = apply(&qemu, &h.proc(), &pod, 2_500).await.unwrap();
         assert_eq!((a.pid, a.limit), (777, CpuLimit::Quota { quota_us: 250_000, period_us: 100_000 }));
-        assert_eq!(h.text("sys/fs/cgroup/cpu/vm/cpu.cfs_quota_us"), "250000");
+        assert_eq!(h.text(&format!("sys/fs/cgroup/cpu{IN_POD}/cpu.cfs_quota_us")), "250000");
+        assert_eq!(a.cgroup.path, IN_POD);
+    }
+
+    /// Before, the pid came from the first thread id QEMU reported: a
+    /// monitor that named a bystander's thread had the bystander capped.
+    #[tokio::test]
+    async fn nothing_is_written_for_a_qemu_that_fails_a_check() {
+        let h = host_with_qemu_in(IN_POD);
+        let quota = || h.text(&format!("sys/fs/cgroup/cpu{IN_POD}/cpu.cfs_quota_us"));
+        let pod = Scope::Pod { uid: POD.into() };
+        let other_pod = Scope::Pod { uid: "11111111-2222-3333-4444-555555555555".into() };
+        let cases: Vec<(Qemu, &Scope, &str)> = vec![
+            (Qemu { pid: None, tids: vec![778] }, &pod, "unix QMP socket"),
+            (Qemu { pid: Some(777), tids: vec![901] }, &pod, "thread 901"),
+            (Qemu { pid: Some(777), tids: vec![778, 901] }, &pod, "not a thread of"),
+            (Qemu { pid: Some(777), tids: vec![-1] }, &pod, "thread -1"),
+            (Qemu { pid: Some(777), tids: vec![] }, &pod, "no vCPU thread ids"),
+            (Qemu { pid: Some(900), tids: vec![901] }, &pod, "not under the cgroup of pod"),
+            (Qemu { pid: Some(777), tids: vec![778] }, &other_pod, "not under the cgroup of pod 1111"),
+            (Qemu { pid: Some(777), tids: vec![778] }, &Scope::UnknownPod, "pod is unknown"),
+        ];
+        for (qemu, scope, want) in cases {
+            let e = apply(&qemu, &h.proc(), scope, 750).await.unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should say {want}");
+            assert_eq!(quota(), "-1", "written despite: {e}");
+        }
+        // Outside Kubernetes any cgroup of its own will do, once the pid checks pass.
+        let qemu = Qemu { pid: Some(900), tids: vec![901] };
+        h.put("sys/fs/cgroup/cpu/system.slice/sshd.service/cpu.cfs_quota_us", "-1");
+        h.put("sys/fs/cgroup/cpu/system.slice/sshd.service/cpu.cfs_period_us", "100000");
+        assert!(apply(&qemu, &h.proc(), &Scope::Node, 750).await.is_ok());
+    }
+
+    /// QEMU in a pod reports thread ids of the pod's pid namespace; they
+    /// are its threads when its tasks' `NSpid:` lines end in them.
+    #[tokio::test]
+    async fn thread_ids_from_qemus_own_pid_namespace_are_recognised() {
+        let h = host_with_qemu_in(IN_POD);
+        h.put("proc/777/task/778/status", "Name:\tqemu\nNSpid:\t778\t12\n");
+        h.put("proc/777/task/779/status", "Name:\tqemu\nNSpid:\t779\t13\n");
+        assert!(check_threads(&h.proc(), 777, &[12, 13]).is_ok());
+        assert!(check_threads(&h.proc(), 777, &[778, 13]).is_ok());
+        let e = check_threads(&h.proc(), 777, &[12, 14]).unwrap_err();
+        assert!(matches!(e, Error::ForeignThread { tid: 14, pid: 777, .. }), "{e}");
+        let pod = Scope::Pod { uid: POD.into() };
+        let a = apply(&Qemu { pid: Some(777), tids: vec![12, 13] }, &h.proc(), &pod, 1_500).await.unwrap();
+        assert_eq!(a.pid, 777);
+    }
+
+    #[test]
+    fn pod_cgroups_under_both_drivers() {
+        let systemd = "/kubepods.slice/kubepods-burstable.slice/\
+                       kubepods-burstable-pod7c9e6679_7425_40de_944b_e07fc1f90ae7.slice/cri-containerd-ab.scope";
+        let cases = [
+            (IN_POD, true),
+            ("/kubepods/pod7c9e6679-7425-40de-944b-e07fc1f90ae7/c1", true),
+            (systemd, true),
+            ("/kubepods.slice/kubepods-pod7c9e6679_7425_40de_944b_e07fc1f90ae7.slice/x.scope", true),
+            ("/kubepods/burstable/pod11111111-2222-3333-4444-555555555555/c1", false),
+            ("/system.slice/pod7c9e6679-7425-40de-944b-e07fc1f90ae7", false),
+            ("/kubepods/burstable/pod7c9e6679-7425-40de-944b-e07fc1f90ae7x/c1", false),
+            ("/../kubepods/burstable/pod7c9e6679-7425-40de-944b-e07fc1f90ae7/c1", false),
+            ("/", false),
+        ];
+        for (path, want) in cases {
+            assert_eq!(in_pod(path, POD), want, "{path}");
+        }
+        assert!(!in_pod(IN_POD, ""), "no uid, no pod");
     }
 }

@@ -111,10 +111,11 @@ impl Exec {
 pub async fn apply_cpu_max(
     hv: &dyn VcpuThreads,
     proc_root: &std::path::Path,
+    scope: &crate::vm_loop::cpu_max::Scope,
     vm: &str,
     milli_cpu: u64,
 ) -> bool {
-    match crate::vm_loop::cpu_max::apply(hv, proc_root, milli_cpu).await {
+    match crate::vm_loop::cpu_max::apply(hv, proc_root, scope, milli_cpu).await {
         Ok(a) => {
             info!(%vm, milli_cpu, pid = a.pid, cgroup = %a.cgroup.dir.display(), limit = ?a.limit, "QEMU CPU quota set");
             true

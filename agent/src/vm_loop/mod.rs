@@ -165,7 +165,7 @@ impl VmLoop {
         gate: MoveGate,
     ) -> VmLoop {
         let vm = spec.id.clone();
-        let policy = spec.policy.clone().unwrap_or_else(|| ctx.default_policy.clone());
+        let policy = Policy::for_vm(spec.policy.as_ref(), &ctx.default_policy);
         let current = size_of(qemu);
         let permitted = last_permit.unwrap_or(current).max(current);
         if let Some(p) = &policy.polling {
@@ -240,7 +240,10 @@ impl VmLoop {
             }
         }
         if let Some(milli_cpu) = d.cpu_max {
-            let ok = exec::apply_cpu_max(self.hv.as_ref(), &self.ctx.proc_root, &self.vm, milli_cpu).await;
+            // In Kubernetes QEMU's cgroup must be under its pod's.
+            let pod = self.ctx.reporter.as_ref().map(|r| r.pod_uid(&self.vm));
+            let scope = cpu_max::Scope::for_vm(pod);
+            let ok = exec::apply_cpu_max(self.hv.as_ref(), &self.ctx.proc_root, &scope, &self.vm, milli_cpu).await;
             self.core.input(self.now(), Input::CpuMaxSet { milli_cpu, ok });
         }
         if let Some(action) = d.action {
