@@ -19,7 +19,8 @@ use tower_test::mock::{self, Handle, SendResponse};
 use vmscale_allocator::capacity::watch::run;
 use vmscale_allocator::capacity::VmLabel;
 use vmscale_allocator::config::Config;
-use vmscale_allocator::core::units::Resources;
+use vmscale_allocator::core::units::{ComputeUnit, Resources};
+use vmscale_allocator::core::vm::{Bounds, VmRegistration};
 use vmscale_allocator::core::NodeRegistration;
 use vmscale_allocator::shared::Shared;
 
@@ -117,15 +118,21 @@ async fn capacity_follows_nodes_and_pods_with_exact_requests() {
     let label = VmLabel { key: "vmscale.io/autoscale".into(), value: "true".into() };
     let task = tokio::spawn(run(client, label, shared.clone(), cancel.clone()));
 
-    // An agent already registered node a with the host's whole size.
+    // An agent already registered node a with the host's whole size, and
+    // the VM of pod default/pg.
+    let cu = ComputeUnit::new(Resources::new(250, GI)).unwrap();
+    let bounds = Bounds::new(Resources::new(250, GI), Resources::new(4000, 16 * GI)).unwrap();
+    let pg =
+        VmRegistration::new("default/pg".into(), Resources::new(1000, 2 * GI), Resources::ZERO, bounds, cu)
+            .unwrap();
     let reg = NodeRegistration {
         node: "a".into(),
         capacity: Resources::new(16_000, 64 * GI),
-        vms: vec![],
+        vms: vec![pg],
         migration_endpoint: String::new(),
         refused: Vec::new(),
     };
-    shared.lock().cluster.open_session(reg, 0).unwrap();
+    let session = shared.lock().cluster.open_session(reg, 0).unwrap().session;
 
     // 1. The two lists, in whichever order the watchers send them; both from
     // the watch cache, the pods' without finished ones.
@@ -175,6 +182,11 @@ async fn capacity_follows_nodes_and_pods_with_exact_requests() {
     respond(watches.remove("nodes").unwrap(), events(&[("DELETED", node("b", "11", "4", "16Gi"))]));
     wait_for(&shared, &[("a", Resources::new(8000, 32 * GI))]).await;
     assert_eq!(shared.lock().cluster.node("a").unwrap().capacity, Resources::new(8000, 32 * GI));
+
+    // pg's VM leaves the ledger: its pod counts again, without any watch
+    // event (the label alone no longer hides a pod's requests).
+    shared.lock().cluster.remove_vm(&session, "default/pg").unwrap();
+    wait_for(&shared, &[("a", Resources::new(4000, 24 * GI))]).await;
 
     // The watchers watch again; then stop.
     let (_, watch, _, _r1) = api.next().await;

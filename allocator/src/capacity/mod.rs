@@ -2,8 +2,9 @@
 //! to autoscaled VMs is its Node's allocatable CPU and memory less what the
 //! pods that are not autoscaled VMs request there (kube-scheduler's own
 //! sum: the containers' requests, or the largest init container's if more,
-//! plus the pod overhead). VM pods are left out because the ledger counts
-//! their VMs' reservations already.
+//! plus the pod overhead). A VM pod (the contract's label) is left out only
+//! while its VM is in the node's ledger, which counts the VM's reservation
+//! already: a label alone would let any pod on the node go uncounted.
 //!
 //! [`CapacityTable`] folds watcher events purely; [`watch`] feeds it from the
 //! API server and hands each change to the ledger.
@@ -14,7 +15,7 @@ use crate::core::units::Resources;
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::watcher::Event;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use vmscale_contract::quantity;
 
 /// Which pods are autoscaled VMs (left out of the sum): the contract's label.
@@ -25,6 +26,9 @@ pub use vmscale_contract::VmLabel;
 struct Counted {
     node: String,
     requests: Resources,
+    /// A labelled pod's VM id (`vmscale_contract::annotations::vm_id`):
+    /// its requests are left out while that VM is in the node's ledger.
+    vm: Option<String>,
 }
 
 /// Folds the Node and Pod watches into per-node capacities.
@@ -65,15 +69,27 @@ impl CapacityTable {
         });
     }
 
-    /// Every known node's capacity for VMs, never below zero.
-    pub fn capacities(&self) -> BTreeMap<String, Resources> {
+    /// Every known node's capacity for VMs, never below zero. `in_ledger`
+    /// says whether the VM of a labelled pod is in its node's ledger, as
+    /// `(node, vm id)` pairs (see [`Self::vm_pods`]).
+    pub fn capacities(&self, in_ledger: &BTreeSet<(String, String)>) -> BTreeMap<String, Resources> {
         let mut out = self.nodes.clone();
         for p in self.pods.values() {
+            let ledgered = p.vm.as_ref().is_some_and(|vm| in_ledger.contains(&(p.node.clone(), vm.clone())));
+            if ledgered {
+                continue;
+            }
             if let Some(c) = out.get_mut(&p.node) {
                 *c = c.saturating_sub(p.requests);
             }
         }
         out
+    }
+
+    /// The `(node, vm id)` of every labelled pod: what the shell looks up in
+    /// the ledger for [`Self::capacities`].
+    pub fn vm_pods(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pods.values().filter_map(|p| p.vm.as_deref().map(|vm| (p.node.as_str(), vm)))
     }
 }
 
@@ -128,8 +144,8 @@ fn requests(r: Option<&ResourceRequirements>) -> Resources {
     resources(r.and_then(|r| r.requests.as_ref()))
 }
 
-/// A pod's requests on its node, if it counts: bound to a node, not
-/// finished, and not an autoscaled VM.
+/// A pod's requests on its node, if it counts: bound to a node and not
+/// finished. A labelled pod carries its VM id, if its annotations give one.
 fn counted(p: &Pod, label: &VmLabel) -> Option<Counted> {
     let spec = p.spec.as_ref()?;
     let node = spec.node_name.clone()?;
@@ -137,9 +153,7 @@ fn counted(p: &Pod, label: &VmLabel) -> Option<Counted> {
     if matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
-    if label.matches(p.metadata.labels.as_ref()) {
-        return None;
-    }
+    let vm = label.matches(p.metadata.labels.as_ref()).then(|| vm_of(p)).flatten();
     let sum = spec
         .containers
         .iter()
@@ -150,7 +164,16 @@ fn counted(p: &Pod, label: &VmLabel) -> Option<Counted> {
     });
     let total = Resources::new(sum.milli_cpu.max(init.milli_cpu), sum.memory_bytes.max(init.memory_bytes))
         .saturating_add(resources(spec.overhead.as_ref()));
-    Some(Counted { node, requests: total })
+    Some(Counted { node, requests: total, vm })
+}
+
+/// The VM id a labelled pod's VM is registered under, if its annotations
+/// give a valid one (else the agent scales no VM for it).
+fn vm_of(p: &Pod) -> Option<String> {
+    let m = &p.metadata;
+    let empty = BTreeMap::new();
+    let a = m.annotations.as_ref().unwrap_or(&empty);
+    vmscale_contract::annotations::vm_id(a, m.namespace.as_deref()?, m.name.as_deref()?).ok()
 }
 
 #[cfg(test)]
@@ -186,6 +209,15 @@ mod tests {
         CapacityTable::new(VmLabel { key: "vmscale.io/autoscale".into(), value: "true".into() })
     }
 
+    /// Nothing in the ledger.
+    fn none() -> BTreeSet<(String, String)> {
+        BTreeSet::new()
+    }
+
+    fn ledger(entries: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        entries.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect()
+    }
+
     #[test]
     fn allocatable_less_the_requests_of_other_pods() {
         let mut t = table();
@@ -194,11 +226,35 @@ mod tests {
         t.apply_pod(Event::Apply(pod("web", "a", false, &[("500m", "1Gi"), ("250m", "512Mi")])));
         t.apply_pod(Event::Apply(pod("vm", "a", true, &[("4", "8Gi")])));
         t.apply_pod(Event::Apply(pod("huge", "b", false, &[("16", "64Gi")])));
-        let c = t.capacities();
+        let c = t.capacities(&ledger(&[("a", "ns/vm")]));
         assert_eq!(c["a"], Resources::new(7250, 32 * GI - GI - GI / 2));
         assert_eq!(c["b"], Resources::ZERO, "never below zero");
         t.apply_pod(Event::Delete(pod("huge", "b", false, &[])));
-        assert_eq!(t.capacities()["b"], Resources::new(3500, 16 * GI));
+        assert_eq!(t.capacities(&none())["b"], Resources::new(3500, 16 * GI));
+    }
+
+    /// Before, the label alone left a pod out: any pod could carry it and
+    /// take a node's capacity unseen.
+    #[test]
+    fn a_labelled_pod_is_left_out_only_while_its_vm_is_in_the_nodes_ledger() {
+        let mut t = table();
+        t.apply_node(Event::Apply(node("a", "8", "32Gi")));
+        t.apply_pod(Event::Apply(pod("vm", "a", true, &[("4", "8Gi")])));
+        let counted = Resources::new(4000, 24 * GI);
+        assert_eq!(t.capacities(&none())["a"], counted, "no VM in the ledger: the pod counts");
+        assert_eq!(t.capacities(&ledger(&[("b", "ns/vm")]))["a"], counted, "its VM is on another node");
+        assert_eq!(t.capacities(&ledger(&[("a", "ns/vm")]))["a"], Resources::new(8000, 32 * GI));
+        assert_eq!(t.vm_pods().collect::<Vec<_>>(), [("a", "ns/vm")]);
+        // The VM id is the agent's: the namespace and vmscale.io/vm-id.
+        let mut named = pod("vm2", "a", true, &[("1", "1Gi")]);
+        named.metadata.annotations = Some(BTreeMap::from([("vmscale.io/vm-id".into(), "db".into())]));
+        t.apply_pod(Event::Apply(named));
+        assert!(t.vm_pods().any(|p| p == ("a", "ns/db")));
+        // An id the agent would refuse names no VM: the pod counts.
+        let mut bad = pod("vm3", "a", true, &[("1", "1Gi")]);
+        bad.metadata.annotations = Some(BTreeMap::from([("vmscale.io/vm-id".into(), "other/db".into())]));
+        t.apply_pod(Event::Apply(bad));
+        assert_eq!(t.vm_pods().count(), 2);
     }
 
     #[test]
@@ -212,6 +268,7 @@ mod tests {
         spec.overhead = Some(BTreeMap::from([("cpu".into(), Quantity("50m".into()))]));
         let label = VmLabel { key: "k".into(), value: "v".into() };
         assert_eq!(counted(&p, &label).unwrap().requests, Resources::new(1050, 200 << 20));
+        assert_eq!(counted(&p, &label).unwrap().vm, None, "not labelled: no VM");
     }
 
     #[test]
@@ -220,14 +277,14 @@ mod tests {
         t.apply_node(Event::Apply(node("a", "4", "8Gi")));
         let mut p = pod("job", "a", false, &[("1", "1Gi")]);
         t.apply_pod(Event::Apply(p.clone()));
-        assert_eq!(t.capacities()["a"], Resources::new(3000, 7 * GI));
+        assert_eq!(t.capacities(&none())["a"], Resources::new(3000, 7 * GI));
         p.status.as_mut().unwrap().phase = Some("Succeeded".into());
         t.apply_pod(Event::Apply(p));
-        assert_eq!(t.capacities()["a"], Resources::new(4000, 8 * GI));
+        assert_eq!(t.capacities(&none())["a"], Resources::new(4000, 8 * GI));
         let mut pending = pod("pending", "a", false, &[("1", "1Gi")]);
         pending.spec.as_mut().unwrap().node_name = None;
         t.apply_pod(Event::Apply(pending));
-        assert_eq!(t.capacities()["a"], Resources::new(4000, 8 * GI));
+        assert_eq!(t.capacities(&none())["a"], Resources::new(4000, 8 * GI));
     }
 
     #[test]
@@ -237,8 +294,8 @@ mod tests {
         t.apply_node(Event::Apply(node("gone", "4", "8Gi")));
         t.apply_node(Event::Init);
         t.apply_node(Event::InitApply(node("a", "2", "8Gi")));
-        assert_eq!(t.capacities().len(), 2, "the old set stays until the list is done");
+        assert_eq!(t.capacities(&none()).len(), 2, "the old set stays until the list is done");
         t.apply_node(Event::InitDone);
-        assert_eq!(t.capacities(), BTreeMap::from([("a".into(), Resources::new(2000, 8 * GI))]));
+        assert_eq!(t.capacities(&none()), BTreeMap::from([("a".into(), Resources::new(2000, 8 * GI))]));
     }
 }

@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -21,6 +22,11 @@ enum Change {
     Node(Box<Event<Node>>),
     Pod(Box<Event<Pod>>),
 }
+
+/// How often the capacities are recomputed without a watch event: a VM
+/// pod's requests stop counting when its VM enters the node's ledger (and
+/// count again when it leaves), which no watch event shows.
+const LEDGER_RECHECK: Duration = Duration::from_secs(1);
 
 /// The pod watch leaves out finished pods on the server side, as
 /// kube-scheduler's own pod informer does.
@@ -53,25 +59,40 @@ pub async fn run(client: Client, label: VmLabel, shared: Arc<Shared>, cancel: Ca
     let mut changes = std::pin::pin!(changes);
     let mut table = CapacityTable::new(label);
     let mut applied: BTreeMap<String, Resources> = BTreeMap::new();
+    let mut recheck = tokio::time::interval(LEDGER_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let change = tokio::select! {
             () = cancel.cancelled() => return,
-            c = changes.next() => c,
+            c = changes.next() => Some(c),
+            _ = recheck.tick() => None,
         };
         match change {
-            None => return,
-            Some(Err((what, e))) => {
+            None => {}
+            Some(None) => return,
+            Some(Some(Err((what, e)))) => {
                 warn!("watching {what} failed, keeping the last capacities and retrying: {e}")
             }
-            Some(Ok(Change::Node(e))) => table.apply_node(*e),
-            Some(Ok(Change::Pod(e))) => table.apply_pod(*e),
+            Some(Some(Ok(Change::Node(e)))) => table.apply_node(*e),
+            Some(Some(Ok(Change::Pod(e)))) => table.apply_pod(*e),
         }
-        let now = table.capacities();
+        let now = table.capacities(&ledgered(&shared, &table));
         if now != applied {
             push(&shared, &applied, &now);
             applied = now;
         }
     }
+}
+
+/// The labelled pods whose VM is in their node's ledger, as `(node, vm id)`:
+/// looked up under the lock, the sum done after.
+fn ledgered(shared: &Shared, table: &CapacityTable) -> BTreeSet<(String, String)> {
+    let st = shared.lock();
+    table
+        .vm_pods()
+        .filter(|(node, vm)| st.cluster.node(node).is_some_and(|l| l.vms.contains_key(*vm)))
+        .map(|(node, vm)| (node.to_owned(), vm.to_owned()))
+        .collect()
 }
 
 fn push(shared: &Shared, before: &BTreeMap<String, Resources>, now: &BTreeMap<String, Resources>) {
