@@ -81,6 +81,11 @@ pub struct KubernetesConfig {
     /// Default `/pods/{uid}/volumes/kubernetes.io~empty-dir/vmscale`.
     #[serde(default = "crate::vms::kube::default_pod_socket_dir")]
     pub pod_socket_dir: String,
+    /// `[kubernetes.node_certificate]`: get this node's certificate from the
+    /// CertificateSigningRequest API at start (and renew it) into the files
+    /// `[tls]` names (`crate::node_cert`). Default none.
+    #[serde(default)]
+    pub node_certificate: Option<crate::node_cert::NodeCertConfig>,
     /// Rate limit and retries of the annotation write-back.
     #[serde(default)]
     pub status: crate::vms::kube::status::StatusConfig,
@@ -156,6 +161,9 @@ impl Config {
         if let Some(k) = &self.kubernetes {
             let sockets = crate::vms::kube::sockets::PodSockets::new(&k.pod_socket_dir);
             sockets.map_err(|e| ConfigError::Rule(format!("kubernetes: {e}")))?;
+            if let Some(nc) = &k.node_certificate {
+                nc.validate().map_err(|e| ConfigError::Rule(format!("kubernetes: {e}")))?;
+            }
         }
         self.policy.validate().map_err(|e| ConfigError::Rule(format!("policy: {e}")))
     }

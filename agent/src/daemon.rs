@@ -32,6 +32,8 @@ pub enum DaemonError {
     KubeSource(#[from] KubeSourceError),
     #[error("the [tls] files are not usable")]
     Tls(#[from] vmscale_common::tls::TlsError),
+    #[error("cannot get this node's certificate")]
+    NodeCert(#[from] crate::node_cert::NodeCertError),
     #[error("cannot listen for HTTP on {addr}")]
     Http {
         addr: SocketAddr,
@@ -45,6 +47,14 @@ pub async fn run(c: Config, cancel: CancellationToken) -> Result<(), DaemonError
     c.validate()?;
     if c.insecure {
         vmscale_common::tls::warn_insecure("agent");
+    }
+    // In Kubernetes the node's certificate may come from the CSR API: it
+    // must be there before the files are checked.
+    if let Some(nc) = c.kubernetes.as_ref().and_then(|k| k.node_certificate.as_ref()) {
+        let client = kube::Client::try_default().await.map_err(DaemonError::Kube)?;
+        crate::node_cert::obtain(client.clone(), &c.node, nc).await?;
+        tracing::info!(node = %c.node, "node certificate issued");
+        tokio::spawn(crate::node_cert::renew(client, c.node.clone(), nc.clone(), cancel.clone()));
     }
     // Read again for every connection; checked once here so that a bad
     // file stops the agent at start, naming it.

@@ -10,6 +10,7 @@
 //!   one loop per VM, run-queue contention reports.
 //! - [`links`]: the allocator session and the guest links.
 //! - [`vms`]: the VM inventory's sources (a VM file, the node's pods).
+//! - [`node_cert`]: the node's certificate from the Kubernetes CSR API.
 //! - [`migration`]: live moves, source and target, with their lifecycles.
 //! - [`qmp`]: the QMP client, QEMU's command line, hotplug over QMP.
 //! - [`ebpf`]: the host's run-queue eBPF programs.
@@ -24,6 +25,7 @@ pub mod links;
 pub mod metrics;
 pub mod migration;
 pub mod node;
+pub mod node_cert;
 pub mod qmp;
 pub mod vm_loop;
 pub mod vms;

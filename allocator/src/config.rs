@@ -107,6 +107,9 @@ pub struct KubernetesConfig {
     pub autoscale_label_key: String,
     /// Its value. Default `true`.
     pub autoscale_label_value: String,
+    /// `[kubernetes.node_certs]`: sign the agents' node certificates (the
+    /// CSR API's signer `vmscale.io/node`, `crate::node_certs`). Default none.
+    pub node_certs: Option<crate::node_certs::NodeCertsConfig>,
 }
 
 impl Default for KubernetesConfig {
@@ -120,6 +123,7 @@ impl Default for KubernetesConfig {
             capacity_from_nodes: true,
             autoscale_label_key: vmscale_contract::keys::DEFAULT_LABEL_KEY.into(),
             autoscale_label_value: vmscale_contract::keys::DEFAULT_LABEL_VALUE.into(),
+            node_certs: None,
         }
     }
 }
@@ -338,6 +342,9 @@ impl KubernetesConfig {
                 format!("{}={}", self.autoscale_label_key, self.autoscale_label_value),
                 "must be a label key and value",
             );
+        }
+        if let Some(nc) = &self.node_certs {
+            nc.validate().map_err(|e| ConfigError::Rule(format!("kubernetes.{e}")))?;
         }
         Ok(())
     }

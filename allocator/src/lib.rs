@@ -11,6 +11,8 @@
 //! - [`config`]: the config file and its validation; [`metrics`]: Prometheus.
 //! - [`leader`]: leader election on a Lease (Kubernetes mode).
 //! - [`capacity`]: node capacities from the cluster (Kubernetes mode).
+//! - [`node_certs`]: the signer of the agents' node certificates (Kubernetes
+//!   mode, the CertificateSigningRequest API).
 //! - [`extender`]: the kube-scheduler extender (filter and prioritize VM pods).
 
 pub mod capacity;
@@ -22,6 +24,7 @@ pub mod http_serve;
 pub mod https;
 pub mod leader;
 pub mod metrics;
+pub mod node_certs;
 pub mod requests;
 pub mod server;
 pub mod session;

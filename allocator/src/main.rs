@@ -108,6 +108,18 @@ async fn in_kubernetes(
     });
     let label = VmLabel { key: k.autoscale_label_key.clone(), value: k.autoscale_label_value.clone() };
     let routes = vmscale_allocator::extender::http::router(shared.clone(), label.clone());
+    if let Some(nc) = &k.node_certs {
+        // The agents' node certificates: signed by the leader only.
+        let signer =
+            vmscale_allocator::node_certs::sign::Signer::load(nc).context("[kubernetes.node_certs]")?;
+        let (mut leading, client, stop, user) =
+            (leader_rx.clone(), client.clone(), shutdown.clone(), nc.agent_user.clone());
+        tokio::spawn(async move {
+            if leading.wait_for(|l| *l).await.is_ok() {
+                vmscale_allocator::node_certs::watch::run(client, signer, user, stop).await;
+            }
+        });
+    }
     if k.capacity_from_nodes {
         // Only the leader's ledger is used: watch the cluster once leading.
         let (mut leading, sh, stop) = (leader_rx.clone(), shared.clone(), shutdown.clone());
