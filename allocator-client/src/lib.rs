@@ -39,7 +39,19 @@ pub enum ClientError {
     Request { code: tonic::Code, message: String },
     #[error("unexpected answer: {0}")]
     Unexpected(String),
+    #[error("the allocator did not answer within {} ms; the request is given up", .0.as_millis())]
+    Timeout(Duration),
 }
+
+/// How long a request (and a session's welcome) waits for its answer: a
+/// stalled allocator must not stall the agent's loops, which retry with
+/// backoff. The allocator decides a request in microseconds.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pushed messages (migration orders) queued for the caller; when it does
+/// not take them, the session stops reading (the allocator's own queue
+/// towards this session is bounded and its orders time out).
+pub const PUSHED_QUEUE: usize = 256;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ClientError>>>>>;
 
@@ -49,8 +61,11 @@ pub struct SessionClient {
     pending: Pending,
     next_id: AtomicU64,
     pub welcome: pb::Welcome,
-    /// Messages the allocator pushes (migration orders).
-    pub pushed: mpsc::UnboundedReceiver<pb::AllocatorMessage>,
+    /// Messages the allocator pushes (migration orders), at most
+    /// [`PUSHED_QUEUE`] waiting.
+    pub pushed: mpsc::Receiver<pb::AllocatorMessage>,
+    /// See [`CALL_TIMEOUT`]; [`SessionClient::with_call_timeout`] changes it.
+    call_timeout: Duration,
     /// Set when the stream ended, with the allocator's status.
     pub ended: Arc<Mutex<Option<tonic::Status>>>,
 }
@@ -99,20 +114,21 @@ impl SessionClient {
         let mut client = AllocatorClient::new(channel);
         let mut inbound =
             client.session(ReceiverStream::new(rx)).await.map_err(ClientError::Refused)?.into_inner();
-        let welcome = match inbound.message().await {
-            Ok(Some(pb::AllocatorMessage { body: Some(Reply::Welcome(w)), .. })) => w,
-            Ok(other) => return Err(ClientError::Unexpected(format!("{other:?} instead of welcome"))),
-            Err(status) => return Err(ClientError::Refused(status)),
+        let welcome = match tokio::time::timeout(CALL_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(ClientError::Timeout(CALL_TIMEOUT)),
+            Ok(Ok(Some(pb::AllocatorMessage { body: Some(Reply::Welcome(w)), .. }))) => w,
+            Ok(Ok(other)) => return Err(ClientError::Unexpected(format!("{other:?} instead of welcome"))),
+            Ok(Err(status)) => return Err(ClientError::Refused(status)),
         };
         let pending: Pending = Arc::default();
         let ended: Arc<Mutex<Option<tonic::Status>>> = Arc::default();
-        let (push_tx, pushed) = mpsc::unbounded_channel();
+        let (push_tx, pushed) = mpsc::channel(PUSHED_QUEUE);
         let (p, e) = (pending.clone(), ended.clone());
         tokio::spawn(async move {
             let status = loop {
                 match inbound.message().await {
                     Ok(Some(m)) if m.request_id == 0 => {
-                        let _ = push_tx.send(m);
+                        let _ = push_tx.send(m).await;
                     }
                     Ok(Some(m)) => {
                         let waiter = lock(&p).remove(&m.request_id);
@@ -130,7 +146,14 @@ impl SessionClient {
                 let _ = w.send(Err(ClientError::Ended(msg.clone())));
             }
         });
-        Ok(SessionClient { tx, pending, next_id: AtomicU64::new(1), welcome, pushed, ended })
+        let call_timeout = CALL_TIMEOUT;
+        Ok(SessionClient { tx, pending, next_id: AtomicU64::new(1), welcome, pushed, call_timeout, ended })
+    }
+
+    /// Sets how long each request waits for its answer.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
     }
 
     /// Sends one request and waits for its answer; a `RequestError` answer
@@ -144,17 +167,26 @@ impl SessionClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (w, r) = oneshot::channel();
         lock(&self.pending).insert(id, w);
-        if self.tx.send(pb::AgentMessage { request_id: id, node, body: Some(body) }).await.is_err() {
-            lock(&self.pending).remove(&id);
-            return Err(ClientError::Ended("request stream closed".into()));
-        }
-        match r.await {
-            Ok(Ok(Reply::Error(e))) => {
-                Err(ClientError::Request { code: tonic::Code::from(e.code), message: e.message })
+        let exchange = async {
+            if self.tx.send(pb::AgentMessage { request_id: id, node, body: Some(body) }).await.is_err() {
+                return Err(ClientError::Ended("request stream closed".into()));
             }
-            Ok(other) => other,
-            Err(_) => Err(ClientError::Ended("the session ended before answering".into())),
+            match r.await {
+                Ok(Ok(Reply::Error(e))) => {
+                    Err(ClientError::Request { code: tonic::Code::from(e.code), message: e.message })
+                }
+                Ok(other) => other,
+                Err(_) => Err(ClientError::Ended("the session ended before answering".into())),
+            }
+        };
+        let answer = tokio::time::timeout(self.call_timeout, exchange)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(self.call_timeout)));
+        if answer.is_err() {
+            // Answered or not, nobody waits for this id any more.
+            lock(&self.pending).remove(&id);
         }
+        answer
     }
 
     pub async fn reserve(

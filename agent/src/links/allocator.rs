@@ -162,7 +162,7 @@ pub async fn run(
     cfg: LinkConfig,
     registry: Arc<Registry>,
     session_tx: watch::Sender<Session>,
-    pushed_tx: mpsc::UnboundedSender<pb::AllocatorMessage>,
+    pushed_tx: mpsc::Sender<pb::AllocatorMessage>,
     cancel: CancellationToken,
 ) {
     let mut failures: u32 = 0;
@@ -175,7 +175,10 @@ pub async fn run(
             Ok(mut client) => {
                 failures = 0;
                 info!(allocator = %cfg.addr, session = client.welcome.session_id, "registered with the allocator");
-                let mut pushed = std::mem::replace(&mut client.pushed, mpsc::unbounded_channel().1);
+                for r in &client.welcome.refused {
+                    warn!(vm = %r.vm_id, code = r.code, "the allocator did not take this vm from the hello: {}", r.message);
+                }
+                let mut pushed = std::mem::replace(&mut client.pushed, mpsc::channel(1).1);
                 let ended = Arc::clone(&client.ended);
                 session_tx.send_replace(Some(Arc::new(client)));
                 // Until the session ends: forward what the allocator pushes.
@@ -186,7 +189,7 @@ pub async fn run(
                             return;
                         }
                         m = pushed.recv() => match m {
-                            Some(m) => { let _ = pushed_tx.send(m); }
+                            Some(m) => { let _ = pushed_tx.send(m).await; }
                             None => break,
                         }
                     }

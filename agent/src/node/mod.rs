@@ -145,7 +145,7 @@ pub async fn run(
 }
 
 /// Messages the allocator pushes (migration orders).
-type Pushed = mpsc::UnboundedReceiver<pb::AllocatorMessage>;
+type Pushed = mpsc::Receiver<pb::AllocatorMessage>;
 
 /// Starts the allocator link and the contention reports.
 fn start_links(
@@ -154,7 +154,7 @@ fn start_links(
     session_tx: watch::Sender<Session>,
     cancel: &CancellationToken,
 ) -> (Pushed, Hypervisors) {
-    let (pushed_tx, pushed_rx) = mpsc::unbounded_channel();
+    let (pushed_tx, pushed_rx) = mpsc::channel(vmscale_allocator_client::PUSHED_QUEUE);
     tokio::spawn(allocator::run(
         cfg.link.clone(),
         handles.registry.clone(),
