@@ -33,6 +33,8 @@ use vmscale_agent::qmp::{Endpoint, Hotplug, QmpClient, QmpVm};
 use vmscale_allocator::core::migration::OrderState;
 use vmscale_allocator::core::vm::VmState;
 use vmscale_allocator::shared::Shared;
+use vmscale_common::testing::TestPki;
+use vmscale_common::tls::{Identity, TlsFiles};
 
 /// One test at a time: each runs three QEMUs and two agents on 2 cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -60,10 +62,12 @@ fn free_port() -> u16 {
     panic!("no free port in 20000-29999 on 127.0.0.1");
 }
 
-async fn start_allocator() -> (String, Arc<Shared>, CancellationToken) {
+/// The allocator, over mTLS with `tls` (its own certificate) or plain text.
+async fn start_allocator(tls: Option<TlsFiles>) -> (String, Arc<Shared>, CancellationToken) {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", grpc.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let addr = format!("{scheme}://{}", grpc.local_addr().unwrap());
     let stop = CancellationToken::new();
     let config = vmscale_allocator::config::Config {
         watermark: 0.5,
@@ -71,7 +75,8 @@ async fn start_allocator() -> (String, Arc<Shared>, CancellationToken) {
         system_reserve_memory_bytes: 0,
         plan_interval_ms: 200,
         order_timeout_ms: 120_000,
-        insecure: true,
+        insecure: tls.is_none(),
+        tls,
         ..Default::default()
     };
     let shared = Shared::new(config, stop.clone());
@@ -91,8 +96,26 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(dir: &Path, node: &str, allocator: &str, capacity_mib: u64, extra: &str, vms: &str) -> Agent {
+    /// `tls`: the node's certificate (`[tls]`), else `insecure = true`.
+    fn new(
+        dir: &Path,
+        (node, tls): (&str, Option<&TlsFiles>),
+        allocator: &str,
+        capacity_mib: u64,
+        extra: &str,
+        vms: &str,
+    ) -> Agent {
         let http = free_port();
+        let transport = match tls {
+            Some(t) => format!(
+                "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                t.ca.display(),
+                t.cert.display(),
+                t.key.display()
+            ),
+            None => String::new(),
+        };
+        let insecure = tls.is_none();
         let state_dir = dir.join(format!("{node}-state"));
         let vms_file = dir.join(format!("{node}-vms.toml"));
         std::fs::write(&vms_file, vms).unwrap();
@@ -100,10 +123,10 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "node = \"{node}\"\ninsecure = true\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 200\n\
+                "node = \"{node}\"\ninsecure = {insecure}\nallocator = \"{allocator}\"\nvms_file = \"{}\"\nvms_file_interval_ms = 200\n\
                  http_listen = \"127.0.0.1:{http}\"\ncapacity_milli_cpu = 4000\n\
                  capacity_memory_bytes = {}\nallocator_retry_base_ms = 50\nallocator_retry_max_ms = 500\n\
-                 [contention]\nenabled = false\n[migration]\nstate_dir = \"{}\"\n{extra}\n",
+                 {transport}[contention]\nenabled = false\n[migration]\nstate_dir = \"{}\"\n{extra}\n",
                 vms_file.display(),
                 capacity_mib * MIB,
                 state_dir.display(),
@@ -204,10 +227,18 @@ struct World {
     /// A second QMP monitor on the source: the agent holds the first.
     watch: QmpClient,
     vms_a: String,
+    /// The cluster CA when the links run over mTLS.
+    pki: Option<TestPki>,
 }
 
 impl World {
     async fn new(test: &str) -> Option<World> {
+        World::with(test, false).await
+    }
+
+    /// `tls`: every link (agents to the allocator and to each other, and
+    /// QEMU's stream) over mutual TLS with one test CA.
+    async fn with(test: &str, tls: bool) -> Option<World> {
         let binary = qemu_or_skip(test)?;
         let tmp = TempDir::new();
         let dir = tmp.path().to_owned();
@@ -235,7 +266,9 @@ impl World {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let (allocator, shared, stop) = start_allocator().await;
+        let pki = tls.then(|| TestPki::new(dir.join("pki")));
+        let (allocator, shared, stop) =
+            start_allocator(pki.as_ref().map(|p| p.issue(&Identity::Allocator))).await;
         let Endpoint::Unix(qmp) = source.endpoint().clone() else { unreachable!() };
         let vms_a = format!(
             "[[vm]]\nid = \"{VM}\"\nqmp = \"{}\"\ncu = {{ milli_cpu = 250, memory_bytes = {} }}\nmin_cus = 1\n\
@@ -253,7 +286,12 @@ impl World {
             source,
             watch: watch.expect("second monitor"),
             vms_a,
+            pki,
         })
+    }
+
+    fn certificate(&self, node: &str) -> Option<TlsFiles> {
+        self.pki.as_ref().map(|p| p.issue(&Identity::Node(node.into())))
     }
 
     /// Node a: 4 vCPUs and 768 MiB, so the VM's 512 MiB passes its
@@ -261,7 +299,7 @@ impl World {
     fn agent_a(&self, transfer: &str) -> Agent {
         Agent::new(
             &self.dir,
-            "a",
+            ("a", self.certificate("a").as_ref()),
             &self.allocator,
             768,
             &format!("[migration.transfer]\n{transfer}"),
@@ -273,7 +311,7 @@ impl World {
     fn agent_b(&self, qemu: &str) -> Agent {
         let listen = free_port();
         let extra = format!("listen = \"127.0.0.1:{listen}\"\nqemu = \"{qemu}\"\nconfirm_grace_ms = 5000");
-        Agent::new(&self.dir, "b", &self.allocator, 8192, &extra, "")
+        Agent::new(&self.dir, ("b", self.certificate("b").as_ref()), &self.allocator, 8192, &extra, "")
     }
 
     fn qemu(&self) -> String {
@@ -597,4 +635,30 @@ async fn a_target_agent_that_cannot_answer_the_confirm_keeps_the_guest_paused_un
         OrderState::Completed => w.moved_to_b(&b, &agents).await,
         _ => w.stayed_on_a(&b, "", &agents).await,
     }
+}
+
+/// Every link over mutual TLS: the agents' to the allocator, the source's
+/// to the target's migration service (each certificate checked as the
+/// order's node), and QEMU's stream (`tls-authz` naming node a).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_over_mutual_tls_lands_and_the_stream_is_encrypted() {
+    let _one = SERIAL.lock().await;
+    let Some(mut w) = World::with("move_over_mtls", true).await else { return };
+    let b = w.agent_b(&w.qemu());
+    let a = w.agent_a("");
+    w.moved_to_b(&b, &[&a, &b]).await;
+    // b's QEMU took the stream over TLS from a only.
+    let cmdlines: Vec<String> = qemus_under(&b.state_dir)
+        .iter()
+        .map(|p| {
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap()).replace('\0', " ")
+        })
+        .collect();
+    assert!(
+        cmdlines
+            .iter()
+            .any(|c| c.contains("identity=CN=a.node.vmscale") && c.contains("migration.tls-creds=")),
+        "{cmdlines:?}"
+    );
+    assert!(!a.logs().contains("insecure = true"), "no plain link");
 }
