@@ -92,7 +92,7 @@ pub fn node_config(c: &Config, capacity: Size) -> NodeConfig {
             tls: c.tls.clone(),
             node: c.node.clone(),
             capacity,
-            migration_endpoint: c.migration.endpoint(),
+            migration_endpoint: c.migration.endpoint_for(c.tls.is_some()),
             retry_base: Duration::from_millis(c.allocator_retry_base_ms),
             retry_max: Duration::from_millis(c.allocator_retry_max_ms),
         },

@@ -186,13 +186,23 @@ async fn start_target(
     cancel: &CancellationToken,
 ) -> Option<Arc<TargetNode>> {
     let listen = cfg.migration.listen?;
-    let t = TargetNode::new(cfg.migration.clone(), handles.metrics.clone());
+    let t = TargetNode::new(cfg.migration.clone(), cfg.informants.tls.clone(), handles.metrics.clone());
     let (adopted, killed) = t.recover().await;
     info!(%listen, adopted, killed, "taking VMs in by live migration");
     let svc = t.clone();
     let stop = cancel.child_token();
+    // Agents dial each other with the node's own certificate; a node whose
+    // files cannot be read takes nothing in rather than serve plain text.
+    let tls = match cfg.informants.tls.as_ref().map(vmscale_common::tls::Tls::load).transpose() {
+        Ok(tls) => tls,
+        Err(e) => {
+            let e = vmscale_common::error::Chain(&e);
+            tracing::error!("cannot read [tls] for the migration service: {e}; this node takes no VMs in");
+            return None;
+        }
+    };
     tokio::spawn(async move {
-        if let Err(e) = service::serve(svc, listen, stop).await {
+        if let Err(e) = service::serve(svc, listen, tls, stop).await {
             tracing::error!("{}; this node takes no VMs in", vmscale_common::error::Chain(&e));
         }
     });
@@ -229,6 +239,9 @@ impl Shell {
             status: handles.status.clone(),
             proc_root: cfg.proc_root.clone(),
             transfer: cfg.migration.transfer.clone(),
+            template: cfg.migration.template(),
+            security: cfg.informants.clone(),
+            stream_tls: cfg.migration.stream_tls(cfg.informants.tls.is_some()),
             state_dir: cfg.migration.state_dir.clone(),
             metrics: handles.metrics.clone(),
         };
@@ -332,7 +345,7 @@ impl Shell {
         match (route(&o, &self.cfg.link.node), &self.target) {
             (Role::Target, Some(t)) => {
                 info!(order = o.order_id, vm = %o.vm_id, from = %o.source_node, "a VM will move here");
-                t.authorise(o.order_id, &o.vm_id);
+                t.authorise(o.order_id, &o.vm_id, &o.source_node);
             }
             (Role::Target, None) => {
                 warn!(order = o.order_id, "ordered to take a VM in, but migration.listen is not set");
