@@ -12,8 +12,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::de::DeserializeOwned;
@@ -81,6 +85,94 @@ struct PodMetricsEndpoint {
     interval: String,
 }
 
+/// cert-manager's and trust-manager's objects (CRDs, so typed here with the
+/// fields we use and nothing else allowed).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Crd<S> {
+    api_version: String,
+    kind: String,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: S,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificateSpec {
+    secret_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns_names: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    common_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "isCA")]
+    is_ca: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usages: Option<Vec<String>>,
+    duration: String,
+    renew_before: String,
+    private_key: PrivateKey,
+    issuer_ref: IssuerRef,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PrivateKey {
+    algorithm: String,
+    size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation_policy: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IssuerRef {
+    name: String,
+    kind: String,
+    group: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IssuerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    self_signed: Option<BTreeMap<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca: Option<CaIssuer>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CaIssuer {
+    secret_name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BundleSpec {
+    sources: Vec<BundleSource>,
+    target: BundleTarget,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BundleSource {
+    secret: KeyRef,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KeyRef {
+    name: String,
+    key: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BundleTarget {
+    config_map: BTreeMap<String, String>,
+    namespace_selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+}
+
 /// Deserializes into `T` (naming the path of a wrong value) and requires the
 /// re-serialized object to equal the input: k8s-openapi's types skip fields
 /// they do not know, and this turns a skipped field into a failure.
@@ -137,6 +229,16 @@ fn check_object(v: &Value, origin: &str) -> String {
             drop(strict::<ClusterRoleBinding>(v, &origin))
         }
         ("monitoring.coreos.com/v1", "PodMonitor") => drop(strict::<PodMonitor>(v, &origin)),
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+            drop(strict::<ValidatingAdmissionPolicy>(v, &origin))
+        }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+            drop(strict::<ValidatingAdmissionPolicyBinding>(v, &origin))
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => drop(strict::<NetworkPolicy>(v, &origin)),
+        ("cert-manager.io/v1", "Certificate") => drop(strict::<Crd<CertificateSpec>>(v, &origin)),
+        ("cert-manager.io/v1", "Issuer") => drop(strict::<Crd<IssuerSpec>>(v, &origin)),
+        ("trust.cert-manager.io/v1alpha1", "Bundle") => drop(strict::<Crd<BundleSpec>>(v, &origin)),
         _ => panic!("{origin}: {api} {kind} has no typed check here; add one"),
     }
     format!("{kind}/{}", v["metadata"]["name"].as_str().unwrap_or(""))
@@ -155,6 +257,13 @@ fn every_manifest_parses_strictly_into_its_type() {
     }
     for want in [
         "Namespace/vmscale-system",
+        "Namespace/vmscale-node",
+        "ValidatingAdmissionPolicy/vmscale-agent-pod-patches",
+        "ValidatingAdmissionPolicyBinding/vmscale-agent-pod-patches",
+        "NetworkPolicy/vmscale-system-deny-ingress",
+        "NetworkPolicy/vmscale-node-deny-ingress",
+        "NetworkPolicy/vmscale-allocator",
+        "NetworkPolicy/vmscale-agent-migration",
         "Deployment/vmscale-allocator",
         "Service/vmscale-allocator",
         "PodDisruptionBudget/vmscale-allocator",
@@ -164,6 +273,12 @@ fn every_manifest_parses_strictly_into_its_type() {
         "Role/vmscale-allocator-leader",
         "PodMonitor/vmscale-allocator",
         "PodMonitor/vmscale-agent",
+        "Issuer/vmscale-ca",
+        "Certificate/vmscale-ca",
+        "Certificate/vmscale-allocator",
+        "Certificate/vmscale-kube-scheduler",
+        "Bundle/vmscale-ca",
+        "ClusterRole/vmscale-allocator-signer",
     ] {
         assert!(seen.contains(want), "{want} missing from deploy/kustomize: {seen:?}");
     }
@@ -237,10 +352,20 @@ fn kubectl_kustomize_builds_every_overlay_into_strict_types() {
     for dir in overlays().iter().chain([&kustomize_dir().join("base")]) {
         let Some(objs) = built(dir) else { return };
         let name = dir.file_name().unwrap().to_str().unwrap();
+        // The agent's objects in vmscale-node, everything else namespaced in
+        // vmscale-system (the restricted one).
         for (k, v) in &objs {
-            if k != "Namespace/vmscale-system" && !k.starts_with("Cluster") {
-                assert_eq!(v["metadata"]["namespace"], "vmscale-system", "{name}: {k}");
+            let cluster_scoped = k.starts_with("Namespace/")
+                || k.starts_with("Cluster")
+                || k.starts_with("ValidatingAdmissionPolicy")
+                || k.starts_with("Bundle/");
+            if cluster_scoped {
+                assert!(v["metadata"]["namespace"].is_null(), "{name}: {k}");
+                continue;
             }
+            let agents = k.contains("vmscale-agent") || k.contains("vmscale-node");
+            let want = if agents { "vmscale-node" } else { "vmscale-system" };
+            assert_eq!(v["metadata"]["namespace"], want, "{name}: {k}");
         }
         let dep = &objs["Deployment/vmscale-allocator"];
         let replicas = dep["spec"]["replicas"].as_i64().unwrap();
@@ -267,6 +392,9 @@ fn kubectl_kustomize_builds_every_overlay_into_strict_types() {
         };
         assert_eq!(image, want, "{name}");
         assert_eq!(objs.contains_key("PodMonitor/vmscale-agent"), name == "production", "{name}");
+        // The overlays get their certificates from cert-manager; the base
+        // alone does not need it installed.
+        assert_eq!(objs.contains_key("Certificate/vmscale-allocator"), name != "base", "{name}");
     }
 }
 
@@ -309,7 +437,20 @@ fn config_maps_load_with_the_daemons_parsers_and_match_the_manifests() {
     let svc: Service = strict(find(&docs, "Service", "vmscale-allocator"), "allocator.yaml");
     let grpc =
         svc.spec.unwrap().ports.unwrap().into_iter().find(|p| p.name.as_deref() == Some("grpc")).unwrap();
-    assert_eq!(agent.allocator, format!("http://vmscale-allocator.vmscale-system.svc:{}", grpc.port));
+    assert_eq!(agent.allocator, format!("https://vmscale-allocator.vmscale-system.svc:{}", grpc.port));
+
+    // TLS: every file the configs name is on a mount of its pod.
+    let under = |path: &std::path::Path, mounts: &BTreeSet<&str>| mounts.iter().any(|m| path.starts_with(m));
+    let alloc_mounts: BTreeSet<&str> =
+        c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    let tls = alloc.tls.as_ref().expect("the allocator serves TLS");
+    for f in [&tls.ca, &tls.cert, &tls.key] {
+        assert!(under(f, &alloc_mounts), "allocator {} is on no mount", f.display());
+    }
+    let nc = k.node_certs.as_ref().expect("the allocator signs node certificates");
+    for f in [&nc.ca_cert, &nc.ca_key] {
+        assert!(under(f, &alloc_mounts), "allocator {} is on no mount", f.display());
+    }
 
     // The Lease RBAC names the Lease the allocator elects on.
     let rbac = load_base_docs("allocator-rbac.yaml");
@@ -328,9 +469,8 @@ fn config_maps_load_with_the_daemons_parsers_and_match_the_manifests() {
     assert_eq!(field.field_path, "spec.nodeName");
     let http = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("http")).unwrap();
     assert_eq!(i32::from(agent.http_listen.port()), http.container_port);
-    assert_eq!(pod.tolerations.unwrap()[0].operator.as_deref(), Some("Exists"), "runs on every node");
     let mounts: BTreeSet<_> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
-    for path in ["/sys/fs/bpf", "/sys/kernel/tracing", "/sys/fs/cgroup", "/var/run/vmscale"] {
+    for path in ["/sys/kernel/tracing", "/sys/fs/cgroup/kubepods.slice", "/var/lib/vmscale/migration"] {
         assert!(mounts.contains(path), "agent lacks {path}: {mounts:?}");
     }
     assert!(
@@ -338,7 +478,233 @@ fn config_maps_load_with_the_daemons_parsers_and_match_the_manifests() {
         "proc_root {:?} not mounted",
         agent.proc_root
     );
-    assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    assert!(
+        mounts.contains(agent.migration.state_dir.to_str().unwrap()),
+        "the migration records' state_dir {:?} is not mounted (the root filesystem is read-only)",
+        agent.migration.state_dir
+    );
+    // The pods' socket directories are where the agent looks for them.
+    let k = agent.kubernetes.as_ref().unwrap();
+    let tls = agent.tls.as_ref().expect("the agent dials the allocator with TLS");
+    let nc = k.node_certificate.as_ref().expect("the node's certificate from the CSR API");
+    assert_eq!((tls.cert.clone(), tls.key.clone()), (nc.cert_path(), nc.key_path()));
+    for f in [&tls.ca, &tls.cert, &tls.key] {
+        assert!(mounts.iter().any(|m| f.starts_with(m)), "agent {} is on no mount", f.display());
+    }
+    let sockets_root = k.pod_socket_dir.split("/{uid}").next().unwrap();
+    assert!(mounts.contains(sockets_root), "pod_socket_dir {:?} is not under a mount", k.pod_socket_dir);
+    vmscale_agent::vms::kube::sockets::PodSockets::new(&k.pod_socket_dir).unwrap();
+    assert!(!agent.contention.mount_tracefs, "mounting tracefs needs CAP_SYS_ADMIN, which the agent lacks");
+}
+
+fn agent_pod() -> k8s_openapi::api::core::v1::PodSpec {
+    let ds: DaemonSet =
+        strict(find(&load_base_docs("agent.yaml"), "DaemonSet", "vmscale-agent"), "agent.yaml");
+    ds.spec.unwrap().template.spec.unwrap()
+}
+
+/// The review found the agent `privileged`, on every node, with debugfs,
+/// all of /sys/fs/cgroup and a bidirectional /sys/fs/bpf. Now: capabilities
+/// named in the manifest's table, read-only everything but the kubepods
+/// cgroups and the move records, VM nodes only.
+#[test]
+fn the_agent_runs_with_least_privilege() {
+    let pod = agent_pod();
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false), "no privileged: true in the agent");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(added, BTreeSet::from(["BPF", "PERFMON", "DAC_OVERRIDE"]));
+    let manifest = std::fs::read_to_string(kustomize_dir().join("base/agent.yaml")).unwrap();
+    for cap in &added {
+        assert!(manifest.contains(&format!("CAP_{cap}")), "agent.yaml does not say why it needs CAP_{cap}");
+    }
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    assert_eq!(pod.host_pid, Some(true), "SO_PEERCRED pids and /proc/<pid> of QEMU are the host's");
+    assert_eq!(pod.host_network, None);
+    let selector = pod.node_selector.as_ref().expect("VM nodes only");
+    assert_eq!(selector.get("vmscale.io/vm-node").map(String::as_str), Some("true"));
+    assert!(
+        pod.tolerations.iter().flatten().all(|t| t.key.is_some()),
+        "no blanket toleration: {:?}",
+        pod.tolerations
+    );
+
+    // Every host path, and whether the agent may write it.
+    let volumes: BTreeMap<&str, &str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| (v.name.as_str(), h.path.as_str())))
+        .collect();
+    let writable: BTreeSet<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| volumes.contains_key(m.name.as_str()) && m.read_only != Some(true))
+        .map(|m| volumes[m.name.as_str()])
+        .collect();
+    let host: BTreeSet<&str> = volumes.values().copied().collect();
+    assert_eq!(
+        host,
+        BTreeSet::from([
+            "/var/lib/kubelet/pods",
+            "/sys/fs/cgroup/kubepods.slice",
+            "/sys/kernel/tracing",
+            "/proc",
+            "/var/lib/vmscale/migration",
+        ])
+    );
+    assert_eq!(writable, BTreeSet::from(["/sys/fs/cgroup/kubepods.slice", "/var/lib/vmscale/migration"]));
+    assert!(
+        c.volume_mounts.iter().flatten().all(|m| m.mount_propagation.is_none()),
+        "no mount propagation: other pods' tmpfs volumes (Secrets) stay unseen"
+    );
+}
+
+#[test]
+fn the_allocator_namespace_is_restricted_and_the_agents_says_why_not() {
+    let docs = load_base_docs("namespace.yaml");
+    let level = |name: &str| {
+        let ns: Namespace = strict(find(&docs, "Namespace", name), "namespace.yaml");
+        ns.metadata.labels.unwrap()["pod-security.kubernetes.io/enforce"].clone()
+    };
+    assert_eq!(level("vmscale-system"), "restricted");
+    assert_eq!(level("vmscale-node"), "privileged");
+    let text = std::fs::read_to_string(kustomize_dir().join("base/namespace.yaml")).unwrap();
+    for why in ["hostPID", "hostPath", "CAP_BPF"] {
+        assert!(text.contains(why), "namespace.yaml does not say {why} is why vmscale-node is privileged");
+    }
+    // The allocator's pod meets `restricted`.
+    let dep: Deployment =
+        strict(find(&load_base_docs("allocator.yaml"), "Deployment", "vmscale-allocator"), "allocator.yaml");
+    assert_eq!(dep.metadata.namespace.as_deref(), Some("vmscale-system"));
+    let pod = dep.spec.unwrap().template.spec.unwrap();
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let sc = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_owned()]));
+    assert!(pod.volumes.iter().flatten().all(|v| v.host_path.is_none()), "restricted allows no hostPath");
+}
+
+/// The admission policy that narrows the agent's `patch` on pods: bound,
+/// denying, aimed at exactly the agent's service account, and checking the
+/// node and the annotation prefix. (The CEL itself is evaluated by the API
+/// server; none runs here, so its text is checked for the rules.)
+#[test]
+fn the_admission_policy_confines_the_agent_to_its_nodes_pods_and_annotations() {
+    let docs = load_base_docs("agent-admission.yaml");
+    let vap: ValidatingAdmissionPolicy =
+        strict(find(&docs, "ValidatingAdmissionPolicy", "vmscale-agent-pod-patches"), "agent-admission.yaml");
+    let binding: ValidatingAdmissionPolicyBinding = strict(
+        find(&docs, "ValidatingAdmissionPolicyBinding", "vmscale-agent-pod-patches"),
+        "agent-admission.yaml",
+    );
+    let b = binding.spec.unwrap();
+    assert_eq!(b.policy_name.as_deref(), Some("vmscale-agent-pod-patches"));
+    assert_eq!(b.validation_actions, Some(vec!["Deny".to_owned()]));
+
+    let spec = vap.spec.unwrap();
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let rules = spec.match_constraints.unwrap().resource_rules.unwrap();
+    assert!(rules.iter().any(|r| {
+        r.resources.iter().flatten().any(|x| x == "pods")
+            && r.operations.iter().flatten().any(|o| o == "UPDATE")
+            && r.api_groups.as_deref() == Some(&[String::new()][..])
+    }));
+    // Aimed at the service account the DaemonSet runs as, in its namespace.
+    let rbac = load_base_docs("agent-rbac.yaml");
+    let sa: ServiceAccount = strict(find(&rbac, "ServiceAccount", "vmscale-agent"), "agent-rbac.yaml");
+    let pod = agent_pod();
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    let user =
+        format!("system:serviceaccount:{}:{}", sa.metadata.namespace.unwrap(), sa.metadata.name.unwrap());
+    let conditions = spec.match_conditions.unwrap();
+    assert!(conditions.iter().any(|c| c.expression == format!("request.userInfo.username == '{user}'")));
+    let cel: String = spec
+        .variables
+        .iter()
+        .flatten()
+        .map(|v| v.expression.clone())
+        .chain(spec.validations.unwrap().into_iter().map(|v| v.expression))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for rule in [
+        "request.userInfo.extra['authentication.kubernetes.io/node-name']",
+        "object.spec.nodeName == variables.nodeName",
+        &format!("k.startsWith('{}')", vmscale_contract::keys::PREFIX),
+        "object.spec == oldObject.spec",
+        "request.subResource == ''",
+    ] {
+        assert!(cel.contains(rule), "the policy lacks {rule}");
+    }
+}
+
+/// Each namespace denies all ingress; the allocator takes its gRPC port from
+/// agents and its HTTP port from the vmscale scheduler, the agents their
+/// migration port from each other.
+#[test]
+fn network_policies_let_in_only_the_peers_each_port_serves() {
+    let docs = load_base_docs("network-policies.yaml");
+    let policy =
+        |name: &str| -> NetworkPolicy { strict(find(&docs, "NetworkPolicy", name), "network-policies.yaml") };
+    for (name, ns) in
+        [("vmscale-system-deny-ingress", "vmscale-system"), ("vmscale-node-deny-ingress", "vmscale-node")]
+    {
+        let p = policy(name);
+        assert_eq!(p.metadata.namespace.as_deref(), Some(ns));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.pod_selector, Some(Default::default()), "{name} selects every pod");
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+        assert!(spec.ingress.is_none(), "{name} lets nothing in");
+    }
+    let peers = |name: &str| -> Vec<(String, Option<String>, String)> {
+        let spec = policy(name).spec.unwrap();
+        spec.ingress
+            .unwrap()
+            .into_iter()
+            .flat_map(|rule| {
+                let from = rule.from.unwrap();
+                assert_eq!(from.len(), 1);
+                let peer = &from[0];
+                let pod = peer.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap()
+                    ["app.kubernetes.io/name"]
+                    .clone();
+                let ns = peer
+                    .namespace_selector
+                    .as_ref()
+                    .map(|n| n.match_labels.as_ref().unwrap()["kubernetes.io/metadata.name"].clone());
+                rule.ports.unwrap().into_iter().map(move |p| {
+                    let port = match p.port.unwrap() {
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s,
+                    };
+                    (pod.clone(), ns.clone(), port)
+                })
+            })
+            .collect()
+    };
+    assert_eq!(
+        peers("vmscale-allocator"),
+        [
+            ("vmscale-agent".to_owned(), Some("vmscale-node".to_owned()), "grpc".to_owned()),
+            ("vmscale-scheduler".to_owned(), None, "http".to_owned()),
+        ]
+    );
+    assert_eq!(peers("vmscale-agent-migration"), [("vmscale-agent".to_owned(), None, "7073".to_owned())]);
+    // The named ports exist on the allocator's container.
+    let dep: Deployment =
+        strict(find(&load_base_docs("allocator.yaml"), "Deployment", "vmscale-allocator"), "allocator.yaml");
+    let c = dep.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let names: BTreeSet<String> = c.ports.unwrap().into_iter().filter_map(|p| p.name).collect();
+    assert!(names.contains("grpc") && names.contains("http"), "{names:?}");
 }
 
 /// The metric names a PromQL expression uses.
@@ -454,9 +820,10 @@ fn the_scheduler_example_points_at_the_allocator() {
     assert!([&tls.cert_file, &tls.key_file, &tls.ca_file].iter().all(|f| f.starts_with('/')), "{tls:?}");
 }
 
-/// The agent's ClusterRole grants exactly the requests its pod source and
-/// status writer make: list and watch of pods (agent/tests/kube_source.rs
-/// asserts each request) and a merge patch of their annotations. The
+/// The agent's ClusterRole grants exactly the requests its pod source,
+/// status writer and node certificate make: list and watch of pods
+/// (agent/tests/kube_source.rs asserts each request), a merge patch of their
+/// annotations, create and get of its CSR (agent/tests/node_cert.rs). The
 /// allocator's rules are matched against its requests in allocator/tests/.
 #[test]
 fn the_agent_role_grants_exactly_what_the_agent_does() {
@@ -469,7 +836,13 @@ fn the_agent_role_grants_exactly_what_the_agent_does() {
         .map(|r| (r.api_groups.unwrap_or_default(), r.resources.unwrap_or_default(), r.verbs))
         .collect();
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
-    assert_eq!(rules, [(s(&[""]), s(&["pods"]), s(&["list", "watch", "patch"]))]);
+    assert_eq!(
+        rules,
+        [
+            (s(&[""]), s(&["pods"]), s(&["list", "watch", "patch"])),
+            (s(&["certificates.k8s.io"]), s(&["certificatesigningrequests"]), s(&["create", "get"])),
+        ]
+    );
     let binding: ClusterRoleBinding =
         strict(find(&docs, "ClusterRoleBinding", "vmscale-agent"), "agent-rbac.yaml");
     let subject = &binding.subjects.unwrap()[0];
@@ -477,4 +850,55 @@ fn the_agent_role_grants_exactly_what_the_agent_does() {
         strict(find(&load_base_docs("agent.yaml"), "DaemonSet", "vmscale-agent"), "agent.yaml");
     let sa = ds.spec.unwrap().template.spec.unwrap().service_account_name.unwrap();
     assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", sa.as_str()));
+    assert_eq!(subject.namespace, ds.metadata.namespace, "bound in the DaemonSet's namespace");
+}
+
+fn load_docs(dir: &str, file: &str) -> Vec<Value> {
+    let p = kustomize_dir().join(dir).join(file);
+    documents(&std::fs::read_to_string(&p).unwrap(), &p.display().to_string())
+}
+
+/// The certificates of the shared TLS design's identities, all from one CA:
+/// cert-manager issues the allocator's and kube-scheduler's, trust-manager
+/// hands the CA certificate (not its key) to the agents' namespace, and the
+/// agents' node certificates come from the CSR API (signer vmscale.io/node,
+/// which the allocator may approve and sign, and nothing else).
+#[test]
+fn certificates_come_from_one_ca_with_the_designs_names() {
+    let ca = load_docs("certificates", "ca.yaml");
+    let root: Crd<CertificateSpec> = strict(find(&ca, "Certificate", "vmscale-ca"), "ca.yaml");
+    assert_eq!(root.spec.is_ca, Some(true));
+    let issuer: Crd<IssuerSpec> = strict(find(&ca, "Issuer", "vmscale-ca"), "ca.yaml");
+    assert_eq!(issuer.spec.ca.unwrap().secret_name, root.spec.secret_name, "the CA issuer signs with the CA");
+    let bundle: Crd<BundleSpec> = strict(find(&ca, "Bundle", "vmscale-ca"), "ca.yaml");
+    assert_eq!(bundle.spec.sources[0].secret.name, root.spec.secret_name);
+    assert_eq!(bundle.spec.sources[0].secret.key, "ca.crt", "the CA certificate only, never tls.key");
+    let ns = bundle.spec.target.namespace_selector.match_labels.unwrap();
+    assert_eq!(ns["kubernetes.io/metadata.name"], "vmscale-node", "the agents' namespace");
+
+    let certs = load_docs("certificates", "certificates.yaml");
+    for (name, dns, usage) in [
+        ("vmscale-allocator", "allocator.vmscale", "server auth"),
+        ("vmscale-kube-scheduler", "kube-scheduler.vmscale", "client auth"),
+    ] {
+        let c: Crd<CertificateSpec> = strict(find(&certs, "Certificate", name), "certificates.yaml");
+        assert_eq!(c.spec.dns_names, Some(vec![dns.to_owned()]), "{name}");
+        assert!(c.spec.usages.unwrap().iter().any(|u| u == usage), "{name}");
+        assert_eq!(
+            (c.spec.issuer_ref.name.as_str(), c.spec.issuer_ref.kind.as_str()),
+            ("vmscale-ca", "Issuer")
+        );
+        assert_ne!(c.spec.renew_before, "", "{name} is renewed");
+    }
+
+    // Node certificates: the agent may ask, the allocator may sign for its
+    // signer only.
+    let rbac = load_base_docs("allocator-rbac.yaml");
+    let signer: ClusterRole =
+        strict(find(&rbac, "ClusterRole", "vmscale-allocator-signer"), "allocator-rbac.yaml");
+    let signer_rules = signer.rules.unwrap();
+    let on_signers: Vec<_> =
+        signer_rules.iter().filter(|r| r.resources.iter().flatten().any(|x| x == "signers")).collect();
+    assert_eq!(on_signers.len(), 1);
+    assert_eq!(on_signers[0].resource_names, Some(vec!["vmscale.io/node".to_owned()]));
 }
