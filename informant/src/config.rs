@@ -15,8 +15,17 @@ const MIB: u64 = 1 << 20;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the agent connects: `tcp:HOST:PORT` (or just `HOST:PORT`),
-    /// `vsock:PORT` (any CID) or `vsock:CID:PORT`. Default `tcp:0.0.0.0:7072`.
+    /// `vsock:PORT` (any CID) or `vsock:CID:PORT`. Default `vsock:7072`.
+    /// On vsock only the host (CID 2) is served; on TCP only agents with a
+    /// node certificate (`[tls]`), or anyone when `insecure = true`.
     pub listen: ListenAddr,
+    /// `[tls]`: the cluster CA and this informant's certificate
+    /// (`informant.vmscale`), for TCP. Clients must present a node's
+    /// certificate (`<node>.node.vmscale`, any node: VMs move).
+    pub tls: Option<vmscale_common::tls::TlsFiles>,
+    /// Serve TCP in plain text to anyone who reaches it; logs a warning at
+    /// start. For test guests. Default false.
+    pub insecure: bool,
     /// procfs mount point. Default `/proc`.
     pub proc_root: PathBuf,
     /// sysfs mount point (CPUs under `devices/system/cpu`, memory blocks under
@@ -79,7 +88,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 7072))),
+            listen: ListenAddr::Vsock { cid: VSOCK_CID_ANY, port: 7072 },
+            tls: None,
+            insecure: false,
             proc_root: PathBuf::from("/proc"),
             sys_root: PathBuf::from("/sys"),
             workload_cgroup: None,
@@ -322,6 +333,15 @@ impl Config {
                 &d.memory_buffer_bytes,
                 "above 1 TiB; the unit is bytes",
             );
+        }
+        if matches!(self.listen, ListenAddr::Tcp(_)) {
+            vmscale_common::tls::check_transport(self.tls.as_ref(), self.insecure).map_err(|_| {
+                ConfigError::Rule(format!(
+                    "listen = {} is TCP: set [tls] (ca, cert, key: the informant.vmscale certificate) for \
+                     mutual TLS, or insecure = true for plain text; or listen on vsock",
+                    self.listen
+                ))
+            })?;
         }
         Ok(())
     }

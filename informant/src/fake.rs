@@ -95,6 +95,8 @@ impl FakeGuest {
     pub fn config(&self) -> Config {
         Config {
             listen: crate::config::ListenAddr::Tcp(([127, 0, 0, 1], 0).into()),
+            // Tests dial it in plain text on loopback.
+            insecure: true,
             proc_root: self.proc(),
             sys_root: self.sys(),
             workload_cgroup: Some(self.cgroup()),

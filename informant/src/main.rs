@@ -16,6 +16,10 @@ struct Args {
     /// Listen address: tcp:HOST:PORT, vsock:PORT or vsock:CID:PORT (overrides the file).
     #[arg(long)]
     listen: Option<ListenAddr>,
+    /// Serve a TCP listen address in plain text to anyone (sets the file's
+    /// `insecure`): for test guests only.
+    #[arg(long)]
+    insecure: bool,
     /// The workload's cgroup v2 directory (overrides the file).
     #[arg(long)]
     workload_cgroup: Option<PathBuf>,
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
+    config.insecure |= args.insecure;
     if let Some(a) = args.listen {
         config.listen = a;
     }

@@ -1,7 +1,8 @@
 //! Binds the listener (TCP or vsock), starts the sources and the fan-out, and
 //! serves gRPC until the shutdown token fires. Takes a bound listener so
 //! tests run on port 0. On vsock only the host's connections are served
-//! (`peer.rs`).
+//! (`peer.rs`); on TCP only agents with a node's certificate (mutual TLS,
+//! `[tls]`), or anyone when the config says `insecure = true`.
 
 use crate::config::{Config, ConfigError, ListenAddr};
 use crate::hub::Hub;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
+use vmscale_common::tls::{describe_peer, peer_identities, Identity, Tls, RELOAD_INTERVAL};
 use vmscale_proto::informant::informant_server::InformantServer;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up TLS")]
+    Tls(#[from] vmscale_common::tls::TlsError),
     #[error("gRPC server failed")]
     Grpc(#[source] tonic::transport::Error),
 }
@@ -74,6 +78,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 /// reported, never fatal. Returns once every task has stopped.
 pub async fn serve(config: Config, listener: Listener, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    let tls = match &listener {
+        Listener::Tcp(_) => tcp_tls(&config, &shutdown)?,
+        Listener::Vsock(_) => None,
+    };
     let inner = shutdown.child_token();
     let (sources, statuses) = start_sources(&config);
     let hub = Hub::new(config.subscriber_queue);
@@ -84,19 +92,26 @@ pub async fn serve(config: Config, listener: Listener, shutdown: CancellationTok
 
     let up: Vec<&str> = statuses.iter().filter(|s| s.available).map(|s| s.name.as_str()).collect();
     info!(listen = %listener.local_addr(), sources = ?up, "informant serving");
-    let service =
-        InformantServer::new(InformantService::new(&config, hub.clone(), statuses, shutdown.clone()));
+    let service = InformantServer::with_interceptor(
+        InformantService::new(&config, hub.clone(), statuses, shutdown.clone()),
+        only_agents(tls.is_some()),
+    );
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service);
     let stop = shutdown.clone().cancelled_owned();
-    let result = match listener {
-        Listener::Tcp(l) => {
+    let result = match (listener, tls) {
+        (Listener::Tcp(l), Some(tls)) => {
+            router
+                .serve_with_incoming_shutdown(vmscale_common::tls::incoming(l, tls.rustls_server()), stop)
+                .await
+        }
+        (Listener::Tcp(l), None) => {
             router.serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), stop).await
         }
-        Listener::Vsock(l) => router.serve_with_incoming_shutdown(host_connections(l), stop).await,
+        (Listener::Vsock(l), _) => router.serve_with_incoming_shutdown(host_connections(l), stop).await,
     };
     inner.cancel();
     for t in tasks {
@@ -104,6 +119,49 @@ pub async fn serve(config: Config, listener: Listener, shutdown: CancellationTok
     }
     info!(delivered = hub.delivered_total(), dropped = hub.dropped_total(), "informant stopped");
     result.map_err(RunError::Grpc)
+}
+
+/// TLS for a TCP listener: the `[tls]` files (polled for renewal until
+/// `shutdown`), or none when the config says `insecure`, or an error: a TCP
+/// listener is never served in plain text by accident, whatever the config
+/// names as its listen address.
+fn tcp_tls(config: &Config, shutdown: &CancellationToken) -> Result<Option<Tls>, RunError> {
+    match (&config.tls, config.insecure) {
+        (Some(files), _) => {
+            let tls = Tls::load(files)?;
+            tokio::spawn(tls.clone().keep_fresh(RELOAD_INTERVAL, shutdown.clone()));
+            Ok(Some(tls))
+        }
+        (None, true) => {
+            vmscale_common::tls::warn_insecure("informant");
+            Ok(None)
+        }
+        (None, false) => Err(RunError::Config(ConfigError::Rule(
+            "a TCP listener needs [tls] (mutual TLS) or insecure = true (plain text)".into(),
+        ))),
+    }
+}
+
+/// With TLS, lets through only callers whose certificate names a node (any
+/// node: a VM moves between nodes, and each node's agent dials it).
+fn only_agents(
+    tls: bool,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| {
+        if !tls || is_agent(&peer_identities(&req)) {
+            return Ok(req);
+        }
+        Err(tonic::Status::permission_denied(format!(
+            "{} may not call the informant: only an agent may, with its node's certificate \
+             (<node>.node.vmscale)",
+            describe_peer(&req)
+        )))
+    }
+}
+
+/// Whether a certificate's identities include a node's.
+fn is_agent(ids: &[Identity]) -> bool {
+    ids.iter().any(|i| matches!(i, Identity::Node(_)))
 }
 
 /// The listener's connections from the host; any other peer's is closed at
@@ -129,4 +187,36 @@ fn host_connections(l: VsockListener) -> impl Stream<Item = std::io::Result<Vsoc
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_node_identities_are_agents() {
+        let node = Identity::Node("a".into());
+        let table: [(&[Identity], bool); 5] = [
+            (&[], false),
+            (&[Identity::Allocator], false),
+            (&[Identity::Informant], false),
+            (&[Identity::Scheduler, node.clone()], true),
+            (std::slice::from_ref(&node), true),
+        ];
+        for (ids, ok) in table {
+            assert_eq!(is_agent(ids), ok, "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn plain_tcp_needs_insecure() {
+        let c = Config { listen: ListenAddr::Tcp(([127, 0, 0, 1], 0).into()), ..Config::default() };
+        let e = vmscale_common::error::chain(&tcp_tls(&c, &CancellationToken::new()).unwrap_err());
+        assert!(e.contains("insecure = true"), "{e}");
+        let c = Config { insecure: true, ..c };
+        assert!(tcp_tls(&c, &CancellationToken::new()).unwrap().is_none());
+        // A config that says vsock but a TCP listener: still refused.
+        let c = Config::default();
+        assert!(tcp_tls(&c, &CancellationToken::new()).is_err());
+    }
 }

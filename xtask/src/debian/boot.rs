@@ -83,9 +83,9 @@ pub fn static_ip(addr: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>) -> Vec<S
 
 /// The kernel command line key that has the informant listen on TCP `port`
 /// instead of the packaged config's vsock address (for user networking or a
-/// tap, where the VM has no vsock device).
+/// tap, where the VM has no vsock device), in plain text: a test guest.
 pub fn informant_tcp(port: u16) -> String {
-    format!("vmscale.informant=--listen,tcp:0.0.0.0:{port}")
+    format!("vmscale.informant=--listen,tcp:0.0.0.0:{port},--insecure")
 }
 
 /// Starts QEMU with `args`; the console goes to `serial_log` (and stderr

@@ -155,6 +155,11 @@ fi
 # the binary, where it looks by default.
 [ -n "$LISTEN" ] || LISTEN="tcp:0.0.0.0:$PORT"
 case "$LISTEN" in
+tcp:*)
+	# A test guest on the harness's own network: the informant serves TCP in
+	# plain text only when told so (production guests listen on vsock).
+	INFORMANT_ARGS="--insecure $INFORMANT_ARGS"
+	;;
 vsock:*)
 	# /dev/vsock appears with the transport; say which CID the guest has.
 	[ -e /sys/module/vmw_vsock_virtio_transport ] || log "no virtio vsock transport: the informant cannot listen on $LISTEN"

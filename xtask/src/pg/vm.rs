@@ -144,7 +144,12 @@ impl PgVmPlan {
         );
         let mut informant = self.informant_args.clone();
         if self.link == Link::Tcp {
-            informant.extend(["--listen".to_owned(), format!("tcp:0.0.0.0:{INFORMANT_TCP_PORT}")]);
+            // A test guest: plain text on the harness's network.
+            informant.extend([
+                "--listen".to_owned(),
+                format!("tcp:0.0.0.0:{INFORMANT_TCP_PORT}"),
+                "--insecure".to_owned(),
+            ]);
         }
         if !informant.is_empty() {
             cmdline.push_str(&format!(" vmscale.informant={}", informant.join(",")));
