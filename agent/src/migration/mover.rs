@@ -162,7 +162,7 @@ impl MoverNode {
     async fn stream_tls(&self, client: &QmpClient, target: &str) -> Result<(), MoveError> {
         let tls = if self.stream_tls {
             let files = self.security.tls.as_ref().ok_or(MoveError::StreamTls(None))?;
-            let dir = self.state_dir.join("qemu-tls");
+            let dir = super::stream_tls::creds_dir(&self.state_dir);
             super::stream_tls::write_creds_dir(files, &dir).map_err(|e| MoveError::StreamTls(Some(e)))?;
             Some(StreamTls { dir, peer_node: target.to_owned() })
         } else {

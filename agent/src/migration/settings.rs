@@ -174,11 +174,6 @@ impl MigrationSettings {
         self.tls.unwrap_or(has_tls)
     }
 
-    /// Where QEMU reads this node's certificate for the stream's TLS.
-    pub fn qemu_tls_dir(&self) -> PathBuf {
-        self.state_dir.join("qemu-tls")
-    }
-
     /// The address incoming QEMUs listen on.
     pub fn stream_ip(&self) -> Option<IpAddr> {
         self.stream_address.or(self.listen.map(|l| l.ip()))

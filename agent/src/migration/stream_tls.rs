@@ -113,6 +113,12 @@ pub async fn apply(
     Ok(())
 }
 
+/// Where a node lays its certificate out for QEMU, under its
+/// `migration.state_dir` (both its sides of moves use it).
+pub fn creds_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("qemu-tls")
+}
+
 /// Copies the `[tls]` files into `dir` as QEMU's x509 credentials read
 /// them (`ca-cert.pem`, and the node's one certificate and key as both
 /// `server-*` and `client-*`), the keys readable by this user only. Run

@@ -323,7 +323,7 @@ impl TargetNode {
         }
         let stream_tls = if tls {
             let files = self.tls.as_ref().ok_or(TargetError::NoTlsFiles)?;
-            let dir = self.settings.qemu_tls_dir();
+            let dir = super::stream_tls::creds_dir(&self.settings.state_dir);
             super::stream_tls::write_creds_dir(files, &dir)
                 .map_err(|e| TargetError::NotStarted(IncomingError::StreamTls(e)))?;
             Some(StreamTls { dir, peer_node: source.to_owned() })
