@@ -157,17 +157,9 @@ pub enum MoveError {
 /// `[A-Za-z0-9_-]` written as `%XX`, so that an id with `/` or `..` in it
 /// never names a path elsewhere.
 pub fn file_name(vm: &str, ext: &str) -> String {
-    let mut out = String::with_capacity(vm.len() + ext.len() + 1);
-    for b in vm.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out.push('.');
-    out.push_str(ext);
-    out
+    // One escaping, the contract's, which also bounds ids so that this fits
+    // in NAME_MAX (`vmscale_contract::vm_id::check`).
+    format!("{}.{ext}", vmscale_contract::vm_id::file_stem(vm))
 }
 
 /// An error and its sources on one line, for the allocator's order reason

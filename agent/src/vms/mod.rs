@@ -72,8 +72,10 @@ impl VmSpec {
     /// and the field.
     pub fn validate(&self) -> Result<(), String> {
         let id = &self.id;
-        if id.is_empty() || id.len() > 253 || id.chars().any(char::is_control) {
-            return Err(format!("vm id {id:?} must be 1-253 printable characters"));
+        // The contract's rule: a name for the allocator and a record file
+        // name on every node (NAME_MAX), whichever source the VM came from.
+        if let Err(e) = vmscale_contract::vm_id::check(id) {
+            return Err(format!("vm id {id:?} is refused: {e}"));
         }
         if self.qmp.is_empty() {
             return Err(format!("vm {id}: qmp endpoint is empty"));
@@ -156,6 +158,8 @@ pub(crate) mod tests {
         assert!(spec("a").validate().is_ok());
         let cases: Vec<(VmSpec, &str)> = vec![
             (VmSpec { id: String::new(), ..spec("a") }, "vm id"),
+            // 80 dots escape to a 240-byte record name: one byte too many.
+            (VmSpec { id: ".".repeat(80), ..spec("a") }, "file name"),
             (VmSpec { cu: Cu { milli_cpu: 0, memory_bytes: 1 }, ..spec("a") }, "compute unit"),
             (VmSpec { cu: Cu { milli_cpu: 250_000_000, memory_bytes: 1 << 30 }, ..spec("a") }, "absurdly"),
             (VmSpec { min_cus: 3, max_cus: 2, ..spec("a") }, "min_cus"),
