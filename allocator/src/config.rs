@@ -70,7 +70,8 @@ pub struct Config {
     /// that a restarted allocator adopts the moves its agents report and no
     /// others (`core/order_ids.rs`); every replica must have the same key.
     /// Unset: a key of this run's own, and after a restart the moves under
-    /// way are not adopted (their VMs count as not moving).
+    /// way are not adopted (their VMs count as not moving). The daemon reads
+    /// it at start ([`Config::read_files`]); `validate` reads no files.
     pub order_key: Option<PathBuf>,
     /// `[limits]`: bounds on what agents can make the allocator keep (nodes,
     /// VMs per node, open orders, reasons); keys and defaults in
@@ -191,8 +192,8 @@ impl Config {
             return bad("session_queue", "0".into(), "must be at least 1");
         }
         self.limits.validate().map_err(ConfigError::Rule)?;
-        if let Some(p) = &self.order_key {
-            read_order_key(p)?;
+        if self.order_key.as_deref().is_some_and(|p| !p.is_absolute()) {
+            return bad("order_key", format!("{:?}", self.order_key), "must be an absolute path");
         }
         if self.contended_p99_us == 0 {
             return bad(
@@ -262,13 +263,28 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Reads the files the config names that the daemon needs before it
+    /// serves, so that a missing or short one stops it at start with the
+    /// reason: the order key (the TLS files are read by `crate::server`).
+    pub fn read_files(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.order_key {
+            read_order_key(p)?;
+        }
+        Ok(())
+    }
+}
+
 /// The order key in `path` (see [`Config::order_key`]).
 pub fn read_order_key(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let bad = |reason: String| ConfigError::invalid("order_key", path.display(), reason);
     let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
     // A key is a few dozen bytes; a large file is the wrong file.
     if meta.len() > MAX_ORDER_KEY_BYTES {
-        return Err(bad(format!("is {} bytes; a key has {MIN_KEY_BYTES} to {MAX_ORDER_KEY_BYTES}", meta.len())));
+        return Err(bad(format!(
+            "is {} bytes; a key has {MIN_KEY_BYTES} to {MAX_ORDER_KEY_BYTES}",
+            meta.len()
+        )));
     }
     let key = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
     if key.len() < MIN_KEY_BYTES {
@@ -370,7 +386,9 @@ mod tests {
         assert_eq!(c.tls.unwrap().cert, Path::new("/a"));
         let e = Config::parse(&format!("http_listen = \"0.0.0.0:7071\"\n{tls}"), "t").unwrap_err();
         assert!(e.to_string().contains("http_tls = true"), "{e}");
-        assert!(Config::parse(&format!("http_listen = \"0.0.0.0:7071\"\nhttp_tls = true\n{tls}"), "t").is_ok());
+        assert!(
+            Config::parse(&format!("http_listen = \"0.0.0.0:7071\"\nhttp_tls = true\n{tls}"), "t").is_ok()
+        );
         let e = Config::parse("http_tls = true\ninsecure = true", "t").unwrap_err();
         assert!(e.to_string().contains("needs a [tls]"), "{e}");
         assert!(Config::parse("http_listen = \"0.0.0.0:7071\"\ninsecure = true", "t").is_ok());
@@ -395,14 +413,19 @@ mod tests {
 
     #[test]
     fn values_are_read() {
-        let c = Config::parse("insecure = true\nwatermark = 0.8\nlisten = \"127.0.0.1:9000\"\nplan_interval_ms = 250", "t")
-            .unwrap();
+        let c = Config::parse(
+            "insecure = true\nwatermark = 0.8\nlisten = \"127.0.0.1:9000\"\nplan_interval_ms = 250",
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.watermark, 0.8);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.core().watermark, 0.8);
-        let c =
-            Config::parse("insecure = true\ncontended_p99_us = 2000\nmove_retry_base_ms = 100\nmove_retry_max_ms = 400", "t")
-                .unwrap();
+        let c = Config::parse(
+            "insecure = true\ncontended_p99_us = 2000\nmove_retry_base_ms = 100\nmove_retry_max_ms = 400",
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.core().contended_p99_us, 2000);
         assert_eq!([1, 2, 3, 4].map(|n| c.core().move_retry_wait_ms(n)), [100, 200, 400, 400]);
     }
@@ -428,16 +451,21 @@ mod tests {
         assert!(e.to_string().contains("limits.max_nodes"), "{e}");
         assert!(Config::parse("insecure = true\n[limits]\nmax_node = 1", "t").is_err(), "unknown key");
 
+        let e = Config::parse("insecure = true\norder_key = \"key\"", "t").unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        // The file is read when the daemon starts, not when the config is
+        // checked (the deploy's configs name files of the cluster).
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("order.key");
         let with_key = format!("insecure = true\norder_key = {:?}", key.display().to_string());
-        let e = Config::parse(&with_key, "t").unwrap_err();
+        let c = Config::parse(&with_key, "t").unwrap();
+        let e = c.read_files().unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
         std::fs::write(&key, b"short").unwrap();
-        let e = Config::parse(&with_key, "t").unwrap_err();
+        let e = c.read_files().unwrap_err();
         assert!(e.to_string().contains("at least 32"), "{e}");
         std::fs::write(&key, [7u8; 32]).unwrap();
-        let c = Config::parse(&with_key, "t").unwrap();
+        c.read_files().unwrap();
         assert_eq!(read_order_key(c.order_key.as_deref().unwrap()).unwrap(), [7u8; 32]);
         // A harness's key: made once, then kept.
         let made = dir.path().join("made.key");

@@ -80,6 +80,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         config.watermark = w;
     }
     config.validate()?;
+    config.read_files()?;
     Ok(config)
 }
 

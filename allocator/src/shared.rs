@@ -62,7 +62,7 @@ fn order_ids(config: &Config) -> OrderIds {
     match crate::config::read_order_key(path) {
         Ok(key) => OrderIds::new(&key, started),
         Err(e) => {
-            // Checked when the config was validated; gone since.
+            // Read when the daemon started (`Config::read_files`); gone since.
             error!("{e}; signing with a key of this run's own");
             OrderIds::one_run()
         }
