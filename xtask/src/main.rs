@@ -23,6 +23,7 @@ mod netns;
 mod package;
 mod pg;
 mod pgbench;
+mod pki;
 mod steps;
 mod test;
 mod vsock;

@@ -20,6 +20,7 @@ use vmscale_agent::config::Config as AgentConfig;
 use vmscale_agent::core::policy::{Cu, Policy};
 use vmscale_agent::vms::{CpuMode, InformantAddr, MemoryMode, VmSpec};
 use vmscale_allocator::core::Cluster;
+use vmscale_common::tls::Identity;
 
 use crate::guest::qemu;
 use crate::guest::Image;
@@ -181,6 +182,33 @@ pub fn http_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
 /// 127.0.0.1; `None` while it does not answer.
 pub fn allocator_state(port: u16) -> Option<Cluster> {
     serde_json::from_str(&http_get(port, "/state").ok()?).ok()
+}
+
+/// The release allocator on loopback: gRPC on `grpc` with mutual TLS (the
+/// harness CA, `crate::pki`), `/state` on `http` in plain text (loopback
+/// only). The daemon and the URL agents dial.
+pub fn spawn_local_allocator(
+    root: &Path,
+    dir: &Path,
+    grpc: u16,
+    http: u16,
+) -> anyhow::Result<(Daemon, String)> {
+    let pki = crate::pki::ensure(root, &[Identity::Allocator])?;
+    let file = dir.join("allocator.toml");
+    let config = vmscale_allocator::config::Config {
+        listen: ([127, 0, 0, 1], grpc).into(),
+        http_listen: ([127, 0, 0, 1], http).into(),
+        tls: Some(pki.files(&Identity::Allocator)),
+        ..Default::default()
+    };
+    fs::write(&file, toml::to_string(&config).context("encoding the allocator's config")?)
+        .with_context(|| format!("writing {}", file.display()))?;
+    let daemon = Daemon::spawn(
+        "allocator",
+        Command::new(root.join("target/release/vmscale-allocator")).arg("--config").arg(&file),
+        dir.join("allocator.log"),
+    )?;
+    Ok((daemon, format!("https://127.0.0.1:{grpc}")))
 }
 
 /// An agent's config file from its own type, as the daemon reads it.
@@ -363,22 +391,17 @@ pub struct NodePlan {
 }
 
 impl Node {
-    /// Starts the allocator, then the agent with `vms` in its VM file.
+    /// Starts the allocator, then the agent with `vms` in its VM file; the
+    /// agent's session is mutual TLS (the harness CA, `crate::pki`), its
+    /// links to the test guests' informants plain text (`insecure`).
     pub fn start(root: &Path, dir: &Path, plan: &NodePlan, vms: &[&Vm]) -> anyhow::Result<Node> {
         let bin = root.join("target/release");
         let grpc = free_port()?;
         let allocator_http = free_port()?;
         let agent_http = free_port()?;
-        let allocator = Daemon::spawn(
-            "allocator",
-            Command::new(bin.join("vmscale-allocator")).args([
-                "--listen",
-                &format!("127.0.0.1:{grpc}"),
-                "--http-listen",
-                &format!("127.0.0.1:{allocator_http}"),
-            ]),
-            dir.join("allocator.log"),
-        )?;
+        let (allocator, url) = spawn_local_allocator(root, dir, grpc, allocator_http)?;
+        let node = Identity::Node(NODE.into());
+        let pki = crate::pki::ensure(root, std::slice::from_ref(&node))?;
         let vms_file = dir.join("vms.toml");
         write_vms_file(&vms_file, &vms.iter().map(|v| v.agent_spec()).collect::<Vec<_>>())?;
         let config = dir.join("agent.toml");
@@ -386,7 +409,9 @@ impl Node {
             &config,
             &AgentConfig {
                 node: NODE.into(),
-                allocator: format!("http://127.0.0.1:{grpc}"),
+                allocator: url,
+                tls: Some(pki.files(&node)),
+                insecure: true,
                 vms_file,
                 vms_file_interval_ms: 500,
                 http_listen: ([127, 0, 0, 1], agent_http).into(),
@@ -454,6 +479,12 @@ mod tests {
             node: NODE.into(),
             vms_file: dir.join("vms.toml"),
             http_listen: ([127, 0, 0, 1], 20_001).into(),
+            tls: Some(vmscale_common::tls::TlsFiles {
+                ca: "/pki/ca.pem".into(),
+                cert: "/pki/a.pem".into(),
+                key: "/pki/a.key".into(),
+            }),
+            insecure: true,
             policy: Policy {
                 memory_target: 0.9,
                 polling: Some(Box::new(vmscale_agent::core::polling::Polling::default())),

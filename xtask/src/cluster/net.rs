@@ -21,16 +21,18 @@ use vmscale_agent::qmp::DimmBackend;
 use vmscale_agent::vms::VmSpec;
 use vmscale_allocator::config::Config as AllocatorConfig;
 use vmscale_allocator::core::Cluster;
+use vmscale_common::tls::Identity;
 
 use super::{write_agent_config, write_vms_file, Daemon, MIB};
 use crate::harness::{free_port, free_port_on};
 use crate::netns::Fabric;
 
-/// The allocator in the host's namespace, gRPC on the fabric's host address.
+/// The allocator in the host's namespace, gRPC on the fabric's host address,
+/// mutual TLS with the harness CA (`crate::pki`).
 #[derive(Debug)]
 pub struct Allocator {
     pub daemon: Daemon,
-    /// What agents dial: `http://<host address>:<port>`.
+    /// What agents dial: `https://<host address>:<port>`.
     pub url: String,
     /// `/state` and `/metrics`, on 127.0.0.1.
     pub http: u16,
@@ -48,9 +50,11 @@ impl Allocator {
         let host = fabric.gateway();
         let grpc = free_port_on(host)?;
         let http = free_port()?;
+        let pki = crate::pki::ensure(root, &[Identity::Allocator])?;
         let config = AllocatorConfig {
             listen: (host, grpc).into(),
             http_listen: ([127, 0, 0, 1], http).into(),
+            tls: Some(pki.files(&Identity::Allocator)),
             ..config
         };
         let file = dir.join("allocator.toml");
@@ -64,7 +68,7 @@ impl Allocator {
                 .env("NO_COLOR", "1"),
             dir.join("allocator.log"),
         )?;
-        Ok(Allocator { daemon, url: format!("http://{host}:{grpc}"), http })
+        Ok(Allocator { daemon, url: format!("https://{host}:{grpc}"), http })
     }
 
     pub fn state(&self) -> Option<Cluster> {
@@ -89,7 +93,9 @@ pub struct AgentPlan {
     pub dimm_backend: DimmBackend,
 }
 
-/// An agent running in a node's namespace.
+/// An agent running in a node's namespace: its session with the allocator
+/// is mutual TLS as its node (the harness CA); its links to the test
+/// guests' informants are plain text (`insecure`).
 #[derive(Debug)]
 pub struct Agent {
     pub name: String,
@@ -124,9 +130,12 @@ impl Agent {
         let vms_file = dir.join(format!("{name}-vms.toml"));
         write_vms_file(&vms_file, vms)?;
         let config = dir.join(format!("{name}.toml"));
+        let pki = crate::pki::ensure(root, &[Identity::Node(name.clone())])?;
         let mut agent = AgentConfig {
             node: name.clone(),
             allocator: allocator.into(),
+            tls: Some(pki.files(&Identity::Node(name.clone()))),
+            insecure: true,
             vms_file,
             vms_file_interval_ms: 500,
             http_listen: http,

@@ -168,16 +168,9 @@ fn start_node(ctx: &Ctx, informant: &InformantAddr) -> anyhow::Result<Node> {
     let dir = &ctx.dir;
     let bin = ctx.root.join("target/release");
     let (grpc, allocator_http, agent_http) = (free_port()?, free_port()?, free_port()?);
-    let allocator = Daemon::spawn(
-        "allocator",
-        Command::new(bin.join("vmscale-allocator")).args([
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-listen",
-            &format!("127.0.0.1:{allocator_http}"),
-        ]),
-        dir.join("allocator.log"),
-    )?;
+    let (allocator, url) = cluster::spawn_local_allocator(&ctx.root, dir, grpc, allocator_http)?;
+    let node = vmscale_common::tls::Identity::Node(NODE.into());
+    let pki = crate::pki::ensure(&ctx.root, std::slice::from_ref(&node))?;
     let vms_file = dir.join("vms.toml");
     let spec = VmSpec {
         id: VM.into(),
@@ -196,7 +189,8 @@ fn start_node(ctx: &Ctx, informant: &InformantAddr) -> anyhow::Result<Node> {
         &config,
         &AgentConfig {
             node: NODE.into(),
-            allocator: format!("http://127.0.0.1:{grpc}"),
+            allocator: url,
+            tls: Some(pki.files(&node)),
             vms_file,
             vms_file_interval_ms: 500,
             http_listen: ([127, 0, 0, 1], agent_http).into(),
@@ -246,11 +240,11 @@ fn time_link(addr: &InformantAddr) -> anyhow::Result<((f64, f64), (f64, f64))> {
         let (mut dials, mut calls) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             let t = Instant::now();
-            let mut c = InformantClient::new(dial::channel(addr).await?);
+            let mut c = InformantClient::new(dial::channel(addr, &dial::TcpSecurity::default()).await?);
             c.handshake(hello()).await?;
             dials.push(t.elapsed().as_secs_f64() * 1000.0);
         }
-        let mut c = InformantClient::new(dial::channel(addr).await?);
+        let mut c = InformantClient::new(dial::channel(addr, &dial::TcpSecurity::default()).await?);
         for _ in 0..ROUNDS {
             let t = Instant::now();
             c.handshake(hello()).await?;
