@@ -471,3 +471,54 @@ async fn a_session_without_hello_times_out() {
     drop(tx);
     srv.stop().await;
 }
+
+/// The order key makes an allocator that restarted adopt the moves it
+/// ordered before (its agents report them), and only those: a second
+/// allocator with another key refuses the same report, and nothing is held
+/// on the target.
+#[tokio::test]
+async fn a_restarted_allocator_adopts_only_the_orders_it_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("order.key");
+    vmscale_allocator::config::ensure_order_key(&key).unwrap();
+    let config = || Config { plan_interval_ms: 20, order_key: Some(key.clone()), ..Config::default() };
+    let big = || vm("big", 2000, 8 * GIB, None);
+    let small = || vm("small", 1000, 4 * GIB, None);
+
+    let srv = start(config()).await;
+    let mut a = open(&srv.addr, hello("a", 4000, 16 * GIB, vec![big(), small()])).await.unwrap();
+    let _b = open(&srv.addr, hello("b", 8000, 32 * GIB, vec![])).await.unwrap();
+    a.reserve("big", 4000, 16 * GIB).await.unwrap();
+    let order = tokio::time::timeout(Duration::from_secs(5), a.pushed.recv()).await.unwrap().unwrap();
+    let Some(Reply::MigrationOrder(o)) = order.body else { panic!("{order:?}") };
+    srv.stop().await;
+
+    // The source agent reports the move to the restarted allocator.
+    let moving = || {
+        let mut v = vm(&o.vm_id, 2000, 8 * GIB, None);
+        v.migration =
+            Some(pb::MigrationInProgress { order_id: o.order_id, target_node: o.target_node.clone() });
+        let others = vec![small()];
+        hello("a", 4000, 16 * GIB, [vec![v], others].concat())
+    };
+    let srv = start(config()).await;
+    let _b = open(&srv.addr, hello("b", 8000, 32 * GIB, vec![])).await.unwrap();
+    let a = open(&srv.addr, moving()).await.unwrap();
+    assert!(a.welcome.refused.is_empty(), "{:?}", a.welcome.refused);
+    assert!(a.welcome.vms.iter().any(|v| v.vm_id == o.vm_id && v.migrating));
+    let st = srv.state();
+    assert_eq!(st["orders"][o.order_id.to_string()]["state"], "started", "{st}");
+    assert!(st["nodes"]["b"]["vms"][&o.vm_id].is_object(), "room held on the target again");
+    srv.stop().await;
+
+    // An allocator with another key: the same report is a forgery to it.
+    let srv = start(Config { order_key: None, ..config() }).await;
+    let _b = open(&srv.addr, hello("b", 8000, 32 * GIB, vec![])).await.unwrap();
+    let a = open(&srv.addr, moving()).await.unwrap();
+    assert_eq!(a.welcome.refused.len(), 1, "{:?}", a.welcome.refused);
+    assert_eq!(a.welcome.refused[0].code, tonic::Code::PermissionDenied as i32);
+    let st = srv.state();
+    assert!(st["orders"].as_object().unwrap().is_empty(), "{st}");
+    assert!(st["nodes"]["b"]["vms"].as_object().unwrap().is_empty(), "nothing held on b");
+    srv.stop().await;
+}
