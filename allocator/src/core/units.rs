@@ -11,7 +11,11 @@ pub const MAX_MILLI_CPU: u64 = 1_000_000 * 1000;
 pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
 
 /// An amount of CPU and memory. Every value that enters the core has passed
-/// [`Resources::checked`], so sums of a few million of them cannot overflow u64.
+/// [`Resources::checked`] (at most 2^50), and the core keeps at most
+/// `max_nodes` x `max_vms_per_node` of them (about 2^23 by default), so no sum
+/// of them reaches 2^64. Sums and differences saturate all the same, by
+/// design ([`Resources::saturating_add`], [`Resources::saturating_sub`]): a
+/// second guard that can only over-count room as taken, never wrap it free.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
     pub milli_cpu: u64,
