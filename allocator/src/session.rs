@@ -78,7 +78,8 @@ impl pb::allocator_server::Allocator for AllocatorService {
                 ALLOCATOR_PROTOCOL.end()
             )));
         };
-        let agent = hello.agent.clone();
+        // Free text from the agent, for the log only: cut and escaped.
+        let agent = crate::core::names::cut(&hello.agent, 128).escape_debug().to_string();
         let reg = crate::convert::hello(hello, sh.config.limits.max_vms_per_node).map_err(|e| status_of(&e))?;
         let node = reg.node.clone();
         let vms = reg.vms.len();
