@@ -2,18 +2,19 @@
 //! two network-namespace nodes (see `migration.rs`), for a 256 MiB and a
 //! 1 GiB guest, while a TCP client echoes a line every 100 ms through it.
 //!
-//! Each round moves the guest twice: once by the agent's own move executor
+//! Each round moves the guest three times: by the agent's own move executor
 //! (`migration::agent_move`: `carry_out` with the target side the target
 //! agent runs, `LocalIncoming`, started in the target node's namespace: the
-//! VM described from the source's /proc, its devices,
-//! capabilities, bandwidth and downtime limits, progress polled every 50 ms
-//! and woken by QEMU's events, the target paused until the confirm resumes
-//! it) and once as
-//! a bare QEMU-to-QEMU migration (the same bandwidth limit, nothing else
-//! set, polled every 10 ms), so both are measured on the same guest in the
-//! same run. A fresh client connection covers each move, so its
-//! longest silence and lost lines belong to that move. Which kind goes first
-//! alternates by round, and one uncounted move after boot goes first of all.
+//! VM described from the source's /proc, its devices, capabilities,
+//! bandwidth and downtime limits, progress polled every 50 ms and woken by
+//! QEMU's events, the target paused until the confirm resumes it), the same
+//! with QEMU's TLS on the stream (each node's certificate from one test CA,
+//! `tls-authz` on the target naming the source node), and as a bare
+//! QEMU-to-QEMU migration (the same bandwidth limit, nothing else set,
+//! polled every 10 ms), so all three are measured on the same guest in the
+//! same run. A fresh client connection covers each move, so its longest
+//! silence and lost lines belong to that move. Which kind goes first turns
+//! round by round, and one uncounted move after boot goes first of all.
 
 use crate::harness::{loadavg, now_utc};
 use anyhow::Context;
@@ -25,8 +26,8 @@ use vmscale_agent::qmp::migrate::{tcp_uri, Migration, MigrationConfig};
 
 use crate::echo::{EchoClient, EchoReport};
 use crate::migration::{
-    agent_move, guest_image, guest_ip, last_event_us, pause_ms, start, MoveFigures, Running, Shape,
-    ECHO_PORT, TAP,
+    agent_move, guest_image, guest_ip, last_event_us, pause_ms, start, MoveFigures, MoveSetup, Running,
+    Shape, ECHO_PORT, TAP,
 };
 use crate::netns::Fabric;
 
@@ -36,6 +37,8 @@ const BARE_PORT: u16 = 4445;
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Ours,
+    /// The agent's move with QEMU's TLS on the stream.
+    OursTls,
     Bare,
 }
 
@@ -43,8 +46,18 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Ours => "vmscale",
+            Kind::OursTls => "vmscale-tls",
             Kind::Bare => "bare",
         }
+    }
+
+    /// The kinds of round `round`, in the order they run: each goes first,
+    /// second and third in turn, so a slow start or a busy neighbour does
+    /// not always fall on the same one.
+    fn in_round(round: u32) -> [Kind; 3] {
+        let mut kinds = [Kind::Ours, Kind::OursTls, Kind::Bare];
+        kinds.rotate_left(usize::try_from(round % 3).unwrap_or(0));
+        kinds
     }
 }
 
@@ -122,6 +135,7 @@ async fn size_run(
     let dir = crate::migration::run_dir()?.join(format!("{mib}"));
     let base = Shape::new(mib).base_args(image, &fabric);
     let template = crate::migration::template(image);
+    let pki = crate::migration::StreamPki::new(&dir, 2)?;
     fabric.add_tap(0, TAP)?;
     fabric.add_tap(1, TAP)?;
     let mut boot = start(&fabric, 0, &base, &[], &dir.join("boot"))?;
@@ -132,7 +146,7 @@ async fn size_run(
     .with_context(|| boot.logs())?;
     drop(first);
     let mut vm = Running::Harness(boot);
-    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    let (mut ours, mut ours_tls, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     // Let the guest settle after boot (the informant starts its sources),
     // then one move that is not counted: the first move of a guest is
     // slower, whichever kind it is.
@@ -140,16 +154,17 @@ async fn size_run(
     let to = 1 - vm.node();
     vm = bare_move(&fabric, &base, &mut vm, to, config, &dir.join("warm-up")).await?.0;
     for round in 0..rounds {
-        // Alternate which kind goes first, so a slow start or a busy
-        // neighbour does not always fall on the same kind.
-        for kind in if round % 2 == 0 { [Kind::Ours, Kind::Bare] } else { [Kind::Bare, Kind::Ours] } {
+        for kind in Kind::in_round(round) {
             let to = 1 - vm.node();
             let name = format!("{}-{round}", kind.name());
             let order = u64::from(round) + 1;
             let (moved_vm, sample) = with_client(addr, async {
+                let plain = MoveSetup { config, template: &template, tls: None };
                 match kind {
-                    Kind::Ours => {
-                        agent_move(&fabric, &mut vm, to, (config, &template), &dir.join(&name), order).await
+                    Kind::Ours => agent_move(&fabric, &mut vm, to, plain, &dir.join(&name), order).await,
+                    Kind::OursTls => {
+                        let tls = MoveSetup { tls: Some(&pki), ..plain };
+                        agent_move(&fabric, &mut vm, to, tls, &dir.join(&name), order).await
                     }
                     Kind::Bare => bare_move(&fabric, &base, &mut vm, to, config, &dir.join(&name)).await,
                 }
@@ -159,6 +174,7 @@ async fn size_run(
             eprintln!("    {name}: {:?}, client {:?}", sample.moved, sample.echo);
             match kind {
                 Kind::Ours => ours.push(sample),
+                Kind::OursTls => ours_tls.push(sample),
                 Kind::Bare => bare.push(sample),
             }
         }
@@ -175,6 +191,9 @@ async fn size_run(
             "client_max_gap_ms": fig(s, &|x| x.echo.max_gap_ms),
             "lost_lines": s.iter().map(|x| x.echo.lost + x.echo.wrong).sum::<u64>(),
             "transferred_mib": fig(s, &|x| (x.moved.transferred_bytes >> 20) as f64),
+            "throughput_mib_s": fig(s, &|x| {
+                (x.moved.transferred_bytes as f64 / f64::from(1 << 20)) / (x.moved.total_ms.max(1) as f64 / 1000.0)
+            }),
             "each": s.iter().map(|x| json!({
                 "total_ms": x.moved.total_ms, "downtime_ms": x.moved.downtime_ms,
                 "guest_pause_ms": x.moved.guest_pause_ms,
@@ -183,7 +202,12 @@ async fn size_run(
             })).collect::<Vec<_>>(),
         })
     };
-    Ok(json!({ "memory_mib": mib, "vmscale": summary(&ours), "bare_qemu": summary(&bare) }))
+    Ok(json!({
+        "memory_mib": mib,
+        "vmscale": summary(&ours),
+        "vmscale_tls": summary(&ours_tls),
+        "bare_qemu": summary(&bare),
+    }))
 }
 
 /// Runs `work` (a move) with a fresh echo connection that sends for 1 s
@@ -256,8 +280,11 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
          \"downtime\" is QEMU's figure (source side, up to the last state sent); \"guest pause\" is \
          from the source's STOP event to the target's RESUME (QEMU's timestamps, one host clock), so it \
          also holds the target loading the last state and, for vmscale, the confirm that resumes it.\n\n\
-         | guest | move | total ms (QEMU) | wall ms | downtime ms | guest pause ms | client max gap ms | lost lines | MiB sent |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         \"tls stream\" is the same move with QEMU's TLS on the stream (`tls-creds-x509` on both QEMUs, \
+         `tls-authz` on the target naming the source node's certificate). The three kinds take turns \
+         going first, round by round.\n\n\
+         | guest | move | total ms (QEMU) | wall ms | downtime ms | guest pause ms | client max gap ms | lost lines | MiB sent | MiB/s |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         v["date"].as_str().unwrap_or("?"),
         v["machine"].as_str().unwrap_or("?"),
         v["rounds"],
@@ -267,10 +294,12 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
     let mut verdicts = Vec::new();
     for guest in v["guests"].as_array().into_iter().flatten() {
         let mib = guest["memory_mib"].as_u64().unwrap_or(0);
-        for (name, key) in [("vmscale", "vmscale"), ("bare", "bare_qemu")] {
+        for (name, key) in
+            [("vmscale", "vmscale"), ("vmscale, tls stream", "vmscale_tls"), ("bare", "bare_qemu")]
+        {
             let x = &guest[key];
             s.push_str(&format!(
-                "| {mib} MiB | {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} | {:.0} |\n",
+                "| {mib} MiB | {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {} | {:.0} | {:.0} |\n",
                 g(x, "migration_total_ms"),
                 g(x, "migration_wall_ms"),
                 g(x, "migration_downtime_ms"),
@@ -278,9 +307,19 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
                 g(x, "client_max_gap_ms"),
                 x["lost_lines"],
                 g(x, "transferred_mib"),
+                g(x, "throughput_mib_s"),
             ));
         }
-        let (ours, bare) = (&guest["vmscale"], &guest["bare_qemu"]);
+        let (ours, bare, tls) = (&guest["vmscale"], &guest["bare_qemu"], &guest["vmscale_tls"]);
+        verdicts.push(format!(
+            "{mib} MiB over tls: total {:.2}x plain, downtime {:.0} ms vs {:.0} ms, {:.0} vs {:.0} MiB/s, lost lines {}",
+            g(tls, "migration_total_ms") / g(ours, "migration_total_ms"),
+            g(tls, "migration_downtime_ms"),
+            g(ours, "migration_downtime_ms"),
+            g(tls, "throughput_mib_s"),
+            g(ours, "throughput_mib_s"),
+            tls["lost_lines"],
+        ));
         let ratio = g(ours, "migration_total_ms") / g(bare, "migration_total_ms");
         verdicts.push(format!(
             "{mib} MiB: lost lines {} ({}), downtime {:.0} ms <= {} ms ({}), guest pause {:.1} ms <= {} ms ({}), \

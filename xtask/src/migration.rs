@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use vmscale_agent::migration::command_line::read_machine;
 use vmscale_agent::migration::settings::MigrationSettings;
 use vmscale_agent::migration::source::carry_out;
+use vmscale_agent::migration::stream_tls::{self, StreamTls};
 use vmscale_agent::migration::target::{
     AfterAbort, ConfirmError, Handoff, IncomingError, IncomingTarget, LocalIncoming,
 };
@@ -36,8 +37,6 @@ use crate::netns::Fabric;
 /// The echo server's port in the guest (busybox nc, forking `cat` per
 /// connection).
 pub const ECHO_PORT: u16 = 7000;
-/// Where a migration target listens on its node's address.
-const INCOMING_PORT: u16 = 4444;
 /// The guest's MAC: the same on every node, as the target's command line
 /// must match the source's.
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x6d, 0x01];
@@ -351,26 +350,126 @@ impl IncomingTarget for Watched {
     }
 }
 
+/// What a harness node's agent needs to take a moving VM in: where the
+/// files its spec names are (on this one host, the source's own) and the
+/// taps it may use (`[migration]` image_dir, disk_dir, vsock_dir,
+/// tap_prefix; none: the default).
+#[derive(Debug, Clone, Default)]
+pub struct NodeFiles {
+    pub image_dir: Option<PathBuf>,
+    pub disk_dir: Option<PathBuf>,
+    pub vsock_dir: Option<PathBuf>,
+    pub tap_prefix: Option<String>,
+}
+
+impl NodeFiles {
+    /// The test guest's (`cargo xtask build-guest`): its kernel and initrd.
+    pub fn guest(image: &Image) -> NodeFiles {
+        NodeFiles { image_dir: Some(image.dir.clone()), ..NodeFiles::default() }
+    }
+
+    /// `s` with these directories and prefix where they are set.
+    pub fn settings(&self, s: MigrationSettings) -> MigrationSettings {
+        MigrationSettings {
+            image_dir: self.image_dir.clone().or(s.image_dir),
+            disk_dir: self.disk_dir.clone().or(s.disk_dir),
+            vsock_dir: self.vsock_dir.clone().or(s.vsock_dir),
+            tap_prefix: self.tap_prefix.clone().unwrap_or(s.tap_prefix),
+            ..s
+        }
+    }
+}
+
 /// The `[migration]` template of every node here: the guest image's
 /// directory holds the kernels, taps are `vm...`.
 pub fn template(image: &Image) -> Template {
-    MigrationSettings { image_dir: Some(image.dir.clone()), ..MigrationSettings::default() }.template()
+    NodeFiles::guest(image).settings(MigrationSettings::default()).template()
+}
+
+/// Each node's certificate from one test CA, laid out for QEMU's stream
+/// TLS (`stream_tls::write_creds_dir`), node `i` named `n<i>`.
+#[derive(Debug)]
+pub struct StreamPki {
+    dirs: Vec<PathBuf>,
+}
+
+impl StreamPki {
+    pub fn new(dir: &Path, nodes: usize) -> anyhow::Result<StreamPki> {
+        let pki = vmscale_common::testing::TestPki::try_new(&dir.join("pki"))?;
+        let mut dirs = Vec::new();
+        for i in 0..nodes {
+            let files = pki.try_issue(&vmscale_common::tls::Identity::Node(Self::name(i)))?;
+            let d = dir.join(format!("qemu-tls-{}", Self::name(i)));
+            stream_tls::write_creds_dir(&files, &d)?;
+            dirs.push(d);
+        }
+        Ok(StreamPki { dirs })
+    }
+
+    pub fn name(node: usize) -> String {
+        format!("n{node}")
+    }
+
+    /// Node `node`'s side of a stream with `peer`.
+    fn side(&self, node: usize, peer: usize) -> Option<StreamTls> {
+        Some(StreamTls { dir: self.dirs.get(node)?.clone(), peer_node: Self::name(peer) })
+    }
+}
+
+/// A listener on node `to`'s address, bound inside its network namespace:
+/// a target agent binds the stream's socket where it runs (its node), the
+/// harness runs in the host's namespace.
+fn bind_in(fabric: &Fabric, to: usize) -> anyhow::Result<std::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let ns_path = format!("/var/run/netns/{}", fabric.nodes[to].ns);
+    let ns = std::fs::File::open(&ns_path).with_context(|| format!("opening {ns_path}"))?;
+    let addr = std::net::SocketAddr::from((fabric.nodes[to].addr, 0));
+    let bound = std::thread::spawn(move || {
+        // SAFETY: setns(2) with a namespace file this thread holds open; it
+        // moves only this thread, which ends right after the bind (the
+        // socket keeps its namespace).
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::net::TcpListener::bind(addr)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread binding in {ns_path} panicked"))?;
+    bound.with_context(|| format!("binding {addr} in {ns_path}"))
+}
+
+/// How a harness move runs: the transfer settings, the node's template,
+/// and QEMU's stream TLS (none: plain).
+#[derive(Debug, Clone, Copy)]
+pub struct MoveSetup<'a> {
+    pub config: &'a MigrationConfig,
+    pub template: &'a Template,
+    pub tls: Option<&'a StreamPki>,
 }
 
 /// The agent's move: `carry_out` from the source to a `LocalIncoming` in
-/// node `to`'s namespace (a wrapper runs QEMU there), the VM described from
-/// the source QEMU's /proc as the source agent describes it, and the
-/// target's command line built by `template` as the target agent builds it.
+/// node `to`'s namespace (a wrapper runs QEMU there, with the stream's
+/// listener bound in that namespace), the VM described from the source
+/// QEMU's /proc as the source agent describes it, and the target's command
+/// line built by `template` as the target agent builds it.
 pub async fn agent_move(
     fabric: &Fabric,
     source: &mut Running,
     to: usize,
-    (config, template): (&MigrationConfig, &Template),
+    setup: MoveSetup<'_>,
     dir: &Path,
     order: u64,
 ) -> anyhow::Result<(Running, MoveFigures)> {
+    let MoveSetup { config, template, tls } = setup;
     let t0 = Instant::now();
     let client = source.client().await?;
+    let from = source.node();
+    // As the source agent does before each move (clears an earlier setup
+    // when plain: a QEMU that came in over TLS keeps its parameters).
+    let source_tls = tls.and_then(|p| p.side(from, to));
+    stream_tls::apply(&client, stream_tls::source_commands(source_tls.as_ref()))
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))?;
     let machine = read_machine(&client, Path::new("/proc"), template)
         .await
         .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))?;
@@ -386,8 +485,10 @@ pub async fn agent_move(
             wrapper,
             template.clone(),
             dir.to_owned(),
-            (fabric.nodes[to].addr, INCOMING_PORT).into(),
-        ),
+            (fabric.nodes[to].addr, 0).into(),
+        )
+        .with_listener(bind_in(fabric, to)?)
+        .with_stream_tls(tls.and_then(|p| p.side(to, from))),
         events: std::sync::Mutex::new(None),
     };
     let mut source_events = client.events();
@@ -437,7 +538,8 @@ async fn cut_network_move(
     eprintln!("    a move to node {to} with its network cut (must fail)");
     fabric.set_link(to, false)?;
     let config = MigrationConfig { timeout_ms: 3_000, ..MigrationConfig::default() };
-    let attempt = agent_move(fabric, vm, to, (&config, template), &dir.join("vm-cut"), 1).await;
+    let setup = MoveSetup { config: &config, template, tls: None };
+    let attempt = agent_move(fabric, vm, to, setup, &dir.join("vm-cut"), 1).await;
     fabric.set_link(to, true)?;
     match attempt {
         Ok(_) => bail!("a move to node {to} succeeded with its network cut"),
@@ -537,6 +639,7 @@ async fn scenario(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let config = MigrationConfig::default();
     let template = template(image);
+    let setup = MoveSetup { config: &config, template: &template, tls: None };
     if a.break_network {
         cut_network_move(fabric, &mut vm, &template, dir).await?;
     }
@@ -546,8 +649,7 @@ async fn scenario(
         eprintln!("    move {}: node {} -> node {to}", i + 1, vm.node());
         let order = u64::from(i) + 2;
         let (target, figures) =
-            agent_move(fabric, &mut vm, to, (&config, &template), &dir.join(format!("vm-{}", i + 1)), order)
-                .await?;
+            agent_move(fabric, &mut vm, to, setup, &dir.join(format!("vm-{}", i + 1)), order).await?;
         vm = target;
         moves.push(figures);
         let after = QmpVm::new(vm.client().await?, HotplugConfig::default()).read_size().await?;

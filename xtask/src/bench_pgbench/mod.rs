@@ -191,6 +191,7 @@ fn agent_plan(node: usize, capacity: (u64, u64), policy: Policy, vm: &PgVm) -> A
         transfer: vmscale_agent::qmp::migrate::MigrationConfig { timeout_ms: 90_000, ..Default::default() },
         confirm_grace_ms: 5000,
         dimm_backend: vm.dimm_backend(),
+        files: vm.node_files(),
     }
 }
 

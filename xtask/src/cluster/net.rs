@@ -91,6 +91,8 @@ pub struct AgentPlan {
     /// The plugged DIMMs' backend: `Memfd` where a VM has a vhost-user
     /// device (vsock here), which must map all guest memory.
     pub dimm_backend: DimmBackend,
+    /// Where the files of a VM moving here are (`[migration]` directories).
+    pub files: crate::migration::NodeFiles,
 }
 
 /// An agent running in a node's namespace: its session with the allocator
@@ -145,14 +147,14 @@ impl Agent {
             allocator_retry_max_ms: 1000,
             policy: plan.policy.clone(),
             dimm_backend: plan.dimm_backend,
-            migration: MigrationSettings {
+            migration: plan.files.settings(MigrationSettings {
                 listen: Some(listen),
                 qemu: "qemu-system-x86_64".into(),
                 state_dir: state_dir.clone(),
                 confirm_grace_ms: plan.confirm_grace_ms,
                 transfer: plan.transfer.clone(),
                 ..MigrationSettings::default()
-            },
+            }),
             ..AgentConfig::default()
         };
         agent.contention.enabled = false;

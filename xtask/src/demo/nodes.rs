@@ -85,7 +85,8 @@ impl Setup {
         let specs: Vec<_> =
             vms.iter().map(|v| v.plan.spec(&v.agent_qmp, Some(v.informant_address()))).collect();
         let a_mib = if two { A_MIB_TWO_NODES } else { 8192 };
-        let agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &agent(A, a_mib), &specs)?];
+        let a = agent(A, a_mib, Default::default());
+        let agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &a, &specs)?];
         Ok(Setup { two, root: root.to_owned(), dir: dir.to_owned(), allocator, agents, vms, fabric })
     }
 
@@ -102,7 +103,11 @@ impl Setup {
                 &self.fabric,
                 1,
                 &self.allocator.url,
-                &agent(B, 2048),
+                &agent(
+                    B,
+                    2048,
+                    self.vms.iter().find(|v| v.plan.id == PG2).map(PgVm::node_files).unwrap_or_default(),
+                ),
                 &[],
             )?;
             self.agents.push(b);
@@ -189,7 +194,7 @@ fn plan(id: &str, host: u8) -> PgVmPlan {
 /// pg scenarios have it: under TCG on two host cores an idle guest beside
 /// others feels CPU pressure every few seconds and never shrank. The load
 /// average still brings pg-1's second vCPU under pgbench.
-fn agent(name: &str, mib: u64) -> AgentPlan {
+fn agent(name: &str, mib: u64, files: crate::migration::NodeFiles) -> AgentPlan {
     AgentPlan {
         name: name.into(),
         capacity_milli_cpu: 8000,
@@ -204,5 +209,6 @@ fn agent(name: &str, mib: u64) -> AgentPlan {
         transfer: vmscale_agent::qmp::migrate::MigrationConfig { timeout_ms: 90_000, ..Default::default() },
         confirm_grace_ms: 5000,
         dimm_backend: DimmBackend::Ram,
+        files,
     }
 }

@@ -228,6 +228,7 @@ async fn start_agents(scene: &mut Scene<'_>) -> anyhow::Result<(Agent, Agent)> {
         timeout_ms: 20_000,
         ..MigrationConfig::default()
     };
+    let files = crate::migration::NodeFiles::guest(&scene.ctx.image);
     let plan = |name: &str, cpu: u64, mib: u64| AgentPlan {
         name: name.into(),
         capacity_milli_cpu: cpu,
@@ -236,6 +237,7 @@ async fn start_agents(scene: &mut Scene<'_>) -> anyhow::Result<(Agent, Agent)> {
         transfer: transfer.clone(),
         confirm_grace_ms: 5000,
         dimm_backend: vmscale_agent::qmp::DimmBackend::Ram,
+        files: files.clone(),
     };
     let (ctx, fabric, url) = (scene.ctx, scene.fabric, scene.alloc.url.clone());
     // Node a holds exactly the VM (2 vCPUs, 512 MiB): past 0.9 of it.

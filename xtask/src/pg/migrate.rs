@@ -77,6 +77,7 @@ pub fn migrate(ctx: &PgCtx) -> anyhow::Result<String> {
     // Node a holds exactly the VM, past its watermark; node b has room for
     // it under its own (the allocator never moves a VM onto a node it
     // would take past its watermark).
+    let files = vm.node_files();
     let agent_plan = |name: &str, milli_cpu: u64, mib: u64| AgentPlan {
         name: name.into(),
         capacity_milli_cpu: milli_cpu,
@@ -85,6 +86,7 @@ pub fn migrate(ctx: &PgCtx) -> anyhow::Result<String> {
         transfer: transfer.clone(),
         confirm_grace_ms: 5000,
         dimm_backend: vmscale_agent::qmp::DimmBackend::Ram,
+        files: files.clone(),
     };
     let spec = plan.spec(&vm.agent_qmp, Some(vm.informant_address()));
     let mut a = Agent::start(

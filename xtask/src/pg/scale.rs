@@ -150,6 +150,7 @@ fn start(ctx: &PgCtx, plan: &PgVmPlan) -> anyhow::Result<Scene> {
         transfer: Default::default(),
         confirm_grace_ms: 5000,
         dimm_backend: vm.dimm_backend(),
+        files: Default::default(),
     };
     let spec = plan.spec(&vm.agent_qmp, Some(informant));
     let agent = Agent::start(&ctx.root, &ctx.dir, &fabric, 0, &alloc.url, &agent_plan, &[spec])?;

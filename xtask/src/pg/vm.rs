@@ -289,6 +289,18 @@ impl PgVm {
         }
     }
 
+    /// What a node's agent needs to take this VM in: the Debian image's
+    /// kernel and initrd, its disk and vsock socket in its directory, its
+    /// tap (`pg<host>`).
+    pub fn node_files(&self) -> crate::migration::NodeFiles {
+        crate::migration::NodeFiles {
+            image_dir: Some(crate::workspace_root().join(crate::debian::IMAGE_DIR)),
+            disk_dir: Some(self.qemu.dir.clone()),
+            vsock_dir: Some(self.qemu.dir.clone()),
+            tap_prefix: Some("pg".into()),
+        }
+    }
+
     /// The agents' DIMM backend this guest needs.
     pub fn dimm_backend(&self) -> DimmBackend {
         if self.vsock.as_ref().is_some_and(Vsock::shares_memory) {
