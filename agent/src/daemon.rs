@@ -52,7 +52,9 @@ pub async fn run(c: Config, cancel: CancellationToken) -> Result<(), DaemonError
     // must be there before the files are checked.
     if let Some(nc) = c.kubernetes.as_ref().and_then(|k| k.node_certificate.as_ref()) {
         let client = kube::Client::try_default().await.map_err(DaemonError::Kube)?;
-        crate::node_cert::obtain(client.clone(), &c.node, nc).await?;
+        if !crate::node_cert::obtain_patiently(client.clone(), &c.node, nc, &cancel).await? {
+            return Ok(());
+        }
         tracing::info!(node = %c.node, "node certificate issued");
         tokio::spawn(crate::node_cert::renew(client, c.node.clone(), nc.clone(), cancel.clone()));
     }

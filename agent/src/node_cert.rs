@@ -175,6 +175,35 @@ pub async fn obtain_polling(
     Ok(())
 }
 
+/// [`obtain`] until it works or `cancel` (`Ok(false)`): the allocator that
+/// signs may not be up yet when the agent starts, and a restarting agent
+/// would only file more requests. A denied request is final: the signer
+/// said why, and asking again would get the same answer.
+pub async fn obtain_patiently(
+    client: Client,
+    node: &str,
+    cfg: &NodeCertConfig,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<bool, NodeCertError> {
+    let backoff = vmscale_common::backoff::Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
+    let mut failures: u32 = 0;
+    loop {
+        match obtain(client.clone(), node, cfg).await {
+            Ok(()) => return Ok(true),
+            Err(e @ NodeCertError::Refused { .. }) => return Err(e),
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = backoff.jittered(failures, vmscale_common::backoff::seed_of(node));
+                tracing::warn!(%node, "no node certificate yet, asking again in {wait:?}: {}", vmscale_common::error::chain(&e));
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(false),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
 /// After the first certificate: asks again at two thirds of its life, and
 /// every 30 s after a failure, until `cancel`. The TLS code reads the files
 /// afresh for each connection, so the new certificate is used from then on.

@@ -122,3 +122,43 @@ async fn a_denied_request_says_why_and_writes_nothing() {
     assert!(e.to_string().contains("was denied: the agent on node node-b"), "{e}");
     assert!(!cfg.cert_path().exists() && !cfg.key_path().exists());
 }
+
+/// At start the signer may not be up: the agent asks again after a failed
+/// call instead of exiting (and filing a new request on every restart).
+#[tokio::test(start_paused = true)]
+async fn a_failed_call_is_retried_until_the_certificate_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let (cfg, cancel) = (cfg.clone(), cancel.clone());
+        async move {
+            vmscale_agent::node_cert::obtain_patiently(
+                Client::new(service, "default"),
+                "node-a",
+                &cfg,
+                &cancel,
+            )
+            .await
+        }
+    });
+    let (req, send) = next(&mut api).await;
+    assert_eq!(req.method(), Method::POST);
+    let busy = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
+    send.send_response(
+        Response::builder().status(500).body(Body::from(serde_json::to_vec(&busy).unwrap())).unwrap(),
+    );
+    // Asked again, after the backoff.
+    let (req, send) = next(&mut api).await;
+    assert_eq!(req.method(), Method::POST);
+    let sent: CertificateSigningRequest =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    let cert = k8s_openapi::ByteString(b"CERT".to_vec());
+    reply(send, StatusCode::CREATED, &stored(sent.clone(), json!({})));
+    let (_, send) = next(&mut api).await;
+    reply(send, StatusCode::OK, &stored(sent, json!({"certificate": cert})));
+    assert!(task.await.unwrap().unwrap(), "the certificate came");
+    assert_eq!(std::fs::read(cfg.cert_path()).unwrap(), b"CERT");
+}
