@@ -105,6 +105,7 @@ async fn agent_rss_50(root: &Path, qemu: &Path, dir: &Path) -> f64 {
     let _alloc = Kill(
         Command::new(root.join("target/release/vmscale-allocator"))
             .args(["--listen", &format!("127.0.0.1:{grpc}"), "--http-listen", &format!("127.0.0.1:{http}")])
+            .arg("--insecure")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,7 +114,7 @@ async fn agent_rss_50(root: &Path, qemu: &Path, dir: &Path) -> f64 {
     );
     let agent = Kill(
         Command::new(root.join("target/release/vmscale-agent"))
-            .args(["--node", "bench", "--allocator", &format!("http://127.0.0.1:{grpc}")])
+            .args(["--node", "bench", "--allocator", &format!("http://127.0.0.1:{grpc}"), "--insecure"])
             .args(["--vms", file.to_str().unwrap(), "--http-listen", &format!("127.0.0.1:{agent_http}")])
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())

@@ -16,7 +16,7 @@ struct Args {
     /// This node's name (overrides the file).
     #[arg(long, env = "VMSCALE_NODE")]
     node: Option<String>,
-    /// Allocator URL, e.g. http://127.0.0.1:7070 (overrides the file).
+    /// Allocator URL, e.g. https://allocator:7070 (overrides the file).
     #[arg(long)]
     allocator: Option<String>,
     /// VM list file (overrides the file).
@@ -25,6 +25,10 @@ struct Args {
     /// HTTP address for /metrics, /state, /healthz (overrides the file).
     #[arg(long)]
     http_listen: Option<std::net::SocketAddr>,
+    /// Allow plain-text links (http://) without [tls] (sets the file's
+    /// `insecure`): for tests and benchmarks on one machine.
+    #[arg(long)]
+    insecure: bool,
     /// Log filter.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -41,6 +45,7 @@ impl Args {
         c.allocator = self.allocator.unwrap_or(c.allocator);
         c.vms_file = self.vms.unwrap_or(c.vms_file);
         c.http_listen = self.http_listen.unwrap_or(c.http_listen);
+        c.insecure |= self.insecure;
         Ok(c)
     }
 }

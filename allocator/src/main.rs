@@ -28,6 +28,10 @@ struct Args {
     /// HTTP listen address for /metrics, /state and /healthz (overrides the file).
     #[arg(long)]
     http_listen: Option<SocketAddr>,
+    /// Serve gRPC in plain text without [tls] (sets the file's `insecure`):
+    /// for tests and benchmarks on one machine.
+    #[arg(long)]
+    insecure: bool,
     /// Watermark fraction in (0, 1] (overrides the file).
     #[arg(long)]
     watermark: Option<f64>,
@@ -76,6 +80,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if let Some(a) = args.http_listen {
         config.http_listen = a;
     }
+    config.insecure |= args.insecure;
     if let Some(w) = args.watermark {
         config.watermark = w;
     }

@@ -272,7 +272,7 @@ async fn bench(a: Args, bin: PathBuf) -> anyhow::Result<()> {
         None => Command::new(&bin),
     };
     let child = cmd
-        .args(["--listen", &format!("tcp:127.0.0.1:{port}")])
+        .args(["--listen", &format!("tcp:127.0.0.1:{port}"), "--insecure"])
         .arg("--workload-cgroup")
         .arg(workload.path())
         .args(["--log", "warn"])

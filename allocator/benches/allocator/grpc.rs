@@ -54,6 +54,8 @@ pub fn run(server: &Path, quick: bool, levels: &[usize]) -> anyhow::Result<Map<S
     let port = vmscale_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())?;
     let child = Command::new(server)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0", "--log", "warn"])
+        // Plain text: the figures are the allocator's, not TLS's.
+        .arg("--insecure")
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", server.display()))?;
