@@ -199,6 +199,7 @@ pub fn spawn_local_allocator(
         listen: ([127, 0, 0, 1], grpc).into(),
         http_listen: ([127, 0, 0, 1], http).into(),
         tls: Some(pki.files(&Identity::Allocator)),
+        order_key: Some(order_key(root)?),
         ..Default::default()
     };
     fs::write(&file, toml::to_string(&config).context("encoding the allocator's config")?)
@@ -209,6 +210,18 @@ pub fn spawn_local_allocator(
         dir.join("allocator.log"),
     )?;
     Ok((daemon, format!("https://127.0.0.1:{grpc}")))
+}
+
+/// The harness's order key (`target/pki/order.key`), made on first use and
+/// kept, so that an allocator the harness restarts adopts the moves it
+/// ordered before (allocator/src/core/order_ids.rs).
+pub fn order_key(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root.join(crate::pki::DIR);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("order.key");
+    vmscale_allocator::config::ensure_order_key(&path)
+        .with_context(|| format!("making {}", path.display()))?;
+    Ok(path)
 }
 
 /// An agent's config file from its own type, as the daemon reads it.

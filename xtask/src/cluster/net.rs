@@ -55,6 +55,7 @@ impl Allocator {
             listen: (host, grpc).into(),
             http_listen: ([127, 0, 0, 1], http).into(),
             tls: Some(pki.files(&Identity::Allocator)),
+            order_key: Some(super::order_key(root)?),
             ..config
         };
         let file = dir.join("allocator.toml");
