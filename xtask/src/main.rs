@@ -2,6 +2,7 @@
 //! own module; this file only parses the command line.
 
 mod apt;
+mod audit;
 mod bench;
 mod bench_e2e;
 mod bench_migration;
@@ -58,6 +59,9 @@ enum Command {
     E2e(e2e::Args),
     /// Move a guest between two network-namespace nodes while a TCP client echoes through it.
     Migration(migration::Args),
+    /// Attack the real daemons with hostile clients and fuzz every decoder;
+    /// writes target/bench/audit.json and fails if anything got in.
+    Audit(audit::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::E2e(a) => e2e::run(a),
         Command::Migration(a) => migration::run(a),
+        Command::Audit(a) => audit::run(a),
     }
 }
 

@@ -1,0 +1,119 @@
+//! `cargo xtask audit`: proof against hostile input (issue 16, item 6).
+//!
+//! 1. The hostile-client suite ([`attacks`]): the real allocator, agents and
+//!    informant on real sockets, each attacked the way the security review
+//!    found possible; an attack passes only when it is refused with a clear
+//!    status and the daemons' `/state` is as it was ([`state`]).
+//! 2. The fuzz pass ([`fuzz`]): every decoder of remote input for a bounded
+//!    time each.
+//!
+//! Prints one line per attack and per fuzz target, writes
+//! `target/bench/audit.json` ([`report`]) and fails when anything got in or
+//! crashed.
+
+mod attacks;
+mod fuzz;
+mod hostile;
+mod http;
+mod lab;
+mod report;
+mod state;
+mod tls;
+
+use anyhow::{bail, Context};
+use report::{Attack, Report};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The short pass the test command runs: smaller floods and a few
+    /// seconds per fuzz target.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds each fuzz target runs. Default 8 with --quick, else 60.
+    #[arg(long)]
+    pub fuzz_seconds: Option<u64>,
+    /// Only the hostile-client suite.
+    #[arg(long, conflicts_with = "no_attacks")]
+    pub no_fuzz: bool,
+    /// Only the fuzz pass.
+    #[arg(long)]
+    pub no_attacks: bool,
+    /// Only this family of attacks (allocator-session, extender,
+    /// migration-target, migration-source, informant).
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let attacks = if a.no_attacks {
+        vec![]
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        log_to_file()?;
+        eprintln!("==> the hostile-client suite (daemon logs: target/audit/daemons.log)");
+        rt.block_on(suite(a.quick, a.only.as_deref()))
+    };
+    for at in &attacks {
+        println!("{}", at.line());
+    }
+    let fuzz =
+        if a.no_fuzz { vec![] } else { fuzz::run(a.fuzz_seconds.unwrap_or(if a.quick { 8 } else { 60 }))? };
+    for f in &fuzz {
+        println!("{}", f.line());
+        if let Some(c) = &f.crash {
+            println!("     run it again: {}", fuzz::rerun_hint(&f.target, c));
+        }
+    }
+    let report = Report { ran_at: crate::harness::now_utc(), ..Report::new(attacks, fuzz) };
+    let path = crate::workspace_root().join("target/bench/audit.json");
+    std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{} (written to {})", report.summary(), path.display());
+    if !report.passed() {
+        bail!("the audit found hostile input that got in or crashed a decoder: see the lines above");
+    }
+    Ok(())
+}
+
+/// Every family in turn; a family that cannot start is one attack that
+/// could not run, not the end of the suite.
+async fn suite(quick: bool, only: Option<&str>) -> Vec<Attack> {
+    let mut out = Vec::new();
+    let families: [(&str, std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Vec<Attack>>>>>);
+        5] = [
+        ("allocator-session", Box::pin(attacks::allocator_hello::run(quick))),
+        ("extender", Box::pin(attacks::extender::run())),
+        ("migration-target", Box::pin(attacks::migration_target::run())),
+        ("migration-source", Box::pin(attacks::migration_source::run())),
+        ("informant", Box::pin(attacks::informant::run(quick))),
+    ];
+    for (family, f) in families {
+        if only.is_some_and(|o| o != family) {
+            continue;
+        }
+        eprintln!("    {family} ...");
+        match f.await {
+            Ok(a) => out.extend(a),
+            Err(e) => out.push(Attack::could_not_run(family, &e)),
+        }
+    }
+    out
+}
+
+/// The daemons' own logs, for a person reading why an attack went as it
+/// did: into `target/audit/daemons.log`, not over the audit's lines.
+fn log_to_file() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target/audit");
+    std::fs::create_dir_all(&dir)?;
+    let file = std::fs::File::create(dir.join("daemons.log"))?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
+}
