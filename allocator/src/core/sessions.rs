@@ -60,7 +60,8 @@ pub struct Opened {
     /// The session this one replaced, which must now be closed.
     pub replaced: Option<u64>,
     pub reservations: Vec<Reservation>,
-    /// What was not taken from the hello, in the order of the hello.
+    /// What was not taken from the hello: the VMs the edge could not read,
+    /// then those the core refused, each group in the order of the hello.
     pub refused: Vec<VmRefusal>,
 }
 
