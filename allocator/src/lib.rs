@@ -11,6 +11,7 @@
 //! - [`config`]: the config file and its validation; [`metrics`]: Prometheus.
 //! - [`leader`]: leader election on a Lease (Kubernetes mode).
 //! - [`capacity`]: node capacities from the cluster (Kubernetes mode).
+//! - [`probe`]: the kubelet's exec probe of the HTTP listener over TLS.
 //! - [`node_certs`]: the signer of the agents' node certificates (Kubernetes
 //!   mode, the CertificateSigningRequest API).
 //! - [`extender`]: the kube-scheduler extender (filter and prioritize VM pods).
@@ -25,6 +26,7 @@ pub mod https;
 pub mod leader;
 pub mod metrics;
 pub mod node_certs;
+pub mod probe;
 pub mod requests;
 pub mod server;
 pub mod session;

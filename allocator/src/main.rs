@@ -41,6 +41,11 @@ struct Args {
     /// The Lease's namespace when the file does not set one (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "vmscale-system")]
     namespace: String,
+    /// Probe this allocator's HTTP listener at this path (e.g. `/readyz`) with
+    /// its own certificate and exit 0 on 200, else 1: the kubelet's exec probe,
+    /// since its HTTP probes have no client certificate (allocator/src/probe.rs).
+    #[arg(long)]
+    probe: Option<String>,
     /// Log filter, e.g. `info` or `vmscale_allocator=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -51,6 +56,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(args.log.as_str()).with_writer(std::io::stderr).init();
     let config = config(&args)?;
+    if let Some(path) = &args.probe {
+        let status = vmscale_allocator::probe::probe(&config, path, Duration::from_secs(5)).await?;
+        std::process::exit(if status == 200 { 0 } else { 1 });
+    }
     if config.insecure {
         vmscale_common::tls::warn_insecure("allocator");
     }
