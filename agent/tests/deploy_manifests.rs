@@ -83,6 +83,26 @@ struct PodMetricsEndpoint {
     port: String,
     path: String,
     interval: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_config: Option<ScrapeTls>,
+}
+
+/// A PodMonitor endpoint's `tlsConfig`: the fields used.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ScrapeTls {
+    server_name: String,
+    ca: SecretSource,
+    cert: SecretSource,
+    key_secret: KeyRef,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretSource {
+    secret: KeyRef,
 }
 
 /// cert-manager's and trust-manager's objects (CRDs, so typed here with the
@@ -279,6 +299,9 @@ fn every_manifest_parses_strictly_into_its_type() {
         "Certificate/vmscale-kube-scheduler",
         "Bundle/vmscale-ca",
         "ClusterRole/vmscale-allocator-signer",
+        "Certificate/vmscale-prometheus",
+        "NetworkPolicy/vmscale-allocator-metrics",
+        "NetworkPolicy/vmscale-agent-metrics",
     ] {
         assert!(seen.contains(want), "{want} missing from deploy/kustomize: {seen:?}");
     }
@@ -428,8 +451,20 @@ fn config_maps_load_with_the_daemons_parsers_and_match_the_manifests() {
     assert_eq!(i32::from(alloc.http_listen.port()), port("http"));
     let mount = &c.volume_mounts.as_ref().unwrap()[0].mount_path;
     assert_eq!(c.args.as_ref().unwrap()[0], format!("--config={mount}/allocator.toml"));
-    let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
-    assert_eq!(probe.path.as_deref(), Some("/readyz"), "only the leader is ready");
+    // Probes run the binary (its own client certificate, which the
+    // kubelet's HTTP probes lack) with the mounted config.
+    let command = |p: Option<&k8s_openapi::api::core::v1::Probe>| {
+        p.and_then(|p| p.exec.as_ref()).and_then(|e| e.command.clone()).expect("an exec probe")
+    };
+    let ready = command(c.readiness_probe.as_ref());
+    assert_eq!(ready[0], "/usr/local/bin/vmscale-allocator", "the image's binary (xtask/src/image.rs)");
+    assert_eq!(
+        ready[1..],
+        [c.args.as_ref().unwrap()[0].clone(), "--probe=/readyz".to_owned()],
+        "only the leader is ready"
+    );
+    assert_eq!(command(c.liveness_probe.as_ref())[2], "--probe=/healthz");
+    assert!(alloc.http_tls, "the probes dial the listener over TLS");
     let env: BTreeSet<_> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert!(env.contains("POD_NAME") && env.contains("POD_NAMESPACE"), "{env:?}");
 
@@ -901,4 +936,33 @@ fn certificates_come_from_one_ca_with_the_designs_names() {
         signer_rules.iter().filter(|r| r.resources.iter().flatten().any(|x| x == "signers")).collect();
     assert_eq!(on_signers.len(), 1);
     assert_eq!(on_signers[0].resource_names, Some(vec!["vmscale.io/node".to_owned()]));
+}
+
+/// Prometheus reaches the allocator's TLS listener with a client certificate
+/// of the cluster CA, named as the allocator's server name, from a Secret
+/// the monitoring component's Certificate makes; both daemons' HTTP ports
+/// let in the monitoring namespace.
+#[test]
+fn prometheus_scrapes_the_allocator_with_a_certificate_of_the_ca() {
+    let docs = load_docs("monitoring", "podmonitors.yaml");
+    let pm: PodMonitor = strict(find(&docs, "PodMonitor", "vmscale-allocator"), "podmonitors.yaml");
+    let ep = &pm.spec.pod_metrics_endpoints[0];
+    assert_eq!(ep.scheme.as_deref(), Some("https"));
+    let tls = ep.tls_config.as_ref().expect("tlsConfig");
+    assert_eq!(tls.server_name, "allocator.vmscale");
+    let certs = load_docs("monitoring", "certificate.yaml");
+    let c: Crd<CertificateSpec> =
+        strict(find(&certs, "Certificate", "vmscale-prometheus"), "certificate.yaml");
+    for name in [&tls.ca.secret.name, &tls.cert.secret.name, &tls.key_secret.name] {
+        assert_eq!(*name, c.spec.secret_name);
+    }
+    assert_eq!(c.spec.issuer_ref.name, "vmscale-ca");
+    assert!(c.spec.usages.unwrap().iter().any(|u| u == "client auth"));
+    let np = load_docs("monitoring", "network-policies.yaml");
+    for (name, ns) in
+        [("vmscale-allocator-metrics", "vmscale-system"), ("vmscale-agent-metrics", "vmscale-node")]
+    {
+        let p: NetworkPolicy = strict(find(&np, "NetworkPolicy", name), "network-policies.yaml");
+        assert_eq!(p.metadata.namespace.as_deref(), Some(ns));
+    }
 }
