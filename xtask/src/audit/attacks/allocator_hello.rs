@@ -12,6 +12,7 @@ use super::super::lab::{scratch, Allocator, GIB, MIB};
 use super::super::report::Attack;
 use super::super::state::{diff, ledger_view};
 use super::super::tls::{Creds, Pki};
+use serde_json::Value;
 use std::time::Duration;
 use vmscale_common::tls::Identity;
 use vmscale_proto::allocator as pb;
@@ -33,6 +34,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Attack>> {
         insecure: false,
         move_retry_base_ms: 600_000,
         move_retry_max_ms: 600_000,
+        // A client that never says hello is dropped after this.
+        hello_timeout_ms: 5_000,
         ..Allocator::config()
     };
     let alloc = Allocator::start(config, Via::Plain).await?;
@@ -54,6 +57,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Attack>> {
         attempt(&alloc, "session-with-another-cas-certificate", Some(&forged), h("audit-forged"), &[]).await,
     );
 
+    out.push(silent(&alloc, &pki.creds(&node("audit-silent"))?).await);
+
     let vms = if quick { 1_000_000 } else { 2_000_000 };
     let many = (0..vms).map(|i| vm(&format!("v{i}"), 250, 128 * MIB)).collect();
     let creds = pki.creds(&node("audit-many"))?;
@@ -65,7 +70,8 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Attack>> {
         out.push(adopt_attack(&alloc, name, &forger, "audit-forger", id).await);
     }
     match issued_order(&alloc, &pki).await {
-        Ok(id) => {
+        Ok((id, reason)) => {
+            out.push(reason);
             let replayer = pki.creds(&node("audit-replayer"))?;
             out.push(adopt_attack(&alloc, "hello-replayed-order-id", &replayer, "audit-replayer", id).await);
         }
@@ -132,8 +138,10 @@ async fn adopt_attack(alloc: &Allocator, name: &str, creds: &Creds, node: &str, 
 }
 
 /// An order the allocator really issued, then failed by its source: a node
-/// of the audit's over its watermark gets one towards the victim.
-async fn issued_order(alloc: &Allocator, pki: &Pki) -> anyhow::Result<u64> {
+/// of the audit's over its watermark gets one towards the victim. The
+/// failure's reason is 1 MiB long: the allocator must keep only a bounded
+/// part of it (the second attack returned).
+async fn issued_order(alloc: &Allocator, pki: &Pki) -> anyhow::Result<(u64, Attack)> {
     let src = "audit-src";
     let creds = pki.creds(&node(src))?;
     let over = hello(src, (1000, GIB), vec![vm("vm-over", 1000, 512 * MIB)], "");
@@ -147,13 +155,67 @@ async fn issued_order(alloc: &Allocator, pki: &Pki) -> anyhow::Result<u64> {
     let failed = pb::MigrationStatus {
         order_id: order.order_id,
         phase: pb::migration_status::Phase::Failed as i32,
-        reason: "audit: failed on purpose".into(),
+        reason: "x".repeat(REASON),
     };
     let mut pushed = Vec::new();
-    s.call(2, Body::MigrationStatus(failed), &mut pushed)
-        .await
-        .map_err(|st| anyhow::anyhow!("reporting the order failed was refused: {}", status_words(&st)))?;
-    Ok(order.order_id)
+    let answer = s.call(2, Body::MigrationStatus(failed), &mut pushed).await;
+    let state = alloc.state().await?;
+    let kept = state
+        .get("finished_orders")
+        .and_then(Value::as_array)
+        .and_then(|l| l.iter().find(|o| o.get("id").and_then(Value::as_u64) == Some(order.order_id)))
+        .and_then(|o| o.get("reason")?.as_str().map(str::len));
+    let name = "migration-status-with-a-1-mib-reason";
+    let bounded = kept.is_some_and(|k| k <= KEPT_REASON);
+    let seen = match (&answer, kept) {
+        (Err(st), _) => format!("{}; the order kept a reason of {kept:?} bytes", status_words(st)),
+        (Ok(_), Some(k)) => format!("accepted; the finished order keeps {k} of its {REASON} bytes"),
+        (Ok(_), None) => "accepted; the order is not among the finished ones".to_owned(),
+    };
+    Ok((order.order_id, Attack::judge(name, bounded, seen, None)))
+}
+
+/// The reason a source sends with its failed move, bytes.
+const REASON: usize = 1 << 20;
+/// The most of it the allocator may keep (about 1 KiB, issue 16).
+const KEPT_REASON: usize = 4096;
+
+/// A client with a node's certificate that opens a session and never
+/// sends its hello. Refused when the allocator ends the session by itself,
+/// with a status, within its hello timeout (5 s here) and a margin.
+async fn silent(alloc: &Allocator, creds: &Creds) -> Attack {
+    let name = "session-that-never-says-hello";
+    let r = async {
+        let before = ledger_view(&alloc.state().await?, &[]);
+        let ch = super::super::tls::channel(alloc.grpc, &Identity::Allocator, Some(creds)).await?;
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+        let mut client = pb::allocator_client::AllocatorClient::new(ch);
+        let t0 = std::time::Instant::now();
+        let call = async {
+            let mut stream =
+                client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            stream.message().await
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(10), call).await;
+        let after = ledger_view(&alloc.state().await?, &[]);
+        anyhow::Ok((ended, t0.elapsed(), diff(&before, &after)))
+    };
+    match r.await {
+        Ok((Err(_), _, changed)) => Attack::judge(name, false, "still open after 10 s", changed),
+        Ok((Ok(Err(s)), took, changed)) => Attack::judge(
+            name,
+            true,
+            format!("{} after {:.1} s", status_words(&s), took.as_secs_f64()),
+            changed,
+        ),
+        Ok((Ok(Ok(m)), took, changed)) => Attack::judge(
+            name,
+            false,
+            format!("answered {m:?} after {:.1} s without a hello", took.as_secs_f64()),
+            changed,
+        ),
+        Err(e) => Attack::could_not_run(name, &e),
+    }
 }
 
 /// A hello naming the victim from a node that holds its own certificate,
