@@ -108,6 +108,12 @@ pub struct KubernetesConfig {
     pub autoscale_label_key: String,
     /// Its value. Default `true`.
     pub autoscale_label_value: String,
+    /// Set (with `capacity_from_nodes`): a node's migration endpoint is its
+    /// Node's InternalIP and this port (`https://IP:PORT` with `[tls]`), from
+    /// the API server, whatever its agent reports; the agent only says
+    /// whether it takes VMs in. Unset: the agent's endpoint, checked.
+    /// Default unset.
+    pub migration_port: Option<u16>,
     /// `[kubernetes.node_certs]`: sign the agents' node certificates (the
     /// CSR API's signer `vmscale.io/node`, `crate::node_certs`). Default none.
     pub node_certs: Option<crate::node_certs::NodeCertsConfig>,
@@ -124,6 +130,7 @@ impl Default for KubernetesConfig {
             capacity_from_nodes: true,
             autoscale_label_key: vmscale_contract::keys::DEFAULT_LABEL_KEY.into(),
             autoscale_label_value: vmscale_contract::keys::DEFAULT_LABEL_VALUE.into(),
+            migration_port: None,
             node_certs: None,
         }
     }
@@ -257,6 +264,7 @@ impl Config {
             move_retry_max_ms: self.move_retry_max_ms,
             limits: self.limits.clone(),
             known_nodes_only: self.kubernetes.as_ref().is_some_and(|k| k.capacity_from_nodes),
+            endpoints_from_cluster: self.kubernetes.as_ref().is_some_and(|k| k.migration_port.is_some()),
             // The agents' links run TLS exactly when the allocator's does.
             endpoint_scheme: if self.tls.is_some() { EndpointScheme::Https } else { EndpointScheme::Http },
         }
@@ -326,6 +334,16 @@ impl KubernetesConfig {
         };
         if !dns(&self.lease_name) {
             return bad("kubernetes.lease_name", self.lease_name.clone(), "must be a DNS label");
+        }
+        if self.migration_port == Some(0) {
+            return bad("kubernetes.migration_port", "0".into(), "must be a port from 1 to 65535");
+        }
+        if self.migration_port.is_some() && !self.capacity_from_nodes {
+            return bad(
+                "kubernetes.migration_port",
+                format!("{:?}", self.migration_port),
+                "needs capacity_from_nodes = true (the Node watch gives the addresses)",
+            );
         }
         if let Some(ns) = self.lease_namespace.as_deref().filter(|ns| !dns(ns)) {
             return bad("kubernetes.lease_namespace", ns.to_owned(), "must be a DNS label");
@@ -439,6 +457,13 @@ mod tests {
         let e = Config::parse("[kubernetes]\nrenew_deadline_ms = 20000", "t").unwrap_err();
         assert!(e.to_string().contains("renew_deadline_ms"), "{e}");
         assert!(Config::parse("[kubernetes]\nlease = \"x\"", "t").is_err());
+        let c = Config::parse("insecure = true\n[kubernetes]\nmigration_port = 7073", "t").unwrap();
+        assert!(c.core().endpoints_from_cluster && c.core().known_nodes_only);
+        assert!(!Config::parse("insecure = true\n[kubernetes]", "t").unwrap().core().endpoints_from_cluster);
+        let e = Config::parse("insecure = true\n[kubernetes]\nmigration_port = 0", "t").unwrap_err();
+        assert!(e.to_string().contains("migration_port"), "{e}");
+        let no_nodes = "insecure = true\n[kubernetes]\nmigration_port = 1\ncapacity_from_nodes = false";
+        assert!(Config::parse(no_nodes, "t").unwrap_err().to_string().contains("capacity_from_nodes"));
         assert!(Config::parse("[kubernetes]\nlease_name = \"A_b\"", "t").is_err());
     }
 

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::runtime::watcher::Event;
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use vmscale_contract::quantity;
 
 /// Which pods are autoscaled VMs (left out of the sum): the contract's label.
@@ -41,6 +42,10 @@ pub struct CapacityTable {
     /// re-list never shows a half-empty cluster.
     node_relist: Option<BTreeMap<String, Resources>>,
     pod_relist: Option<BTreeMap<String, Counted>>,
+    /// Each Node's first InternalIP, for migration endpoints
+    /// (`migration_port`); a Node without one has none.
+    ips: BTreeMap<String, IpAddr>,
+    ip_relist: Option<BTreeMap<String, IpAddr>>,
 }
 
 impl CapacityTable {
@@ -51,10 +56,15 @@ impl CapacityTable {
             pods: BTreeMap::new(),
             node_relist: None,
             pod_relist: None,
+            ips: BTreeMap::new(),
+            ip_relist: None,
         }
     }
 
     pub fn apply_node(&mut self, e: Event<Node>) {
+        fold(e.clone(), &mut self.ips, &mut self.ip_relist, |n| {
+            Some((n.metadata.name.clone()?, internal_ip(n)?))
+        });
         fold(e, &mut self.nodes, &mut self.node_relist, |n| {
             let name = n.metadata.name.clone()?;
             Some((name, allocatable(n)))
@@ -67,6 +77,11 @@ impl CapacityTable {
             let key = format!("{}/{}", p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?);
             Some((key, counted(p, &label)?))
         });
+    }
+
+    /// Every known Node's InternalIP (see `migration_port` in the config).
+    pub fn internal_ips(&self) -> &BTreeMap<String, IpAddr> {
+        &self.ips
     }
 
     /// Every known node's capacity for VMs, never below zero. `in_ledger`
@@ -134,6 +149,12 @@ fn quantity(map: Option<&BTreeMap<String, Quantity>>, key: &str, parse: fn(&str)
 
 fn resources(map: Option<&BTreeMap<String, Quantity>>) -> Resources {
     Resources::new(quantity(map, "cpu", quantity::milli_cpu), quantity(map, "memory", quantity::bytes))
+}
+
+/// The Node's first InternalIP address, as kubelet reports it.
+fn internal_ip(n: &Node) -> Option<IpAddr> {
+    let addresses = n.status.as_ref()?.addresses.as_ref()?;
+    addresses.iter().filter(|a| a.type_ == "InternalIP").find_map(|a| a.address.parse().ok())
 }
 
 fn allocatable(n: &Node) -> Resources {
@@ -285,6 +306,28 @@ mod tests {
         pending.spec.as_mut().unwrap().node_name = None;
         t.apply_pod(Event::Apply(pending));
         assert_eq!(t.capacities(&none())["a"], Resources::new(4000, 8 * GI));
+    }
+
+    #[test]
+    fn nodes_internal_ips_follow_the_watch() {
+        let with_ips = |name: &str, addresses: serde_json::Value| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "status": {"allocatable": {"cpu": "4", "memory": "8Gi"}, "addresses": addresses},
+            }))
+            .unwrap()
+        };
+        let mut t = table();
+        t.apply_node(Event::Apply(with_ips(
+            "a",
+            json!([{"type": "Hostname", "address": "a"}, {"type": "InternalIP", "address": "10.0.0.1"}]),
+        )));
+        t.apply_node(Event::Apply(with_ips("b", json!([{"type": "InternalIP", "address": "not an ip"}]))));
+        t.apply_node(Event::Apply(with_ips("c", json!([{"type": "InternalIP", "address": "fd00::3"}]))));
+        let ips: Vec<_> = t.internal_ips().iter().map(|(n, ip)| (n.as_str(), ip.to_string())).collect();
+        assert_eq!(ips, [("a", "10.0.0.1".to_owned()), ("c", "fd00::3".to_owned())]);
+        t.apply_node(Event::Delete(with_ips("a", json!([]))));
+        assert_eq!(t.internal_ips().len(), 1);
     }
 
     #[test]

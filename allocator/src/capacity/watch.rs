@@ -12,6 +12,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,8 @@ pub async fn run(client: Client, label: VmLabel, shared: Arc<Shared>, cancel: Ca
     let mut changes = std::pin::pin!(changes);
     let mut table = CapacityTable::new(label);
     let mut applied: BTreeMap<String, Resources> = BTreeMap::new();
+    let mut applied_ips: BTreeMap<String, IpAddr> = BTreeMap::new();
+    let port = shared.config.kubernetes.as_ref().and_then(|k| k.migration_port);
     let mut recheck = tokio::time::interval(LEDGER_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -81,6 +84,10 @@ pub async fn run(client: Client, label: VmLabel, shared: Arc<Shared>, cancel: Ca
             push(&shared, &applied, &now);
             applied = now;
         }
+        if let Some(port) = port.filter(|_| *table.internal_ips() != applied_ips) {
+            push_endpoints(&shared, &applied_ips, table.internal_ips(), port);
+            applied_ips = table.internal_ips().clone();
+        }
     }
 }
 
@@ -93,6 +100,29 @@ fn ledgered(shared: &Shared, table: &CapacityTable) -> BTreeSet<(String, String)
         .filter(|(node, vm)| st.cluster.node(node).is_some_and(|l| l.vms.contains_key(*vm)))
         .map(|(node, vm)| (node.to_owned(), vm.to_owned()))
         .collect()
+}
+
+/// Hands the ledger each node's migration endpoint built from its
+/// InternalIP and `port` (`migration_port`), as changed since `before`.
+fn push_endpoints(
+    shared: &Shared,
+    before: &BTreeMap<String, IpAddr>,
+    now: &BTreeMap<String, IpAddr>,
+    port: u16,
+) {
+    let scheme = if shared.config.tls.is_some() { "https" } else { "http" };
+    let mut st = shared.lock();
+    for (node, ip) in now.iter().filter(|(n, ip)| before.get(*n) != Some(*ip)) {
+        let endpoint = format!("{scheme}://{}", SocketAddr::new(*ip, port));
+        match st.cluster.set_cluster_endpoint(node, Some(endpoint)) {
+            Ok(true) => debug!(node, %ip, "migration endpoint from the cluster"),
+            Ok(false) => {}
+            Err(e) => warn!(node, "ignoring the node's address: {e}"),
+        }
+    }
+    for node in before.keys().filter(|n| !now.contains_key(*n)) {
+        let _ = st.cluster.set_cluster_endpoint(node, None);
+    }
 }
 
 fn push(shared: &Shared, before: &BTreeMap<String, Resources>, now: &BTreeMap<String, Resources>) {

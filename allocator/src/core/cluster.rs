@@ -45,6 +45,10 @@ pub struct CoreConfig {
     pub known_nodes_only: bool,
     /// The scheme agents' migration endpoints must use.
     pub endpoint_scheme: EndpointScheme,
+    /// Kubernetes mode with `migration_port`: a node's migration endpoint is
+    /// the cluster's (its Node's InternalIP and the port), never the
+    /// agent's; the agent only says whether it takes VMs in at all.
+    pub endpoints_from_cluster: bool,
 }
 
 /// The defaults of `crate::config`, for tests and embedders.
@@ -61,6 +65,7 @@ impl Default for CoreConfig {
             limits: Limits::default(),
             known_nodes_only: false,
             endpoint_scheme: EndpointScheme::Https,
+            endpoints_from_cluster: false,
         }
     }
 }
@@ -87,6 +92,10 @@ pub struct Cluster {
     /// Node capacities from the cluster (Kubernetes mode), which win over
     /// what agents report; see [`cluster_capacity`].
     pub cluster_capacity: BTreeMap<String, Resources>,
+    /// Migration endpoints from the cluster (Kubernetes mode with
+    /// `migration_port`), which replace what agents report.
+    #[serde(default)]
+    pub cluster_endpoints: BTreeMap<String, String>,
     /// VMs whose last move failed, by id (see [`CoreConfig::move_retry_base_ms`]).
     pub move_backoff: BTreeMap<String, MoveBackoff>,
     pub(super) next_session: u64,
@@ -116,6 +125,7 @@ impl Cluster {
             orders: BTreeMap::new(),
             finished_orders: VecDeque::new(),
             cluster_capacity: BTreeMap::new(),
+            cluster_endpoints: BTreeMap::new(),
             move_backoff: BTreeMap::new(),
             next_session: 1,
         }

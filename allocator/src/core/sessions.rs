@@ -85,7 +85,7 @@ impl Cluster {
         self.next_session = self.next_session.saturating_add(1);
         let mut ledger = NodeLedger::new(capacity, self.config.system_reserve, self.config.watermark);
         ledger.session = Some(session);
-        ledger.migration_endpoint = migration_endpoint;
+        ledger.migration_endpoint = self.endpoint_of(&node, migration_endpoint);
         let old = self.nodes.remove(&node);
         let replaced = old.as_ref().and_then(|n| n.session);
         for v in vms {
@@ -96,6 +96,16 @@ impl Cluster {
         let reservations = reservations(&ledger);
         self.nodes.insert(node.clone(), ledger);
         Ok(Opened { session: SessionRef { node, id: session }, replaced, reservations, refused })
+    }
+
+    /// The migration endpoint a node gets: the agent's (checked), or in
+    /// `endpoints_from_cluster` mode the cluster's for it, if the agent takes
+    /// VMs in at all (a node the cluster gives no address takes none).
+    fn endpoint_of(&self, node: &str, claimed: String) -> String {
+        if !self.config.endpoints_from_cluster || claimed.is_empty() {
+            return claimed;
+        }
+        self.cluster_endpoints.get(node).cloned().unwrap_or_default()
     }
 
     /// What is checked about the node itself, before anything changes; the
