@@ -34,6 +34,31 @@ pub enum ArgsError {
     Missing(&'static str),
     #[error("the described vm is invalid")]
     Spec(#[from] super::machine::SpecError),
+    #[error("the command line says {what} {described}, qemu says {running}: the vm cannot be described")]
+    Disagrees { what: &'static str, described: u64, running: u64 },
+}
+
+/// Whether QEMU's own answers (`size`, from QMP) agree with a spec read
+/// from its command line: the machine's room (vCPU slots, boot memory,
+/// DIMM slots, most memory) is what the target rebuilds, and a command line
+/// that says otherwise (a config file, an option read another way) is not
+/// described truly.
+pub fn agrees_with(spec: &MachineSpec, size: &crate::qmp::size::VmSize) -> Result<(), ArgsError> {
+    let mib = |bytes: u64| bytes >> 20;
+    let mut checks = vec![
+        ("maxcpus", u64::from(spec.max_cpus), u64::from(size.vcpu_slots)),
+        ("boot memory (MiB)", spec.memory_mib, mib(size.memory_base_bytes)),
+    ];
+    if let Some(slots) = size.dimm_slots {
+        checks.push(("dimm slots", u64::from(spec.slots), u64::from(slots)));
+    }
+    if let Some(max) = size.memory_max_bytes {
+        checks.push(("maxmem (MiB)", spec.max_memory_mib, mib(max)));
+    }
+    match checks.into_iter().find(|(_, described, running)| described != running) {
+        Some((what, described, running)) => Err(ArgsError::Disagrees { what, described, running }),
+        None => Ok(()),
+    }
 }
 
 fn bad(option: &str, value: &str) -> ArgsError {
@@ -91,6 +116,13 @@ fn is_hotplugged(value: &str) -> bool {
                     .strip_prefix("vmscale-cpu")
                     .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
     })
+}
+
+/// Whether an `-object` value is one of the stream TLS objects an incoming
+/// QEMU got from us ([`super::stream_tls`]).
+fn is_stream_tls(value: &str) -> bool {
+    let id = parts(value).into_iter().find(|(k, _)| *k == "id").map(|(_, id)| id);
+    id.is_some_and(|id| id == super::stream_tls::CREDS_ID || id == super::stream_tls::AUTHZ_ID)
 }
 
 #[derive(Default)]
@@ -212,7 +244,9 @@ fn value_option(
             let size = size.ok_or_else(|| bad(opt, v))?;
             s.mem = Some((size, slots, max.unwrap_or(size)));
         }
-        "-object" if is_hotplugged(v) => {}
+        "-object" if is_hotplugged(v) || is_stream_tls(v) => {}
+        // A QEMU that came in over TLS: its stream's settings, not the VM's.
+        "-global" if v.starts_with("migration.tls-") => {}
         "-object" => {
             let p = parts(v);
             let kind = p.first().map(|(_, k)| *k).unwrap_or_default();

@@ -137,3 +137,41 @@ fn sizes_parse_with_their_units() {
     assert_eq!(mib("99999999999999999T", true), None);
     assert_eq!(mib("", true), None);
 }
+
+#[test]
+fn qemus_own_answers_must_agree_with_the_description() {
+    let spec = machine_from_args(&harness_args(), &template()).unwrap();
+    let size = crate::qmp::size::VmSize {
+        vcpu_slots: 4,
+        memory_base_bytes: 256 << 20,
+        dimm_slots: Some(4),
+        memory_max_bytes: Some(1792 << 20),
+        ..Default::default()
+    };
+    assert_eq!(agrees_with(&spec, &size), Ok(()));
+    let other = crate::qmp::size::VmSize { vcpu_slots: 8, ..size.clone() };
+    let e = agrees_with(&spec, &other).unwrap_err();
+    assert_eq!(e, ArgsError::Disagrees { what: "maxcpus", described: 4, running: 8 });
+    let unknown = crate::qmp::size::VmSize { dimm_slots: None, memory_max_bytes: None, ..size };
+    assert_eq!(agrees_with(&spec, &unknown), Ok(()), "what qemu does not tell is not compared");
+}
+
+/// A VM that came in over TLS moves on: its QEMU's stream settings are the
+/// process's, not the VM's.
+#[test]
+fn a_qemu_that_came_in_over_tls_is_described_without_its_stream_settings() {
+    let tls = crate::migration::stream_tls::StreamTls {
+        dir: "/var/lib/vmscale/migration/qemu-tls".into(),
+        peer_node: "a".into(),
+    };
+    let mut args = harness_args();
+    args.extend(crate::migration::stream_tls::target_args(&tls).unwrap());
+    let plain = machine_from_args(&harness_args(), &template()).unwrap();
+    assert_eq!(machine_from_args(&args, &template()).unwrap(), plain);
+    let mut other = harness_args();
+    other.extend(v("-global migration.x-multifd=on"));
+    assert!(machine_from_args(&other, &template()).is_err(), "only the stream's tls settings");
+    let mut foreign = harness_args();
+    foreign.extend(v("-object tls-creds-x509,id=mine,dir=/etc,endpoint=server"));
+    assert!(machine_from_args(&foreign, &template()).is_err(), "only our objects");
+}

@@ -11,7 +11,7 @@ use super::target::{AfterAbort, ConfirmError, Handoff, IncomingTarget};
 use super::{MoveError, MoveState};
 use crate::qmp::migrate::{MigrateError, Migration, MigrationConfig, MigrationInfo, RunState};
 use crate::qmp::migrate_spec::{read_spec, DeviceSpec};
-use crate::qmp::QmpClient;
+use crate::qmp::{Hotplug, QmpClient};
 use vmscale_common::error::Chain;
 
 /// How long the target may take to run the guest after the stream ended.
@@ -102,6 +102,12 @@ async fn attempt<R: FnMut(Phase, &str)>(
     run.enter(MoveState::Preparing, "");
     let devices = read_spec(source).await?;
     let machine = MachineSpec { devices: devices.clone(), ..machine };
+    // The command line against QEMU's own answers.
+    let size = crate::qmp::QmpVm::new(source.clone(), crate::qmp::HotplugConfig::default())
+        .read_size()
+        .await
+        .map_err(|e| MoveError::Migrate(MigrateError::Qmp(e)))?;
+    super::machine_from_args::agrees_with(&machine, &size).map_err(MoveError::Describe)?;
     // Checked here too: a move the target would refuse fails before it starts.
     machine.validate().map_err(|e| MoveError::Describe(e.into()))?;
     let out = Migration::new(source.clone());

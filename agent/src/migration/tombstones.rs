@@ -43,7 +43,10 @@ pub fn record(dir: &Path, t: &Tombstone) -> Result<(), super::RecordError> {
 /// could run here (its QEMU was killed): the source may resume it.
 pub fn remove(dir: &Path, order: u64) {
     let p = path(dir, order);
-    if let Err(e) = std::fs::remove_file(&p) {
+    // The directory is flushed too: a tombstone back after a crash would
+    // say the guest ran here when the source has resumed it.
+    let removed = std::fs::remove_file(&p).and_then(|()| std::fs::File::open(dir)?.sync_all());
+    if let Err(e) = removed {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!("cannot remove {}: {e}", p.display());
         }
