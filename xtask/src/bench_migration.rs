@@ -78,7 +78,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     for &mib in sizes {
         let mut out = None;
         steps.call(
-            &format!("{mib} MiB guest: {rounds} rounds of a vmscale move and a bare QEMU move"),
+            &format!("{mib} MiB guest: {rounds} rounds of a vmscale move, one over tls and a bare QEMU move"),
             || {
                 let rt =
                     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -245,6 +245,11 @@ async fn bare_move(
     let mut target_events = incoming.client().events();
     incoming.run_status().await?;
     let out = source.client().await?;
+    // A QEMU that came in over TLS keeps its stream parameters: plain again.
+    let plain = vmscale_agent::migration::stream_tls::source_commands(None);
+    vmscale_agent::migration::stream_tls::apply(&out, plain)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", vmscale_agent::migration::reason(&e)))?;
     let mut source_events = out.events();
     out.execute::<Value>(
         "migrate-set-parameters",
