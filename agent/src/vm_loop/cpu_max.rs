@@ -31,6 +31,11 @@
 //!
 //! Anything else: no write, and an error that says which check failed.
 //!
+//! The paths are read as the agent's cgroup namespace shows them. An agent
+//! in a cgroup namespace of its own (containerd's default on cgroup v2) sees
+//! other pods' cgroups as `/../..`-relative paths, which are never taken as
+//! under a pod: there `cpu.max` is refused, not written somewhere unchecked.
+//!
 //! Paths are parameters: tests build fake `/proc` and cgroup trees.
 
 use std::path::{Path, PathBuf};
