@@ -279,8 +279,8 @@ fn markdown(v: &Value, config: &MigrationConfig) -> String {
         "## Live migration\n\n`cargo xtask bench migration`, {} ({}; {} rounds, medians). The guest moves \
          between two network-namespace nodes over a bridge while a TCP client sends a line every 100 ms to \
          an echo server in it (a fresh connection per move). \"vmscale\" is the agent's move executor \
-         (`carry_out` to the target side a target agent runs: base command line from the source's /proc, \
-         devices, capabilities, {} MiB/s and {} ms limits, the target paused until the confirm resumes it); \
+         (`carry_out` to the target side a target agent runs: the VM described as typed data from the \
+         source's /proc, the target's own command line from it, devices, capabilities, {} MiB/s and {} ms limits, the target paused until the confirm resumes it); \
          \"bare\" is plain `migrate` with the same bandwidth limit, the same guest, the same run. \
          \"downtime\" is QEMU's figure (source side, up to the last state sent); \"guest pause\" is \
          from the source's STOP event to the target's RESUME (QEMU's timestamps, one host clock), so it \
