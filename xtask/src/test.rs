@@ -11,7 +11,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut steps = Steps::new(if a.no_lint { 3 } else { 5 });
+    let mut steps = Steps::new(if a.no_lint { 4 } else { 6 });
     steps.call("install the packages the tests run (QEMU for the agent's real-QEMU tests)", || {
         crate::apt::ensure(&["qemu-system-x86"], "agent QMP tests")?;
         crate::kubectl::ensure() // `kubectl kustomize` in agent/tests/deploy_manifests.rs
@@ -29,6 +29,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     steps.run(
         "unit, integration and kernel tests",
         cargo().args(["test", "--workspace", "--no-fail-fast"]).env("RUST_BACKTRACE", "1"),
+    )?;
+    steps.call(
+        "hostile input: attacks on the real daemons and a short fuzz pass (cargo xtask audit --quick)",
+        || {
+            crate::audit::run(crate::audit::Args {
+                quick: true,
+                fuzz_seconds: None,
+                no_fuzz: false,
+                no_attacks: false,
+                only: None,
+            })
+        },
     )?;
     eprintln!("\nall tests passed");
     Ok(())

@@ -136,9 +136,21 @@ impl Session {
     }
 }
 
-/// `status` in a few words for an attack's line.
+/// `status` in a few words for an attack's line, with its causes (a
+/// refused TLS handshake shows only there: "transport error" alone says
+/// nothing).
 pub fn status_words(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    let mut out = format!("{:?}: {}", s.code(), s.message());
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !out.contains(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// A plain-text channel to `url` (the daemons' links before TLS, and the

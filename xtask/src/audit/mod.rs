@@ -79,12 +79,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One family's run, not yet started.
+type Family = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Vec<Attack>>>>>;
+
 /// Every family in turn; a family that cannot start is one attack that
 /// could not run, not the end of the suite.
 async fn suite(quick: bool, only: Option<&str>) -> Vec<Attack> {
     let mut out = Vec::new();
-    let families: [(&str, std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Vec<Attack>>>>>);
-        5] = [
+    let families: [(&str, Family); 5] = [
         ("allocator-session", Box::pin(attacks::allocator_hello::run(quick))),
         ("extender", Box::pin(attacks::extender::run())),
         ("migration-target", Box::pin(attacks::migration_target::run())),

@@ -90,7 +90,7 @@ fn huge_body(size: usize) -> Vec<u8> {
     let mut b = Vec::with_capacity(size + 64);
     b.extend_from_slice(head.as_bytes());
     let mut i = 1u64;
-    while b.len() + 16 < size {
+    while b.len() + 2 < size {
         b.extend_from_slice(format!(",\"n{i}\"").as_bytes());
         i += 1;
     }
@@ -105,7 +105,7 @@ mod tests {
         for size in [0, 1000, 1 << 20] {
             let b = super::huge_body(size);
             let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-            assert!(b.len() >= size && b.len() < size + 200, "{} for {size}", b.len());
+            assert!(b.len() >= size && b.len() < size + 1000, "{} for {size}", b.len());
             assert!(!v["NodeNames"].as_array().unwrap().is_empty());
         }
     }
