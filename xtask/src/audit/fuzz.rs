@@ -6,14 +6,15 @@
 //!
 //! cargo-fuzz needs nightly's flags: the nightly toolchain when rustup has
 //! one, else the stable one with `RUSTC_BOOTSTRAP=1`. It is installed from
-//! crates.io when missing. Builds are release with debug assertions and
-//! overflow checks (a wrapped size is a crash here) and no sanitizer: the
-//! decoders are safe Rust, where AddressSanitizer finds nothing and costs a
-//! slower build and run.
+//! crates.io when missing. Builds have debug assertions and overflow checks
+//! (a wrapped size is a crash here) and no sanitizer: the decoders are safe
+//! Rust, where AddressSanitizer finds nothing and costs a slower build and
+//! run. They are release builds, except for `--quick`: unoptimised, which
+//! builds in minutes less and is fast enough for a few seconds a target.
 
 use super::report::FuzzRun;
 use anyhow::{bail, Context};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Every target in fuzz/Cargo.toml, one per decoder family.
@@ -28,8 +29,9 @@ pub const TARGETS: [&str; 8] = [
     "migration_records",
 ];
 
-/// Builds every target, then runs each for `seconds`.
-pub fn run(seconds: u64) -> anyhow::Result<Vec<FuzzRun>> {
+/// Builds every target, then runs each for `seconds`; `dev`: unoptimised
+/// (the quick pass: minutes less to build, fast enough for seconds).
+pub fn run(seconds: u64, dev: bool) -> anyhow::Result<Vec<FuzzRun>> {
     let root = crate::workspace_root();
     ensure_cargo_fuzz()?;
     let nightly = has_nightly();
@@ -39,7 +41,7 @@ pub fn run(seconds: u64) -> anyhow::Result<Vec<FuzzRun>> {
     );
     let status = cargo_fuzz(&root, nightly)
         .arg("build")
-        .args(common_flags(&root))
+        .args(common_flags(&root, dev))
         .status()
         .context("cannot run cargo fuzz build")?;
     if !status.success() {
@@ -48,12 +50,12 @@ pub fn run(seconds: u64) -> anyhow::Result<Vec<FuzzRun>> {
     let mut out = Vec::new();
     for t in TARGETS {
         eprintln!("==> fuzzing {t} for {seconds} s");
-        out.push(run_one(&root, nightly, t, seconds));
+        out.push(run_one(&root, nightly, dev, t, seconds));
     }
     Ok(out)
 }
 
-fn run_one(root: &Path, nightly: bool, target: &str, seconds: u64) -> FuzzRun {
+fn run_one(root: &Path, nightly: bool, dev: bool, target: &str, seconds: u64) -> FuzzRun {
     let corpus = root.join("target/fuzz-corpus").join(target);
     let artifacts = root.join("target/fuzz-artifacts").join(target);
     let log = root.join("target/fuzz-logs").join(format!("{target}.log"));
@@ -66,7 +68,7 @@ fn run_one(root: &Path, nightly: bool, target: &str, seconds: u64) -> FuzzRun {
         return run;
     }
     let mut cmd = cargo_fuzz(root, nightly);
-    cmd.arg("run").args(common_flags(root)).arg(target).arg(&corpus);
+    cmd.arg("run").args(common_flags(root, dev)).arg(target).arg(&corpus);
     let seeds = root.join("fuzz/seeds").join(target);
     if seeds.is_dir() {
         cmd.arg(&seeds);
@@ -99,8 +101,8 @@ fn run_one(root: &Path, nightly: bool, target: &str, seconds: u64) -> FuzzRun {
 }
 
 /// The flags every cargo-fuzz call takes.
-fn common_flags(root: &Path) -> Vec<String> {
-    vec![
+fn common_flags(root: &Path, dev: bool) -> Vec<String> {
+    let mut flags = vec![
         "--fuzz-dir".into(),
         root.join("fuzz").display().to_string(),
         "--target-dir".into(),
@@ -108,7 +110,11 @@ fn common_flags(root: &Path) -> Vec<String> {
         "--sanitizer".into(),
         "none".into(),
         "--debug-assertions".into(),
-    ]
+    ];
+    if dev {
+        flags.push("--dev".into());
+    }
+    flags
 }
 
 /// `cargo fuzz` with the toolchain chosen, run from the workspace root.
@@ -172,10 +178,12 @@ pub fn reproducer(stderr: &str) -> Option<String> {
     stderr.lines().find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim().to_owned()))
 }
 
-/// Where a crash can be run again by hand.
-pub fn rerun_hint(target: &str, input: &str) -> String {
-    let p = PathBuf::from(input);
-    format!("cargo +nightly fuzz run --fuzz-dir fuzz -s none -a {target} {}", p.display())
+/// How a crash is run again by hand, from the workspace root.
+pub fn rerun_hint(target: &str, input: &str, dev: bool) -> String {
+    let dev = if dev { " --dev" } else { "" };
+    format!(
+        "cargo +nightly fuzz run --fuzz-dir fuzz --target-dir target/fuzz -s none -a{dev} {target} {input}"
+    )
 }
 
 #[cfg(test)]

@@ -59,12 +59,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for at in &attacks {
         println!("{}", at.line());
     }
-    let fuzz =
-        if a.no_fuzz { vec![] } else { fuzz::run(a.fuzz_seconds.unwrap_or(if a.quick { 8 } else { 60 }))? };
+    let fuzz = if a.no_fuzz {
+        vec![]
+    } else {
+        fuzz::run(a.fuzz_seconds.unwrap_or(if a.quick { 8 } else { 60 }), a.quick)?
+    };
     for f in &fuzz {
         println!("{}", f.line());
         if let Some(c) = &f.crash {
-            println!("     run it again: {}", fuzz::rerun_hint(&f.target, c));
+            println!("     run it again: {}", fuzz::rerun_hint(&f.target, c, a.quick));
         }
     }
     let report = Report { ran_at: crate::harness::now_utc(), ..Report::new(attacks, fuzz) };
