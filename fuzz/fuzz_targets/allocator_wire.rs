@@ -8,7 +8,6 @@ use prost::Message;
 use vmscale_allocator::convert;
 use vmscale_allocator::core::contention::ContentionReport;
 use vmscale_allocator::core::vm::VmRegistration;
-use vmscale_allocator::core::NodeRegistration;
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
 
@@ -16,7 +15,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok(m) = pb::AgentMessage::decode(data) else { return };
     match m.body {
         Some(Body::Hello(h)) => {
-            let _ = NodeRegistration::try_from(h);
+            // The bound the allocator's default config sets.
+            let _ = convert::hello(h, 1024);
         }
         Some(Body::AddVm(a)) => {
             if let Some(vm) = a.vm {
