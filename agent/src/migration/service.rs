@@ -59,7 +59,8 @@ impl From<TargetError> for Status {
             | TargetError::Mismatch { .. }
             | TargetError::BadSpec(_)
             | TargetError::BadMachine(_)
-            | TargetError::BadTransfer(_) => Status::invalid_argument(msg),
+            | TargetError::BadTransfer(_)
+            | TargetError::ForeignInformant(_) => Status::invalid_argument(msg),
             TargetError::StreamTls { .. } | TargetError::NoTlsFiles => Status::failed_precondition(msg),
             TargetError::NotTakingVms | TargetError::ConfirmBusy => Status::failed_precondition(msg),
             TargetError::NotAuthorised { .. }
@@ -262,7 +263,8 @@ mod tests {
             let why = super::super::reason(&e);
             (Status::from(e).code(), why)
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "base_args",
                 Box::new(|v| v["handoff"]["base_args"] = serde_json::json!(["-virtfs", "local,path=/"])),

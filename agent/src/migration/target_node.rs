@@ -60,6 +60,8 @@ pub enum TargetError {
     StreamTls { theirs: bool },
     #[error("migration.tls is on and this agent has no [tls] files")]
     NoTlsFiles,
+    #[error("the vm's informant socket {0} is not in this node's migration.vsock_dir")]
+    ForeignInformant(String),
     #[error("the handoff is {0} bytes, more than any vm needs")]
     HandoffSize(usize),
     #[error("{0}")]
@@ -264,6 +266,7 @@ impl TargetNode {
     /// authorisation is used up by the first prepare that names it.
     pub async fn prepare(self: &Arc<Self>, p: Prepare, caller: &Caller) -> Result<String, TargetError> {
         let Some(ip) = self.settings.stream_ip() else { return Err(TargetError::NotTakingVms) };
+        self.check_informant(&p.vm)?;
         let order = p.order_id;
         let mut authorised = self.authorised.subscribe();
         let _ = tokio::time::timeout(AUTHORISATION_WAIT, authorised.wait_for(|a| a.contains(order))).await;
@@ -312,6 +315,26 @@ impl TargetNode {
             + Duration::from_millis(self.settings.confirm_grace_ms);
         self.kill_if_unconfirmed(order, wait);
         Ok(uri)
+    }
+
+    /// The VM's informant address comes from the source, and this agent
+    /// dials it once the VM runs here: a vhost-user vsock socket must be one
+    /// in this node's `migration.vsock_dir`, not any unix socket of the host.
+    fn check_informant(&self, vm: &VmSpec) -> Result<(), TargetError> {
+        let Some(vmscale_contract::informant_addr::InformantAddr::VsockUnix { path, .. }) = &vm.informant
+        else {
+            return Ok(());
+        };
+        let ours = self.settings.vsock_dir.as_deref().is_some_and(|d| path.parent() == Some(d))
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| super::machine::is_plain_name(n, 64));
+        if ours {
+            Ok(())
+        } else {
+            Err(TargetError::ForeignInformant(super::stream_uri::shown(&path.display().to_string())))
+        }
     }
 
     /// The incoming QEMU of `p`, not started yet, on a free port of `ip`,

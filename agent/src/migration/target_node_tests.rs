@@ -312,3 +312,21 @@ async fn a_qemu_that_does_not_come_back_is_left_alone_and_nobody_resumes_the_sou
     assert!(d.join("adopted/vm1.json").exists() && d.join("settled/13.json").exists());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_informant_socket_outside_the_nodes_vsock_dir_is_refused_before_the_order_is_used() {
+    use vmscale_contract::informant_addr::InformantAddr;
+    let d = dir("informant");
+    let t = node(&d);
+    t.authorise(12, "vm1", "a");
+    let mut p = prepare(12, "vm1");
+    p.vm.informant =
+        Some(InformantAddr::VsockUnix { path: "/run/containerd/containerd.sock".into(), port: 1 });
+    let e = t.prepare(p, &from("a")).await.unwrap_err();
+    assert!(matches!(e, TargetError::ForeignInformant(_)), "{e:?}");
+    assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+    // The order is still there for a good prepare.
+    let e = t.prepare(prepare(12, "vm1"), &from("a")).await.unwrap_err();
+    assert!(matches!(e, TargetError::NotStarted(_)), "{e:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -150,7 +150,8 @@ fn the_template_decides_taps_and_the_host_share() {
 /// refused, or stays one value of an option the template chose.
 #[test]
 fn hostile_specs_produce_no_foreign_option() {
-    let hostile: Vec<(&str, Box<dyn Fn(&mut MachineSpec)>)> = vec![
+    type Spoil = Box<dyn Fn(&mut MachineSpec)>;
+    let hostile: Vec<(&str, Spoil)> = vec![
         ("virtfs in the cpu model", Box::new(|s| s.cpu_model = Some("host -virtfs local,path=/".into()))),
         (
             "a drive in a disk name",
