@@ -318,6 +318,38 @@ mod tests {
         assert!(vmscale_common::error::chain(&e).contains("/nonexistent/ca.pem"), "{e}");
     }
 
+    /// `https://`: mutual TLS end to end through tonic, the server checked
+    /// as `informant.vmscale`. The server here serves no gRPC service, so
+    /// a call that gets UNIMPLEMENTED went through TLS and HTTP/2.
+    #[tokio::test]
+    async fn https_dials_with_the_nodes_certificate_and_checks_the_informant() {
+        use vmscale_common::testing::TestPki;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::new(dir.path());
+        let serve = |files: TlsFiles| async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr: InformantAddr = format!("https://{}", l.local_addr().unwrap()).parse().unwrap();
+            let tls = Tls::load(&files).unwrap();
+            let incoming = vmscale_common::tls::incoming(l, tls.rustls_server());
+            let server = tonic::transport::Server::builder()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(incoming);
+            (addr, tokio::spawn(server))
+        };
+        let node = TcpSecurity { tls: Some(pki.issue(&Identity::Node("a".into()))), insecure: false };
+        let (addr, task) = serve(pki.issue(&Identity::Informant)).await;
+        let ch = channel(&addr, &node).await.unwrap();
+        let mut c = vmscale_proto::informant::informant_client::InformantClient::new(ch);
+        let s = c.handshake(vmscale_proto::informant::HandshakeRequest::default()).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unimplemented, "{s}");
+        task.abort();
+        // A server with another identity's certificate is not the informant.
+        let (addr, task) = serve(pki.issue(&Identity::Allocator)).await;
+        let e = vmscale_common::error::chain(&channel(&addr, &node).await.unwrap_err());
+        assert!(e.contains("NotValidForName") || e.contains("not valid for"), "{e}");
+        task.abort();
+    }
+
     #[test]
     fn replies() {
         assert_eq!(parse_reply(b"OK 7072").unwrap(), 7072);
