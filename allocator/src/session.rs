@@ -5,6 +5,7 @@
 use crate::convert::status_of;
 use crate::core::SessionRef;
 use crate::shared::Shared;
+use rustls::pki_types::CertificateDer;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -16,7 +17,6 @@ use tokio_stream::Stream;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
-use rustls::pki_types::CertificateDer;
 use vmscale_common::tls::{certs_identity_is, describe_peer, Identity};
 use vmscale_proto::allocator as pb;
 use vmscale_proto::allocator::agent_message::Body;
@@ -80,7 +80,8 @@ impl pb::allocator_server::Allocator for AllocatorService {
         };
         // Free text from the agent, for the log only: cut and escaped.
         let agent = crate::core::names::cut(&hello.agent, 128).escape_debug().to_string();
-        let reg = crate::convert::hello(hello, sh.config.limits.max_vms_per_node).map_err(|e| status_of(&e))?;
+        let reg =
+            crate::convert::hello(hello, sh.config.limits.max_vms_per_node).map_err(|e| status_of(&e))?;
         let node = reg.node.clone();
         let vms = reg.vms.len();
 

@@ -211,7 +211,8 @@ impl QmpClient {
         match endpoint {
             Endpoint::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(connect_error)?;
-                let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+                let peer_pid =
+                    stream.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
                 Self::handshake_with_peer(stream, name, config, peer_pid).await
             }
             Endpoint::Tcp(addr) => {

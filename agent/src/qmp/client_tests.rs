@@ -229,7 +229,10 @@ async fn a_unix_socket_names_its_peer_process() {
         write.write_all(format!("{GREETING}\r\n").as_bytes()).await.expect("greet");
         let line = lines.next_line().await.expect("read").expect("capabilities");
         let caps: Value = serde_json::from_str(&line).expect("json");
-        write.write_all(format!("{}\r\n", json!({"return": {}, "id": caps["id"]})).as_bytes()).await.expect("reply");
+        write
+            .write_all(format!("{}\r\n", json!({"return": {}, "id": caps["id"]})).as_bytes())
+            .await
+            .expect("reply");
         (lines, write)
     };
     let endpoint = Endpoint::Unix(path);

@@ -243,7 +243,8 @@ impl VmLoop {
             // In Kubernetes QEMU's cgroup must be under its pod's.
             let pod = self.ctx.reporter.as_ref().map(|r| r.pod_uid(&self.vm));
             let scope = cpu_max::Scope::for_vm(pod);
-            let ok = exec::apply_cpu_max(self.hv.as_ref(), &self.ctx.proc_root, &scope, &self.vm, milli_cpu).await;
+            let ok =
+                exec::apply_cpu_max(self.hv.as_ref(), &self.ctx.proc_root, &scope, &self.vm, milli_cpu).await;
             self.core.input(self.now(), Input::CpuMaxSet { milli_cpu, ok });
         }
         if let Some(action) = d.action {
