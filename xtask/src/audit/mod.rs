@@ -45,6 +45,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
     let attacks = if a.no_attacks {
         vec![]
     } else {
@@ -59,6 +60,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for at in &attacks {
         println!("{}", at.line());
     }
+    let suite_seconds = t0.elapsed().as_secs();
+    let t1 = std::time::Instant::now();
     let fuzz = if a.no_fuzz {
         vec![]
     } else {
@@ -70,7 +73,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             println!("     run it again: {}", fuzz::rerun_hint(&f.target, c, a.quick));
         }
     }
-    let report = Report { ran_at: crate::harness::now_utc(), ..Report::new(attacks, fuzz) };
+    let report = Report {
+        ran_at: crate::harness::now_utc(),
+        suite_seconds,
+        fuzz_pass_seconds: t1.elapsed().as_secs(),
+        ..Report::new(attacks, fuzz)
+    };
     let path = crate::workspace_root().join("target/bench/audit.json");
     std::fs::create_dir_all(path.parent().unwrap_or(&path))?;
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")

@@ -85,6 +85,10 @@ impl FuzzRun {
 pub struct Report {
     /// When it ran, e.g. "2026-12-06 10:30 UTC" (set by the caller).
     pub ran_at: String,
+    /// Wall time of the hostile-client suite, and of the fuzz pass with
+    /// its build (set by the caller), seconds.
+    pub suite_seconds: u64,
+    pub fuzz_pass_seconds: u64,
     pub attacks_tried: usize,
     pub attacks_refused: usize,
     pub fuzz_targets: usize,
@@ -100,6 +104,8 @@ impl Report {
     pub fn new(attacks: Vec<Attack>, fuzz: Vec<FuzzRun>) -> Report {
         Report {
             ran_at: String::new(),
+            suite_seconds: 0,
+            fuzz_pass_seconds: 0,
             attacks_tried: attacks.len(),
             attacks_refused: attacks.iter().filter(|a| a.verdict == Verdict::Refused).count(),
             fuzz_targets: fuzz.len(),
@@ -118,8 +124,14 @@ impl Report {
     /// The closing line.
     pub fn summary(&self) -> String {
         format!(
-            "{} of {} attacks refused; {} fuzz targets for {} s, {} crashed",
-            self.attacks_refused, self.attacks_tried, self.fuzz_targets, self.fuzz_seconds, self.crashes
+            "{} of {} attacks refused in {} s; {} fuzz targets for {} s each, {} s with the build, {} crashed",
+            self.attacks_refused,
+            self.attacks_tried,
+            self.suite_seconds,
+            self.fuzz_targets,
+            self.fuzz.first().map_or(0, |f| f.seconds),
+            self.fuzz_pass_seconds,
+            self.crashes
         )
     }
 }

@@ -123,9 +123,17 @@ pub async fn run() -> anyhow::Result<Vec<Attack>> {
                 finished(&a.state().await.ok()?, order)
             })
             .await?;
-            // The source resumes its VM after a failed move; let it settle.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let after = (nodes(&alloc.state().await?), agent_view(&source.state().await?));
+            // The source resumes its VM after a failed move, and the planner
+            // orders the next one within a second: compare when none is under
+            // way on the agent.
+            let src = &source;
+            let agent_after =
+                until("the source to settle between moves", Duration::from_secs(30), || async move {
+                    let s = src.state().await.ok()?;
+                    s.get("vms")?.get("vm-src")?.get("migration")?.is_null().then(|| agent_view(&s))
+                })
+                .await?;
+            let after = (nodes(&alloc.state().await?), agent_after);
             let changed = diff(&before.0, &after.0).or(diff(&before.1, &after.1));
             anyhow::Ok((state, reason, changed, after))
         };
