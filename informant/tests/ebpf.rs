@@ -233,7 +233,8 @@ async fn hog_events_reach_a_grpc_client() {
 
     let Some(_) = prerequisites(true) else { return };
     let _kernel = KERNEL.lock().await;
-    let config = Config { ebpf: true, ..Config::default() };
+    // Plain text on loopback: the test is about the events, not TLS.
+    let config = Config { ebpf: true, insecure: true, ..Config::default() };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", l.local_addr().unwrap());
     let stop = CancellationToken::new();

@@ -150,6 +150,8 @@ async fn psi_triggers_fire_under_thrashing_and_reach_the_client() {
     let unified = Path::new("/sys/fs/cgroup/unified").join(&name);
     let mut config = Config {
         ebpf: false,
+        // Plain text on loopback: the test is about PSI, not TLS.
+        insecure: true,
         sample_interval_ms: 1000,
         // The hog's cgroup on the cgroup2 tree, for its memory.pressure;
         // created below before the informant starts.
