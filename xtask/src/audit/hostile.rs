@@ -164,3 +164,30 @@ pub async fn plain_channel(url: &str) -> anyhow::Result<Channel> {
         .await
         .with_context(|| format!("cannot connect to {url}"))
 }
+
+/// A TCP connection to `addr` (a TLS port of `who`) that never starts its
+/// handshake: a slow client holding one of the server's handshake slots.
+/// Refused when the server closes it by itself within the handshake
+/// timeout (`vmscale_common::tls::HANDSHAKE_TIMEOUT`) and a margin.
+pub async fn stalled(name: &str, who: &str, addr: std::net::SocketAddr) -> super::report::Attack {
+    use super::report::Attack;
+    use tokio::io::AsyncReadExt;
+    let limit = vmscale_common::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(5);
+    let r = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let t0 = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(limit, s.read(&mut buf)).await;
+        anyhow::Ok((closed, t0.elapsed()))
+    };
+    match r.await {
+        Ok((Ok(Ok(0) | Err(_)), took)) => {
+            Attack::judge(name, true, format!("closed by {who} after {:.1} s", took.as_secs_f64()), None)
+        }
+        Ok((Ok(Ok(n)), _)) => Attack::judge(name, false, format!("{who} sent {n} bytes unasked"), None),
+        Ok((Err(_), _)) => {
+            Attack::judge(name, false, format!("still open after {} s", limit.as_secs()), None)
+        }
+        Err(e) => Attack::could_not_run(name, &e),
+    }
+}

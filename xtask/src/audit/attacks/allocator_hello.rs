@@ -6,7 +6,7 @@
 //! whose ledger a forged order would put a hold on) is a session the audit
 //! holds open with node-b's certificate.
 
-use super::super::hostile::{self, connect_open, hello, status_words, vm, Opened};
+use super::super::hostile::{self, connect_open, hello, stalled, status_words, vm, Opened};
 use super::super::http::Via;
 use super::super::lab::{scratch, Allocator, GIB, MIB};
 use super::super::report::Attack;
@@ -59,7 +59,10 @@ pub async fn run(quick: bool) -> anyhow::Result<Vec<Attack>> {
 
     // Both wait out a timeout of the allocator's: at once, not in turn.
     let quiet_creds = pki.creds(&node("audit-silent"))?;
-    let (stalled, quiet) = tokio::join!(stalled(&alloc), silent(&alloc, &quiet_creds));
+    let (stalled, quiet) = tokio::join!(
+        stalled("connection-that-never-starts-tls", "the allocator", alloc.grpc),
+        silent(&alloc, &quiet_creds)
+    );
     out.extend([stalled, quiet]);
 
     let vms = if quick { 1_000_000 } else { 2_000_000 };
@@ -182,38 +185,6 @@ async fn issued_order(alloc: &Allocator, pki: &Pki) -> anyhow::Result<(u64, Atta
 const REASON: usize = 1 << 20;
 /// The most of it the allocator may keep (about 1 KiB, issue 16).
 const KEPT_REASON: usize = 4096;
-
-/// A TCP connection to the gRPC port that never starts its TLS handshake
-/// (a slow client holding one of the server's handshake slots). Refused
-/// when the allocator closes it by itself within its handshake timeout and
-/// a margin.
-async fn stalled(alloc: &Allocator) -> Attack {
-    use tokio::io::AsyncReadExt;
-    let name = "connection-that-never-starts-tls";
-    let limit = vmscale_common::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(5);
-    let r = async {
-        let mut s = tokio::net::TcpStream::connect(alloc.grpc).await?;
-        let t0 = std::time::Instant::now();
-        let mut buf = [0u8; 64];
-        let closed = tokio::time::timeout(limit, s.read(&mut buf)).await;
-        anyhow::Ok((closed, t0.elapsed()))
-    };
-    match r.await {
-        Ok((Ok(Ok(0) | Err(_)), took)) => Attack::judge(
-            name,
-            true,
-            format!("closed by the allocator after {:.1} s", took.as_secs_f64()),
-            None,
-        ),
-        Ok((Ok(Ok(n)), _)) => {
-            Attack::judge(name, false, format!("the allocator sent {n} bytes unasked"), None)
-        }
-        Ok((Err(_), _)) => {
-            Attack::judge(name, false, format!("still open after {} s", limit.as_secs()), None)
-        }
-        Err(e) => Attack::could_not_run(name, &e),
-    }
-}
 
 /// A client with a node's certificate that opens a session and never
 /// sends its hello. Refused when the allocator ends the session by itself,

@@ -35,6 +35,12 @@ pub async fn run() -> anyhow::Result<Vec<Attack>> {
         ("extender-call-without-a-certificate", &anonymous, 0, &[401, 403]),
         ("extender-call-in-plain-text", &Via::Plain, 0, &[400, 401, 403]),
     ];
+    // It waits out the server's handshake timeout: meanwhile the rest run.
+    let stalled = tokio::spawn(super::super::hostile::stalled(
+        "extender-connection-that-never-starts-tls",
+        "the allocator",
+        alloc.http,
+    ));
     let mut out = Vec::new();
     for (name, via, size, refusals) in cases {
         out.push(match judged(&alloc, via, huge_body(size)).await {
@@ -54,6 +60,7 @@ pub async fn run() -> anyhow::Result<Vec<Attack>> {
             Err(e) => Attack::could_not_run(name, &e),
         });
     }
+    out.push(stalled.await?);
     // kube-scheduler itself, with a small body, must be answered: else the
     // refusals above prove nothing.
     match request(alloc.http, &scheduler, "POST", "/scheduler/filter", huge_body(0), Duration::from_secs(30))

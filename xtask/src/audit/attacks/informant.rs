@@ -124,6 +124,12 @@ async fn not_the_host() -> anyhow::Result<Vec<Attack>> {
         stop.clone(),
     ));
     let _stop = stop.drop_guard();
+    // It waits out the server's handshake timeout: meanwhile the rest run.
+    let stalled = tokio::spawn(super::super::hostile::stalled(
+        "informant-connection-that-never-starts-tls",
+        "the informant",
+        addr,
+    ));
     let mut out = Vec::new();
     let anonymous = pki.no_certificate();
     let host = pki.creds(&Identity::Node("node-a".into()))?;
@@ -165,6 +171,7 @@ async fn not_the_host() -> anyhow::Result<Vec<Attack>> {
             ),
         });
     }
+    out.push(stalled.await?);
     if serving.is_finished() {
         anyhow::bail!("the informant stopped: {:?}", serving.await);
     }

@@ -145,6 +145,12 @@ pub async fn run() -> anyhow::Result<Vec<Attack>> {
     .map_err(|s| anyhow::anyhow!("the source's hello was refused: {}", status_words(&s)))?;
     let svc = target.migration.context("node-b's migration service has no address")?;
 
+    // It waits out the server's handshake timeout: meanwhile the rest run.
+    let stalled = tokio::spawn(super::super::hostile::stalled(
+        "prepare-connection-that-never-starts-tls",
+        "node-b",
+        svc,
+    ));
     let mut out = Vec::new();
     let mut request = 10;
     for v in variants() {
@@ -180,6 +186,7 @@ pub async fn run() -> anyhow::Result<Vec<Attack>> {
             Err(e) => Attack::could_not_run(v.name, &e),
         });
     }
+    out.push(stalled.await?);
     drop(session);
     Ok(out)
 }
