@@ -44,7 +44,14 @@ pub struct Args {
     pub only: Option<String>,
 }
 
+/// The families of attacks, in the order they run.
+const FAMILIES: [&str; 5] =
+    ["allocator-session", "extender", "migration-target", "migration-source", "informant"];
+
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(o) = a.only.as_deref().filter(|o| !FAMILIES.contains(o)) {
+        bail!("--only {o}: no such family of attacks; the families are {}", FAMILIES.join(", "));
+    }
     let t0 = std::time::Instant::now();
     let attacks = if a.no_attacks {
         vec![]
@@ -97,13 +104,14 @@ type Family = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<
 /// could not run, not the end of the suite.
 async fn suite(quick: bool, only: Option<&str>) -> Vec<Attack> {
     let mut out = Vec::new();
-    let families: [(&str, Family); 5] = [
-        ("allocator-session", Box::pin(attacks::allocator_hello::run(quick))),
-        ("extender", Box::pin(attacks::extender::run())),
-        ("migration-target", Box::pin(attacks::migration_target::run())),
-        ("migration-source", Box::pin(attacks::migration_source::run())),
-        ("informant", Box::pin(attacks::informant::run(quick))),
+    let runs: [Family; 5] = [
+        Box::pin(attacks::allocator_hello::run(quick)),
+        Box::pin(attacks::extender::run()),
+        Box::pin(attacks::migration_target::run()),
+        Box::pin(attacks::migration_source::run()),
+        Box::pin(attacks::informant::run(quick)),
     ];
+    let families = FAMILIES.into_iter().zip(runs);
     for (family, f) in families {
         if only.is_some_and(|o| o != family) {
             continue;
