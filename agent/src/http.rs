@@ -19,7 +19,9 @@ pub async fn serve(
         .route("/state", get(state))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(handles);
-    axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+    // A request head within 10 s, at most 256 connections (vmscale_common::http_serve).
+    vmscale_common::http_serve::serve(listener, app, cancel, |addr| addr).await;
+    Ok(())
 }
 
 async fn metrics(State(h): State<NodeHandles>) -> impl IntoResponse {

@@ -6,8 +6,8 @@
 //! - [`session`]: one agent's gRPC stream; [`requests`]: one function per request kind.
 //! - [`shared`]: the state sessions, planner and HTTP endpoints share, under one lock.
 //! - [`server`]: binds the gRPC and HTTP listeners and runs the planner loop;
-//!   [`https`]: the HTTP listener over TLS, and who called ([`https::Peer`]);
-//!   [`http_serve`]: the HTTP server loop with header-read timeout and limits.
+//!   [`https`]: the HTTP listener over TLS, and who called ([`https::Peer`]),
+//!   served by `vmscale_common::http_serve` (header-read timeout, limits).
 //! - [`config`]: the config file and its validation; [`metrics`]: Prometheus.
 //! - [`leader`]: leader election on a Lease (Kubernetes mode).
 //! - [`capacity`]: node capacities from the cluster (Kubernetes mode).
@@ -21,7 +21,6 @@ pub mod config;
 pub mod convert;
 pub mod core;
 pub mod extender;
-pub mod http_serve;
 pub mod https;
 pub mod leader;
 pub mod metrics;

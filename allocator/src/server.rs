@@ -9,7 +9,6 @@
 //! (`vmscale_common::tls`), so the ledger is never lost to a renewal.
 
 use crate::config::Config;
-use crate::http_serve;
 use crate::https::{Peer, TlsListener};
 use crate::session::AllocatorService;
 use crate::shared::Shared;
@@ -25,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
+use vmscale_common::http_serve;
 use vmscale_common::tls::{incoming, Tls, RELOAD_INTERVAL};
 use vmscale_proto::allocator::allocator_server::AllocatorServer;
 

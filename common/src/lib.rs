@@ -13,11 +13,15 @@
 //!   with the `testing` feature, a throw-away CA (`TestPki`).
 //! - [`tls`]: mutual TLS for every link: identities, PEM files, rustls and
 //!   tonic configs, who the peer is, certificate rotation.
+//! - `http_serve` (feature `http`): an HTTP server loop with a header-read
+//!   timeout and connection limits, for the daemons' HTTP listeners.
 
 pub mod backoff;
 pub mod config;
 pub mod durable;
 pub mod error;
+#[cfg(feature = "http")]
+pub mod http_serve;
 pub mod net;
 pub mod shutdown;
 pub mod stats;

@@ -20,6 +20,13 @@ use tracing::{info, warn};
 use vmscale_common::tls::{describe_peer, peer_identities, Identity, Tls, RELOAD_INTERVAL};
 use vmscale_proto::informant::informant_server::InformantServer;
 
+/// Calls served at once on one connection (the agent makes one or two).
+const MAX_CALLS_PER_CONNECTION: usize = 8;
+/// HTTP/2 streams a peer may open on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Request headers, bytes (gRPC's are a few hundred).
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("invalid configuration")]
@@ -96,10 +103,15 @@ pub async fn serve(config: Config, listener: Listener, shutdown: CancellationTok
         InformantService::new(&config, hub.clone(), statuses, shutdown.clone()),
         only_agents(tls.is_some()),
     );
+    // One agent calls at a time, a few calls at once: bound what a peer may
+    // open (its messages are bounded by tonic's 4 MiB default).
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_BYTES))
         .add_service(service);
     let stop = shutdown.clone().cancelled_owned();
     let result = match (listener, tls) {

@@ -1,13 +1,15 @@
-//! The HTTP server loop of the allocator (`/state`, `/metrics`, `/readyz`,
-//! the scheduler extender), with the limits `axum::serve` leaves out: it
+//! The HTTP server loop of every daemon's HTTP listener (the allocator's
+//! `/state`, `/metrics`, `/readyz` and scheduler extender, the agent's
+//! `/state` and `/metrics`), with the limits `axum::serve` leaves out: it
 //! sets no header-read timeout (hyper has one only with a timer) and takes
 //! any number of connections. Here a client must send its request head
 //! within [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections
 //! are served at once (the next waits in the kernel's backlog), and an
 //! HTTP/2 connection runs at most [`MAX_STREAMS`] requests at a time.
-//! Handlers learn who called from `ConnectInfo<Peer>`, as with axum's own.
+//! Handlers learn who called from `ConnectInfo<P>`, as with axum's own,
+//! where `P` is what the caller's `peer` function makes of the listener's
+//! address (the allocator's carries the client's certificates).
 
-use crate::https::Peer;
 use axum::extract::ConnectInfo;
 use axum::serve::Listener;
 use axum::Router;
@@ -31,21 +33,23 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` until `shutdown`; `peer` says who is on the
 /// other end of a connection, from the listener's address type.
-pub async fn serve<L>(listener: L, app: Router, shutdown: CancellationToken, peer: impl Fn(L::Addr) -> Peer)
+pub async fn serve<L, P>(listener: L, app: Router, shutdown: CancellationToken, peer: impl Fn(L::Addr) -> P)
 where
     L: Listener,
+    P: Clone + Send + Sync + 'static,
 {
     serve_with(listener, app, shutdown, peer, HEADER_READ_TIMEOUT).await;
 }
 
-async fn serve_with<L>(
+async fn serve_with<L, P>(
     mut listener: L,
     app: Router,
     shutdown: CancellationToken,
-    peer: impl Fn(L::Addr) -> Peer,
+    peer: impl Fn(L::Addr) -> P,
     header_read_timeout: Duration,
 ) where
     L: Listener,
+    P: Clone + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -103,7 +107,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
         let stop = CancellationToken::new();
-        let peer = |a| Peer { addr: Some(a), ..Peer::default() };
+        let peer = |a: std::net::SocketAddr| a;
         let server = tokio::spawn(serve_with(listener, app, stop.clone(), peer, timeout));
 
         let mut ok = TcpStream::connect(addr).await.unwrap();
