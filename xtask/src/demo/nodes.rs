@@ -85,7 +85,9 @@ impl Setup {
         let specs: Vec<_> =
             vms.iter().map(|v| v.plan.spec(&v.agent_qmp, Some(v.informant_address()))).collect();
         let a_mib = if two { A_MIB_TWO_NODES } else { 8192 };
-        let a = agent(A, a_mib, Default::default());
+        // Both nodes name pg-2's files: the source describes the VM it moves
+        // by names relative to them, the target finds its files by them.
+        let a = agent(A, a_mib, movable_files(&vms));
         let agents = vec![Agent::start(root, dir, &fabric, 0, &allocator.url, &a, &specs)?];
         Ok(Setup { two, root: root.to_owned(), dir: dir.to_owned(), allocator, agents, vms, fabric })
     }
@@ -103,11 +105,7 @@ impl Setup {
                 &self.fabric,
                 1,
                 &self.allocator.url,
-                &agent(
-                    B,
-                    2048,
-                    self.vms.iter().find(|v| v.plan.id == PG2).map(PgVm::node_files).unwrap_or_default(),
-                ),
+                &agent(B, 2048, movable_files(&self.vms)),
                 &[],
             )?;
             self.agents.push(b);
@@ -158,6 +156,11 @@ impl Setup {
             if self.two_nodes() { format!(", {B}.log") } else { String::new() }
         )
     }
+}
+
+/// The `[migration]` files of the VM that moves (pg-2), for both nodes.
+fn movable_files(vms: &[PgVm]) -> crate::migration::NodeFiles {
+    vms.iter().find(|v| v.plan.id == PG2).map(PgVm::node_files).unwrap_or_default()
 }
 
 /// A demo VM: see the module doc. The informant is reached over TCP on the
