@@ -218,88 +218,16 @@ fn value_option(
             }
         }
         "-cpu" => spec.cpu_model = Some(v.to_owned()),
-        "-smp" => {
-            let (mut cpus, mut max) = (None, None);
-            for (k, val) in parts(v) {
-                let n: u32 = val.parse().map_err(|_| bad(opt, v))?;
-                match k {
-                    "" | "cpus" => cpus = Some(n),
-                    "maxcpus" => max = Some(n),
-                    _ => return Err(unsupported(opt, v)),
-                }
-            }
-            let cpus = cpus.ok_or_else(|| bad(opt, v))?;
-            s.smp = Some((cpus, max.unwrap_or(cpus)));
-        }
-        "-m" => {
-            let (mut size, mut slots, mut max) = (None, 0, None);
-            for (k, val) in parts(v) {
-                match k {
-                    "" | "size" => size = Some(mib(val, false).ok_or_else(|| bad(opt, v))?),
-                    "slots" => slots = val.parse().map_err(|_| bad(opt, v))?,
-                    "maxmem" => max = Some(mib(val, true).ok_or_else(|| bad(opt, v))?),
-                    _ => return Err(unsupported(opt, v)),
-                }
-            }
-            let size = size.ok_or_else(|| bad(opt, v))?;
-            s.mem = Some((size, slots, max.unwrap_or(size)));
-        }
+        "-smp" => s.smp = Some(smp(opt, v)?),
+        "-m" => s.mem = Some(memory(opt, v)?),
         "-object" if is_hotplugged(v) || is_stream_tls(v) => {}
         // A QEMU that came in over TLS: its stream's settings, not the VM's.
         "-global" if v.starts_with("migration.tls-") => {}
-        "-object" => {
-            let p = parts(v);
-            let kind = p.first().map(|(_, k)| *k).unwrap_or_default();
-            if !matches!(kind, "memory-backend-ram" | "memory-backend-memfd" | "memory-backend-file") {
-                return Err(unsupported(opt, v));
-            }
-            let (mut id, mut size, mut shared) = (None, None, kind == "memory-backend-memfd");
-            for (k, val) in &p[1..] {
-                match *k {
-                    "id" => id = Some(*val),
-                    "size" => size = Some(mib(val, true).ok_or_else(|| bad(opt, v))?),
-                    "share" => shared = *val == "on",
-                    // A file backend's file is this host's; the target's
-                    // copy of the RAM block lives in its own memory.
-                    "mem-path" if kind == "memory-backend-file" => {}
-                    _ => return Err(unsupported(opt, v)),
-                }
-            }
-            let (Some(id), Some(size)) = (id, size) else { return Err(bad(opt, v)) };
-            s.backends.insert(id.to_owned(), (shared, size));
-        }
+        "-object" => memory_backend(opt, v, s)?,
         "-device" if is_hotplugged(v) => {}
         "-device" => device(v, s, spec)?,
-        "-netdev" => {
-            let p = parts(v);
-            if p.first().map(|(_, k)| *k) != Some("tap") {
-                return Err(unsupported(opt, v));
-            }
-            let (mut id, mut ifname) = (None, None);
-            for (k, val) in &p[1..] {
-                match (*k, *val) {
-                    ("id", x) => id = Some(x),
-                    ("ifname", x) => ifname = Some(x),
-                    ("script" | "downscript", "no") => {}
-                    _ => return Err(unsupported(opt, v)),
-                }
-            }
-            let (Some(id), Some(ifname)) = (id, ifname) else { return Err(bad(opt, v)) };
-            s.taps.insert(id.to_owned(), ifname.to_owned());
-        }
-        "-chardev" => {
-            let p = parts(v);
-            let get = |key: &str| p.iter().find(|(k, _)| *k == key).map(|(_, x)| (*x).to_owned());
-            match (p.first().map(|(_, k)| *k), get("id"), get("path")) {
-                (Some("socket"), Some(id), Some(path)) if p.len() == 3 => {
-                    s.sockets.insert(id, path);
-                }
-                (Some("file"), Some(id), Some(_)) => {
-                    s.files.push(id);
-                }
-                _ => return Err(unsupported(opt, v)),
-            }
-        }
+        "-netdev" => netdev(opt, v, s)?,
+        "-chardev" => chardev(opt, v, s)?,
         "-serial" => {
             let id = v.strip_prefix("chardev:").ok_or_else(|| unsupported(opt, v))?;
             if !s.files.iter().any(|f| f == id) {
@@ -314,26 +242,118 @@ fn value_option(
             s.initrd = Some(name_in(v, t.image_dir.as_deref(), "the initrd", "migration.image_dir")?)
         }
         "-append" => s.append = Some(v.to_owned()),
-        "-drive" => {
-            let (mut file, mut format) = (None, None);
-            for (k, val) in parts(v) {
-                match (k, val) {
-                    ("file", f) => {
-                        file = Some(name_in(f, t.disk_dir.as_deref(), "the disk", "migration.disk_dir")?)
-                    }
-                    ("if", "virtio") => {}
-                    ("format", "raw") => format = Some(DiskFormat::Raw),
-                    ("format", "qcow2") => format = Some(DiskFormat::Qcow2),
-                    _ => return Err(unsupported(opt, v)),
-                }
-            }
-            let (Some(name), Some(format)) = (file, format) else { return Err(bad(opt, v)) };
-            spec.disks.push(Disk { name, format });
-        }
+        "-drive" => spec.disks.push(drive(opt, v, t)?),
         "-virtfs" if v == HOST_ROOT_SHARE => spec.host_root_share = true,
         _ => return Err(unsupported(opt, v)),
     }
     Ok(())
+}
+
+/// `-smp`: boot and most vCPUs.
+fn smp(opt: &str, v: &str) -> Result<(u32, u32), ArgsError> {
+    let (mut cpus, mut max) = (None, None);
+    for (k, val) in parts(v) {
+        let n: u32 = val.parse().map_err(|_| bad(opt, v))?;
+        match k {
+            "" | "cpus" => cpus = Some(n),
+            "maxcpus" => max = Some(n),
+            _ => return Err(unsupported(opt, v)),
+        }
+    }
+    let cpus = cpus.ok_or_else(|| bad(opt, v))?;
+    Ok((cpus, max.unwrap_or(cpus)))
+}
+
+/// `-m`: boot memory, DIMM slots and the most memory, MiB.
+fn memory(opt: &str, v: &str) -> Result<(u64, u32, u64), ArgsError> {
+    let (mut size, mut slots, mut max) = (None, 0, None);
+    for (k, val) in parts(v) {
+        match k {
+            "" | "size" => size = Some(mib(val, false).ok_or_else(|| bad(opt, v))?),
+            "slots" => slots = val.parse().map_err(|_| bad(opt, v))?,
+            "maxmem" => max = Some(mib(val, true).ok_or_else(|| bad(opt, v))?),
+            _ => return Err(unsupported(opt, v)),
+        }
+    }
+    let size = size.ok_or_else(|| bad(opt, v))?;
+    Ok((size, slots, max.unwrap_or(size)))
+}
+
+/// `-object` other than ours: a RAM backend (of the boot memory or a
+/// virtio-mem device), its sharing and size.
+fn memory_backend(opt: &str, v: &str, s: &mut Seen) -> Result<(), ArgsError> {
+    let p = parts(v);
+    let kind = p.first().map(|(_, k)| *k).unwrap_or_default();
+    if !matches!(kind, "memory-backend-ram" | "memory-backend-memfd" | "memory-backend-file") {
+        return Err(unsupported(opt, v));
+    }
+    let (mut id, mut size, mut shared) = (None, None, kind == "memory-backend-memfd");
+    for (k, val) in &p[1..] {
+        match *k {
+            "id" => id = Some(*val),
+            "size" => size = Some(mib(val, true).ok_or_else(|| bad(opt, v))?),
+            "share" => shared = *val == "on",
+            // A file backend's file is this host's; the target's
+            // copy of the RAM block lives in its own memory.
+            "mem-path" if kind == "memory-backend-file" => {}
+            _ => return Err(unsupported(opt, v)),
+        }
+    }
+    let (Some(id), Some(size)) = (id, size) else { return Err(bad(opt, v)) };
+    s.backends.insert(id.to_owned(), (shared, size));
+    Ok(())
+}
+
+/// `-netdev`: a tap of this host, by id.
+fn netdev(opt: &str, v: &str, s: &mut Seen) -> Result<(), ArgsError> {
+    let p = parts(v);
+    if p.first().map(|(_, k)| *k) != Some("tap") {
+        return Err(unsupported(opt, v));
+    }
+    let (mut id, mut ifname) = (None, None);
+    for (k, val) in &p[1..] {
+        match (*k, *val) {
+            ("id", x) => id = Some(x),
+            ("ifname", x) => ifname = Some(x),
+            ("script" | "downscript", "no") => {}
+            _ => return Err(unsupported(opt, v)),
+        }
+    }
+    let (Some(id), Some(ifname)) = (id, ifname) else { return Err(bad(opt, v)) };
+    s.taps.insert(id.to_owned(), ifname.to_owned());
+    Ok(())
+}
+
+/// `-chardev`: a socket (the vsock backend's) or a console file, by id.
+fn chardev(opt: &str, v: &str, s: &mut Seen) -> Result<(), ArgsError> {
+    let p = parts(v);
+    let get = |key: &str| p.iter().find(|(k, _)| *k == key).map(|(_, x)| (*x).to_owned());
+    match (p.first().map(|(_, k)| *k), get("id"), get("path")) {
+        (Some("socket"), Some(id), Some(path)) if p.len() == 3 => {
+            s.sockets.insert(id, path);
+        }
+        (Some("file"), Some(id), Some(_)) => {
+            s.files.push(id);
+        }
+        _ => return Err(unsupported(opt, v)),
+    }
+    Ok(())
+}
+
+/// `-drive`: a virtio disk, named relative to `migration.disk_dir`.
+fn drive(opt: &str, v: &str, t: &Template) -> Result<Disk, ArgsError> {
+    let (mut file, mut format) = (None, None);
+    for (k, val) in parts(v) {
+        match (k, val) {
+            ("file", f) => file = Some(name_in(f, t.disk_dir.as_deref(), "the disk", "migration.disk_dir")?),
+            ("if", "virtio") => {}
+            ("format", "raw") => format = Some(DiskFormat::Raw),
+            ("format", "qcow2") => format = Some(DiskFormat::Qcow2),
+            _ => return Err(unsupported(opt, v)),
+        }
+    }
+    let (Some(name), Some(format)) = (file, format) else { return Err(bad(opt, v)) };
+    Ok(Disk { name, format })
 }
 
 fn device(v: &str, s: &mut Seen, spec: &mut MachineSpec) -> Result<(), ArgsError> {
